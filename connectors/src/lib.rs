@@ -1,0 +1,17 @@
+//! dongflow's edges: what comes in and how it is made.
+//!
+//! This crate owns the outside formats and the sources of events. It has no dataflow in it.
+//!
+//! - [`events`]: the rider and delivery events of CONTRACT section 2, their JSON decoding (pure,
+//!   with a typed error for each bad input of section 4) and encoding.
+//! - [`error`]: [`DecodeError`], one variant per kind of bad input.
+//! - [`simulator`]: a seeded generator of realistic Seoul rider and delivery traffic.
+//! - [`source`]: the per-worker [`source::EventSource`] trait and in-memory sources.
+
+pub mod error;
+pub mod events;
+pub mod simulator;
+pub mod source;
+
+pub use error::DecodeError;
+pub use events::{Coord, DeliveryEvent, DeliveryStatus, Id, Millis, RiderEvent, RiderStatus};

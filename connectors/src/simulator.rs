@@ -1,0 +1,975 @@
+//! A seeded generator of realistic Seoul rider and delivery traffic.
+//!
+//! The model, in simulated time (ms since the Unix epoch, starting at [`SimConfig::start_ts`]):
+//!
+//! - **Geography.** Seoul is the box lat 37.43–37.70, lon 126.76–127.18. Demand and riders gather around
+//!   a fixed list of weighted hotspots (강남역, 홍대입구, 잠실, ...). Every coordinate stays inside the box
+//!   and is rounded to 1e-6 degrees (about 0.1 m), so that it survives a JSON round trip bit for bit.
+//! - **Riders** alternate off shift (10–60 min) and on shift (1–4 h). At the start most shifts begin within
+//!   the first 60 s. A shift starts near a random hotspot (`SHIFT_STARTED` with `rider_type` and
+//!   `location`), then the rider pings (`ON_SHIFT`, location only) every 3–5 s: idle riders wander with
+//!   direction persistence and a pull back towards their hotspot, riders on a delivery drive straight to
+//!   the pickup, wait for the order, drive straight to the drop-off. A rider with a delivery does not end
+//!   its shift (`SHIFT_ENDED`, with location) before delivering it.
+//! - **Deliveries** are created at about one per on-shift rider per 8 min, picked up near a hotspot
+//!   (chosen by weight) and dropped off 0.5–3 km away. `CREATED` → `WAITING` (1–3 s) → `ASSIGNED` (5–60 s,
+//!   to the fastest-to-arrive of up to 8 idle riders sampled from the pickup's hotspot or the nearest
+//!   hotspot that has idle riders; retried every 5–15 s while nobody is free) → `DISPATCHED` (2–8 s) →
+//!   `PICKED_UP` (when the rider has reached the pickup and waited 10–90 s) → `DELIVERED` (10–40 s after
+//!   reaching the drop-off). About 5% of waiting deliveries are `CANCELLED`, as is one still unassigned
+//!   after 15 min; about 3% of assignments are handed to another rider by a second `ASSIGNED` (the first
+//!   rider becomes idle again). Events after `CREATED` carry only what changed.
+//!
+//! Events come out in non-decreasing `ts` order from a min-heap of scheduled actions (ties broken by
+//! scheduling order), and the same [`SimConfig`] always yields the same sequence. `riders = 0` is taken
+//! as 1, so that the stream never stalls.
+
+use std::cmp::Ordering;
+use std::collections::BinaryHeap;
+
+use rand::rngs::SmallRng;
+use rand::{Rng, SeedableRng};
+
+use crate::events::{
+    self, Coord, DeliveryEvent, DeliveryStatus, Id, Millis, RiderEvent, RiderStatus,
+};
+
+/// Southern edge of the Seoul box.
+pub const LAT_MIN: f64 = 37.43;
+/// Northern edge of the Seoul box.
+pub const LAT_MAX: f64 = 37.70;
+/// Western edge of the Seoul box.
+pub const LON_MIN: f64 = 126.76;
+/// Eastern edge of the Seoul box.
+pub const LON_MAX: f64 = 127.18;
+
+/// Metres per degree of latitude.
+const M_PER_LAT: f64 = 111_320.0;
+/// Metres per degree of longitude at Seoul's latitude (cos 37.56° ≈ 0.7925).
+const M_PER_LON: f64 = 88_220.0;
+
+/// A place where orders and riders gather.
+struct Hotspot {
+    lat: f64,
+    lon: f64,
+    weight: u32,
+}
+
+const fn spot(lat: f64, lon: f64, weight: u32) -> Hotspot {
+    Hotspot { lat, lon, weight }
+}
+
+/// The hotspots, with approximate real coordinates and a relative weight of demand (and riders).
+const HOTSPOTS: [Hotspot; 19] = [
+    spot(37.4979, 127.0276, 10), // 강남역
+    spot(37.5007, 127.0365, 7),  // 역삼
+    spot(37.5572, 126.9245, 9),  // 홍대입구
+    spot(37.5551, 126.9368, 6),  // 신촌
+    spot(37.5133, 127.1001, 8),  // 잠실
+    spot(37.5219, 126.9245, 6),  // 여의도
+    spot(37.5704, 126.9920, 5),  // 종로3가
+    spot(37.5404, 127.0692, 6),  // 건대입구
+    spot(37.5446, 127.0557, 6),  // 성수
+    spot(37.4842, 126.9297, 6),  // 신림
+    spot(37.6551, 127.0613, 5),  // 노원
+    spot(37.5264, 126.8750, 5),  // 목동
+    spot(37.4852, 126.9015, 5),  // 구로디지털단지
+    spot(37.5612, 127.0371, 4),  // 왕십리
+    spot(37.5345, 126.9946, 5),  // 이태원
+    spot(37.5386, 127.1236, 4),  // 천호
+    spot(37.6190, 126.9210, 3),  // 연신내
+    spot(37.5602, 126.8254, 3),  // 마곡
+    spot(37.6380, 127.0257, 3),  // 수유
+];
+
+/// A kind of rider: its `rider_type`, its `vehicle` and its speed range in m/s.
+struct Profile {
+    rider_type: &'static str,
+    vehicle: &'static str,
+    min_speed: f64,
+    max_speed: f64,
+    weight: u32,
+}
+
+const fn profile(
+    rider_type: &'static str,
+    vehicle: &'static str,
+    min_speed: f64,
+    max_speed: f64,
+    weight: u32,
+) -> Profile {
+    Profile {
+        rider_type,
+        vehicle,
+        min_speed,
+        max_speed,
+        weight,
+    }
+}
+
+/// The kinds of riders and their weights. Walkers get work only when they are the fastest to deliver.
+const PROFILES: [Profile; 5] = [
+    profile("CONNECT", "MOTORCYCLE", 7.0, 10.0, 50),
+    profile("CONNECT", "BICYCLE", 4.5, 6.5, 12),
+    profile("CONNECT", "CAR", 6.0, 9.0, 5),
+    profile("DEDICATED", "MOTORCYCLE", 7.5, 10.0, 28),
+    profile("WALKER", "WALK", 1.4, 2.0, 5),
+];
+
+/// Delivery types and their weights.
+const DELIVERY_TYPES: [(&str, u32); 3] = [("FOOD", 75), ("MART", 15), ("ERRAND", 10)];
+
+const SECOND: Millis = 1_000;
+const MINUTE: Millis = 60 * SECOND;
+const HOUR: Millis = 60 * MINUTE;
+
+/// Mean time between deliveries per on-shift rider.
+const DEMAND_PERIOD_MS: f64 = 8.0 * 60_000.0;
+/// Share of waiting deliveries that the customer cancels.
+const CANCEL_P: f64 = 0.05;
+/// Share of assignments handed over to another rider.
+const REASSIGN_P: f64 = 0.03;
+/// A delivery nobody could take for this long is cancelled.
+const GIVE_UP: Millis = 15 * MINUTE;
+/// How many idle riders the dispatcher compares.
+const SAMPLE: usize = 8;
+/// How far (m) the dispatcher looks for another hotspot's idle riders.
+const NEAR_M: f64 = 3_000.0;
+/// An idle rider further than this (m) from its hotspot heads back.
+const LEASH_M: f64 = 1_200.0;
+/// Scatter (standard deviation per axis, m) of shift starts around a hotspot.
+const START_SCATTER_M: f64 = 1_000.0;
+/// Scatter (standard deviation per axis, m) of pickups (shops) around a hotspot.
+const PICKUP_SCATTER_M: f64 = 700.0;
+/// Share of riders whose first shift starts within the first minute.
+const EARLY_P: f64 = 0.85;
+
+const NONE: u32 = u32::MAX;
+
+/// What the simulator generates.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SimConfig {
+    /// Number of riders (`0` is taken as 1).
+    pub riders: usize,
+    /// Seed of the random generator: the same config gives the same events.
+    pub seed: u64,
+    /// Simulated time of the start, ms since the Unix epoch.
+    pub start_ts: Millis,
+}
+
+impl Default for SimConfig {
+    fn default() -> Self {
+        SimConfig {
+            riders: 1000,
+            seed: 1,
+            start_ts: 1_764_000_000_000,
+        }
+    }
+}
+
+/// One generated event, for the rider or the delivery topic.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum SimEvent {
+    /// For the `rider-events` topic.
+    Rider(RiderEvent),
+    /// For the `delivery-events` topic.
+    Delivery(DeliveryEvent),
+}
+
+impl SimEvent {
+    /// Event time.
+    pub fn ts(&self) -> Millis {
+        match self {
+            SimEvent::Rider(e) => e.ts,
+            SimEvent::Delivery(e) => e.ts,
+        }
+    }
+
+    /// The Kafka key: the rider or delivery id.
+    pub fn key(&self) -> &str {
+        match self {
+            SimEvent::Rider(e) => &e.rider_id,
+            SimEvent::Delivery(e) => &e.delivery_id,
+        }
+    }
+
+    /// The JSON value of CONTRACT section 2.
+    pub fn encode(&self) -> Vec<u8> {
+        match self {
+            SimEvent::Rider(e) => events::encode_rider(e),
+            SimEvent::Delivery(e) => events::encode_delivery(e),
+        }
+    }
+}
+
+/// Where a rider is in its day.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Phase {
+    /// Off shift.
+    Off,
+    /// On shift, free.
+    Idle,
+    /// Assigned a delivery, not yet dispatched: waits where it is.
+    Assigned,
+    /// Driving to the pickup.
+    ToPickup,
+    /// Waiting for the order at the pickup.
+    AtPickup,
+    /// Driving to the drop-off.
+    ToDropoff,
+    /// Handing the order over at the drop-off.
+    AtDropoff,
+}
+
+struct Rider {
+    id: Id,
+    profile: u8,
+    phase: Phase,
+    /// Hotspot it hangs around when idle, and whose idle pool it is in.
+    zone: u16,
+    /// Index in `pools[zone]`, or `NONE`.
+    idle_slot: u32,
+    /// Slot of its delivery, or `NONE`.
+    delivery: u32,
+    speed: f64,
+    lat: f64,
+    lon: f64,
+    /// Direction of travel when wandering, radians from east.
+    heading: f64,
+    target_lat: f64,
+    target_lon: f64,
+    /// Time up to which its position is computed.
+    moved_at: Millis,
+    shift_end: Millis,
+}
+
+struct Delivery {
+    id: Id,
+    /// Bumped when the slot is freed, so that a stale action cannot touch the next delivery.
+    generation: u32,
+    live: bool,
+    zone: u16,
+    rider: u32,
+    created: Millis,
+    pickup: Coord,
+    dropoff: Coord,
+}
+
+/// The step of a delivery an action performs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Step {
+    Waiting,
+    TryAssign,
+    Reassign,
+    Dispatch,
+    PickedUp,
+    Delivered,
+    Cancel,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Action {
+    /// The rider's next shift start, ping or shift end.
+    Rider(u32),
+    /// The next delivery is created.
+    Create,
+    /// A step of the delivery in a slot.
+    Delivery {
+        slot: u32,
+        generation: u32,
+        step: Step,
+    },
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Entry {
+    at: Millis,
+    seq: u64,
+    action: Action,
+}
+
+impl Ord for Entry {
+    /// Reversed, so that `BinaryHeap` pops the earliest (then first scheduled) entry.
+    fn cmp(&self, other: &Self) -> Ordering {
+        other.at.cmp(&self.at).then(other.seq.cmp(&self.seq))
+    }
+}
+
+impl PartialOrd for Entry {
+    fn partial_cmp(&self, other: &Self) -> Option<Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+/// The generator. See the module documentation for the model.
+pub struct Simulator {
+    rng: SmallRng,
+    heap: BinaryHeap<Entry>,
+    seq: u64,
+    now: Millis,
+    riders: Vec<Rider>,
+    /// Idle on-shift riders per hotspot.
+    pools: Vec<Vec<u32>>,
+    /// Per hotspot, the hotspots within `NEAR_M`, nearest first (itself first).
+    near: Vec<Vec<u16>>,
+    deliveries: Vec<Delivery>,
+    free_slots: Vec<u32>,
+    next_delivery: u64,
+    /// Fractional time of the next delivery creation.
+    create_clock: f64,
+    on_shift: usize,
+    hotspot_total: u32,
+    profile_total: u32,
+}
+
+impl Simulator {
+    /// A simulator at `cfg.start_ts` with every rider off shift; first shifts start within the first minute
+    /// (a few later).
+    pub fn new(cfg: SimConfig) -> Simulator {
+        let n = cfg.riders.max(1);
+        let mut rng = SmallRng::seed_from_u64(cfg.seed);
+        let profile_total = PROFILES.iter().map(|p| p.weight).sum();
+        let hotspot_total = HOTSPOTS.iter().map(|h| h.weight).sum();
+        let mut riders = Vec::with_capacity(n);
+        let mut heap = BinaryHeap::with_capacity(n + n / 2 + 16);
+        let mut seq = 0;
+        for i in 0..n {
+            let profile = pick_weighted(&mut rng, profile_total, PROFILES.iter().map(|p| p.weight));
+            let p = &PROFILES[profile];
+            let speed = rng.random_range(p.min_speed..p.max_speed);
+            let first = if rng.random_bool(EARLY_P) {
+                rng.random_range(0..MINUTE)
+            } else {
+                rng.random_range(MINUTE..HOUR)
+            };
+            riders.push(Rider {
+                id: compact_str::format_compact!("r-{}", i + 1),
+                profile: profile as u8,
+                phase: Phase::Off,
+                zone: 0,
+                idle_slot: NONE,
+                delivery: NONE,
+                speed,
+                lat: HOTSPOTS[0].lat,
+                lon: HOTSPOTS[0].lon,
+                heading: 0.0,
+                target_lat: HOTSPOTS[0].lat,
+                target_lon: HOTSPOTS[0].lon,
+                moved_at: cfg.start_ts,
+                shift_end: cfg.start_ts,
+            });
+            heap.push(Entry {
+                at: cfg.start_ts + first,
+                seq,
+                action: Action::Rider(i as u32),
+            });
+            seq += 1;
+        }
+        heap.push(Entry {
+            at: cfg.start_ts + SECOND,
+            seq,
+            action: Action::Create,
+        });
+        seq += 1;
+        let near = HOTSPOTS
+            .iter()
+            .map(|a| {
+                let mut v: Vec<(f64, u16)> = HOTSPOTS
+                    .iter()
+                    .enumerate()
+                    .map(|(j, b)| (dist_m(a.lat, a.lon, b.lat, b.lon), j as u16))
+                    .filter(|&(d, _)| d <= NEAR_M)
+                    .collect();
+                v.sort_by(|x, y| x.0.total_cmp(&y.0).then(x.1.cmp(&y.1)));
+                v.into_iter().map(|(_, j)| j).collect()
+            })
+            .collect();
+        Simulator {
+            rng,
+            heap,
+            seq,
+            now: cfg.start_ts,
+            riders,
+            pools: vec![Vec::new(); HOTSPOTS.len()],
+            near,
+            deliveries: Vec::new(),
+            free_slots: Vec::new(),
+            next_delivery: 1,
+            create_clock: (cfg.start_ts + SECOND) as f64,
+            on_shift: 0,
+            hotspot_total,
+            profile_total,
+        }
+    }
+
+    /// The simulated clock: the `ts` of the last event (`start_ts` before the first).
+    pub fn now(&self) -> Millis {
+        self.now
+    }
+
+    #[doc(hidden)]
+    pub fn debug_zones(&self) -> Vec<(usize, usize)> {
+        let mut v: Vec<(usize, usize)> = self.pools.iter().map(|p| (p.len(), 0)).collect();
+        for d in &self.deliveries {
+            if d.live && d.rider == NONE {
+                v[d.zone as usize].1 += 1;
+            }
+        }
+        v
+    }
+
+    /// How many riders are on shift now.
+    pub fn riders_on_shift(&self) -> usize {
+        self.on_shift
+    }
+
+    /// How many deliveries are neither delivered nor cancelled.
+    pub fn open_deliveries(&self) -> usize {
+        self.deliveries.len() - self.free_slots.len()
+    }
+
+    /// The next event, in non-decreasing `ts` order. Never ends.
+    pub fn next_event(&mut self) -> SimEvent {
+        loop {
+            let Some(entry) = self.heap.pop() else {
+                // Cannot happen (creation always reschedules itself), but never stall.
+                let at = self.now + SECOND;
+                self.create_clock = at as f64;
+                self.schedule(at, Action::Create);
+                continue;
+            };
+            let now = entry.at;
+            let event = match entry.action {
+                Action::Rider(r) => Some(self.rider_tick(r as usize, now)),
+                Action::Create => self.create(now),
+                Action::Delivery {
+                    slot,
+                    generation,
+                    step,
+                } => self.delivery_step(slot, generation, step, now),
+            };
+            if let Some(e) = event {
+                self.now = now;
+                return e;
+            }
+        }
+    }
+
+    fn schedule(&mut self, at: Millis, action: Action) {
+        self.heap.push(Entry {
+            at,
+            seq: self.seq,
+            action,
+        });
+        self.seq += 1;
+    }
+
+    fn schedule_step(&mut self, at: Millis, slot: u32, step: Step) {
+        let generation = self.deliveries[slot as usize].generation;
+        self.schedule(
+            at,
+            Action::Delivery {
+                slot,
+                generation,
+                step,
+            },
+        );
+    }
+
+    // ---- riders ----
+
+    fn rider_tick(&mut self, r: usize, now: Millis) -> SimEvent {
+        let phase = self.riders[r].phase;
+        if phase == Phase::Off {
+            return self.start_shift(r, now);
+        }
+        if phase == Phase::Idle && now >= self.riders[r].shift_end {
+            return self.end_shift(r, now);
+        }
+        self.advance(r, now);
+        let next = now + self.rng.random_range(3 * SECOND..=5 * SECOND);
+        self.schedule(next, Action::Rider(r as u32));
+        let rider = &self.riders[r];
+        SimEvent::Rider(RiderEvent {
+            rider_id: rider.id.clone(),
+            status: RiderStatus::OnShift,
+            rider_type: None,
+            location: Some(coord(rider.lat, rider.lon)),
+            ts: now,
+        })
+    }
+
+    fn start_shift(&mut self, r: usize, now: Millis) -> SimEvent {
+        let zone = pick_weighted(
+            &mut self.rng,
+            self.hotspot_total,
+            HOTSPOTS.iter().map(|h| h.weight),
+        );
+        let (lat, lon) = scatter(
+            &mut self.rng,
+            HOTSPOTS[zone].lat,
+            HOTSPOTS[zone].lon,
+            START_SCATTER_M,
+        );
+        let shift = self.rng.random_range(HOUR..=4 * HOUR);
+        let heading = self.rng.random_range(0.0..std::f64::consts::TAU);
+        let rider = &mut self.riders[r];
+        rider.phase = Phase::Idle;
+        rider.zone = zone as u16;
+        rider.lat = lat;
+        rider.lon = lon;
+        rider.heading = heading;
+        rider.moved_at = now;
+        rider.shift_end = now + shift;
+        self.on_shift += 1;
+        self.pool_add(r);
+        let next = now + self.rng.random_range(3 * SECOND..=5 * SECOND);
+        self.schedule(next, Action::Rider(r as u32));
+        let rider = &self.riders[r];
+        SimEvent::Rider(RiderEvent {
+            rider_id: rider.id.clone(),
+            status: RiderStatus::ShiftStarted,
+            rider_type: Some(Id::const_new(PROFILES[rider.profile as usize].rider_type)),
+            location: Some(coord(rider.lat, rider.lon)),
+            ts: now,
+        })
+    }
+
+    fn end_shift(&mut self, r: usize, now: Millis) -> SimEvent {
+        self.pool_remove(r);
+        self.on_shift -= 1;
+        let off = self.rng.random_range(10 * MINUTE..=60 * MINUTE);
+        self.schedule(now + off, Action::Rider(r as u32));
+        let rider = &mut self.riders[r];
+        rider.phase = Phase::Off;
+        SimEvent::Rider(RiderEvent {
+            rider_id: rider.id.clone(),
+            status: RiderStatus::ShiftEnded,
+            rider_type: None,
+            location: Some(coord(rider.lat, rider.lon)),
+            ts: now,
+        })
+    }
+
+    /// Moves rider `r` up to `now`; on reaching the pickup or drop-off, schedules the next step of its
+    /// delivery.
+    fn advance(&mut self, r: usize, now: Millis) {
+        let rng = &mut self.rng;
+        let rider = &mut self.riders[r];
+        let dt = now.saturating_sub(rider.moved_at) as f64 / 1000.0;
+        rider.moved_at = now;
+        let arrived = match rider.phase {
+            Phase::Off | Phase::AtPickup | Phase::AtDropoff => return,
+            Phase::Idle | Phase::Assigned => {
+                let home = &HOTSPOTS[rider.zone as usize];
+                if dist_m(rider.lat, rider.lon, home.lat, home.lon) > LEASH_M {
+                    let back = ((home.lat - rider.lat) * M_PER_LAT)
+                        .atan2((home.lon - rider.lon) * M_PER_LON);
+                    rider.heading = back + rng.random_range(-0.4..0.4);
+                } else {
+                    rider.heading += rng.random_range(-0.5..0.5);
+                }
+                // Idle riders cruise at about half speed.
+                let step = rider.speed * dt * rng.random_range(0.3..0.7);
+                let (sin, cos) = rider.heading.sin_cos();
+                let lat = rider.lat + step * sin / M_PER_LAT;
+                let lon = rider.lon + step * cos / M_PER_LON;
+                rider.lat = lat.clamp(LAT_MIN, LAT_MAX);
+                rider.lon = lon.clamp(LON_MIN, LON_MAX);
+                if rider.lat != lat || rider.lon != lon {
+                    rider.heading += std::f64::consts::PI;
+                }
+                return;
+            }
+            Phase::ToPickup | Phase::ToDropoff => {
+                let dy = (rider.target_lat - rider.lat) * M_PER_LAT;
+                let dx = (rider.target_lon - rider.lon) * M_PER_LON;
+                let dist = (dx * dx + dy * dy).sqrt();
+                let step = rider.speed * dt * rng.random_range(0.8..1.2);
+                if step >= dist {
+                    rider.lat = rider.target_lat;
+                    rider.lon = rider.target_lon;
+                    true
+                } else {
+                    rider.lat += dy * step / dist / M_PER_LAT;
+                    rider.lon += dx * step / dist / M_PER_LON;
+                    false
+                }
+            }
+        };
+        if arrived {
+            let slot = rider.delivery;
+            let (phase, step, wait) = if rider.phase == Phase::ToPickup {
+                (
+                    Phase::AtPickup,
+                    Step::PickedUp,
+                    rng.random_range(10 * SECOND..=60 * SECOND),
+                )
+            } else {
+                (
+                    Phase::AtDropoff,
+                    Step::Delivered,
+                    rng.random_range(5 * SECOND..=30 * SECOND),
+                )
+            };
+            rider.phase = phase;
+            if slot != NONE {
+                self.schedule_step(now + wait, slot, step);
+            }
+        }
+    }
+
+    fn pool_add(&mut self, r: usize) {
+        let rider = &mut self.riders[r];
+        let pool = &mut self.pools[rider.zone as usize];
+        rider.idle_slot = pool.len() as u32;
+        pool.push(r as u32);
+    }
+
+    fn pool_remove(&mut self, r: usize) {
+        let (zone, i) = (self.riders[r].zone as usize, self.riders[r].idle_slot);
+        if i == NONE {
+            return;
+        }
+        let pool = &mut self.pools[zone];
+        pool.swap_remove(i as usize);
+        if let Some(&moved) = pool.get(i as usize) {
+            self.riders[moved as usize].idle_slot = i;
+        }
+        self.riders[r].idle_slot = NONE;
+    }
+
+    /// Takes the idle rider that would complete the trip from `pickup` to `dropoff` first, of up to
+    /// `SAMPLE` sampled from the pool of `zone` or, failing that, of the nearest hotspots, among the
+    /// riders at most `radius` metres from the pickup.
+    fn take_rider(
+        &mut self,
+        zone: u16,
+        pickup: Coord,
+        dropoff: Coord,
+        radius: f64,
+    ) -> Option<usize> {
+        let trip = dist_m(pickup.lat, pickup.lon, dropoff.lat, dropoff.lon);
+        let mut best = (f64::INFINITY, NONE);
+        for &z in &self.near[zone as usize] {
+            let pool = &self.pools[z as usize];
+            let samples = pool.len().min(SAMPLE);
+            for k in 0..samples {
+                let r = if pool.len() <= SAMPLE {
+                    pool[k]
+                } else {
+                    pool[self.rng.random_range(0..pool.len())]
+                };
+                let rider = &self.riders[r as usize];
+                let d = dist_m(rider.lat, rider.lon, pickup.lat, pickup.lon);
+                let eta = (d + trip) / rider.speed;
+                if d <= radius && eta < best.0 {
+                    best = (eta, r);
+                }
+            }
+            if best.1 != NONE {
+                let r = best.1 as usize;
+                self.pool_remove(r);
+                return Some(r);
+            }
+        }
+        None
+    }
+
+    /// How far (m) the dispatcher looks for a rider for an order that has waited `waited` ms: from
+    /// 1.2 km, widening by 0.5 km a minute.
+    fn search_radius(waited: Millis) -> f64 {
+        1_200.0 + waited as f64 * (500.0 / 60_000.0)
+    }
+
+    /// Rider `r` has no delivery any more: idle again, heading back to the hotspot `zone` where its
+    /// order came from (riders go where the orders are).
+    fn release(&mut self, r: usize, zone: u16, now: Millis) {
+        let rider = &mut self.riders[r];
+        rider.phase = Phase::Idle;
+        rider.delivery = NONE;
+        rider.moved_at = rider.moved_at.max(now);
+        rider.zone = zone;
+        // A rider past the end of its shift is not offered new work; its next tick ends the shift.
+        if now < rider.shift_end {
+            self.pool_add(r);
+        }
+    }
+
+    // ---- deliveries ----
+
+    fn create(&mut self, now: Millis) -> Option<SimEvent> {
+        if self.on_shift == 0 {
+            self.create_clock = (now + SECOND) as f64;
+            self.schedule(now + SECOND, Action::Create);
+            return None;
+        }
+        let u: f64 = 1.0 - self.rng.random::<f64>();
+        self.create_clock += -u.ln() * DEMAND_PERIOD_MS / self.on_shift as f64;
+        let next = (self.create_clock as Millis).max(now);
+        self.schedule(next, Action::Create);
+
+        let zone = pick_weighted(
+            &mut self.rng,
+            self.hotspot_total,
+            HOTSPOTS.iter().map(|h| h.weight),
+        );
+        let (plat, plon) = scatter(
+            &mut self.rng,
+            HOTSPOTS[zone].lat,
+            HOTSPOTS[zone].lon,
+            PICKUP_SCATTER_M,
+        );
+        // 0.5–3 km, short trips more likely (mean about 1.3 km).
+        let d = 500.0 + 2500.0 * self.rng.random::<f64>().powi(2);
+        let (sin, cos) = self.rng.random_range(0.0..std::f64::consts::TAU).sin_cos();
+        let dlat = (plat + d * sin / M_PER_LAT).clamp(LAT_MIN, LAT_MAX);
+        let dlon = (plon + d * cos / M_PER_LON).clamp(LON_MIN, LON_MAX);
+        let kind = pick_weighted(&mut self.rng, 100, DELIVERY_TYPES.iter().map(|t| t.1));
+        let n = self.next_delivery;
+        self.next_delivery += 1;
+        let delivery = Delivery {
+            id: compact_str::format_compact!("d-{}", n),
+            generation: 0,
+            live: true,
+            zone: zone as u16,
+            rider: NONE,
+            created: now,
+            pickup: coord(plat, plon),
+            dropoff: coord(dlat, dlon),
+        };
+        let slot = match self.free_slots.pop() {
+            Some(slot) => {
+                let d = &mut self.deliveries[slot as usize];
+                let generation = d.generation;
+                *d = Delivery {
+                    generation,
+                    ..delivery
+                };
+                slot
+            }
+            None => {
+                self.deliveries.push(delivery);
+                (self.deliveries.len() - 1) as u32
+            }
+        };
+        let wait = self.rng.random_range(SECOND..=3 * SECOND);
+        self.schedule_step(now + wait, slot, Step::Waiting);
+        let d = &self.deliveries[slot as usize];
+        Some(SimEvent::Delivery(DeliveryEvent {
+            delivery_id: d.id.clone(),
+            status: DeliveryStatus::Created,
+            delivery_type: Some(Id::const_new(DELIVERY_TYPES[kind].0)),
+            pickup: Some(d.pickup),
+            dropoff: Some(d.dropoff),
+            rider_id: None,
+            vehicle: None,
+            ts: now,
+        }))
+    }
+
+    fn free(&mut self, slot: u32) {
+        let d = &mut self.deliveries[slot as usize];
+        d.live = false;
+        d.rider = NONE;
+        d.generation = d.generation.wrapping_add(1);
+        self.free_slots.push(slot);
+    }
+
+    /// A delivery event with only the id, status and time.
+    fn bare(&self, slot: u32, status: DeliveryStatus, now: Millis) -> DeliveryEvent {
+        DeliveryEvent {
+            delivery_id: self.deliveries[slot as usize].id.clone(),
+            status,
+            delivery_type: None,
+            pickup: None,
+            dropoff: None,
+            rider_id: None,
+            vehicle: None,
+            ts: now,
+        }
+    }
+
+    /// An `ASSIGNED` event for the delivery's rider.
+    fn assigned(&self, slot: u32, now: Millis) -> SimEvent {
+        let rider = &self.riders[self.deliveries[slot as usize].rider as usize];
+        SimEvent::Delivery(DeliveryEvent {
+            rider_id: Some(rider.id.clone()),
+            vehicle: Some(Id::const_new(PROFILES[rider.profile as usize].vehicle)),
+            ..self.bare(slot, DeliveryStatus::Assigned, now)
+        })
+    }
+
+    fn delivery_step(
+        &mut self,
+        slot: u32,
+        generation: u32,
+        step: Step,
+        now: Millis,
+    ) -> Option<SimEvent> {
+        let d = self.deliveries.get(slot as usize)?;
+        if !d.live || d.generation != generation {
+            return None;
+        }
+        let (zone, pickup, dropoff, rider) = (d.zone, d.pickup, d.dropoff, d.rider as usize);
+        let radius = Self::search_radius(now.saturating_sub(d.created));
+        match step {
+            Step::Waiting => {
+                if self.rng.random_bool(CANCEL_P) {
+                    let at = now + self.rng.random_range(10 * SECOND..=120 * SECOND);
+                    self.schedule_step(at, slot, Step::Cancel);
+                } else {
+                    let at = now + self.rng.random_range(5 * SECOND..=60 * SECOND);
+                    self.schedule_step(at, slot, Step::TryAssign);
+                }
+                Some(SimEvent::Delivery(self.bare(
+                    slot,
+                    DeliveryStatus::Waiting,
+                    now,
+                )))
+            }
+            Step::TryAssign => match self.take_rider(zone, pickup, dropoff, radius) {
+                Some(r) => {
+                    self.riders[r].phase = Phase::Assigned;
+                    self.riders[r].delivery = slot;
+                    self.deliveries[slot as usize].rider = r as u32;
+                    if self.rng.random_bool(REASSIGN_P) {
+                        let at = now + self.rng.random_range(10 * SECOND..=40 * SECOND);
+                        self.schedule_step(at, slot, Step::Reassign);
+                    } else {
+                        let at = now + self.rng.random_range(2 * SECOND..=8 * SECOND);
+                        self.schedule_step(at, slot, Step::Dispatch);
+                    }
+                    Some(self.assigned(slot, now))
+                }
+                None if now.saturating_sub(self.deliveries[slot as usize].created) >= GIVE_UP => {
+                    self.free(slot);
+                    Some(SimEvent::Delivery(self.bare(
+                        slot,
+                        DeliveryStatus::Cancelled,
+                        now,
+                    )))
+                }
+                None => {
+                    let at = now + self.rng.random_range(5 * SECOND..=15 * SECOND);
+                    self.schedule_step(at, slot, Step::TryAssign);
+                    None
+                }
+            },
+            Step::Reassign => {
+                let at = now + self.rng.random_range(2 * SECOND..=8 * SECOND);
+                self.schedule_step(at, slot, Step::Dispatch);
+                let r2 = self.take_rider(zone, pickup, dropoff, radius)?;
+                self.riders[r2].phase = Phase::Assigned;
+                self.riders[r2].delivery = slot;
+                self.deliveries[slot as usize].rider = r2 as u32;
+                self.release(rider, zone, now);
+                Some(self.assigned(slot, now))
+            }
+            Step::Dispatch => {
+                let r = &mut self.riders[rider];
+                r.phase = Phase::ToPickup;
+                r.target_lat = pickup.lat;
+                r.target_lon = pickup.lon;
+                r.moved_at = now;
+                Some(SimEvent::Delivery(self.bare(
+                    slot,
+                    DeliveryStatus::Dispatched,
+                    now,
+                )))
+            }
+            Step::PickedUp => {
+                let r = &mut self.riders[rider];
+                r.phase = Phase::ToDropoff;
+                r.target_lat = dropoff.lat;
+                r.target_lon = dropoff.lon;
+                r.moved_at = now;
+                let mut e = self.bare(slot, DeliveryStatus::PickedUp, now);
+                if self.rng.random_bool(0.5) {
+                    e.rider_id = Some(self.riders[rider].id.clone());
+                }
+                Some(SimEvent::Delivery(e))
+            }
+            Step::Delivered => {
+                self.release(rider, zone, now);
+                self.free(slot);
+                Some(SimEvent::Delivery(self.bare(
+                    slot,
+                    DeliveryStatus::Delivered,
+                    now,
+                )))
+            }
+            Step::Cancel => {
+                self.free(slot);
+                Some(SimEvent::Delivery(self.bare(
+                    slot,
+                    DeliveryStatus::Cancelled,
+                    now,
+                )))
+            }
+        }
+    }
+}
+
+impl Iterator for Simulator {
+    type Item = SimEvent;
+
+    fn next(&mut self) -> Option<SimEvent> {
+        Some(self.next_event())
+    }
+
+    fn size_hint(&self) -> (usize, Option<usize>) {
+        (usize::MAX, None)
+    }
+}
+
+/// A point rounded to 1e-6 degrees, which JSON carries exactly.
+fn coord(lat: f64, lon: f64) -> Coord {
+    Coord {
+        lat: (lat * 1e6).round() / 1e6,
+        lon: (lon * 1e6).round() / 1e6,
+    }
+}
+
+/// Equirectangular distance in metres, good enough within a city.
+fn dist_m(lat1: f64, lon1: f64, lat2: f64, lon2: f64) -> f64 {
+    let dy = (lat2 - lat1) * M_PER_LAT;
+    let dx = (lon2 - lon1) * M_PER_LON;
+    (dx * dx + dy * dy).sqrt()
+}
+
+fn nearest_hotspot(lat: f64, lon: f64) -> u16 {
+    let mut best = (f64::INFINITY, 0);
+    for (i, h) in HOTSPOTS.iter().enumerate() {
+        let d = dist_m(lat, lon, h.lat, h.lon);
+        if d < best.0 {
+            best = (d, i as u16);
+        }
+    }
+    best.1
+}
+
+/// An index drawn with the given weights (`total` is their sum).
+fn pick_weighted(rng: &mut SmallRng, total: u32, weights: impl Iterator<Item = u32>) -> usize {
+    let mut x = rng.random_range(0..total.max(1));
+    let mut last = 0;
+    for (i, w) in weights.enumerate() {
+        if x < w {
+            return i;
+        }
+        x -= w;
+        last = i;
+    }
+    last
+}
+
+/// A point scattered around (`lat`, `lon`) with a gaussian of `sigma_m` metres per axis, clamped to the
+/// Seoul box.
+fn scatter(rng: &mut SmallRng, lat: f64, lon: f64, sigma_m: f64) -> (f64, f64) {
+    let u: f64 = 1.0 - rng.random::<f64>();
+    let radius = (-2.0 * u.ln()).sqrt() * sigma_m;
+    let (sin, cos) = rng.random_range(0.0..std::f64::consts::TAU).sin_cos();
+    let lat = (lat + radius * sin / M_PER_LAT).clamp(LAT_MIN, LAT_MAX);
+    let lon = (lon + radius * cos / M_PER_LON).clamp(LON_MIN, LON_MAX);
+    (lat, lon)
+}

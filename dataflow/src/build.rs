@@ -1,0 +1,92 @@
+//! The one place where the stages are wired into the dataflow.
+
+use std::cell::RefCell;
+use std::rc::Rc;
+use std::sync::Arc;
+
+use differential_dataflow::operators::arrange::Arranged;
+use dongflow_connectors::{DeliveryEvent, RiderEvent};
+use timely::dataflow::Stream;
+
+use crate::districts::DistrictIndex;
+use crate::stages::{
+    contributions, count_by_district, enrich_with_district, join_inputs, join_riders_deliveries,
+    riders_by_district, CountsTrace, DeliveryRule, DeliveryState, RiderRule, RidersByDistrictTrace,
+    SnapshotTrace,
+};
+use crate::types::{RiderRow, Time};
+use crate::upsert::{upsert, UpsertCounters, UpsertState};
+
+/// Default time a terminal delivery is remembered: 6 hours of dataflow time.
+pub const DEFAULT_TERMINAL_TTL_MS: Time = 6 * 3600 * 1000;
+
+/// The per-worker state the dataflow keeps outside its arrangements, shared with the worker loop
+/// (for checkpoints and seeding).
+#[derive(Clone, Debug)]
+pub struct WorkerState {
+    /// Latest rider per id.
+    pub riders: Rc<RefCell<UpsertState<RiderRow>>>,
+    /// Latest delivery per id, terminal ones as tombstones.
+    pub deliveries: Rc<RefCell<UpsertState<DeliveryState>>>,
+}
+
+impl WorkerState {
+    /// Empty state; terminal deliveries are remembered for `terminal_ttl` ms.
+    pub fn new(terminal_ttl: Time) -> Self {
+        Self {
+            riders: UpsertState::shared(terminal_ttl),
+            deliveries: UpsertState::shared(terminal_ttl),
+        }
+    }
+}
+
+/// Counters of the upserts, shared by every worker of a process.
+#[derive(Clone, Debug, Default)]
+pub struct DataflowCounters {
+    /// Rider events.
+    pub riders: Arc<UpsertCounters>,
+    /// Delivery events.
+    pub deliveries: Arc<UpsertCounters>,
+}
+
+/// What the dataflow offers to queries and sinks.
+pub struct Outputs<'s> {
+    /// Rider snapshots by rider id.
+    pub snapshots: Arranged<'s, SnapshotTrace>,
+    /// District counts by district.
+    pub counts: Arranged<'s, CountsTrace>,
+    /// Rider ids on shift by district.
+    pub riders_by_district: Arranged<'s, RidersByDistrictTrace>,
+}
+
+/// Wires the dataflow: enrich, upsert, join, count, arrange.
+pub fn build<'s>(
+    riders: Stream<'s, Time, Vec<RiderEvent>>,
+    deliveries: Stream<'s, Time, Vec<DeliveryEvent>>,
+    districts: Arc<DistrictIndex>,
+    state: &WorkerState,
+    counters: &DataflowCounters,
+) -> Outputs<'s> {
+    let riders = enrich_with_district(riders, districts.clone());
+    let deliveries = enrich_with_district(deliveries, districts);
+    let riders = upsert::<RiderRule>(
+        riders,
+        "Upsert: Riders",
+        state.riders.clone(),
+        counters.riders.clone(),
+    );
+    let deliveries = upsert::<DeliveryRule>(
+        deliveries,
+        "Upsert: Deliveries",
+        state.deliveries.clone(),
+        counters.deliveries.clone(),
+    );
+    let snapshots = join_riders_deliveries(join_inputs(riders, deliveries.clone()));
+    let counts = count_by_district(contributions(snapshots.clone(), deliveries));
+    let riders_by_district = riders_by_district(snapshots.clone());
+    Outputs {
+        snapshots,
+        counts,
+        riders_by_district,
+    }
+}

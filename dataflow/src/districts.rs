@@ -1,0 +1,292 @@
+//! The district index: GPS point -> administrative district (행정동), by an R-tree over polygon
+//! bounding boxes followed by an exact point-in-polygon test.
+//!
+//! Districts are numbered by [`DistrictId`] in ascending code order, so that "the lowest code wins"
+//! is "the lowest id wins". A point on an edge shared by several districts (where geo's `Contains` is
+//! false for all of them) goes to the one with the lowest code among those whose closed polygon holds
+//! it, always the same one. Points outside every polygon go to [`UNASSIGNED`].
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use dongflow_connectors::Coord;
+use geo::{
+    BoundingRect, Coord as GeoCoord, InteriorPoint, Intersects, LineString, MultiPolygon, Polygon,
+};
+use rstar::primitives::{GeomWithData, Rectangle};
+use rstar::RTree;
+use serde_json::Value;
+
+use crate::error::DistrictError;
+
+/// A district's number in a [`DistrictIndex`]: its position in code order.
+pub type DistrictId = u32;
+
+/// The district of points outside every polygon (and of riders with no known location).
+pub const UNASSIGNED: DistrictId = u32::MAX;
+
+/// The code and name reported for [`UNASSIGNED`].
+pub const UNASSIGNED_CODE: &str = "unassigned";
+
+/// One district: code, name and shape.
+#[derive(Clone, Debug)]
+pub struct District {
+    /// The code, e.g. `1168064000`.
+    pub code: String,
+    /// The name, e.g. `서울특별시 강남구 역삼1동`.
+    pub name: String,
+    /// The boundary, WGS84 lon/lat.
+    pub shape: MultiPolygon<f64>,
+}
+
+type Entry = GeomWithData<Rectangle<[f64; 2]>, (DistrictId, u32)>;
+
+/// Point -> district lookups over a fixed set of districts.
+pub struct DistrictIndex {
+    districts: Vec<District>,
+    by_code: HashMap<String, DistrictId>,
+    tree: RTree<Entry>,
+}
+
+impl std::fmt::Debug for DistrictIndex {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "DistrictIndex({} districts)", self.districts.len())
+    }
+}
+
+impl DistrictIndex {
+    /// Builds the index. Fails on an empty list or a duplicate code.
+    pub fn new(mut districts: Vec<District>) -> Result<Self, DistrictError> {
+        if districts.is_empty() {
+            return Err(DistrictError::Empty);
+        }
+        districts.sort_by(|a, b| a.code.cmp(&b.code));
+        let mut by_code = HashMap::with_capacity(districts.len());
+        let mut entries = Vec::new();
+        for (id, d) in districts.iter().enumerate() {
+            if d.code == UNASSIGNED_CODE
+                || by_code.insert(d.code.clone(), id as DistrictId).is_some()
+            {
+                return Err(DistrictError::DuplicateCode(d.code.clone()));
+            }
+            for (part, polygon) in d.shape.0.iter().enumerate() {
+                if let Some(r) = polygon.bounding_rect() {
+                    let rect =
+                        Rectangle::from_corners([r.min().x, r.min().y], [r.max().x, r.max().y]);
+                    entries.push(GeomWithData::new(rect, (id as DistrictId, part as u32)));
+                }
+            }
+        }
+        Ok(Self {
+            districts,
+            by_code,
+            tree: RTree::bulk_load(entries),
+        })
+    }
+
+    /// Loads a GeoJSON FeatureCollection of Polygon and MultiPolygon features (holes respected),
+    /// taking each district's code and name from the given properties.
+    pub fn from_geojson_file(
+        path: &Path,
+        code_prop: &str,
+        name_prop: &str,
+    ) -> Result<Self, DistrictError> {
+        let bytes = std::fs::read(path).map_err(|e| DistrictError::Io {
+            path: path.display().to_string(),
+            message: e.to_string(),
+        })?;
+        Self::from_geojson(&bytes, code_prop, name_prop)
+    }
+
+    /// As [`DistrictIndex::from_geojson_file`], from bytes in memory.
+    pub fn from_geojson(
+        bytes: &[u8],
+        code_prop: &str,
+        name_prop: &str,
+    ) -> Result<Self, DistrictError> {
+        let doc: Value =
+            serde_json::from_slice(bytes).map_err(|e| DistrictError::Json(e.to_string()))?;
+        if doc.get("type").and_then(Value::as_str) != Some("FeatureCollection") {
+            return Err(DistrictError::NotFeatureCollection);
+        }
+        let features = doc
+            .get("features")
+            .and_then(Value::as_array)
+            .ok_or(DistrictError::NotFeatureCollection)?;
+        let mut districts = Vec::with_capacity(features.len());
+        for (i, feature) in features.iter().enumerate() {
+            let props = feature.get("properties");
+            let prop = |name: &str| match props.and_then(|p| p.get(name)) {
+                Some(Value::String(s)) if !s.is_empty() => Some(s.clone()),
+                Some(Value::Number(n)) => Some(n.to_string()),
+                _ => None,
+            };
+            let code = prop(code_prop).ok_or_else(|| DistrictError::MissingProperty {
+                feature: i,
+                property: code_prop.to_string(),
+            })?;
+            let name = prop(name_prop).unwrap_or_else(|| code.clone());
+            let shape = parse_geometry(feature.get("geometry"), i)?;
+            districts.push(District { code, name, shape });
+        }
+        Self::new(districts)
+    }
+
+    /// The district holding `point`, or [`UNASSIGNED`].
+    ///
+    /// ```
+    /// use dongflow_dataflow::districts::{DistrictIndex, UNASSIGNED};
+    /// use dongflow_connectors::Coord;
+    /// let index = DistrictIndex::builtin_seoul();
+    /// let gangnam = index.lookup(Coord { lat: 37.4979, lon: 127.0276 }); // 강남역
+    /// assert_eq!(index.name(gangnam), "서울특별시 강남구");
+    /// assert_eq!(index.lookup(Coord { lat: 35.1796, lon: 129.0756 }), UNASSIGNED); // Busan
+    /// ```
+    pub fn lookup(&self, point: Coord) -> DistrictId {
+        let p = [point.lon, point.lat];
+        let c = GeoCoord {
+            x: point.lon,
+            y: point.lat,
+        };
+        let mut best = UNASSIGNED;
+        for entry in self.tree.locate_all_at_point(&p) {
+            let (id, part) = entry.data;
+            if id < best && self.districts[id as usize].shape.0[part as usize].intersects(&c) {
+                best = id;
+            }
+        }
+        best
+    }
+
+    /// The district of an optional location: no location is [`UNASSIGNED`].
+    pub fn lookup_opt(&self, point: Option<Coord>) -> DistrictId {
+        point.map_or(UNASSIGNED, |p| self.lookup(p))
+    }
+
+    /// The number of districts (not counting [`UNASSIGNED`]).
+    pub fn len(&self) -> usize {
+        self.districts.len()
+    }
+
+    /// Whether there are no districts (never true for a built index).
+    pub fn is_empty(&self) -> bool {
+        self.districts.is_empty()
+    }
+
+    /// The districts, in code order (`id` is the position).
+    pub fn districts(&self) -> &[District] {
+        &self.districts
+    }
+
+    /// The code of a district id; `unassigned` for [`UNASSIGNED`].
+    pub fn code(&self, id: DistrictId) -> &str {
+        self.districts
+            .get(id as usize)
+            .map_or(UNASSIGNED_CODE, |d| d.code.as_str())
+    }
+
+    /// The name of a district id; `unassigned` for [`UNASSIGNED`].
+    pub fn name(&self, id: DistrictId) -> &str {
+        self.districts
+            .get(id as usize)
+            .map_or(UNASSIGNED_CODE, |d| d.name.as_str())
+    }
+
+    /// The id of a code (`unassigned` included), or `None` for an unknown code.
+    pub fn id_of(&self, code: &str) -> Option<DistrictId> {
+        if code == UNASSIGNED_CODE {
+            return Some(UNASSIGNED);
+        }
+        self.by_code.get(code).copied()
+    }
+
+    /// A point strictly inside the district's largest polygon, for tests and the simulator.
+    pub fn interior_point(&self, id: DistrictId) -> Option<Coord> {
+        let d = self.districts.get(id as usize)?;
+        let p = d.shape.interior_point()?;
+        Some(Coord {
+            lat: p.y(),
+            lon: p.x(),
+        })
+    }
+
+    /// The map as a GeoJSON FeatureCollection with `code` and `name` properties.
+    pub fn to_geojson(&self) -> Value {
+        let ring = |r: &LineString<f64>| {
+            Value::Array(r.0.iter().map(|c| serde_json::json!([c.x, c.y])).collect())
+        };
+        let features: Vec<Value> = self
+            .districts
+            .iter()
+            .map(|d| {
+                let polygons: Vec<Value> = d
+                    .shape
+                    .0
+                    .iter()
+                    .map(|p| {
+                        let mut rings = vec![ring(p.exterior())];
+                        rings.extend(p.interiors().iter().map(ring));
+                        Value::Array(rings)
+                    })
+                    .collect();
+                serde_json::json!({
+                    "type": "Feature",
+                    "properties": {"code": d.code, "name": d.name},
+                    "geometry": {"type": "MultiPolygon", "coordinates": polygons},
+                })
+            })
+            .collect();
+        serde_json::json!({"type": "FeatureCollection", "features": features})
+    }
+}
+
+fn parse_ring(v: &Value, feature: usize) -> Result<LineString<f64>, DistrictError> {
+    let bad = || DistrictError::BadCoordinates { feature };
+    let points = v.as_array().ok_or_else(bad)?;
+    let mut coords = Vec::with_capacity(points.len());
+    for p in points {
+        let xy = p.as_array().ok_or_else(bad)?;
+        let x = xy.first().and_then(Value::as_f64).ok_or_else(bad)?;
+        let y = xy.get(1).and_then(Value::as_f64).ok_or_else(bad)?;
+        coords.push(GeoCoord { x, y });
+    }
+    if coords.len() < 4 {
+        return Err(bad());
+    }
+    Ok(LineString::new(coords))
+}
+
+fn parse_polygon(v: &Value, feature: usize) -> Result<Polygon<f64>, DistrictError> {
+    let rings = v
+        .as_array()
+        .ok_or(DistrictError::BadCoordinates { feature })?;
+    let mut rings = rings.iter().map(|r| parse_ring(r, feature));
+    let exterior = rings
+        .next()
+        .ok_or(DistrictError::BadCoordinates { feature })??;
+    Ok(Polygon::new(exterior, rings.collect::<Result<_, _>>()?))
+}
+
+fn parse_geometry(
+    geometry: Option<&Value>,
+    feature: usize,
+) -> Result<MultiPolygon<f64>, DistrictError> {
+    let kind = geometry
+        .and_then(|g| g.get("type"))
+        .and_then(Value::as_str)
+        .unwrap_or("none");
+    let coords = geometry.and_then(|g| g.get("coordinates"));
+    match (kind, coords) {
+        ("Polygon", Some(c)) => Ok(MultiPolygon::new(vec![parse_polygon(c, feature)?])),
+        ("MultiPolygon", Some(Value::Array(ps))) => Ok(MultiPolygon::new(
+            ps.iter()
+                .map(|p| parse_polygon(p, feature))
+                .collect::<Result<_, _>>()?,
+        )),
+        ("Polygon" | "MultiPolygon", _) => Err(DistrictError::BadCoordinates { feature }),
+        (other, _) => Err(DistrictError::UnsupportedGeometry {
+            feature,
+            kind: other.to_string(),
+        }),
+    }
+}

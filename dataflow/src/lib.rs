@@ -1,0 +1,32 @@
+//! The dongflow dataflow: from rider and delivery events to rider snapshots and district counts.
+//!
+//! This crate owns the pure dataflow (no I/O): the records, the district index, the stages, their
+//! wiring, and the code that reads the resulting arrangements.
+//!
+//! - [`types`]: `Time`, `Diff` and the records (rider rows, delivery rows, snapshots, counts).
+//! - [`districts`]: the district index (GeoJSON, R-tree, exact point-in-polygon).
+//! - [`builtin_map`]: the built-in coarse map of Seoul's 25 gu.
+//! - [`upsert`]: the upsert operator that applies events per id in `ts` order.
+//! - [`stages`]: one function per stage (enrich, upsert rules, join, count, riders by district).
+//! - [`build`](mod@build): the one place that wires the stages.
+//! - [`peek`]: reading an arrangement at one `as_of` time.
+//! - [`error`]: this crate's errors.
+//!
+//! ```text
+//! riders ─► enrich ─► upsert ─┐
+//!                             ├─► join (reduce by rider) ─► snapshots ─┬─► riders by district
+//! deliveries ─► enrich ─► upsert ─┘                                    └─► contributions ─► counts by district
+//!                    └──────────── waiting deliveries ───────────────────────┘
+//! ```
+
+pub mod build;
+pub mod builtin_map;
+pub mod districts;
+pub mod error;
+pub mod peek;
+pub mod stages;
+pub mod types;
+pub mod upsert;
+
+pub use build::{build, DataflowCounters, Outputs, WorkerState};
+pub use error::DistrictError;

@@ -1,0 +1,370 @@
+//! One small function per dataflow stage. [`crate::build`] is the only place that wires them.
+
+use std::sync::Arc;
+
+use differential_dataflow::operators::arrange::{Arranged, TraceAgent};
+use differential_dataflow::trace::implementations::{ValBuilder, ValSpine};
+use differential_dataflow::VecCollection;
+use dongflow_connectors::{Coord, DeliveryEvent, Id, Millis, RiderEvent};
+use serde::{Deserialize, Serialize};
+use timely::dataflow::operators::vec::Map;
+use timely::dataflow::Stream;
+
+use crate::districts::{DistrictId, DistrictIndex, UNASSIGNED};
+use crate::types::{
+    Contribution, DeliveryBrief, DeliveryRow, Diff, DistrictCounts, JoinSide, RiderRow, Snapshot,
+    Time,
+};
+use crate::upsert::{Ignored, UpsertRule};
+
+/// Rider snapshots, arranged by rider id.
+pub type SnapshotTrace = TraceAgent<ValSpine<Id, Snapshot, Time, Diff>>;
+/// District counts, arranged by district.
+pub type CountsTrace = TraceAgent<ValSpine<DistrictId, DistrictCounts, Time, Diff>>;
+/// Rider ids on shift, arranged by their district.
+pub type RidersByDistrictTrace = TraceAgent<ValSpine<DistrictId, Id, Time, Diff>>;
+
+/// An event with the district of its point (rider location, delivery pickup), when it has one.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct Enriched<E> {
+    /// The event.
+    pub event: E,
+    /// The district of the event's point; `None` when the event has no point.
+    pub district: Option<DistrictId>,
+}
+
+/// Events that carry a point to be placed in a district.
+pub trait Located {
+    /// The point, if the event has one.
+    fn point(&self) -> Option<Coord>;
+}
+
+impl Located for RiderEvent {
+    fn point(&self) -> Option<Coord> {
+        self.location
+    }
+}
+
+impl Located for DeliveryEvent {
+    fn point(&self) -> Option<Coord> {
+        self.pickup
+    }
+}
+
+/// Enrichment: looks up each event's point in the district index, on the worker that read it.
+///
+/// ```
+/// use dongflow_dataflow::{districts::DistrictIndex, stages::enrich_with_district};
+/// use dongflow_connectors::{Coord, RiderEvent, RiderStatus};
+/// use timely::dataflow::operators::{ToStream, Capture, capture::Extract};
+/// use std::sync::Arc;
+///
+/// let index = Arc::new(DistrictIndex::builtin_seoul());
+/// let expected = index.id_of("1168000000"); // 강남구
+/// let rx = timely::example(move |scope| {
+///     let at = Some(Coord { lat: 37.4979, lon: 127.0276 });
+///     let e = RiderEvent { rider_id: "r-1".into(), status: RiderStatus::OnShift, rider_type: None, location: at, ts: 1 };
+///     enrich_with_district(vec![e].to_stream(scope).container::<Vec<_>>(), index).capture()
+/// });
+/// let out: Vec<_> = rx.extract().into_iter().flat_map(|(_, v)| v).collect();
+/// assert_eq!(out[0].district, expected);
+/// ```
+pub fn enrich_with_district<'s, E: Located + Clone + 'static>(
+    events: Stream<'s, Time, Vec<E>>,
+    index: Arc<DistrictIndex>,
+) -> Stream<'s, Time, Vec<Enriched<E>>> {
+    events.map(move |event| {
+        let district = event.point().map(|p| index.lookup(p));
+        Enriched { event, district }
+    })
+}
+
+/// The rider upsert rule: state is the [`RiderRow`]; visible while on shift.
+#[derive(Debug)]
+pub struct RiderRule;
+
+impl UpsertRule for RiderRule {
+    type Event = Enriched<RiderEvent>;
+    type State = RiderRow;
+    type Row = RiderRow;
+
+    fn id(event: &Self::Event) -> &Id {
+        &event.event.rider_id
+    }
+
+    fn apply(current: Option<&RiderRow>, e: Self::Event) -> Result<RiderRow, Ignored> {
+        if current.is_some_and(|c| e.event.ts < c.ts) {
+            return Err(Ignored::Stale);
+        }
+        let (location, district) = match (e.event.location, current) {
+            (Some(at), _) => (Some(at), e.district.unwrap_or(UNASSIGNED)),
+            (None, Some(c)) => (c.location, c.district),
+            (None, None) => (None, UNASSIGNED),
+        };
+        Ok(RiderRow {
+            status: e.event.status,
+            rider_type: e
+                .event
+                .rider_type
+                .or_else(|| current.and_then(|c| c.rider_type.clone())),
+            location,
+            district,
+            ts: e.event.ts,
+        })
+    }
+
+    fn row(state: &RiderRow) -> Option<RiderRow> {
+        state.status.on_shift().then(|| state.clone())
+    }
+
+    fn is_tombstone(_: &RiderRow) -> bool {
+        false
+    }
+}
+
+/// The state of one delivery: live, or ended (terminal, kept only to absorb late events).
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub enum DeliveryState {
+    /// Not terminal yet.
+    Live(DeliveryRow),
+    /// `DELIVERED` or `CANCELLED` at `ts`.
+    Ended {
+        /// `ts` of the terminal event.
+        ts: Millis,
+    },
+}
+
+/// The delivery upsert rule: terminal states absorb every later event; visible while active or waiting.
+#[derive(Debug)]
+pub struct DeliveryRule;
+
+impl UpsertRule for DeliveryRule {
+    type Event = Enriched<DeliveryEvent>;
+    type State = DeliveryState;
+    type Row = DeliveryRow;
+
+    fn id(event: &Self::Event) -> &Id {
+        &event.event.delivery_id
+    }
+
+    fn apply(current: Option<&DeliveryState>, e: Self::Event) -> Result<DeliveryState, Ignored> {
+        let current = match current {
+            Some(DeliveryState::Ended { .. }) => return Err(Ignored::AfterTerminal),
+            Some(DeliveryState::Live(row)) if e.event.ts < row.ts => return Err(Ignored::Stale),
+            Some(DeliveryState::Live(row)) => Some(row),
+            None => None,
+        };
+        let ev = e.event;
+        if ev.status.is_terminal() {
+            return Ok(DeliveryState::Ended { ts: ev.ts });
+        }
+        let keep = |new: Option<Id>, old: fn(&DeliveryRow) -> &Option<Id>| {
+            new.or_else(|| current.and_then(|c| old(c).clone()))
+        };
+        let (pickup, pickup_district) = match (ev.pickup, current) {
+            (Some(at), _) => (Some(at), e.district.unwrap_or(UNASSIGNED)),
+            (None, Some(c)) => (c.pickup, c.pickup_district),
+            (None, None) => (None, UNASSIGNED),
+        };
+        Ok(DeliveryState::Live(DeliveryRow {
+            status: ev.status,
+            delivery_type: keep(ev.delivery_type, |c| &c.delivery_type),
+            pickup,
+            pickup_district,
+            dropoff: ev.dropoff.or_else(|| current.and_then(|c| c.dropoff)),
+            rider_id: keep(ev.rider_id, |c| &c.rider_id),
+            vehicle: keep(ev.vehicle, |c| &c.vehicle),
+            ts: ev.ts,
+        }))
+    }
+
+    fn row(state: &DeliveryState) -> Option<DeliveryRow> {
+        match state {
+            DeliveryState::Live(row) if row.is_active() || row.is_waiting() => Some(row.clone()),
+            _ => None,
+        }
+    }
+
+    fn is_tombstone(state: &DeliveryState) -> bool {
+        matches!(state, DeliveryState::Ended { .. })
+    }
+}
+
+/// The join input: riders on shift and active deliveries, both keyed by rider id.
+///
+/// ```
+/// use dongflow_dataflow::stages::join_inputs;
+/// use dongflow_dataflow::types::{DeliveryRow, JoinSide};
+/// use dongflow_connectors::DeliveryStatus;
+/// use differential_dataflow::input::Input;
+/// use timely::dataflow::operators::{Capture, capture::Extract};
+///
+/// let rx = timely::example(|scope| {
+///     let riders = scope.new_collection_from(Vec::new()).1;
+///     let d = |status, rider: Option<&str>| ("d-1".into(), DeliveryRow { status, delivery_type: None, pickup: None,
+///         pickup_district: 0, dropoff: None, rider_id: rider.map(Into::into), vehicle: None, ts: 1 });
+///     // Only the assigned delivery with a rider joins; the waiting one does not.
+///     let deliveries = scope.new_collection_from(vec![d(DeliveryStatus::Assigned, Some("r-1")), d(DeliveryStatus::Waiting, None)]).1;
+///     join_inputs(riders, deliveries).inner.capture()
+/// });
+/// let out: Vec<_> = rx.extract().into_iter().flat_map(|(_, v)| v).collect();
+/// assert_eq!(out.len(), 1);
+/// assert!(matches!(&out[0].0, (r, JoinSide::Delivery(_)) if r == "r-1"));
+/// ```
+pub fn join_inputs<'s>(
+    riders: VecCollection<'s, Time, (Id, RiderRow), Diff>,
+    deliveries: VecCollection<'s, Time, (Id, DeliveryRow), Diff>,
+) -> VecCollection<'s, Time, (Id, JoinSide), Diff> {
+    let active = deliveries.flat_map(|(delivery_id, row)| {
+        let DeliveryRow {
+            status,
+            vehicle,
+            ts,
+            rider_id,
+            ..
+        } = row;
+        let brief = DeliveryBrief {
+            delivery_id,
+            status,
+            vehicle,
+            ts,
+        };
+        rider_id
+            .filter(|_| status.is_active())
+            .map(|rider| (rider, JoinSide::Delivery(brief)))
+    });
+    riders
+        .map(|(id, row)| (id, JoinSide::Rider(row)))
+        .concat(active)
+}
+
+/// The incremental join of riders with their active deliveries into rider snapshots, arranged by
+/// rider id. A rider's group is its row (when on shift) and its deliveries; a group without a rider
+/// has no snapshot.
+///
+/// ```
+/// use dongflow_dataflow::stages::{join_inputs, join_riders_deliveries};
+/// use dongflow_dataflow::types::{DeliveryRow, RiderRow};
+/// use dongflow_connectors::{DeliveryStatus, RiderStatus};
+/// use differential_dataflow::input::Input;
+/// use timely::dataflow::operators::{Capture, capture::Extract};
+///
+/// let rx = timely::example(|scope| {
+///     let rider = RiderRow { status: RiderStatus::OnShift, rider_type: None, location: None, district: 0, ts: 1 };
+///     let riders = scope.new_collection_from(vec![("r-1".into(), rider)]).1;
+///     let d = |id: &str| (id.into(), DeliveryRow { status: DeliveryStatus::PickedUp, delivery_type: None, pickup: None,
+///         pickup_district: 0, dropoff: None, rider_id: Some("r-1".into()), vehicle: None, ts: 9 });
+///     let deliveries = scope.new_collection_from(vec![d("d-2"), d("d-1")]).1;
+///     join_riders_deliveries(join_inputs(riders, deliveries)).as_collection(|k, v| (k.clone(), v.clone())).inner.capture()
+/// });
+/// let out: Vec<_> = rx.extract().into_iter().flat_map(|(_, v)| v).collect();
+/// let snapshot = &out[0].0 .1;
+/// assert_eq!(snapshot.deliveries.iter().map(|d| d.delivery_id.as_str()).collect::<Vec<_>>(), ["d-1", "d-2"]);
+/// assert_eq!(snapshot.updated_ts(), 9);
+/// ```
+pub fn join_riders_deliveries<'s>(
+    sides: VecCollection<'s, Time, (Id, JoinSide), Diff>,
+) -> Arranged<'s, SnapshotTrace> {
+    sides
+        .arrange_by_key_named("Arrange: JoinSidesByRider")
+        .reduce_abelian::<_, ValBuilder<Id, Snapshot, Time, Diff>, ValSpine<Id, Snapshot, Time, Diff>, _, _>(
+            "Reduce: SnapshotsByRider",
+            |_rider, input, output| {
+                // Values arrive sorted: the rider (if on shift) first, then deliveries by id.
+                let mut sides = input.iter().filter(|(_, diff)| *diff > 0).map(|(side, _)| *side);
+                if let Some(JoinSide::Rider(row)) = sides.next() {
+                    let deliveries = sides
+                        .filter_map(|s| match s {
+                            JoinSide::Delivery(brief) => Some(brief.clone()),
+                            JoinSide::Rider(_) => None,
+                        })
+                        .collect();
+                    output.push((Snapshot { rider: row.clone(), deliveries }, 1));
+                }
+            },
+            |buffer, key, updates| {
+                buffer.clear();
+                buffer.extend(updates.drain(..).map(|(v, t, r)| ((key.clone(), v), t, r)));
+            },
+        )
+}
+
+/// What each snapshot and each waiting delivery adds to its district's counts.
+pub fn contributions<'s>(
+    snapshots: Arranged<'s, SnapshotTrace>,
+    deliveries: VecCollection<'s, Time, (Id, DeliveryRow), Diff>,
+) -> VecCollection<'s, Time, (DistrictId, Contribution), Diff> {
+    let riders = snapshots.flat_map_ref(|_rider, snapshot| {
+        let district = snapshot.rider.district;
+        let active = snapshot.deliveries.len();
+        let delivering = usize::from(active > 0);
+        std::iter::once((district, Contribution::OnShift))
+            .chain(std::iter::repeat_n(
+                (district, Contribution::Delivering),
+                delivering,
+            ))
+            .chain(std::iter::repeat_n(
+                (district, Contribution::Active),
+                active,
+            ))
+    });
+    let waiting = deliveries.flat_map(|(_, row)| {
+        row.is_waiting()
+            .then_some((row.pickup_district, Contribution::Waiting))
+    });
+    riders.concat(waiting)
+}
+
+/// The district counts of CONTRACT section 3, arranged by district.
+///
+/// ```
+/// use dongflow_dataflow::stages::count_by_district;
+/// use dongflow_dataflow::types::Contribution::*;
+/// use differential_dataflow::input::Input;
+/// use timely::dataflow::operators::{Capture, capture::Extract};
+///
+/// let rx = timely::example(|scope| {
+///     let c = scope.new_collection_from(vec![(7, OnShift), (7, OnShift), (7, Delivering), (7, Active), (7, Waiting)]).1;
+///     count_by_district(c).as_collection(|k, v| (*k, *v)).inner.capture()
+/// });
+/// let out: Vec<_> = rx.extract().into_iter().flat_map(|(_, v)| v).collect();
+/// let counts = out[0].0 .1;
+/// assert_eq!((counts.riders_on_shift, counts.riders_idle(), counts.pressure()), (2, 1, 1.0));
+/// ```
+pub fn count_by_district<'s>(
+    contributions: VecCollection<'s, Time, (DistrictId, Contribution), Diff>,
+) -> Arranged<'s, CountsTrace> {
+    contributions
+        .arrange_by_key_named("Arrange: ContributionsByDistrict")
+        .reduce_abelian::<_, ValBuilder<DistrictId, DistrictCounts, Time, Diff>, ValSpine<DistrictId, DistrictCounts, Time, Diff>, _, _>(
+            "Reduce: CountsByDistrict",
+            |_district, input, output| {
+                let mut counts = DistrictCounts::default();
+                for (kind, n) in input {
+                    let n = u64::try_from(*n).unwrap_or(0);
+                    match kind {
+                        Contribution::OnShift => counts.riders_on_shift += n,
+                        Contribution::Delivering => counts.riders_delivering += n,
+                        Contribution::Active => counts.active_deliveries += n,
+                        Contribution::Waiting => counts.waiting_deliveries += n,
+                    }
+                }
+                if !counts.is_zero() {
+                    output.push((counts, 1));
+                }
+            },
+            |buffer, key, updates| {
+                buffer.clear();
+                buffer.extend(updates.drain(..).map(|(v, t, r)| ((*key, v), t, r)));
+            },
+        )
+}
+
+/// Riders on shift by district, arranged so that a district's riders can be listed.
+pub fn riders_by_district<'s>(
+    snapshots: Arranged<'s, SnapshotTrace>,
+) -> Arranged<'s, RidersByDistrictTrace> {
+    snapshots
+        .flat_map_ref(|rider, snapshot| Some((snapshot.rider.district, rider.clone())))
+        .arrange_by_key_named("Arrange: RidersByDistrict")
+}

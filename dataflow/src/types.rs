@@ -1,0 +1,146 @@
+//! The records that flow through the dataflow, defined once.
+
+use dongflow_connectors::{Coord, DeliveryStatus, Id, Millis, RiderStatus};
+use serde::{Deserialize, Serialize};
+
+use crate::districts::DistrictId;
+
+/// Dataflow time: the ingest time of a batch, in ms since the Unix epoch.
+pub type Time = u64;
+
+/// Multiplicity of an update.
+pub type Diff = isize;
+
+/// A rider's latest state, the result of applying its events in `ts` order.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct RiderRow {
+    /// Latest status.
+    pub status: RiderStatus,
+    /// Last known rider type.
+    pub rider_type: Option<Id>,
+    /// Last known location.
+    pub location: Option<Coord>,
+    /// The district of `location` ([`crate::districts::UNASSIGNED`] without one).
+    pub district: DistrictId,
+    /// `ts` of the latest applied event.
+    pub ts: Millis,
+}
+
+/// A delivery's latest state while it is not terminal.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct DeliveryRow {
+    /// Latest status (never terminal here).
+    pub status: DeliveryStatus,
+    /// Last known delivery type.
+    pub delivery_type: Option<Id>,
+    /// Last known pickup point.
+    pub pickup: Option<Coord>,
+    /// The district of `pickup` ([`crate::districts::UNASSIGNED`] without one).
+    pub pickup_district: DistrictId,
+    /// Last known drop-off point.
+    pub dropoff: Option<Coord>,
+    /// Last assigned rider.
+    pub rider_id: Option<Id>,
+    /// Last known vehicle.
+    pub vehicle: Option<Id>,
+    /// `ts` of the latest applied event.
+    pub ts: Millis,
+}
+
+impl DeliveryRow {
+    /// Active: `ASSIGNED`, `DISPATCHED` or `PICKED_UP`, with a rider.
+    pub fn is_active(&self) -> bool {
+        self.status.is_active() && self.rider_id.is_some()
+    }
+
+    /// Waiting: `CREATED` or `WAITING`.
+    pub fn is_waiting(&self) -> bool {
+        self.status.is_waiting()
+    }
+}
+
+/// What a rider snapshot shows of one active delivery.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct DeliveryBrief {
+    /// The delivery.
+    pub delivery_id: Id,
+    /// Its status (active).
+    pub status: DeliveryStatus,
+    /// Its vehicle, if known.
+    pub vehicle: Option<Id>,
+    /// `ts` of its latest applied event.
+    pub ts: Millis,
+}
+
+/// A rider on shift joined with its active deliveries (sorted by delivery id).
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct Snapshot {
+    /// The rider's state.
+    pub rider: RiderRow,
+    /// Its active deliveries, sorted by id.
+    pub deliveries: Vec<DeliveryBrief>,
+}
+
+impl Snapshot {
+    /// The latest `ts` among the rider's event and its active deliveries' events.
+    pub fn updated_ts(&self) -> Millis {
+        self.deliveries
+            .iter()
+            .map(|d| d.ts)
+            .fold(self.rider.ts, Millis::max)
+    }
+}
+
+/// One side of the rider-delivery join, keyed by rider id.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub enum JoinSide {
+    /// The rider, when on shift.
+    Rider(RiderRow),
+    /// One of its active deliveries.
+    Delivery(DeliveryBrief),
+}
+
+/// What one record adds to its district's counts.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub enum Contribution {
+    /// A rider on shift.
+    OnShift,
+    /// A rider on shift with at least one active delivery.
+    Delivering,
+    /// An active delivery of a rider on shift.
+    Active,
+    /// A waiting delivery picked up here.
+    Waiting,
+}
+
+/// The counts of one district (CONTRACT section 3); `riders_idle` and `pressure` are derived.
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize,
+)]
+pub struct DistrictCounts {
+    /// Riders on shift whose district is this one.
+    pub riders_on_shift: u64,
+    /// Of those, riders with at least one active delivery.
+    pub riders_delivering: u64,
+    /// Active deliveries whose rider is on shift here.
+    pub active_deliveries: u64,
+    /// Waiting deliveries whose pickup is here.
+    pub waiting_deliveries: u64,
+}
+
+impl DistrictCounts {
+    /// `riders_on_shift - riders_delivering`.
+    pub fn riders_idle(&self) -> u64 {
+        self.riders_on_shift.saturating_sub(self.riders_delivering)
+    }
+
+    /// `waiting_deliveries / max(riders_idle, 1)`.
+    pub fn pressure(&self) -> f64 {
+        self.waiting_deliveries as f64 / self.riders_idle().max(1) as f64
+    }
+
+    /// Whether every count is zero.
+    pub fn is_zero(&self) -> bool {
+        *self == Self::default()
+    }
+}

@@ -1,0 +1,261 @@
+//! The upsert stage: events in, the latest state per id out, as a differential collection.
+//!
+//! Events are exchanged by id, stashed per dataflow time, and applied in time order once the input
+//! frontier has passed that time; within a time, in arrival order (which, per id, is partition
+//! order). Applying follows CONTRACT section 3: per id, a lower `ts` than the latest applied one is
+//! stale and ignored; an equal `ts` applies (the later arrival wins). For each time the operator
+//! emits only the net change per id: at most one retraction and one insertion.
+//!
+//! A [`UpsertRule`] says how an event changes a state and which states are visible downstream. The
+//! state lives in an [`UpsertState`] shared with the worker loop, so that it can be checkpointed and
+//! seeded on restart: rows of a seeded state are emitted at the operator's first time.
+//!
+//! Terminal states ("tombstones") are kept for `ttl` of dataflow time, so that late and duplicate
+//! events cannot bring an id back, and are then dropped, so that memory stays bounded.
+
+use std::cell::RefCell;
+use std::collections::{BTreeMap, VecDeque};
+use std::rc::Rc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use differential_dataflow::hashable::Hashable;
+use differential_dataflow::{AsCollection, VecCollection};
+use dongflow_connectors::Id;
+use rustc_hash::FxHashMap;
+use timely::container::CapacityContainerBuilder;
+use timely::dataflow::channels::pact::Exchange;
+use timely::dataflow::operators::generic::operator::Operator;
+use timely::dataflow::operators::Capability;
+use timely::dataflow::Stream;
+
+use crate::types::{Diff, Time};
+
+/// Why an event was not applied.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Ignored {
+    /// Its `ts` is lower than the latest applied `ts` of its id.
+    Stale,
+    /// Its id has reached a terminal state.
+    AfterTerminal,
+}
+
+/// How events of one kind change the state of their id.
+pub trait UpsertRule: 'static {
+    /// The input event.
+    type Event: timely::ExchangeData;
+    /// The state kept per id.
+    type State: Clone + 'static;
+    /// What downstream sees of a state.
+    type Row: timely::ExchangeData + Ord + std::fmt::Debug;
+    /// The id an event belongs to.
+    fn id(event: &Self::Event) -> &Id;
+    /// The new state after `event`, or why it is ignored.
+    fn apply(current: Option<&Self::State>, event: Self::Event) -> Result<Self::State, Ignored>;
+    /// The row downstream sees, if the state is visible.
+    fn row(state: &Self::State) -> Option<Self::Row>;
+    /// Whether the state is terminal: kept for the ttl only, to absorb late events.
+    fn is_tombstone(state: &Self::State) -> bool;
+}
+
+/// The state of one upsert operator on one worker.
+#[derive(Debug)]
+pub struct UpsertState<S> {
+    /// Latest state per id.
+    pub entries: FxHashMap<Id, S>,
+    /// Tombstones in the order they expire: (expiry time, id).
+    expiry: VecDeque<(Time, Id)>,
+    /// How long a tombstone is kept, in dataflow time (ms).
+    pub ttl: Time,
+}
+
+impl<S> UpsertState<S> {
+    /// An empty state whose tombstones live for `ttl` ms.
+    pub fn new(ttl: Time) -> Self {
+        Self {
+            entries: FxHashMap::default(),
+            expiry: VecDeque::new(),
+            ttl,
+        }
+    }
+
+    /// A shared handle, as the operator and the worker loop both hold it.
+    pub fn shared(ttl: Time) -> Rc<RefCell<Self>> {
+        Rc::new(RefCell::new(Self::new(ttl)))
+    }
+
+    /// Puts a state in (for seeding from a checkpoint); `expires` is set for tombstones.
+    pub fn seed(&mut self, id: Id, state: S, expires: Option<Time>) {
+        if let Some(at) = expires {
+            self.expiry.push_back((at, id.clone()));
+        }
+        self.entries.insert(id, state);
+    }
+
+    /// The tombstones with their expiry times, oldest first.
+    pub fn tombstone_expiry(&self) -> impl Iterator<Item = &(Time, Id)> {
+        self.expiry.iter()
+    }
+}
+
+/// Counters of one kind of upsert, shared by every worker of a process.
+#[derive(Debug, Default)]
+pub struct UpsertCounters {
+    /// Events applied.
+    pub applied: AtomicU64,
+    /// Events ignored as stale.
+    pub stale: AtomicU64,
+    /// Events ignored because their id was terminal.
+    pub after_terminal: AtomicU64,
+    /// Tombstones dropped after their ttl.
+    pub expired: AtomicU64,
+}
+
+impl UpsertCounters {
+    fn add(&self, applied: u64, stale: u64, after_terminal: u64, expired: u64) {
+        // Relaxed: these are statistics, read without ordering requirements.
+        for (counter, n) in [
+            (&self.applied, applied),
+            (&self.stale, stale),
+            (&self.after_terminal, after_terminal),
+            (&self.expired, expired),
+        ] {
+            if n > 0 {
+                counter.fetch_add(n, Ordering::Relaxed);
+            }
+        }
+    }
+}
+
+type Update<R> = ((Id, R), Time, Diff);
+
+/// Applies `events` to `state` by the rule `U`, and returns the changes of the visible rows.
+///
+/// ```
+/// use dongflow_dataflow::upsert::{upsert, UpsertCounters, UpsertState};
+/// use dongflow_dataflow::stages::RiderRule;
+/// use dongflow_dataflow::types::RiderRow;
+/// use dongflow_connectors::{RiderEvent, RiderStatus};
+/// use timely::dataflow::operators::{ToStream, Capture, capture::Extract};
+/// use std::sync::Arc;
+///
+/// let rx = timely::example(|scope| {
+///     let e = |ts, status| (RiderEvent { rider_id: "r-1".into(), status, rider_type: None, location: None, ts }, None);
+///     // A stale ping (ts 3 after ts 5) is ignored; the shift end removes the rider.
+///     let events = vec![e(5, RiderStatus::ShiftStarted), e(3, RiderStatus::OnShift)].to_stream(scope);
+///     let counters = Arc::new(UpsertCounters::default());
+///     upsert::<RiderRule>(events.container::<Vec<_>>(), "Upsert: Riders", UpsertState::shared(1000), counters)
+///         .inner.capture()
+/// });
+/// let out: Vec<_> = rx.extract().into_iter().flat_map(|(_, v)| v).collect();
+/// assert_eq!(out.len(), 1);
+/// assert_eq!(out[0].0 .1.ts, 5);
+/// ```
+pub fn upsert<'s, U: UpsertRule>(
+    events: Stream<'s, Time, Vec<U::Event>>,
+    name: &str,
+    state: Rc<RefCell<UpsertState<U::State>>>,
+    counters: Arc<UpsertCounters>,
+) -> VecCollection<'s, Time, (Id, U::Row), Diff> {
+    // Route every event of an id to the one worker that owns the id's state.
+    let exchange = Exchange::new(|e: &U::Event| U::id(e).hashed());
+    events
+        .unary_frontier::<CapacityContainerBuilder<Vec<Update<U::Row>>>, _, _, _>(
+            exchange,
+            name,
+            move |initial, _| {
+                let mut initial = Some(initial);
+                let mut stash: BTreeMap<Time, (Capability<Time>, Vec<U::Event>)> = BTreeMap::new();
+                let mut touched: FxHashMap<Id, Option<U::Row>> = FxHashMap::default();
+                move |(input, frontier), output| {
+                    if let Some(cap) = initial.take() {
+                        // A seeded state shows itself at the first time, then the capability is released.
+                        let state = state.borrow();
+                        let mut session = output.session(&cap);
+                        for (id, s) in state.entries.iter() {
+                            if let Some(row) = U::row(s) {
+                                session.give(((id.clone(), row), *cap.time(), 1));
+                            }
+                        }
+                    }
+                    input.for_each(|cap, data| {
+                        let (Some(&time), Some(retained)) = (cap.least(), cap.retain_least(0))
+                        else {
+                            return;
+                        };
+                        stash
+                            .entry(time)
+                            .or_insert_with(|| (retained, Vec::new()))
+                            .1
+                            .append(data);
+                    });
+                    // Apply complete times in time order: no event of an earlier time can still arrive.
+                    while let Some(entry) = stash.first_entry() {
+                        let time = *entry.key();
+                        if frontier.less_equal(&time) {
+                            break;
+                        }
+                        let (cap, events) = entry.remove();
+                        let mut state = state.borrow_mut();
+                        apply_time::<U>(&mut state, time, events, &mut touched, &counters);
+                        let mut session = output.session(&cap);
+                        for (id, old) in touched.drain() {
+                            let new = state.entries.get(&id).and_then(U::row);
+                            if old != new {
+                                if let Some(old) = old {
+                                    session.give(((id.clone(), old), time, -1));
+                                }
+                                if let Some(new) = new {
+                                    session.give(((id, new), time, 1));
+                                }
+                            }
+                        }
+                    }
+                }
+            },
+        )
+        .as_collection()
+}
+
+/// Applies one time's events to the state, recording in `touched` the visible row each changed id
+/// had before this time.
+fn apply_time<U: UpsertRule>(
+    state: &mut UpsertState<U::State>,
+    time: Time,
+    events: Vec<U::Event>,
+    touched: &mut FxHashMap<Id, Option<U::Row>>,
+    counters: &UpsertCounters,
+) {
+    let (mut applied, mut stale, mut after_terminal, mut expired) = (0, 0, 0, 0);
+    // Drop tombstones whose ttl has run out; an id that came back since is not a tombstone any more.
+    while state.expiry.front().is_some_and(|(at, _)| *at <= time) {
+        if let Some((_, id)) = state.expiry.pop_front() {
+            if state.entries.get(&id).is_some_and(U::is_tombstone) {
+                state.entries.remove(&id);
+                expired += 1;
+            }
+        }
+    }
+    for event in events {
+        let id = U::id(&event).clone();
+        let current = state.entries.get(&id);
+        match U::apply(current, event) {
+            Ok(new) => {
+                applied += 1;
+                let was_tombstone = current.is_some_and(U::is_tombstone);
+                touched
+                    .entry(id.clone())
+                    .or_insert_with(|| current.and_then(U::row));
+                if U::is_tombstone(&new) && !was_tombstone {
+                    state
+                        .expiry
+                        .push_back((time.saturating_add(state.ttl), id.clone()));
+                }
+                state.entries.insert(id, new);
+            }
+            Err(Ignored::Stale) => stale += 1,
+            Err(Ignored::AfterTerminal) => after_terminal += 1,
+        }
+    }
+    counters.add(applied, stale, after_terminal, expired);
+}

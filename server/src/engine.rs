@@ -1,0 +1,384 @@
+//! The engine: timely workers running the dataflow, each fed by its own source, answering peeks
+//! from its arrangements between steps and compacting its traces as time moves on.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use crossbeam_channel::Receiver;
+use differential_dataflow::trace::TraceReader;
+use dongflow_connectors::source::{EventSource, Polled};
+use dongflow_dataflow::districts::DistrictIndex;
+use dongflow_dataflow::peek::{read_all, read_key, read_keys};
+use dongflow_dataflow::stages::{CountsTrace, RidersByDistrictTrace, SnapshotTrace};
+use dongflow_dataflow::types::Time;
+use dongflow_dataflow::{build, DataflowCounters, WorkerState};
+use thiserror::Error;
+use timely::dataflow::operators::probe::Handle as ProbeHandle;
+use timely::dataflow::operators::vec::input::Handle as InputHandle;
+use timely::dataflow::operators::vec::Input;
+use timely::dataflow::operators::Probe;
+use timely::progress::frontier::AntichainRef;
+use timely::WorkerConfig;
+
+use crate::query::{Answer, Peek, PeekRequest, PeekResult, Query, QueryError, Shared};
+
+/// How the engine runs.
+#[derive(Clone, Debug)]
+pub struct EngineConfig {
+    /// Timely worker threads in this process.
+    pub workers: usize,
+    /// The district map.
+    pub districts: Arc<DistrictIndex>,
+    /// How long terminal deliveries are remembered (dataflow ms).
+    pub terminal_ttl: Time,
+    /// The most events a worker takes from its source per step.
+    pub max_batch: usize,
+    /// How long an idle worker parks before it advances time again.
+    pub idle_park: Duration,
+    /// How long a query waits for the workers.
+    pub query_timeout: Duration,
+}
+
+impl EngineConfig {
+    /// Defaults for `workers` threads over `districts`.
+    pub fn new(workers: usize, districts: Arc<DistrictIndex>) -> Self {
+        Self {
+            workers: workers.max(1),
+            districts,
+            terminal_ttl: dongflow_dataflow::build::DEFAULT_TERMINAL_TTL_MS,
+            max_batch: 50_000,
+            idle_park: Duration::from_millis(1),
+            query_timeout: Duration::from_secs(5),
+        }
+    }
+}
+
+/// Why the engine could not start.
+#[derive(Debug, Error)]
+pub enum EngineError {
+    /// The number of sources differs from the number of workers.
+    #[error("{sources} sources given for {workers} workers")]
+    SourceCount {
+        /// Sources given.
+        sources: usize,
+        /// Workers configured.
+        workers: usize,
+    },
+    /// Timely could not start its workers.
+    #[error("cannot start workers: {0}")]
+    Timely(String),
+}
+
+/// Progress of the inputs, for waiting until everything fed has been processed.
+#[derive(Debug)]
+struct InputProgress {
+    /// Per worker: the latest time at which it pushed events.
+    pushed: Vec<AtomicU64>,
+    /// Per worker: whether its source has ended.
+    ended: Vec<AtomicBool>,
+    /// Events pushed into the dataflow, all workers.
+    events: AtomicU64,
+}
+
+/// A running engine.
+pub struct Engine {
+    shared: Arc<Shared>,
+    progress: Arc<InputProgress>,
+    counters: DataflowCounters,
+    guards: Option<timely::communication::WorkerGuards<()>>,
+}
+
+impl std::fmt::Debug for Engine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Engine")
+            .field("workers", &self.shared.peeks.len())
+            .finish()
+    }
+}
+
+/// Wall-clock time in ms since the Unix epoch: the ingest time that stamps batches.
+pub fn now_ms() -> Time {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as Time)
+}
+
+impl Engine {
+    /// Starts `config.workers` workers in this process, worker `i` reading `sources[i]`.
+    pub fn start(
+        config: EngineConfig,
+        sources: Vec<Box<dyn EventSource>>,
+    ) -> Result<Engine, EngineError> {
+        let workers = config.workers;
+        if sources.len() != workers {
+            return Err(EngineError::SourceCount {
+                sources: sources.len(),
+                workers,
+            });
+        }
+        let (shared, peek_rx) = Shared::new(workers, config.query_timeout);
+        let progress = Arc::new(InputProgress {
+            pushed: (0..workers).map(|_| AtomicU64::new(0)).collect(),
+            ended: (0..workers).map(|_| AtomicBool::new(false)).collect(),
+            events: AtomicU64::new(0),
+        });
+        let counters = DataflowCounters::default();
+        let slots: Mutex<Vec<Option<WorkerSlot>>> = Mutex::new(
+            sources
+                .into_iter()
+                .zip(peek_rx)
+                .map(|(source, peeks)| Some(WorkerSlot { source, peeks }))
+                .collect(),
+        );
+        let timely_config = timely::Config {
+            communication: timely::CommunicationConfig::Process(workers),
+            worker: WorkerConfig::default(),
+        };
+        let (shared2, progress2, counters2) = (shared.clone(), progress.clone(), counters.clone());
+        let guards = timely::execute(timely_config, move |worker| {
+            let index = worker.index();
+            let slot = slots.lock().unwrap_or_else(|e| e.into_inner())[index].take();
+            let Some(slot) = slot else { return };
+            let mut w = WorkerLoop::new(
+                worker,
+                slot,
+                &config,
+                shared2.clone(),
+                progress2.clone(),
+                &counters2,
+            );
+            w.run(worker);
+        })
+        .map_err(EngineError::Timely)?;
+        Ok(Engine {
+            shared,
+            progress,
+            counters,
+            guards: Some(guards),
+        })
+    }
+
+    /// Answers a query at one consistent `as_of`.
+    pub fn query(&self, query: &Query) -> Result<Answer, QueryError> {
+        self.shared.query(query)
+    }
+
+    /// The latest time every worker has completed (0: none yet).
+    pub fn as_of(&self) -> Time {
+        self.shared.as_of()
+    }
+
+    /// Whether every source has ended and everything pushed has been processed.
+    pub fn drained(&self) -> bool {
+        let p = &self.progress;
+        p.ended.iter().all(|e| e.load(Ordering::Acquire))
+            && p.pushed
+                .iter()
+                .map(|t| t.load(Ordering::Acquire))
+                .max()
+                .unwrap_or(0)
+                <= self.as_of()
+    }
+
+    /// Events pushed into the dataflow so far.
+    pub fn events_in(&self) -> u64 {
+        self.progress.events.load(Ordering::Relaxed)
+    }
+
+    /// The upsert counters (applied, stale, after terminal, expired).
+    pub fn counters(&self) -> &DataflowCounters {
+        &self.counters
+    }
+
+    /// Stops the workers and waits for them.
+    pub fn stop(mut self) {
+        self.shutdown();
+    }
+
+    fn shutdown(&mut self) {
+        self.shared.stop.store(true, Ordering::Release);
+        let threads = self
+            .shared
+            .threads
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        threads
+            .iter()
+            .flatten()
+            .for_each(std::thread::Thread::unpark);
+        if let Some(guards) = self.guards.take() {
+            for result in guards.join() {
+                if let Err(e) = result {
+                    tracing::error!("worker failed: {e}");
+                }
+            }
+        }
+    }
+}
+
+impl Drop for Engine {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
+}
+
+struct WorkerSlot {
+    source: Box<dyn EventSource>,
+    peeks: Receiver<PeekRequest>,
+}
+
+/// One worker's loop: poll the source, push, step, publish progress, answer peeks, compact.
+struct WorkerLoop {
+    index: usize,
+    slot: WorkerSlot,
+    riders_in: InputHandle<Time, dongflow_connectors::RiderEvent>,
+    deliveries_in: InputHandle<Time, dongflow_connectors::DeliveryEvent>,
+    probe: ProbeHandle<Time>,
+    snapshots: SnapshotTrace,
+    counts: CountsTrace,
+    by_district: RidersByDistrictTrace,
+    shared: Arc<Shared>,
+    progress: Arc<InputProgress>,
+    max_batch: usize,
+    idle_park: Duration,
+    compacted: Time,
+}
+
+impl WorkerLoop {
+    fn new(
+        worker: &mut timely::worker::Worker,
+        slot: WorkerSlot,
+        config: &EngineConfig,
+        shared: Arc<Shared>,
+        progress: Arc<InputProgress>,
+        counters: &DataflowCounters,
+    ) -> Self {
+        let mut riders_in = InputHandle::new();
+        let mut deliveries_in = InputHandle::new();
+        let probe = ProbeHandle::new();
+        let state = WorkerState::new(config.terminal_ttl);
+        let districts = config.districts.clone();
+        let (snapshots, counts, by_district) = worker.dataflow::<Time, _, _>(|scope| {
+            let riders = scope.input_from(&mut riders_in);
+            let deliveries = scope.input_from(&mut deliveries_in);
+            let out = build(riders, deliveries, districts, &state, counters);
+            // One probe behind every queried arrangement: its frontier says which times are complete.
+            out.snapshots.stream.clone().probe_with(&probe);
+            out.counts.stream.clone().probe_with(&probe);
+            out.riders_by_district.stream.clone().probe_with(&probe);
+            (
+                out.snapshots.trace,
+                out.counts.trace,
+                out.riders_by_district.trace,
+            )
+        });
+        shared.threads.lock().unwrap_or_else(|e| e.into_inner())[worker.index()] =
+            Some(std::thread::current());
+        Self {
+            index: worker.index(),
+            slot,
+            riders_in,
+            deliveries_in,
+            probe,
+            snapshots,
+            counts,
+            by_district,
+            shared,
+            progress,
+            max_batch: config.max_batch,
+            idle_park: config.idle_park,
+            compacted: 0,
+        }
+    }
+
+    fn run(&mut self, worker: &mut timely::worker::Worker) {
+        let mut riders = Vec::new();
+        let mut deliveries = Vec::new();
+        let mut ended = false;
+        while !self.shared.stop.load(Ordering::Acquire) {
+            // Every worker advances every input to the wall clock, or the frontier would stop.
+            let now = now_ms().max(*self.riders_in.time());
+            self.riders_in.advance_to(now);
+            self.deliveries_in.advance_to(now);
+            let polled = if ended {
+                Polled::Ended
+            } else {
+                self.slot
+                    .source
+                    .poll(self.max_batch, &mut riders, &mut deliveries)
+            };
+            let n = (riders.len() + deliveries.len()) as u64;
+            if n > 0 {
+                self.riders_in.send_batch(&mut riders);
+                self.deliveries_in.send_batch(&mut deliveries);
+                riders.clear();
+                deliveries.clear();
+                self.progress.events.fetch_add(n, Ordering::Relaxed);
+                self.progress.pushed[self.index].fetch_max(now, Ordering::Release);
+            }
+            if polled == Polled::Ended && !ended {
+                ended = true;
+                self.progress.ended[self.index].store(true, Ordering::Release);
+            }
+            if polled == Polled::Data {
+                worker.step();
+            } else {
+                worker.step_or_park(Some(self.idle_park));
+            }
+            self.publish_completed();
+            self.answer_peeks();
+            self.compact();
+        }
+    }
+
+    /// Publishes the greatest time this worker's probe says is complete.
+    fn publish_completed(&self) {
+        let frontier = self.probe.with_frontier(|f| f.as_option().copied());
+        if let Some(next) = frontier {
+            self.shared.completed[self.index].fetch_max(next.saturating_sub(1), Ordering::Release);
+        }
+    }
+
+    fn answer_peeks(&mut self) {
+        while let Ok(request) = self.slot.peeks.try_recv() {
+            let as_of = request.as_of;
+            let result = match request.peek {
+                Peek::Counts(Some(d)) => PeekResult::Counts(
+                    read_key(&mut self.counts, &d, as_of)
+                        .into_iter()
+                        .map(|c| (d, c))
+                        .collect(),
+                ),
+                Peek::Counts(None) => PeekResult::Counts(read_all(&mut self.counts, as_of)),
+                Peek::Snapshots(ids) => {
+                    PeekResult::Snapshots(read_keys(&mut self.snapshots, &ids, as_of))
+                }
+                Peek::RiderIds(d) => {
+                    PeekResult::RiderIds(read_key(&mut self.by_district, &d, as_of))
+                }
+            };
+            // The query may have timed out and gone; nothing to do then.
+            let _ = request.reply.send(result);
+        }
+    }
+
+    /// Lets the traces forget history no query can ask for any more, so memory stays bounded.
+    fn compact(&mut self) {
+        let frontier = self.shared.compaction_frontier();
+        if frontier > self.compacted {
+            self.compacted = frontier;
+            let f = [frontier];
+            let f = AntichainRef::new(&f);
+            // Logical: times before the oldest possible query may be merged together.
+            // Physical: batches may be merged across those times, so the spine stays small.
+            self.snapshots.set_logical_compaction(f);
+            self.snapshots.set_physical_compaction(f);
+            self.counts.set_logical_compaction(f);
+            self.counts.set_physical_compaction(f);
+            self.by_district.set_logical_compaction(f);
+            self.by_district.set_physical_compaction(f);
+        }
+    }
+}

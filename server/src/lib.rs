@@ -1,0 +1,14 @@
+//! The dongflow engine and server: the worker loop, queries and (soon) HTTP, checkpoints, metrics.
+//!
+//! - [`engine`]: starts the timely workers, feeds them from their sources, answers peeks, compacts.
+//! - [`query`]: typed queries, answered at one consistent `as_of` across workers.
+//! - [`render`]: the JSON of CONTRACT section 6 (district objects, rider snapshots).
+//! - [`cli`]: the command line of CONTRACT section 1.
+
+pub mod cli;
+pub mod engine;
+pub mod query;
+pub mod render;
+
+pub use engine::{Engine, EngineConfig};
+pub use query::{Answer, AnswerBody, Query, QueryError};
