@@ -124,7 +124,11 @@ const MINUTE: Millis = 60 * SECOND;
 const HOUR: Millis = 60 * MINUTE;
 
 /// Mean time between deliveries per on-shift rider.
-const DEMAND_PERIOD_MS: f64 = 8.0 * 60_000.0;
+const DEMAND_PERIOD_MS: f64 = 7.0 * 60_000.0;
+/// Demand slows down when more than this many orders per on-shift rider wait for a rider...
+const BALK_FROM: f64 = 0.2;
+/// ... by this factor per excess order per rider.
+const BALK: f64 = 10.0;
 /// Share of waiting deliveries that the customer cancels.
 const CANCEL_P: f64 = 0.05;
 /// Share of assignments handed over to another rider.
@@ -133,10 +137,11 @@ const REASSIGN_P: f64 = 0.03;
 const GIVE_UP: Millis = 15 * MINUTE;
 /// How many idle riders the dispatcher compares.
 const SAMPLE: usize = 8;
-/// How far (m) the dispatcher looks for another hotspot's idle riders.
-const NEAR_M: f64 = 3_000.0;
+/// How much further (m) than its search radius the dispatcher looks for other hotspots' idle riders
+/// (shops and idle riders scatter around their hotspots).
+const ZONE_REACH_M: f64 = 2_000.0;
 /// An idle rider further than this (m) from its hotspot heads back.
-const LEASH_M: f64 = 1_200.0;
+const LEASH_M: f64 = 800.0;
 /// Scatter (standard deviation per axis, m) of shift starts around a hotspot.
 const START_SCATTER_M: f64 = 1_000.0;
 /// Scatter (standard deviation per axis, m) of pickups (shops) around a hotspot.
@@ -310,16 +315,17 @@ pub struct Simulator {
     riders: Vec<Rider>,
     /// Idle on-shift riders per hotspot.
     pools: Vec<Vec<u32>>,
-    /// Per hotspot, the hotspots within `NEAR_M`, nearest first (itself first).
-    near: Vec<Vec<u16>>,
+    /// Per hotspot, every hotspot and its distance (m), nearest first (itself first).
+    near: Vec<Vec<(u16, f64)>>,
     deliveries: Vec<Delivery>,
     free_slots: Vec<u32>,
     next_delivery: u64,
     /// Fractional time of the next delivery creation.
     create_clock: f64,
     on_shift: usize,
+    /// Deliveries not (yet) assigned to a rider.
+    unassigned: usize,
     hotspot_total: u32,
-    profile_total: u32,
 }
 
 impl Simulator {
@@ -374,14 +380,13 @@ impl Simulator {
         let near = HOTSPOTS
             .iter()
             .map(|a| {
-                let mut v: Vec<(f64, u16)> = HOTSPOTS
+                let mut v: Vec<(u16, f64)> = HOTSPOTS
                     .iter()
                     .enumerate()
-                    .map(|(j, b)| (dist_m(a.lat, a.lon, b.lat, b.lon), j as u16))
-                    .filter(|&(d, _)| d <= NEAR_M)
+                    .map(|(j, b)| (j as u16, dist_m(a.lat, a.lon, b.lat, b.lon)))
                     .collect();
-                v.sort_by(|x, y| x.0.total_cmp(&y.0).then(x.1.cmp(&y.1)));
-                v.into_iter().map(|(_, j)| j).collect()
+                v.sort_by(|x, y| x.1.total_cmp(&y.1).then(x.0.cmp(&y.0)));
+                v
             })
             .collect();
         Simulator {
@@ -397,8 +402,8 @@ impl Simulator {
             next_delivery: 1,
             create_clock: (cfg.start_ts + SECOND) as f64,
             on_shift: 0,
+            unassigned: 0,
             hotspot_total,
-            profile_total,
         }
     }
 
@@ -487,8 +492,12 @@ impl Simulator {
             return self.end_shift(r, now);
         }
         self.advance(r, now);
-        let next = now + self.rng.random_range(3 * SECOND..=5 * SECOND);
-        self.schedule(next, Action::Rider(r as u32));
+        // The app reports every 3–5 s while driving, every 4–5 s otherwise.
+        let gap = match self.riders[r].phase {
+            Phase::ToPickup | Phase::ToDropoff => self.rng.random_range(3 * SECOND..=5 * SECOND),
+            _ => self.rng.random_range(4 * SECOND..=5 * SECOND),
+        };
+        self.schedule(now + gap, Action::Rider(r as u32));
         let rider = &self.riders[r];
         SimEvent::Rider(RiderEvent {
             rider_id: rider.id.clone(),
@@ -569,8 +578,8 @@ impl Simulator {
                 } else {
                     rider.heading += rng.random_range(-0.5..0.5);
                 }
-                // Idle riders cruise at about half speed.
-                let step = rider.speed * dt * rng.random_range(0.3..0.7);
+                // Idle riders potter about slowly.
+                let step = rider.speed * dt * rng.random_range(0.1..0.5);
                 let (sin, cos) = rider.heading.sin_cos();
                 let lat = rider.lat + step * sin / M_PER_LAT;
                 let lon = rider.lon + step * cos / M_PER_LON;
@@ -603,13 +612,13 @@ impl Simulator {
                 (
                     Phase::AtPickup,
                     Step::PickedUp,
-                    rng.random_range(10 * SECOND..=60 * SECOND),
+                    rng.random_range(5 * SECOND..=45 * SECOND),
                 )
             } else {
                 (
                     Phase::AtDropoff,
                     Step::Delivered,
-                    rng.random_range(5 * SECOND..=30 * SECOND),
+                    rng.random_range(5 * SECOND..=20 * SECOND),
                 )
             };
             rider.phase = phase;
@@ -640,8 +649,8 @@ impl Simulator {
     }
 
     /// Takes the idle rider that would complete the trip from `pickup` to `dropoff` first, of up to
-    /// `SAMPLE` sampled from the pool of `zone` or, failing that, of the nearest hotspots, among the
-    /// riders at most `radius` metres from the pickup.
+    /// `SAMPLE` sampled from the pool of `zone` or, failing that, of the next nearest hotspots, among
+    /// the riders at most `radius` metres from the pickup.
     fn take_rider(
         &mut self,
         zone: u16,
@@ -651,7 +660,10 @@ impl Simulator {
     ) -> Option<usize> {
         let trip = dist_m(pickup.lat, pickup.lon, dropoff.lat, dropoff.lon);
         let mut best = (f64::INFINITY, NONE);
-        for &z in &self.near[zone as usize] {
+        for &(z, zone_dist) in &self.near[zone as usize] {
+            if zone_dist > radius + ZONE_REACH_M {
+                break;
+            }
             let pool = &self.pools[z as usize];
             let samples = pool.len().min(SAMPLE);
             for k in 0..samples {
@@ -704,8 +716,13 @@ impl Simulator {
             self.schedule(now + SECOND, Action::Create);
             return None;
         }
+        // Demand is damped when many orders wait for a rider (shops stop taking orders, customers
+        // balk at the delivery time), so that a thin fleet is not swamped.
+        let backlog = self.unassigned as f64 / self.on_shift as f64;
+        let damping = 1.0 + BALK * (backlog - BALK_FROM).max(0.0);
         let u: f64 = 1.0 - self.rng.random::<f64>();
-        self.create_clock += -u.ln() * DEMAND_PERIOD_MS / self.on_shift as f64;
+        self.create_clock += -u.ln() * DEMAND_PERIOD_MS * damping / self.on_shift as f64;
+        self.unassigned += 1;
         let next = (self.create_clock as Millis).max(now);
         self.schedule(next, Action::Create);
 
@@ -770,6 +787,9 @@ impl Simulator {
 
     fn free(&mut self, slot: u32) {
         let d = &mut self.deliveries[slot as usize];
+        if d.rider == NONE {
+            self.unassigned -= 1;
+        }
         d.live = false;
         d.rider = NONE;
         d.generation = d.generation.wrapping_add(1);
@@ -833,11 +853,12 @@ impl Simulator {
                     self.riders[r].phase = Phase::Assigned;
                     self.riders[r].delivery = slot;
                     self.deliveries[slot as usize].rider = r as u32;
+                    self.unassigned -= 1;
                     if self.rng.random_bool(REASSIGN_P) {
                         let at = now + self.rng.random_range(10 * SECOND..=40 * SECOND);
                         self.schedule_step(at, slot, Step::Reassign);
                     } else {
-                        let at = now + self.rng.random_range(2 * SECOND..=8 * SECOND);
+                        let at = now + self.rng.random_range(SECOND..=5 * SECOND);
                         self.schedule_step(at, slot, Step::Dispatch);
                     }
                     Some(self.assigned(slot, now))
@@ -857,7 +878,7 @@ impl Simulator {
                 }
             },
             Step::Reassign => {
-                let at = now + self.rng.random_range(2 * SECOND..=8 * SECOND);
+                let at = now + self.rng.random_range(SECOND..=5 * SECOND);
                 self.schedule_step(at, slot, Step::Dispatch);
                 let r2 = self.take_rider(zone, pickup, dropoff, radius)?;
                 self.riders[r2].phase = Phase::Assigned;
@@ -936,17 +957,6 @@ fn dist_m(lat1: f64, lon1: f64, lat2: f64, lon2: f64) -> f64 {
     let dy = (lat2 - lat1) * M_PER_LAT;
     let dx = (lon2 - lon1) * M_PER_LON;
     (dx * dx + dy * dy).sqrt()
-}
-
-fn nearest_hotspot(lat: f64, lon: f64) -> u16 {
-    let mut best = (f64::INFINITY, 0);
-    for (i, h) in HOTSPOTS.iter().enumerate() {
-        let d = dist_m(lat, lon, h.lat, h.lon);
-        if d < best.0 {
-            best = (d, i as u16);
-        }
-    }
-    best.1
 }
 
 /// An index drawn with the given weights (`total` is their sum).

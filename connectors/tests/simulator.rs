@@ -382,8 +382,9 @@ fn speed() {
 #[test]
 #[ignore]
 fn diag() {
+    let riders = std::env::var("RIDERS").ok().and_then(|s| s.parse().ok()).unwrap_or(300);
     let cfg = SimConfig {
-        riders: 300,
+        riders,
         seed: 11,
         ..SimConfig::default()
     };
@@ -395,6 +396,7 @@ fn diag() {
     let (mut wait, mut to_pick, mut to_drop, mut n_a, mut n_d, mut giveups, mut cancels) =
         (0u64, 0u64, 0u64, 0u64, 0u64, 0, 0);
     let mut sample_open = Vec::new();
+    let (mut pings, mut total) = (0usize, 0usize);
     while sim.now() < start + 8 * 3_600_000 {
         let e = sim.next_event();
         if e.ts() < start + 3_600_000 {
@@ -405,6 +407,8 @@ fn diag() {
             }
             continue;
         }
+        total += 1;
+        if let SimEvent::Rider(r) = &e { if r.status == dongflow_connectors::RiderStatus::OnShift { pings += 1; } }
         if let SimEvent::Delivery(d) = &e {
             let id = d.delivery_id.to_string();
             match d.status {
@@ -443,9 +447,10 @@ fn diag() {
         }
         if sim.now() % 1_800_000 < 3 {
             sample_open.push((sim.open_deliveries(), sim.riders_on_shift()));
-            println!("{:?}", sim.debug_zones());
+            
         }
     }
+    println!("ping share {:.4}", pings as f64 / total as f64);
     println!("assign wait {:.0}s, assigned->picked {:.0}s, picked->delivered {:.0}s, cancels {cancels} giveups {giveups}, delivered {n_d}", wait as f64/n_a as f64/1e3, to_pick as f64/n_d as f64/1e3, to_drop as f64/n_d as f64/1e3);
     sample_open.dedup();
     println!("{:?}", &sample_open[..sample_open.len().min(40)]);

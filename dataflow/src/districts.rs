@@ -138,7 +138,7 @@ impl DistrictIndex {
     /// use dongflow_dataflow::districts::{DistrictIndex, UNASSIGNED};
     /// use dongflow_connectors::Coord;
     /// let index = DistrictIndex::builtin_seoul();
-    /// let gangnam = index.lookup(Coord { lat: 37.4979, lon: 127.0276 }); // 강남역
+    /// let gangnam = index.lookup(Coord { lat: 37.5089, lon: 127.0631 }); // 코엑스
     /// assert_eq!(index.name(gangnam), "서울특별시 강남구");
     /// assert_eq!(index.lookup(Coord { lat: 35.1796, lon: 129.0756 }), UNASSIGNED); // Busan
     /// ```

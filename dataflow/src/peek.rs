@@ -54,12 +54,14 @@ where
 /// ```
 /// use differential_dataflow::input::Input;
 /// use dongflow_dataflow::peek::read_key;
+/// use timely::dataflow::operators::Probe;
 ///
 /// timely::execute_directly(|worker| {
 ///     let (mut input, mut trace, probe) = worker.dataflow::<u64, _, _>(|scope| {
 ///         let (input, data) = scope.new_collection::<(u32, String), isize>();
 ///         let arranged = data.arrange_by_key();
-///         (input, arranged.trace, arranged.stream.probe())
+///         let (probe, _) = arranged.stream.clone().probe();
+///         (input, arranged.trace, probe)
 ///     });
 ///     input.insert((1, "one".to_string()));
 ///     input.advance_to(5);

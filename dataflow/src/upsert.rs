@@ -133,14 +133,14 @@ type Update<R> = ((Id, R), Time, Diff);
 ///
 /// ```
 /// use dongflow_dataflow::upsert::{upsert, UpsertCounters, UpsertState};
-/// use dongflow_dataflow::stages::RiderRule;
+/// use dongflow_dataflow::stages::{Enriched, RiderRule};
 /// use dongflow_dataflow::types::RiderRow;
 /// use dongflow_connectors::{RiderEvent, RiderStatus};
 /// use timely::dataflow::operators::{ToStream, Capture, capture::Extract};
 /// use std::sync::Arc;
 ///
 /// let rx = timely::example(|scope| {
-///     let e = |ts, status| (RiderEvent { rider_id: "r-1".into(), status, rider_type: None, location: None, ts }, None);
+///     let e = |ts, status| Enriched { event: RiderEvent { rider_id: "r-1".into(), status, rider_type: None, location: None, ts }, district: None };
 ///     // A stale ping (ts 3 after ts 5) is ignored; the shift end removes the rider.
 ///     let events = vec![e(5, RiderStatus::ShiftStarted), e(3, RiderStatus::OnShift)].to_stream(scope);
 ///     let counters = Arc::new(UpsertCounters::default());
@@ -258,4 +258,106 @@ fn apply_time<U: UpsertRule>(
         }
     }
     counters.add(applied, stale, after_terminal, expired);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::stages::{DeliveryRule, DeliveryState, Enriched};
+    use crate::types::DeliveryRow;
+    use dongflow_connectors::{DeliveryEvent, DeliveryStatus};
+    use timely::dataflow::operators::capture::{Capture, Extract};
+    use timely::dataflow::operators::vec::Input;
+    use timely::dataflow::operators::Probe;
+
+    fn event(id: &str, status: DeliveryStatus, ts: u64) -> Enriched<DeliveryEvent> {
+        let event = DeliveryEvent {
+            delivery_id: id.into(),
+            status,
+            delivery_type: None,
+            pickup: None,
+            dropoff: None,
+            rider_id: None,
+            vehicle: None,
+            ts,
+        };
+        Enriched { event, district: Some(0) }
+    }
+
+    type Output = Vec<((Id, DeliveryRow), Time, Diff)>;
+
+    /// Feeds `(time, events)` rounds through a delivery upsert with the given ttl; returns the
+    /// output, the final state size and the counters.
+    fn run(ttl: Time, seed: Vec<(Id, DeliveryState)>, rounds: Vec<(Time, Vec<Enriched<DeliveryEvent>>)>) -> (Output, usize, Arc<UpsertCounters>) {
+        let counters = Arc::new(UpsertCounters::default());
+        let c = counters.clone();
+        let output = timely::execute_directly(move |worker| {
+            let st = UpsertState::shared(ttl);
+            for (id, s) in seed {
+                st.borrow_mut().seed(id, s, None);
+            }
+            let (mut input, probe, rx) = worker.dataflow::<Time, _, _>(|scope| {
+                let (input, stream) = scope.new_input::<Enriched<DeliveryEvent>>();
+                let out = upsert::<DeliveryRule>(stream, "Upsert", st.clone(), c.clone());
+                let (probe, stream) = out.inner.probe();
+                (input, probe, stream.capture())
+            });
+            for (time, events) in rounds {
+                input.advance_to(time);
+                for e in events {
+                    input.send(e);
+                }
+            }
+            input.close();
+            worker.step_while(|| !probe.done());
+            let len = st.borrow().entries.len();
+            (rx.extract().into_iter().flat_map(|(_, v)| v).collect::<Output>(), len)
+        });
+        (output.0, output.1, counters)
+    }
+
+    #[test]
+    fn one_net_change_per_id_and_time() {
+        let rounds = vec![(
+            5,
+            vec![event("d-1", DeliveryStatus::Created, 1), event("d-1", DeliveryStatus::Waiting, 2), event("d-1", DeliveryStatus::Waiting, 1)],
+        )];
+        let (out, _, counters) = run(100, vec![], rounds);
+        assert_eq!(out.len(), 1, "{out:?}");
+        assert_eq!((out[0].0 .1.status, out[0].1, out[0].2), (DeliveryStatus::Waiting, 5, 1));
+        assert_eq!(counters.stale.load(Ordering::Relaxed), 1);
+    }
+
+    #[test]
+    fn tombstones_absorb_late_events_then_expire() {
+        let rounds = vec![
+            (10, vec![event("d-1", DeliveryStatus::Created, 1)]),
+            (20, vec![event("d-1", DeliveryStatus::Delivered, 2)]),
+            (50, vec![event("d-1", DeliveryStatus::Waiting, 3)]), // within the ttl: ignored
+            (200, vec![event("d-2", DeliveryStatus::Created, 4)]), // past the ttl: d-1's tombstone goes
+        ];
+        let (out, len, counters) = run(100, vec![], rounds);
+        let d1: Vec<_> = out.iter().filter(|((id, _), _, _)| id == "d-1").map(|(_, t, r)| (*t, *r)).collect();
+        assert_eq!(d1, [(10, 1), (20, -1)]);
+        assert_eq!(counters.after_terminal.load(Ordering::Relaxed), 1);
+        assert_eq!(counters.expired.load(Ordering::Relaxed), 1);
+        assert_eq!(len, 1, "only d-2 is left in memory");
+    }
+
+    #[test]
+    fn seeded_state_shows_at_the_first_time() {
+        let row = DeliveryRow {
+            status: DeliveryStatus::Waiting,
+            delivery_type: None,
+            pickup: None,
+            pickup_district: 0,
+            dropoff: None,
+            rider_id: None,
+            vehicle: None,
+            ts: 7,
+        };
+        let seed = vec![("d-9".into(), DeliveryState::Live(row.clone())), ("d-8".into(), DeliveryState::Ended { ts: 3 })];
+        let (out, _, _) = run(100, seed, vec![(10, vec![event("d-9", DeliveryStatus::Created, 6)])]);
+        assert_eq!(out, vec![(("d-9".into(), row), 0, 1)], "the stale event changes nothing");
+    }
 }

@@ -1,1 +1,238 @@
-//! x
+//! The command line of CONTRACT section 1.
+//!
+//! Every option of `run` can also be set as an environment variable `DONGFLOW_<NAME>`. `-h` is
+//! timely's hostfile, as in timely's own flags, so help is `--help` only.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+/// dongflow: where every delivery rider is and what they are doing, district by district.
+///
+/// It consumes rider and delivery events from Kafka, places each rider in its administrative
+/// district (행정동), joins riders with their active deliveries, counts per district, serves the
+/// result over HTTP and writes every change to compacted changelog topics.
+#[derive(Debug, Parser)]
+#[command(name = "dongflow", version, disable_help_subcommand = true)]
+pub struct Cli {
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// The subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// The engine: consume the input topics, run the dataflow, serve HTTP, write the changelogs.
+    #[command(disable_help_flag = true)]
+    Run(RunArgs),
+    /// Everything in one process with no outside services: embedded broker, simulator and engine.
+    #[command(disable_help_flag = true)]
+    Demo(DemoArgs),
+    /// The event simulator: produce realistic rider and delivery events to a broker.
+    Generate(GenerateArgs),
+}
+
+/// Timely's cluster flags, handed to timely and to nothing else.
+#[derive(Debug, Clone, Args)]
+pub struct ClusterArgs {
+    /// Timely worker threads per process.
+    #[arg(short = 'w', long = "workers", env = "DONGFLOW_WORKERS", default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..=1024))]
+    pub workers: u64,
+    /// Number of processes in the timely cluster.
+    #[arg(short = 'n', long = "processes", env = "DONGFLOW_PROCESSES", default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..=1024))]
+    pub processes: u64,
+    /// This process's index in the cluster (0-based).
+    #[arg(short = 'p', long = "process", env = "DONGFLOW_PROCESS", default_value_t = 0)]
+    pub process: u64,
+    /// File with one host:port per line, one line per process.
+    #[arg(short = 'h', long = "hostfile", env = "DONGFLOW_HOSTFILE")]
+    pub hostfile: Option<PathBuf>,
+    /// Print help.
+    #[arg(long = "help", action = clap::ArgAction::Help)]
+    pub help: Option<bool>,
+}
+
+/// Which district map to use.
+#[derive(Debug, Clone, Args)]
+pub struct MapArgs {
+    /// GeoJSON FeatureCollection of Polygon/MultiPolygon districts, WGS84 lon/lat [default: built-in
+    /// coarse map of Seoul's 25 gu].
+    #[arg(long, env = "DONGFLOW_DISTRICTS")]
+    pub districts: Option<PathBuf>,
+    /// The feature property holding the district code.
+    #[arg(long, env = "DONGFLOW_DISTRICT_CODE_PROP", default_value = "adm_cd2")]
+    pub district_code_prop: String,
+    /// The feature property holding the district name.
+    #[arg(long, env = "DONGFLOW_DISTRICT_NAME_PROP", default_value = "adm_nm")]
+    pub district_name_prop: String,
+}
+
+/// Where to start reading the input topics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum StartFrom {
+    /// Resume from the newest complete checkpoint; `earliest` when there is none.
+    Checkpoint,
+    /// From the beginning of the topics.
+    Earliest,
+    /// From the end of the topics.
+    Latest,
+}
+
+/// Options of `dongflow run`.
+#[derive(Debug, Clone, Args)]
+pub struct RunArgs {
+    /// Timely cluster.
+    #[command(flatten)]
+    pub cluster: ClusterArgs,
+    /// Kafka bootstrap servers [default: start the embedded broker].
+    #[arg(long, env = "DONGFLOW_BROKERS")]
+    pub brokers: Option<String>,
+    /// Input topic of rider events.
+    #[arg(long, env = "DONGFLOW_RIDER_TOPIC", default_value = "rider-events")]
+    pub rider_topic: String,
+    /// Input topic of delivery events.
+    #[arg(long, env = "DONGFLOW_DELIVERY_TOPIC", default_value = "delivery-events")]
+    pub delivery_topic: String,
+    /// Output topic of district counts.
+    #[arg(long, env = "DONGFLOW_DISTRICT_CHANGELOG_TOPIC", default_value = "district-changelog")]
+    pub district_changelog_topic: String,
+    /// Output topic of rider snapshots.
+    #[arg(long, env = "DONGFLOW_RIDER_CHANGELOG_TOPIC", default_value = "rider-changelog")]
+    pub rider_changelog_topic: String,
+    /// Topic for rejected input records.
+    #[arg(long, env = "DONGFLOW_DEAD_LETTER_TOPIC", default_value = "dongflow-dlq")]
+    pub dead_letter_topic: String,
+    /// District map.
+    #[command(flatten)]
+    pub map: MapArgs,
+    /// HTTP listen address of this process.
+    #[arg(long, env = "DONGFLOW_HTTP", default_value = "127.0.0.1:8080")]
+    pub http: String,
+    /// HTTP base URLs of all processes, in process order (multi-process only), comma-separated.
+    #[arg(long, env = "DONGFLOW_HTTP_PEERS", value_delimiter = ',')]
+    pub http_peers: Vec<String>,
+    /// Directory for checkpoints.
+    #[arg(long, env = "DONGFLOW_STATE_DIR", default_value = "./dongflow-state")]
+    pub state_dir: PathBuf,
+    /// Time between checkpoints, e.g. `10s`, `500ms`, `2m`.
+    #[arg(long, env = "DONGFLOW_CHECKPOINT_INTERVAL", default_value = "10s", value_parser = parse_duration)]
+    pub checkpoint_interval: Duration,
+    /// Where to start reading the input topics.
+    #[arg(long, env = "DONGFLOW_START_FROM", value_enum, default_value_t = StartFrom::Checkpoint)]
+    pub start_from: StartFrom,
+    /// Consumer group under which offsets are committed, for lag tools only.
+    #[arg(long, env = "DONGFLOW_GROUP_ID", default_value = "dongflow")]
+    pub group_id: String,
+}
+
+/// Options of `dongflow demo`.
+#[derive(Debug, Clone, Args)]
+pub struct DemoArgs {
+    /// Timely cluster (the demo runs in one process).
+    #[command(flatten)]
+    pub cluster: ClusterArgs,
+    /// District map.
+    #[command(flatten)]
+    pub map: MapArgs,
+    /// HTTP listen address.
+    #[arg(long, env = "DONGFLOW_HTTP", default_value = "127.0.0.1:8080")]
+    pub http: String,
+    /// Simulated riders.
+    #[arg(long, default_value_t = 2_000)]
+    pub riders: usize,
+    /// Simulated events per second (0: as fast as possible).
+    #[arg(long, default_value_t = 2_000)]
+    pub rate: u64,
+    /// Simulator seed: the same seed gives the same events.
+    #[arg(long, default_value_t = 1)]
+    pub seed: u64,
+    /// Stop after this long (e.g. `30s`) instead of at Ctrl-C.
+    #[arg(long, value_parser = parse_duration)]
+    pub duration: Option<Duration>,
+}
+
+/// Options of `dongflow generate`.
+#[derive(Debug, Clone, Args)]
+pub struct GenerateArgs {
+    /// Kafka bootstrap servers.
+    #[arg(long, env = "DONGFLOW_BROKERS")]
+    pub brokers: Option<String>,
+    /// Topic for rider events.
+    #[arg(long, env = "DONGFLOW_RIDER_TOPIC", default_value = "rider-events")]
+    pub rider_topic: String,
+    /// Topic for delivery events.
+    #[arg(long, env = "DONGFLOW_DELIVERY_TOPIC", default_value = "delivery-events")]
+    pub delivery_topic: String,
+    /// Simulated riders.
+    #[arg(long, default_value_t = 2_000)]
+    pub riders: usize,
+    /// Events per second (0: as fast as possible).
+    #[arg(long, default_value_t = 0)]
+    pub rate: u64,
+    /// Stop after this long, e.g. `60s`.
+    #[arg(long, value_parser = parse_duration)]
+    pub duration: Option<Duration>,
+    /// Stop after this many events.
+    #[arg(long)]
+    pub events: Option<u64>,
+    /// Seed: the same seed gives the same events.
+    #[arg(long, default_value_t = 1)]
+    pub seed: u64,
+}
+
+/// Parses `500ms`, `10s`, `2m`, `1h` (a bare number is seconds).
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit() && c != '.').unwrap_or(s.len());
+    let (number, unit) = s.split_at(split);
+    let value: f64 = number.parse().map_err(|_| format!("`{s}` is not a duration like 500ms, 10s, 2m or 1h"))?;
+    let seconds = match unit.trim() {
+        "ms" => value / 1000.0,
+        "" | "s" => value,
+        "m" | "min" => value * 60.0,
+        "h" => value * 3600.0,
+        other => return Err(format!("unknown unit `{other}` in `{s}`: use ms, s, m or h")),
+    };
+    Duration::try_from_secs_f64(seconds).map_err(|e| format!("`{s}`: {e}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_parse() {
+        assert_eq!(parse_duration("10s"), Ok(Duration::from_secs(10)));
+        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
+        assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
+        assert_eq!(parse_duration("3"), Ok(Duration::from_secs(3)));
+        assert!(parse_duration("ten").is_err());
+        assert!(parse_duration("5 parsecs").is_err());
+    }
+
+    #[test]
+    fn run_accepts_the_contract_flags() {
+        let cli = Cli::try_parse_from([
+            "dongflow", "run", "-w", "2", "-n", "2", "-p", "1", "-h", "hosts.txt", "--brokers", "b:9092",
+            "--start-from", "earliest", "--checkpoint-interval", "250ms", "--http-peers", "http://a,http://b",
+        ])
+        .expect("parses");
+        let Command::Run(run) = cli.command else { panic!("not run") };
+        assert_eq!((run.cluster.workers, run.cluster.processes, run.cluster.process), (2, 2, 1));
+        assert_eq!(run.cluster.hostfile, Some(PathBuf::from("hosts.txt")));
+        assert_eq!(run.start_from, StartFrom::Earliest);
+        assert_eq!(run.checkpoint_interval, Duration::from_millis(250));
+        assert_eq!(run.http_peers, ["http://a", "http://b"]);
+        assert_eq!(run.map.district_code_prop, "adm_cd2");
+        assert_eq!(run.rider_topic, "rider-events");
+    }
+
+    #[test]
+    fn help_is_long_only_and_workers_must_be_positive() {
+        assert!(Cli::try_parse_from(["dongflow", "run", "-w", "0"]).is_err());
+        let err = Cli::try_parse_from(["dongflow", "run", "--help"]).expect_err("help exits");
+        assert_eq!(err.kind(), clap::error::ErrorKind::DisplayHelp);
+    }
+}

@@ -4,8 +4,10 @@
 //! - [`query`]: typed queries, answered at one consistent `as_of` across workers.
 //! - [`render`]: the JSON of CONTRACT section 6 (district objects, rider snapshots).
 //! - [`cli`]: the command line of CONTRACT section 1.
+//! - [`demo`]: the in-process simulator feed used by `dongflow demo`.
 
 pub mod cli;
+pub mod demo;
 pub mod engine;
 pub mod query;
 pub mod render;
