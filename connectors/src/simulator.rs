@@ -412,17 +412,6 @@ impl Simulator {
         self.now
     }
 
-    #[doc(hidden)]
-    pub fn debug_zones(&self) -> Vec<(usize, usize)> {
-        let mut v: Vec<(usize, usize)> = self.pools.iter().map(|p| (p.len(), 0)).collect();
-        for d in &self.deliveries {
-            if d.live && d.rider == NONE {
-                v[d.zone as usize].1 += 1;
-            }
-        }
-        v
-    }
-
     /// How many riders are on shift now.
     pub fn riders_on_shift(&self) -> usize {
         self.on_shift

@@ -103,6 +103,8 @@ struct Checker {
     delivery_state: HashMap<String, (DeliveryStatus, Vec<String>)>,
     min_gap: Millis,
     max_gap: Millis,
+    /// Whether to check the JSON round trip of every event (slow in a debug build).
+    roundtrip: bool,
 }
 
 impl Checker {
@@ -110,6 +112,7 @@ impl Checker {
         Checker {
             last_ts: start,
             min_gap: Millis::MAX,
+            roundtrip: true,
             ..Checker::default()
         }
     }
@@ -136,7 +139,9 @@ impl Checker {
         self.last_ts = event.ts();
         match event {
             SimEvent::Rider(e) => {
-                assert_eq!(decode_rider(&encode_rider(e)).as_ref(), Ok(e), "round trip");
+                if self.roundtrip {
+                    assert_eq!(decode_rider(&encode_rider(e)).as_ref(), Ok(e), "round trip");
+                }
                 assert!(e.rider_id.starts_with("r-"));
                 if let Some(c) = e.location {
                     assert!(in_seoul(c), "{e:?} outside Seoul");
@@ -175,11 +180,10 @@ impl Checker {
                 }
             }
             SimEvent::Delivery(e) => {
-                assert_eq!(
-                    decode_delivery(&encode_delivery(e)).as_ref(),
-                    Ok(e),
-                    "round trip"
-                );
+                if self.roundtrip {
+                    let back = decode_delivery(&encode_delivery(e));
+                    assert_eq!(back.as_ref(), Ok(e), "round trip");
+                }
                 assert!(e.delivery_id.starts_with("d-"));
                 for c in [e.pickup, e.dropoff].into_iter().flatten() {
                     assert!(in_seoul(c), "{e:?} outside Seoul");
@@ -290,21 +294,26 @@ fn traffic_shape() {
     assert!(check.reassigned() > 0, "no reassignment");
 }
 
-/// Hours of traffic through whole shifts: the same checks, and a steady state that stays sane.
+/// Hours of traffic through whole shifts: the same checks (but the round trip), and a steady state
+/// with the intended mix.
 #[test]
 fn steady_state() {
+    let riders = 800;
     let cfg = SimConfig {
-        riders: 150,
+        riders,
         seed: 11,
         ..SimConfig::default()
     };
     let start = cfg.start_ts;
     let mut sim = Simulator::new(cfg);
-    let mut check = Checker::new(start);
+    let mut check = Checker {
+        roundtrip: false,
+        ..Checker::new(start)
+    };
     let mut steady: HashMap<&'static str, usize> = HashMap::new();
     let mut total = 0usize;
     let mut max_open = 0;
-    while sim.now() < start + 10 * 3_600_000 {
+    while sim.now() < start + 4 * 3_600_000 {
         let e = sim.next_event();
         check.check(&e);
         // Count from the second hour on, past the start-up.
@@ -323,9 +332,11 @@ fn steady_state() {
     let ping_share = get("ON_SHIFT") / total as f64;
     let cancel_share = get("CANCELLED") / get("CREATED");
     let reassign_share = (get("ASSIGNED") - get("DISPATCHED")) / get("DISPATCHED");
+    let per_rider_hour = get("CREATED") / (3.0 * sim.riders_on_shift() as f64);
     println!(
         "steady state: {total} events; ping share {ping_share:.3}; cancelled {cancel_share:.3}; \
-         reassigned {reassign_share:.3}; max open deliveries {max_open}; on shift now {}; {steady:?}",
+         reassigned {reassign_share:.3}; orders per on-shift rider-hour about {per_rider_hour:.1}; \
+         max open deliveries {max_open}; on shift now {}; {steady:?}",
         sim.riders_on_shift()
     );
     for s in RiderStatus::ALL {
@@ -336,20 +347,20 @@ fn steady_state() {
         );
     }
     assert!(
-        (0.6..=0.97).contains(&ping_share),
+        (0.6..=0.95).contains(&ping_share),
         "ping share {ping_share}"
     );
     assert!(
-        (0.02..=0.15).contains(&cancel_share),
+        (0.03..=0.08).contains(&cancel_share),
         "cancel share {cancel_share}"
     );
     assert!(
-        (0.01..=0.06).contains(&reassign_share),
+        (0.015..=0.045).contains(&reassign_share),
         "reassign share {reassign_share}"
     );
     assert!(
-        max_open < 150,
-        "backlog grows: {max_open} open deliveries for 150 riders"
+        max_open < riders,
+        "backlog grows: {max_open} open deliveries for {riders} riders"
     );
 }
 
@@ -377,81 +388,4 @@ fn speed() {
             n as f64 / secs / 1e6
         );
     }
-}
-
-#[test]
-#[ignore]
-fn diag() {
-    let riders = std::env::var("RIDERS").ok().and_then(|s| s.parse().ok()).unwrap_or(300);
-    let cfg = SimConfig {
-        riders,
-        seed: 11,
-        ..SimConfig::default()
-    };
-    let start = cfg.start_ts;
-    let mut sim = Simulator::new(cfg);
-    let mut created: HashMap<String, Millis> = HashMap::new();
-    let mut assigned: HashMap<String, Millis> = HashMap::new();
-    let mut picked: HashMap<String, Millis> = HashMap::new();
-    let (mut wait, mut to_pick, mut to_drop, mut n_a, mut n_d, mut giveups, mut cancels) =
-        (0u64, 0u64, 0u64, 0u64, 0u64, 0, 0);
-    let mut sample_open = Vec::new();
-    let (mut pings, mut total) = (0usize, 0usize);
-    while sim.now() < start + 8 * 3_600_000 {
-        let e = sim.next_event();
-        if e.ts() < start + 3_600_000 {
-            if let SimEvent::Delivery(d) = &e {
-                if d.status == DeliveryStatus::Created {
-                    created.insert(d.delivery_id.to_string(), d.ts);
-                }
-            }
-            continue;
-        }
-        total += 1;
-        if let SimEvent::Rider(r) = &e { if r.status == dongflow_connectors::RiderStatus::OnShift { pings += 1; } }
-        if let SimEvent::Delivery(d) = &e {
-            let id = d.delivery_id.to_string();
-            match d.status {
-                DeliveryStatus::Created => {
-                    created.insert(id, d.ts);
-                }
-                DeliveryStatus::Assigned => {
-                    if let Some(c) = created.get(&id) {
-                        if !assigned.contains_key(&id) {
-                            wait += d.ts - c;
-                            n_a += 1;
-                        }
-                    }
-                    assigned.insert(id, d.ts);
-                }
-                DeliveryStatus::PickedUp => {
-                    if let Some(a) = assigned.get(&id) {
-                        to_pick += d.ts - a;
-                    }
-                    picked.insert(id, d.ts);
-                }
-                DeliveryStatus::Delivered => {
-                    if let Some(p) = picked.get(&id) {
-                        to_drop += d.ts - p;
-                        n_d += 1;
-                    }
-                }
-                DeliveryStatus::Cancelled => {
-                    cancels += 1;
-                    if created.get(&id).is_some_and(|c| d.ts - c >= 900_000) {
-                        giveups += 1;
-                    }
-                }
-                _ => {}
-            }
-        }
-        if sim.now() % 1_800_000 < 3 {
-            sample_open.push((sim.open_deliveries(), sim.riders_on_shift()));
-            
-        }
-    }
-    println!("ping share {:.4}", pings as f64 / total as f64);
-    println!("assign wait {:.0}s, assigned->picked {:.0}s, picked->delivered {:.0}s, cancels {cancels} giveups {giveups}, delivered {n_d}", wait as f64/n_a as f64/1e3, to_pick as f64/n_d as f64/1e3, to_drop as f64/n_d as f64/1e3);
-    sample_open.dedup();
-    println!("{:?}", &sample_open[..sample_open.len().min(40)]);
 }

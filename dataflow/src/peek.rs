@@ -119,3 +119,15 @@ where
         })
         .collect()
 }
+
+/// The number of updates a trace holds (every batch, merged or not): what compaction keeps bounded.
+pub fn trace_len<K, V>(trace: &Trace<K, V>) -> usize
+where
+    K: Ord + Clone + 'static,
+    V: Ord + Clone + 'static,
+{
+    use differential_dataflow::trace::implementations::spine_fueled::SpineBatch;
+    let mut n = 0;
+    trace.map_spans(|span| n += span.inner.as_ref().map_or(0, |b| b.len()));
+    n
+}

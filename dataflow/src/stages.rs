@@ -374,7 +374,12 @@ mod tests {
     use super::*;
     use dongflow_connectors::{DeliveryStatus, RiderStatus};
 
-    fn rider(ts: u64, status: RiderStatus, rider_type: Option<&str>, at: Option<(f64, DistrictId)>) -> Enriched<RiderEvent> {
+    fn rider(
+        ts: u64,
+        status: RiderStatus,
+        rider_type: Option<&str>,
+        at: Option<(f64, DistrictId)>,
+    ) -> Enriched<RiderEvent> {
         Enriched {
             event: RiderEvent {
                 rider_id: "r-1".into(),
@@ -405,41 +410,92 @@ mod tests {
 
     #[test]
     fn rider_rule_orders_by_ts_and_keeps_last_known_fields() {
-        let start = RiderRule::apply(None, rider(10, RiderStatus::ShiftStarted, Some("CONNECT"), Some((37.5, 3))))
-            .expect("applies");
-        assert_eq!((start.district, start.rider_type.as_deref()), (3, Some("CONNECT")));
+        let start = RiderRule::apply(
+            None,
+            rider(
+                10,
+                RiderStatus::ShiftStarted,
+                Some("CONNECT"),
+                Some((37.5, 3)),
+            ),
+        )
+        .expect("applies");
+        assert_eq!(
+            (start.district, start.rider_type.as_deref()),
+            (3, Some("CONNECT"))
+        );
         // A later ping without rider type or location keeps both.
-        let ping = RiderRule::apply(Some(&start), rider(20, RiderStatus::OnShift, None, None)).expect("applies");
-        assert_eq!((ping.district, ping.rider_type.as_deref(), ping.ts), (3, Some("CONNECT"), 20));
+        let ping = RiderRule::apply(Some(&start), rider(20, RiderStatus::OnShift, None, None))
+            .expect("applies");
+        assert_eq!(
+            (ping.district, ping.rider_type.as_deref(), ping.ts),
+            (3, Some("CONNECT"), 20)
+        );
         // Lower ts: stale. Equal ts: applies (the later arrival wins).
-        assert_eq!(RiderRule::apply(Some(&ping), rider(19, RiderStatus::ShiftEnded, None, None)), Err(Ignored::Stale));
-        let end = RiderRule::apply(Some(&ping), rider(20, RiderStatus::ShiftEnded, None, None)).expect("applies");
-        assert_eq!(RiderRule::row(&end), None, "a rider off shift is not visible");
+        assert_eq!(
+            RiderRule::apply(Some(&ping), rider(19, RiderStatus::ShiftEnded, None, None)),
+            Err(Ignored::Stale)
+        );
+        let end = RiderRule::apply(Some(&ping), rider(20, RiderStatus::ShiftEnded, None, None))
+            .expect("applies");
+        assert_eq!(
+            RiderRule::row(&end),
+            None,
+            "a rider off shift is not visible"
+        );
         assert!(RiderRule::row(&ping).is_some());
         // A location outside every district moves the rider to unassigned.
-        let away = RiderRule::apply(Some(&ping), rider(30, RiderStatus::OnShift, None, Some((35.0, UNASSIGNED))));
+        let away = RiderRule::apply(
+            Some(&ping),
+            rider(30, RiderStatus::OnShift, None, Some((35.0, UNASSIGNED))),
+        );
         assert_eq!(away.map(|r| r.district), Ok(UNASSIGNED));
     }
 
     #[test]
     fn delivery_rule_terminal_absorbs_and_reassignment_replaces() {
-        let created = DeliveryRule::apply(None, delivery(1, DeliveryStatus::Created, None)).expect("applies");
+        let created =
+            DeliveryRule::apply(None, delivery(1, DeliveryStatus::Created, None)).expect("applies");
         assert!(DeliveryRule::row(&created).is_some_and(|r| r.is_waiting()));
         // ASSIGNED without a rider is neither waiting nor active: not visible.
-        let assigned = DeliveryRule::apply(Some(&created), delivery(2, DeliveryStatus::Assigned, None)).expect("applies");
+        let assigned =
+            DeliveryRule::apply(Some(&created), delivery(2, DeliveryStatus::Assigned, None))
+                .expect("applies");
         assert_eq!(DeliveryRule::row(&assigned), None);
-        let a = DeliveryRule::apply(Some(&assigned), delivery(3, DeliveryStatus::Assigned, Some("r-1"))).expect("applies");
-        let b = DeliveryRule::apply(Some(&a), delivery(4, DeliveryStatus::Assigned, Some("r-2"))).expect("applies");
-        assert_eq!(DeliveryRule::row(&b).and_then(|r| r.rider_id), Some("r-2".into()));
+        let a = DeliveryRule::apply(
+            Some(&assigned),
+            delivery(3, DeliveryStatus::Assigned, Some("r-1")),
+        )
+        .expect("applies");
+        let b = DeliveryRule::apply(Some(&a), delivery(4, DeliveryStatus::Assigned, Some("r-2")))
+            .expect("applies");
+        assert_eq!(
+            DeliveryRule::row(&b).and_then(|r| r.rider_id),
+            Some("r-2".into())
+        );
         // Later events without rider_id keep the last one.
-        let picked = DeliveryRule::apply(Some(&b), delivery(5, DeliveryStatus::PickedUp, None)).expect("applies");
-        assert_eq!(DeliveryRule::row(&picked).and_then(|r| r.rider_id), Some("r-2".into()));
-        let done = DeliveryRule::apply(Some(&picked), delivery(6, DeliveryStatus::Delivered, None)).expect("applies");
+        let picked = DeliveryRule::apply(Some(&b), delivery(5, DeliveryStatus::PickedUp, None))
+            .expect("applies");
+        assert_eq!(
+            DeliveryRule::row(&picked).and_then(|r| r.rider_id),
+            Some("r-2".into())
+        );
+        let done = DeliveryRule::apply(Some(&picked), delivery(6, DeliveryStatus::Delivered, None))
+            .expect("applies");
         assert!(DeliveryRule::is_tombstone(&done));
         assert_eq!(DeliveryRule::row(&done), None);
-        for late in [delivery(5, DeliveryStatus::PickedUp, None), delivery(99, DeliveryStatus::Waiting, None)] {
-            assert_eq!(DeliveryRule::apply(Some(&done), late), Err(Ignored::AfterTerminal));
+        for late in [
+            delivery(5, DeliveryStatus::PickedUp, None),
+            delivery(99, DeliveryStatus::Waiting, None),
+        ] {
+            assert_eq!(
+                DeliveryRule::apply(Some(&done), late),
+                Err(Ignored::AfterTerminal)
+            );
         }
-        assert_eq!(DeliveryRule::apply(Some(&picked), delivery(4, DeliveryStatus::Cancelled, None)), Err(Ignored::Stale));
+        assert_eq!(
+            DeliveryRule::apply(Some(&picked), delivery(4, DeliveryStatus::Cancelled, None)),
+            Err(Ignored::Stale)
+        );
     }
 }

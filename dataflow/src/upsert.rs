@@ -281,14 +281,21 @@ mod tests {
             vehicle: None,
             ts,
         };
-        Enriched { event, district: Some(0) }
+        Enriched {
+            event,
+            district: Some(0),
+        }
     }
 
     type Output = Vec<((Id, DeliveryRow), Time, Diff)>;
 
     /// Feeds `(time, events)` rounds through a delivery upsert with the given ttl; returns the
     /// output, the final state size and the counters.
-    fn run(ttl: Time, seed: Vec<(Id, DeliveryState)>, rounds: Vec<(Time, Vec<Enriched<DeliveryEvent>>)>) -> (Output, usize, Arc<UpsertCounters>) {
+    fn run(
+        ttl: Time,
+        seed: Vec<(Id, DeliveryState)>,
+        rounds: Vec<(Time, Vec<Enriched<DeliveryEvent>>)>,
+    ) -> (Output, usize, Arc<UpsertCounters>) {
         let counters = Arc::new(UpsertCounters::default());
         let c = counters.clone();
         let output = timely::execute_directly(move |worker| {
@@ -311,7 +318,13 @@ mod tests {
             input.close();
             worker.step_while(|| !probe.done());
             let len = st.borrow().entries.len();
-            (rx.extract().into_iter().flat_map(|(_, v)| v).collect::<Output>(), len)
+            (
+                rx.extract()
+                    .into_iter()
+                    .flat_map(|(_, v)| v)
+                    .collect::<Output>(),
+                len,
+            )
         });
         (output.0, output.1, counters)
     }
@@ -320,11 +333,18 @@ mod tests {
     fn one_net_change_per_id_and_time() {
         let rounds = vec![(
             5,
-            vec![event("d-1", DeliveryStatus::Created, 1), event("d-1", DeliveryStatus::Waiting, 2), event("d-1", DeliveryStatus::Waiting, 1)],
+            vec![
+                event("d-1", DeliveryStatus::Created, 1),
+                event("d-1", DeliveryStatus::Waiting, 2),
+                event("d-1", DeliveryStatus::Waiting, 1),
+            ],
         )];
         let (out, _, counters) = run(100, vec![], rounds);
         assert_eq!(out.len(), 1, "{out:?}");
-        assert_eq!((out[0].0 .1.status, out[0].1, out[0].2), (DeliveryStatus::Waiting, 5, 1));
+        assert_eq!(
+            (out[0].0 .1.status, out[0].1, out[0].2),
+            (DeliveryStatus::Waiting, 5, 1)
+        );
         assert_eq!(counters.stale.load(Ordering::Relaxed), 1);
     }
 
@@ -337,7 +357,11 @@ mod tests {
             (200, vec![event("d-2", DeliveryStatus::Created, 4)]), // past the ttl: d-1's tombstone goes
         ];
         let (out, len, counters) = run(100, vec![], rounds);
-        let d1: Vec<_> = out.iter().filter(|((id, _), _, _)| id == "d-1").map(|(_, t, r)| (*t, *r)).collect();
+        let d1: Vec<_> = out
+            .iter()
+            .filter(|((id, _), _, _)| id == "d-1")
+            .map(|(_, t, r)| (*t, *r))
+            .collect();
         assert_eq!(d1, [(10, 1), (20, -1)]);
         assert_eq!(counters.after_terminal.load(Ordering::Relaxed), 1);
         assert_eq!(counters.expired.load(Ordering::Relaxed), 1);
@@ -356,8 +380,19 @@ mod tests {
             vehicle: None,
             ts: 7,
         };
-        let seed = vec![("d-9".into(), DeliveryState::Live(row.clone())), ("d-8".into(), DeliveryState::Ended { ts: 3 })];
-        let (out, _, _) = run(100, seed, vec![(10, vec![event("d-9", DeliveryStatus::Created, 6)])]);
-        assert_eq!(out, vec![(("d-9".into(), row), 0, 1)], "the stale event changes nothing");
+        let seed = vec![
+            ("d-9".into(), DeliveryState::Live(row.clone())),
+            ("d-8".into(), DeliveryState::Ended { ts: 3 }),
+        ];
+        let (out, _, _) = run(
+            100,
+            seed,
+            vec![(10, vec![event("d-9", DeliveryStatus::Created, 6)])],
+        );
+        assert_eq!(
+            out,
+            vec![(("d-9".into(), row), 0, 1)],
+            "the stale event changes nothing"
+        );
     }
 }

@@ -15,7 +15,9 @@ use geo::Intersects;
 fn data_file(name: &str) -> Option<PathBuf> {
     let dir = std::env::var_os("DONGFLOW_DISTRICTS_DIR")
         .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared/data/districts"));
+        .unwrap_or_else(|| {
+            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared/data/districts")
+        });
     let path = dir.join(name);
     if path.exists() {
         return Some(path);
@@ -25,7 +27,10 @@ fn data_file(name: &str) -> Option<PathBuf> {
         "{} is missing and DONGFLOW_REQUIRE_DATA is set",
         path.display()
     );
-    eprintln!("skipping: {} not found (set DONGFLOW_DISTRICTS_DIR)", path.display());
+    eprintln!(
+        "skipping: {} not found (set DONGFLOW_DISTRICTS_DIR)",
+        path.display()
+    );
     None
 }
 
@@ -42,7 +47,10 @@ fn at(lat: f64, lon: f64) -> Coord {
 fn seoul_has_425_dongs() {
     let Some(index) = seoul() else { return };
     assert_eq!(index.len(), 425);
-    assert_eq!(index.name(index.id_of("1168064000").expect("역삼1동 code")), "서울특별시 강남구 역삼1동");
+    assert_eq!(
+        index.name(index.id_of("1168064000").expect("역삼1동 code")),
+        "서울특별시 강남구 역삼1동"
+    );
 }
 
 #[test]
@@ -51,7 +59,7 @@ fn seoul_known_points() {
     let cases = [
         (at(37.5007, 127.0363), "서울특별시 강남구 역삼1동"), // 역삼역
         (at(37.5251, 126.9246), "서울특별시 영등포구 여의동"), // 여의도
-        (at(37.5572, 126.9245), "서울특별시 마포구 서교동"),   // 홍대입구역
+        (at(37.5572, 126.9245), "서울특별시 마포구 서교동"),  // 홍대입구역
     ];
     for (point, name) in cases {
         assert_eq!(index.name(index.lookup(point)), name, "{point:?}");
@@ -61,7 +69,12 @@ fn seoul_known_points() {
 #[test]
 fn points_outside_seoul_are_unassigned() {
     let Some(index) = seoul() else { return };
-    for point in [at(35.1796, 129.0756), at(37.4602, 126.4407), at(0.0, 0.0), at(-89.0, -179.0)] {
+    for point in [
+        at(35.1796, 129.0756),
+        at(37.4602, 126.4407),
+        at(0.0, 0.0),
+        at(-89.0, -179.0),
+    ] {
         assert_eq!(index.lookup(point), UNASSIGNED, "{point:?}");
     }
     assert_eq!(index.code(UNASSIGNED), UNASSIGNED_CODE);
@@ -94,14 +107,26 @@ fn shared_edges_go_to_the_lowest_code_always() {
         }
     }
     let shared: Vec<_> = owners.iter().filter(|(_, ids)| ids.len() >= 2).collect();
-    assert!(shared.len() > 1000, "expected many shared vertices, found {}", shared.len());
+    assert!(
+        shared.len() > 1000,
+        "expected many shared vertices, found {}",
+        shared.len()
+    );
     for ((x, y), ids) in shared {
         let point = at(f64::from_bits(*y), f64::from_bits(*x));
         let got = index.lookup(point);
         let holders: Vec<u32> = (0..index.len() as u32)
-            .filter(|&d| index.districts()[d as usize].shape.intersects(&geo::Coord { x: point.lon, y: point.lat }))
+            .filter(|&d| {
+                index.districts()[d as usize].shape.intersects(&geo::Coord {
+                    x: point.lon,
+                    y: point.lat,
+                })
+            })
             .collect();
-        assert!(ids.iter().all(|i| holders.contains(i)), "a vertex owner does not hold its own vertex");
+        assert!(
+            ids.iter().all(|i| holders.contains(i)),
+            "a vertex owner does not hold its own vertex"
+        );
         assert_eq!(Some(&got), holders.iter().min(), "{point:?}");
         assert_eq!(index.lookup(point), got, "same point, same district");
     }
@@ -109,8 +134,11 @@ fn shared_edges_go_to_the_lowest_code_always() {
 
 #[test]
 fn national_map_loads_and_places_interior_points() {
-    let Some(path) = data_file("korea-admdong.geojson") else { return };
-    let index = DistrictIndex::from_geojson_file(&path, "code", "name").expect("national map loads");
+    let Some(path) = data_file("korea-admdong.geojson") else {
+        return;
+    };
+    let index =
+        DistrictIndex::from_geojson_file(&path, "code", "name").expect("national map loads");
     assert_eq!(index.len(), 3504);
     let mut elsewhere = 0;
     for id in (0..index.len() as u32).step_by(7) {
@@ -122,8 +150,14 @@ fn national_map_loads_and_places_interior_points() {
             elsewhere += 1;
         }
     }
-    assert!(elsewhere <= 5, "{elsewhere} interior points placed elsewhere");
-    assert_eq!(index.name(index.lookup(at(35.1578, 129.0600))).is_empty(), false); // 부산 서면
+    assert!(
+        elsewhere <= 5,
+        "{elsewhere} interior points placed elsewhere"
+    );
+    assert_eq!(
+        index.name(index.lookup(at(35.1578, 129.0600))).is_empty(),
+        false
+    ); // 부산 서면
 }
 
 #[test]
@@ -131,11 +165,11 @@ fn builtin_map_covers_seoul_with_real_gu() {
     let index = DistrictIndex::builtin_seoul();
     assert_eq!(index.len(), 25);
     let cases = [
-        (at(37.5089, 127.0631), "서울특별시 강남구"),   // 코엑스
-        (at(37.5663, 126.9779), "서울특별시 중구"),     // 서울시청
-        (at(37.5133, 127.1001), "서울특별시 송파구"),   // 잠실역
-        (at(37.6542, 127.0568), "서울특별시 노원구"),   // 노원역
-        (at(37.5662, 126.9019), "서울특별시 마포구"),   // 마포구청
+        (at(37.5089, 127.0631), "서울특별시 강남구"), // 코엑스
+        (at(37.5663, 126.9779), "서울특별시 중구"),   // 서울시청
+        (at(37.5133, 127.1001), "서울특별시 송파구"), // 잠실역
+        (at(37.6542, 127.0568), "서울특별시 노원구"), // 노원역
+        (at(37.5662, 126.9019), "서울특별시 마포구"), // 마포구청
     ];
     for (point, name) in cases {
         assert_eq!(index.name(index.lookup(point)), name, "{point:?}");
@@ -148,7 +182,10 @@ fn builtin_map_covers_seoul_with_real_gu() {
     // The cells tile the outline: points well inside Seoul always land in some gu.
     for i in 0..50 {
         for j in 0..50 {
-            let p = at(37.48 + 0.14 * f64::from(i) / 50.0, 126.92 + 0.18 * f64::from(j) / 50.0);
+            let p = at(
+                37.48 + 0.14 * f64::from(i) / 50.0,
+                126.92 + 0.18 * f64::from(j) / 50.0,
+            );
             assert_ne!(index.lookup(p), UNASSIGNED, "{p:?}");
         }
     }
@@ -166,7 +203,11 @@ fn polygons_with_holes_exclude_the_hole() {
     let index = DistrictIndex::from_geojson(doc, "adm_cd2", "adm_nm").expect("loads");
     assert_eq!(index.code(index.lookup(at(1.0, 1.0))), "A");
     assert_eq!(index.code(index.lookup(at(5.0, 5.0))), "B");
-    assert_eq!(index.lookup(at(4.2, 4.2)), UNASSIGNED, "inside the hole, outside the island");
+    assert_eq!(
+        index.lookup(at(4.2, 4.2)),
+        UNASSIGNED,
+        "inside the hole, outside the island"
+    );
     assert_eq!(index.code(index.lookup(at(20.5, 20.5))), "B");
     // On the hole's edge: only A's closed polygon holds it.
     assert_eq!(index.code(index.lookup(at(4.0, 5.0))), "A");
@@ -178,24 +219,50 @@ fn load(doc: &str) -> Result<DistrictIndex, DistrictError> {
 
 #[test]
 fn bad_district_files_give_clear_errors() {
-    let missing = DistrictIndex::from_geojson_file(std::path::Path::new("/no/such/file.geojson"), "c", "n");
-    assert!(matches!(&missing, Err(DistrictError::Io { path, .. }) if path == "/no/such/file.geojson"));
+    let missing =
+        DistrictIndex::from_geojson_file(std::path::Path::new("/no/such/file.geojson"), "c", "n");
+    assert!(
+        matches!(&missing, Err(DistrictError::Io { path, .. }) if path == "/no/such/file.geojson")
+    );
     assert!(matches!(load("{not json"), Err(DistrictError::Json(_))));
-    assert!(matches!(load(r#"{"type":"Feature"}"#), Err(DistrictError::NotFeatureCollection)));
-    assert!(matches!(load(r#"{"type":"FeatureCollection","features":[]}"#), Err(DistrictError::Empty)));
+    assert!(matches!(
+        load(r#"{"type":"Feature"}"#),
+        Err(DistrictError::NotFeatureCollection)
+    ));
+    assert!(matches!(
+        load(r#"{"type":"FeatureCollection","features":[]}"#),
+        Err(DistrictError::Empty)
+    ));
     let square = r#"{"type":"Polygon","coordinates":[[[0,0],[1,0],[1,1],[0,0]]]}"#;
-    let no_code = format!(r#"{{"type":"FeatureCollection","features":[{{"type":"Feature","properties":{{"x":1}},"geometry":{square}}}]}}"#);
+    let no_code = format!(
+        r#"{{"type":"FeatureCollection","features":[{{"type":"Feature","properties":{{"x":1}},"geometry":{square}}}]}}"#
+    );
     let err = load(&no_code).expect_err("no code");
-    assert_eq!(err, DistrictError::MissingProperty { feature: 0, property: "adm_cd2".into() });
+    assert_eq!(
+        err,
+        DistrictError::MissingProperty {
+            feature: 0,
+            property: "adm_cd2".into()
+        }
+    );
     assert!(err.to_string().contains("--district-code-prop"), "{err}");
     let point = r#"{"type":"FeatureCollection","features":[{"type":"Feature","properties":{"adm_cd2":"1"},"geometry":{"type":"Point","coordinates":[0,0]}}]}"#;
-    assert_eq!(load(point).expect_err("point").to_string(), "feature 0 has a Point geometry; only Polygon and MultiPolygon are supported");
+    assert_eq!(
+        load(point).expect_err("point").to_string(),
+        "feature 0 has a Point geometry; only Polygon and MultiPolygon are supported"
+    );
     let bad = r#"{"type":"FeatureCollection","features":[{"type":"Feature","properties":{"adm_cd2":"1"},"geometry":{"type":"Polygon","coordinates":[[[0,0],["x",1]]]}}]}"#;
-    assert_eq!(load(bad).expect_err("bad coords"), DistrictError::BadCoordinates { feature: 0 });
+    assert_eq!(
+        load(bad).expect_err("bad coords"),
+        DistrictError::BadCoordinates { feature: 0 }
+    );
     let twice = format!(
         r#"{{"type":"FeatureCollection","features":[{{"type":"Feature","properties":{{"adm_cd2":"7"}},"geometry":{square}}},{{"type":"Feature","properties":{{"adm_cd2":7}},"geometry":{square}}}]}}"#
     );
-    assert_eq!(load(&twice).expect_err("duplicate"), DistrictError::DuplicateCode("7".into()));
+    assert_eq!(
+        load(&twice).expect_err("duplicate"),
+        DistrictError::DuplicateCode("7".into())
+    );
 }
 
 /// The built-in coarse map should agree with the real boundaries for most of Seoul: the gu of each
@@ -211,6 +278,13 @@ fn builtin_map_agrees_with_real_gu_mostly() {
         agree += usize::from(gu[..5] == real.code(id)[..5]);
     }
     let share = agree as f64 / real.len() as f64;
-    assert!(share >= 0.7, "built-in map agrees on only {:.0}% of dongs", share * 100.0);
-    eprintln!("built-in map places {:.0}% of real dongs in their own gu", share * 100.0);
+    assert!(
+        share >= 0.7,
+        "built-in map agrees on only {:.0}% of dongs",
+        share * 100.0
+    );
+    eprintln!(
+        "built-in map places {:.0}% of real dongs in their own gu",
+        share * 100.0
+    );
 }

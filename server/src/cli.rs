@@ -44,7 +44,12 @@ pub struct ClusterArgs {
     #[arg(short = 'n', long = "processes", env = "DONGFLOW_PROCESSES", default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..=1024))]
     pub processes: u64,
     /// This process's index in the cluster (0-based).
-    #[arg(short = 'p', long = "process", env = "DONGFLOW_PROCESS", default_value_t = 0)]
+    #[arg(
+        short = 'p',
+        long = "process",
+        env = "DONGFLOW_PROCESS",
+        default_value_t = 0
+    )]
     pub process: u64,
     /// File with one host:port per line, one line per process.
     #[arg(short = 'h', long = "hostfile", env = "DONGFLOW_HOSTFILE")]
@@ -93,16 +98,32 @@ pub struct RunArgs {
     #[arg(long, env = "DONGFLOW_RIDER_TOPIC", default_value = "rider-events")]
     pub rider_topic: String,
     /// Input topic of delivery events.
-    #[arg(long, env = "DONGFLOW_DELIVERY_TOPIC", default_value = "delivery-events")]
+    #[arg(
+        long,
+        env = "DONGFLOW_DELIVERY_TOPIC",
+        default_value = "delivery-events"
+    )]
     pub delivery_topic: String,
     /// Output topic of district counts.
-    #[arg(long, env = "DONGFLOW_DISTRICT_CHANGELOG_TOPIC", default_value = "district-changelog")]
+    #[arg(
+        long,
+        env = "DONGFLOW_DISTRICT_CHANGELOG_TOPIC",
+        default_value = "district-changelog"
+    )]
     pub district_changelog_topic: String,
     /// Output topic of rider snapshots.
-    #[arg(long, env = "DONGFLOW_RIDER_CHANGELOG_TOPIC", default_value = "rider-changelog")]
+    #[arg(
+        long,
+        env = "DONGFLOW_RIDER_CHANGELOG_TOPIC",
+        default_value = "rider-changelog"
+    )]
     pub rider_changelog_topic: String,
     /// Topic for rejected input records.
-    #[arg(long, env = "DONGFLOW_DEAD_LETTER_TOPIC", default_value = "dongflow-dlq")]
+    #[arg(
+        long,
+        env = "DONGFLOW_DEAD_LETTER_TOPIC",
+        default_value = "dongflow-dlq"
+    )]
     pub dead_letter_topic: String,
     /// District map.
     #[command(flatten)]
@@ -163,7 +184,11 @@ pub struct GenerateArgs {
     #[arg(long, env = "DONGFLOW_RIDER_TOPIC", default_value = "rider-events")]
     pub rider_topic: String,
     /// Topic for delivery events.
-    #[arg(long, env = "DONGFLOW_DELIVERY_TOPIC", default_value = "delivery-events")]
+    #[arg(
+        long,
+        env = "DONGFLOW_DELIVERY_TOPIC",
+        default_value = "delivery-events"
+    )]
     pub delivery_topic: String,
     /// Simulated riders.
     #[arg(long, default_value_t = 2_000)]
@@ -185,15 +210,23 @@ pub struct GenerateArgs {
 /// Parses `500ms`, `10s`, `2m`, `1h` (a bare number is seconds).
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
     let s = s.trim();
-    let split = s.find(|c: char| !c.is_ascii_digit() && c != '.').unwrap_or(s.len());
+    let split = s
+        .find(|c: char| !c.is_ascii_digit() && c != '.')
+        .unwrap_or(s.len());
     let (number, unit) = s.split_at(split);
-    let value: f64 = number.parse().map_err(|_| format!("`{s}` is not a duration like 500ms, 10s, 2m or 1h"))?;
+    let value: f64 = number
+        .parse()
+        .map_err(|_| format!("`{s}` is not a duration like 500ms, 10s, 2m or 1h"))?;
     let seconds = match unit.trim() {
         "ms" => value / 1000.0,
         "" | "s" => value,
         "m" | "min" => value * 60.0,
         "h" => value * 3600.0,
-        other => return Err(format!("unknown unit `{other}` in `{s}`: use ms, s, m or h")),
+        other => {
+            return Err(format!(
+                "unknown unit `{other}` in `{s}`: use ms, s, m or h"
+            ))
+        }
     };
     Duration::try_from_secs_f64(seconds).map_err(|e| format!("`{s}`: {e}"))
 }
@@ -215,12 +248,37 @@ mod tests {
     #[test]
     fn run_accepts_the_contract_flags() {
         let cli = Cli::try_parse_from([
-            "dongflow", "run", "-w", "2", "-n", "2", "-p", "1", "-h", "hosts.txt", "--brokers", "b:9092",
-            "--start-from", "earliest", "--checkpoint-interval", "250ms", "--http-peers", "http://a,http://b",
+            "dongflow",
+            "run",
+            "-w",
+            "2",
+            "-n",
+            "2",
+            "-p",
+            "1",
+            "-h",
+            "hosts.txt",
+            "--brokers",
+            "b:9092",
+            "--start-from",
+            "earliest",
+            "--checkpoint-interval",
+            "250ms",
+            "--http-peers",
+            "http://a,http://b",
         ])
         .expect("parses");
-        let Command::Run(run) = cli.command else { panic!("not run") };
-        assert_eq!((run.cluster.workers, run.cluster.processes, run.cluster.process), (2, 2, 1));
+        let Command::Run(run) = cli.command else {
+            panic!("not run")
+        };
+        assert_eq!(
+            (
+                run.cluster.workers,
+                run.cluster.processes,
+                run.cluster.process
+            ),
+            (2, 2, 1)
+        );
         assert_eq!(run.cluster.hostfile, Some(PathBuf::from("hosts.txt")));
         assert_eq!(run.start_from, StartFrom::Earliest);
         assert_eq!(run.checkpoint_interval, Duration::from_millis(250));

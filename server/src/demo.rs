@@ -33,7 +33,13 @@ pub fn channel_sources(workers: usize) -> (Vec<Sender<Vec<SimEvent>>>, Vec<Box<d
 
 /// Runs the simulator into `senders` at `rate` events/s (0: as fast as the engine takes them) until
 /// `stop` is set or `limit` events have been sent. Returns the number of events sent.
-pub fn feed(sim: SimConfig, rate: u64, limit: Option<u64>, senders: &[Sender<Vec<SimEvent>>], stop: &AtomicBool) -> u64 {
+pub fn feed(
+    sim: SimConfig,
+    rate: u64,
+    limit: Option<u64>,
+    senders: &[Sender<Vec<SimEvent>>],
+    stop: &AtomicBool,
+) -> u64 {
     const TICK: Duration = Duration::from_millis(10);
     let mut simulator = Simulator::new(sim);
     let started = Instant::now();
@@ -69,7 +75,11 @@ pub fn feed(sim: SimConfig, rate: u64, limit: Option<u64>, senders: &[Sender<Vec
 
 /// Simulator settings starting at the current wall-clock time.
 pub fn sim_config(riders: usize, seed: u64) -> SimConfig {
-    SimConfig { riders, seed, start_ts: now_ms() }
+    SimConfig {
+        riders,
+        seed,
+        start_ts: now_ms(),
+    }
 }
 
 /// A stop flag set by Ctrl-C / SIGTERM.

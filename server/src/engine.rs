@@ -9,7 +9,7 @@ use crossbeam_channel::Receiver;
 use differential_dataflow::trace::TraceReader;
 use dongflow_connectors::source::{EventSource, Polled};
 use dongflow_dataflow::districts::DistrictIndex;
-use dongflow_dataflow::peek::{read_all, read_key, read_keys};
+use dongflow_dataflow::peek::{read_all, read_key, read_keys, trace_len};
 use dongflow_dataflow::stages::{CountsTrace, RidersByDistrictTrace, SnapshotTrace};
 use dongflow_dataflow::types::Time;
 use dongflow_dataflow::{build, DataflowCounters, WorkerState};
@@ -21,7 +21,7 @@ use timely::dataflow::operators::Probe;
 use timely::progress::frontier::AntichainRef;
 use timely::WorkerConfig;
 
-use crate::query::{Answer, Peek, PeekRequest, PeekResult, Query, QueryError, Shared};
+use crate::query::{Answer, Peek, PeekRequest, PeekResult, Query, QueryError, Shared, StateSizes};
 
 /// How the engine runs.
 #[derive(Clone, Debug)]
@@ -186,6 +186,11 @@ impl Engine {
         self.progress.events.load(Ordering::Relaxed)
     }
 
+    /// How much state the workers hold.
+    pub fn sizes(&self) -> Result<StateSizes, QueryError> {
+        self.shared.sizes()
+    }
+
     /// The upsert counters (applied, stale, after terminal, expired).
     pub fn counters(&self) -> &DataflowCounters {
         &self.counters
@@ -239,6 +244,7 @@ struct WorkerLoop {
     snapshots: SnapshotTrace,
     counts: CountsTrace,
     by_district: RidersByDistrictTrace,
+    state: WorkerState,
     shared: Arc<Shared>,
     progress: Arc<InputProgress>,
     max_batch: usize,
@@ -285,6 +291,7 @@ impl WorkerLoop {
             snapshots,
             counts,
             by_district,
+            state,
             shared,
             progress,
             max_batch: config.max_batch,
@@ -358,6 +365,13 @@ impl WorkerLoop {
                 Peek::RiderIds(d) => {
                     PeekResult::RiderIds(read_key(&mut self.by_district, &d, as_of))
                 }
+                Peek::Sizes => PeekResult::Sizes(StateSizes {
+                    riders: self.state.riders.borrow().entries.len(),
+                    deliveries: self.state.deliveries.borrow().entries.len(),
+                    snapshot_updates: trace_len(&self.snapshots),
+                    count_updates: trace_len(&self.counts),
+                    by_district_updates: trace_len(&self.by_district),
+                }),
             };
             // The query may have timed out and gone; nothing to do then.
             let _ = request.reply.send(result);

@@ -13,4 +13,4 @@ pub mod query;
 pub mod render;
 
 pub use engine::{Engine, EngineConfig};
-pub use query::{Answer, AnswerBody, Query, QueryError};
+pub use query::{Answer, AnswerBody, Query, QueryError, StateSizes};

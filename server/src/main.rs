@@ -29,7 +29,10 @@ impl From<anyhow::Error> for Failure {
 }
 
 fn bad_argument(error: impl Into<anyhow::Error>) -> Failure {
-    Failure { code: 2, error: error.into() }
+    Failure {
+        code: 2,
+        error: error.into(),
+    }
 }
 
 fn main() -> ExitCode {
@@ -64,8 +67,10 @@ fn main() -> ExitCode {
 fn load_map(map: &MapArgs) -> Result<Arc<DistrictIndex>, Failure> {
     let index = match &map.districts {
         None => DistrictIndex::builtin_seoul(),
-        Some(path) => DistrictIndex::from_geojson_file(path, &map.district_code_prop, &map.district_name_prop)
-            .map_err(bad_argument)?,
+        Some(path) => {
+            DistrictIndex::from_geojson_file(path, &map.district_code_prop, &map.district_name_prop)
+                .map_err(bad_argument)?
+        }
     };
     tracing::info!(districts = index.len(), "district map loaded");
     Ok(Arc::new(index))
@@ -94,11 +99,17 @@ fn demo(args: DemoArgs) -> Result<(), Failure> {
     let workers = single_process(&args.cluster)?;
     let stop = stop_on_signal();
     let (senders, sources) = channel_sources(workers);
-    let engine = Engine::start(EngineConfig::new(workers, index.clone()), sources).context("starting the engine")?;
+    let engine = Engine::start(EngineConfig::new(workers, index.clone()), sources)
+        .context("starting the engine")?;
     let sim = sim_config(args.riders, args.seed);
     let (rate, flag) = (args.rate, stop.clone());
     let feeder = std::thread::spawn(move || feed(sim, rate, None, &senders, &flag));
-    println!("dongflow demo: {workers} worker(s), {} districts, {} simulated riders at {} events/s", index.len(), args.riders, args.rate);
+    println!(
+        "dongflow demo: {workers} worker(s), {} districts, {} simulated riders at {} events/s",
+        index.len(),
+        args.riders,
+        args.rate
+    );
     println!("(the embedded broker and the HTTP server at http://{} are not part of this build yet; counts print below)", args.http);
     println!("Ctrl-C stops.");
     let started = Instant::now();
@@ -126,7 +137,9 @@ fn print_summary(engine: &Engine, index: &DistrictIndex, elapsed: Duration) {
         println!("[{:>5.1}s] no state yet", elapsed.as_secs_f64());
         return;
     };
-    let AnswerBody::Districts(counts) = answer.body else { return };
+    let AnswerBody::Districts(counts) = answer.body else {
+        return;
+    };
     let view = DistrictsView::new(index, answer.as_of, false, &counts);
     let on_shift: u64 = view.districts.iter().map(|d| d.riders_on_shift).sum();
     let waiting: u64 = view.districts.iter().map(|d| d.waiting_deliveries).sum();
@@ -161,14 +174,23 @@ fn generate(args: GenerateArgs) -> Result<(), Failure> {
     let limit = args.events.unwrap_or(u64::MAX);
     let mut out = std::io::BufWriter::new(std::io::stdout().lock());
     let mut n = 0u64;
-    while n < limit && !stop.load(Ordering::Relaxed) && args.duration.is_none_or(|d| started.elapsed() < d) {
+    while n < limit
+        && !stop.load(Ordering::Relaxed)
+        && args.duration.is_none_or(|d| started.elapsed() < d)
+    {
         if args.rate > 0 && n as f64 > started.elapsed().as_secs_f64() * args.rate as f64 {
             std::thread::sleep(Duration::from_millis(1));
             continue;
         }
         let (topic, json) = match simulator.next_event() {
-            SimEvent::Rider(e) => (&args.rider_topic, dongflow_connectors::events::encode_rider(&e)),
-            SimEvent::Delivery(e) => (&args.delivery_topic, dongflow_connectors::events::encode_delivery(&e)),
+            SimEvent::Rider(e) => (
+                &args.rider_topic,
+                dongflow_connectors::events::encode_rider(&e),
+            ),
+            SimEvent::Delivery(e) => (
+                &args.delivery_topic,
+                dongflow_connectors::events::encode_delivery(&e),
+            ),
         };
         let line = writeln!(out, "{topic}\t{}", String::from_utf8_lossy(&json));
         if line.is_err() {

@@ -76,6 +76,8 @@ pub(crate) enum Peek {
     Snapshots(Vec<Id>),
     /// Ids of the riders on shift in a district.
     RiderIds(DistrictId),
+    /// Sizes of the worker's state.
+    Sizes,
 }
 
 /// One worker's part of an answer.
@@ -84,6 +86,32 @@ pub(crate) enum PeekResult {
     Counts(Vec<(DistrictId, DistrictCounts)>),
     Snapshots(Vec<(Id, Snapshot)>),
     RiderIds(Vec<Id>),
+    Sizes(StateSizes),
+}
+
+/// How much state the workers hold, summed over workers.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct StateSizes {
+    /// Riders known to the rider upsert (on shift or not).
+    pub riders: usize,
+    /// Deliveries known to the delivery upsert, tombstones included.
+    pub deliveries: usize,
+    /// Updates held in the snapshot arrangement.
+    pub snapshot_updates: usize,
+    /// Updates held in the district counts arrangement.
+    pub count_updates: usize,
+    /// Updates held in the riders-by-district arrangement.
+    pub by_district_updates: usize,
+}
+
+impl std::ops::AddAssign for StateSizes {
+    fn add_assign(&mut self, o: Self) {
+        self.riders += o.riders;
+        self.deliveries += o.deliveries;
+        self.snapshot_updates += o.snapshot_updates;
+        self.count_updates += o.count_updates;
+        self.by_district_updates += o.by_district_updates;
+    }
 }
 
 /// A peek sent to a worker, with the time to read at and where to reply.
@@ -209,6 +237,17 @@ impl Shared {
         let body = self.answer(query, as_of);
         self.release(as_of);
         Ok(Answer { as_of, body: body? })
+    }
+
+    /// The sizes of every worker's state, summed.
+    pub fn sizes(&self) -> Result<StateSizes, QueryError> {
+        let mut total = StateSizes::default();
+        for part in self.fan_out(Peek::Sizes, 0)? {
+            if let PeekResult::Sizes(s) = part {
+                total += s;
+            }
+        }
+        Ok(total)
     }
 
     fn answer(&self, query: &Query, as_of: Time) -> Result<AnswerBody, QueryError> {

@@ -54,7 +54,10 @@ pub struct PointView {
 
 impl From<Coord> for PointView {
     fn from(c: Coord) -> Self {
-        Self { lat: c.lat, lon: c.lon }
+        Self {
+            lat: c.lat,
+            lon: c.lon,
+        }
     }
 }
 
@@ -105,7 +108,10 @@ impl<'a> RiderView<'a> {
             status: s.rider.status.as_str(),
             rider_type: s.rider.rider_type.as_deref(),
             location: s.rider.location.map(PointView::from),
-            district: DistrictRef { code: index.code(s.rider.district), name: index.name(s.rider.district) },
+            district: DistrictRef {
+                code: index.code(s.rider.district),
+                name: index.name(s.rider.district),
+            },
             deliveries: s
                 .deliveries
                 .iter()
@@ -145,10 +151,22 @@ pub struct DistrictsView<'a> {
 
 impl<'a> DistrictsView<'a> {
     /// The view of `counts`, sorted by code.
-    pub fn new(index: &'a DistrictIndex, as_of: Time, stale: bool, counts: &[(DistrictId, DistrictCounts)]) -> Self {
-        let mut districts: Vec<_> = counts.iter().map(|(d, c)| DistrictView::new(index, *d, c)).collect();
+    pub fn new(
+        index: &'a DistrictIndex,
+        as_of: Time,
+        stale: bool,
+        counts: &[(DistrictId, DistrictCounts)],
+    ) -> Self {
+        let mut districts: Vec<_> = counts
+            .iter()
+            .map(|(d, c)| DistrictView::new(index, *d, c))
+            .collect();
         districts.sort_by(|a, b| a.code.cmp(b.code));
-        Self { as_of, stale, districts }
+        Self {
+            as_of,
+            stale,
+            districts,
+        }
     }
 }
 
