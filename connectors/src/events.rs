@@ -267,6 +267,14 @@ fn optional_label(raw: Option<&RawValue>, field: &'static str) -> Result<Option<
     Ok(Some(Id::from(s.as_ref())))
 }
 
+/// An optional id: missing or null is `None`, the empty string is an error.
+fn optional_id(raw: Option<&RawValue>, field: &'static str) -> Result<Option<Id>, DecodeError> {
+    if is_null(raw) {
+        return Ok(None);
+    }
+    id(raw, field).map(Some)
+}
+
 fn ts(raw: Option<&RawValue>) -> Result<Millis, DecodeError> {
     serde_json::from_str::<u64>(required(raw, "ts")?.get())
         .map_err(|_| DecodeError::WrongType("ts"))
@@ -286,6 +294,9 @@ fn point(raw: Option<&RawValue>, field: &'static str) -> Result<Option<Coord>, D
         return Ok(None);
     }
     let raw = required(raw, field)?;
+    if !raw.get().starts_with('{') {
+        return Err(DecodeError::WrongType(field));
+    }
     let p: RawPoint = serde_json::from_str(raw.get()).map_err(|_| DecodeError::WrongType(field))?;
     let (lat_name, lon_name) = match field {
         "pickup" => ("pickup.lat", "pickup.lon"),
@@ -302,6 +313,19 @@ fn malformed(e: serde_json::Error) -> DecodeError {
     DecodeError::Malformed(e.to_string())
 }
 
+/// Checks that the input is UTF-8 text holding a JSON object (serde would also take an array of
+/// field values, and skips unknown fields without checking their text).
+fn object_text(bytes: &[u8]) -> Result<&str, DecodeError> {
+    let text = std::str::from_utf8(bytes).map_err(|e| DecodeError::Malformed(format!("not UTF-8: {e}")))?;
+    if text.trim().is_empty() {
+        return Err(DecodeError::Malformed("empty input (EOF while parsing a value)".into()));
+    }
+    if !text.trim_start().starts_with('{') {
+        return Err(DecodeError::Malformed("expected a JSON object".into()));
+    }
+    Ok(text)
+}
+
 /// Decodes a rider event from its JSON bytes.
 ///
 /// ```
@@ -311,7 +335,7 @@ fn malformed(e: serde_json::Error) -> DecodeError {
 /// assert!(decode_rider(br#"{"rider_id":"r-1","status":"NAPPING","ts":5}"#).is_err());
 /// ```
 pub fn decode_rider(bytes: &[u8]) -> Result<RiderEvent, DecodeError> {
-    let raw: RawRider = serde_json::from_slice(bytes).map_err(malformed)?;
+    let raw: RawRider = serde_json::from_str(object_text(bytes)?).map_err(malformed)?;
     let rider_id = id(raw.rider_id, "rider_id")?;
     let status = string(required(raw.status, "status")?, "status")?;
     let status = RiderStatus::parse(&status)
@@ -334,7 +358,7 @@ pub fn decode_rider(bytes: &[u8]) -> Result<RiderEvent, DecodeError> {
 /// assert_eq!(e.rider_id.as_deref(), Some("r-17"));
 /// ```
 pub fn decode_delivery(bytes: &[u8]) -> Result<DeliveryEvent, DecodeError> {
-    let raw: RawDelivery = serde_json::from_slice(bytes).map_err(malformed)?;
+    let raw: RawDelivery = serde_json::from_str(object_text(bytes)?).map_err(malformed)?;
     let delivery_id = id(raw.delivery_id, "delivery_id")?;
     let status = string(required(raw.status, "status")?, "status")?;
     let status = DeliveryStatus::parse(&status)
@@ -345,7 +369,7 @@ pub fn decode_delivery(bytes: &[u8]) -> Result<DeliveryEvent, DecodeError> {
         delivery_type: optional_label(raw.delivery_type, "delivery_type")?,
         pickup: point(raw.pickup, "pickup")?,
         dropoff: point(raw.dropoff, "dropoff")?,
-        rider_id: optional_label(raw.rider_id, "rider_id")?,
+        rider_id: optional_id(raw.rider_id, "rider_id")?,
         vehicle: optional_label(raw.vehicle, "vehicle")?,
         ts: ts(raw.ts)?,
     })

@@ -353,7 +353,6 @@ fn malformed_duplicate_id_field() {
 /// declaration order is not one, but the decoder accepts it (serde's derived `Deserialize` of a
 /// struct also takes a sequence).
 #[test]
-#[ignore = "decoder bug: a top-level JSON array of field values decodes as an event"]
 fn malformed_top_level_array_of_field_values() {
     rejects(
         Kind::Rider,
@@ -374,7 +373,6 @@ fn malformed_top_level_array_of_field_values() {
 /// CONTRACT section 2: input is UTF-8 JSON. Invalid UTF-8 inside the string value of an unknown
 /// (ignored) field is accepted: serde_json skips ignored strings without validating them.
 #[test]
-#[ignore = "decoder bug: invalid UTF-8 inside an ignored field is accepted"]
 fn malformed_invalid_utf8_in_unknown_field() {
     for kind in KINDS {
         rejects(
@@ -703,7 +701,6 @@ fn location_not_an_object() {
 /// A `[lat, lon]` pair is not the `{"lat", "lon"}` object of CONTRACT section 2, but the decoder
 /// accepts it (serde's derived `Deserialize` of the point struct also takes a sequence).
 #[test]
-#[ignore = "decoder bug: a [lat, lon] array is accepted as a location/pickup/dropoff"]
 fn location_as_lat_lon_array() {
     for kind in KINDS {
         for point in kind.point_fields() {
@@ -1209,7 +1206,6 @@ fn round_trip_random_events() {
 /// decimals with an error of up to one ULP: `122.54938649545619` decodes as `122.5493864954562`.
 /// About one random coordinate in eight is changed.
 #[test]
-#[ignore = "decoder bug: coordinates lose one ULP (serde_json without `float_roundtrip`)"]
 fn round_trip_random_events_bit_exact() {
     let e = RiderEvent {
         rider_id: Id::from("r-17"),
