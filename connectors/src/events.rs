@@ -316,9 +316,12 @@ fn malformed(e: serde_json::Error) -> DecodeError {
 /// Checks that the input is UTF-8 text holding a JSON object (serde would also take an array of
 /// field values, and skips unknown fields without checking their text).
 fn object_text(bytes: &[u8]) -> Result<&str, DecodeError> {
-    let text = std::str::from_utf8(bytes).map_err(|e| DecodeError::Malformed(format!("not UTF-8: {e}")))?;
+    let text = std::str::from_utf8(bytes)
+        .map_err(|e| DecodeError::Malformed(format!("not UTF-8: {e}")))?;
     if text.trim().is_empty() {
-        return Err(DecodeError::Malformed("empty input (EOF while parsing a value)".into()));
+        return Err(DecodeError::Malformed(
+            "empty input (EOF while parsing a value)".into(),
+        ));
     }
     if !text.trim_start().starts_with('{') {
         return Err(DecodeError::Malformed("expected a JSON object".into()));

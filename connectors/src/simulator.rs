@@ -2,27 +2,34 @@
 //!
 //! The model, in simulated time (ms since the Unix epoch, starting at [`SimConfig::start_ts`]):
 //!
-//! - **Geography.** Seoul is the box lat 37.43–37.70, lon 126.76–127.18. Demand and riders gather around
-//!   a fixed list of weighted hotspots (강남역, 홍대입구, 잠실, ...). Every coordinate stays inside the box
-//!   and is rounded to 1e-6 degrees (about 0.1 m), so that it survives a JSON round trip bit for bit.
-//! - **Riders** alternate off shift (10–60 min) and on shift (1–4 h). At the start most shifts begin within
-//!   the first 60 s. A shift starts near a random hotspot (`SHIFT_STARTED` with `rider_type` and
-//!   `location`), then the rider pings (`ON_SHIFT`, location only) every 3–5 s: idle riders wander with
-//!   direction persistence and a pull back towards their hotspot, riders on a delivery drive straight to
-//!   the pickup, wait for the order, drive straight to the drop-off. A rider with a delivery does not end
-//!   its shift (`SHIFT_ENDED`, with location) before delivering it.
-//! - **Deliveries** are created at about one per on-shift rider per 8 min, picked up near a hotspot
-//!   (chosen by weight) and dropped off 0.5–3 km away. `CREATED` → `WAITING` (1–3 s) → `ASSIGNED` (5–60 s,
-//!   to the fastest-to-arrive of up to 8 idle riders sampled from the pickup's hotspot or the nearest
-//!   hotspot that has idle riders; retried every 5–15 s while nobody is free) → `DISPATCHED` (2–8 s) →
-//!   `PICKED_UP` (when the rider has reached the pickup and waited 10–90 s) → `DELIVERED` (10–40 s after
-//!   reaching the drop-off). About 5% of waiting deliveries are `CANCELLED`, as is one still unassigned
-//!   after 15 min; about 3% of assignments are handed to another rider by a second `ASSIGNED` (the first
-//!   rider becomes idle again). Events after `CREATED` carry only what changed.
+//! - **Geography.** Seoul is the box lat 37.43–37.70, lon 126.76–127.18. Orders and riders gather
+//!   around 19 weighted hotspots (강남역, 홍대입구, 잠실, ...). Every coordinate stays inside the box and
+//!   is rounded to 1e-6 degrees (about 0.1 m), so that it survives a JSON round trip bit for bit.
+//! - **Riders** (mostly `CONNECT` on motorcycles, some `DEDICATED`, a few `WALKER`s on foot) alternate
+//!   off shift (10–60 min) and on shift (1–4 h); at the start 85% of the first shifts begin within 60 s,
+//!   the rest within the hour. A shift starts about a km from a random hotspot (`SHIFT_STARTED`, the
+//!   only event with `rider_type`), then the rider pings (`ON_SHIFT`, with location) every 3–5 s while
+//!   driving and every 4–5 s otherwise: an idle rider potters about with direction persistence and stays
+//!   near its hotspot, a rider on a delivery drives straight to the pickup, waits for the order, drives
+//!   straight to the drop-off, then heads back to the order's hotspot. A rider with a delivery ends its
+//!   shift (`SHIFT_ENDED`, with location) only after delivering it.
+//! - **Deliveries** arrive at about one per on-shift rider per 7 min (fewer while many orders wait for
+//!   a rider, so that a thin fleet is not swamped), picked up near a hotspot chosen by weight and dropped
+//!   off 0.5–3 km away. `CREATED` (with type, pickup, drop-off) → `WAITING` (1–3 s) → `ASSIGNED` (5–60 s;
+//!   with `rider_id` and `vehicle`; to the fastest-to-deliver of up to 8 idle riders sampled from the
+//!   pickup's hotspot, else the next nearest; only riders within a search radius that widens the longer
+//!   the order waits; retried every 5–15 s) → `DISPATCHED` (1–5 s) → `PICKED_UP` (5–45 s after the rider
+//!   reached the pickup) → `DELIVERED` (5–20 s after it reached the drop-off). About 5% of waiting
+//!   deliveries are `CANCELLED` by the customer, and so is one nobody took in 15 min; about 3% of
+//!   assignments are handed to another rider by a second `ASSIGNED` (the first rider is free again).
+//!   Events after `CREATED` carry only what changed (`PICKED_UP` sometimes repeats `rider_id`).
+//!
+//! In steady state about 94% of the events are `ON_SHIFT` pings: a rider pings about 14 times a minute
+//! and its deliveries produce about one event a minute.
 //!
 //! Events come out in non-decreasing `ts` order from a min-heap of scheduled actions (ties broken by
 //! scheduling order), and the same [`SimConfig`] always yields the same sequence. `riders = 0` is taken
-//! as 1, so that the stream never stalls.
+//! as 1 (and more than 2^24 as 2^24), so that the stream never stalls.
 
 use std::cmp::Ordering;
 use std::collections::BinaryHeap;
@@ -123,7 +130,8 @@ const SECOND: Millis = 1_000;
 const MINUTE: Millis = 60 * SECOND;
 const HOUR: Millis = 60 * MINUTE;
 
-/// Mean time between deliveries per on-shift rider.
+/// Mean time between deliveries per on-shift rider. A rider pings about 14 times a minute and a
+/// delivery makes 6 events: at one delivery per 8 min pings would be above 95% of the events.
 const DEMAND_PERIOD_MS: f64 = 7.0 * 60_000.0;
 /// Demand slows down when more than this many orders per on-shift rider wait for a rider...
 const BALK_FROM: f64 = 0.2;
@@ -131,8 +139,9 @@ const BALK_FROM: f64 = 0.2;
 const BALK: f64 = 10.0;
 /// Share of waiting deliveries that the customer cancels.
 const CANCEL_P: f64 = 0.05;
-/// Share of assignments handed over to another rider.
-const REASSIGN_P: f64 = 0.03;
+/// Share of assignments the platform tries to hand over to another rider; when no other idle rider is
+/// near enough the first one keeps it, so that about 3% are reassigned.
+const REASSIGN_P: f64 = 0.04;
 /// A delivery nobody could take for this long is cancelled.
 const GIVE_UP: Millis = 15 * MINUTE;
 /// How many idle riders the dispatcher compares.
@@ -154,7 +163,7 @@ const NONE: u32 = u32::MAX;
 /// What the simulator generates.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct SimConfig {
-    /// Number of riders (`0` is taken as 1).
+    /// Number of riders (`0` is taken as 1, more than 2^24 as 2^24).
     pub riders: usize,
     /// Seed of the random generator: the same config gives the same events.
     pub seed: u64,
@@ -250,8 +259,8 @@ struct Rider {
 
 struct Delivery {
     id: Id,
-    /// Bumped when the slot is freed, so that a stale action cannot touch the next delivery.
-    generation: u32,
+    /// The one step scheduled for it: an action for any other step (there is none) is ignored.
+    pending: Step,
     live: bool,
     zone: u16,
     rider: u32,
@@ -272,6 +281,19 @@ enum Step {
     Cancel,
 }
 
+impl Step {
+    const ALL: [Step; 7] = [
+        Step::Waiting,
+        Step::TryAssign,
+        Step::Reassign,
+        Step::Dispatch,
+        Step::PickedUp,
+        Step::Delivered,
+        Step::Cancel,
+    ];
+}
+
+/// What a scheduled action does.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Action {
     /// The rider's next shift start, ping or shift end.
@@ -279,18 +301,42 @@ enum Action {
     /// The next delivery is created.
     Create,
     /// A step of the delivery in a slot.
-    Delivery {
-        slot: u32,
-        generation: u32,
-        step: Step,
-    },
+    Delivery(u32, Step),
 }
 
+/// At most this many riders (so that an action packs into 32 bits).
+const MAX_RIDERS: usize = 1 << 24;
+const SLOT_BITS: u32 = 27;
+
+impl Action {
+    /// Two tag bits, then the rider, or the step (3 bits) and the delivery slot (27 bits).
+    fn pack(self) -> u32 {
+        match self {
+            Action::Rider(r) => r,
+            Action::Create => 1 << 30,
+            Action::Delivery(slot, step) => 2 << 30 | (step as u32) << SLOT_BITS | slot,
+        }
+    }
+
+    fn unpack(x: u32) -> Action {
+        match x >> 30 {
+            0 => Action::Rider(x),
+            1 => Action::Create,
+            _ => {
+                let step = Step::ALL[((x >> SLOT_BITS) & 7) as usize % Step::ALL.len()];
+                Action::Delivery(x & ((1 << SLOT_BITS) - 1), step)
+            }
+        }
+    }
+}
+
+/// A scheduled action, 16 bytes so that the heap stays small.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 struct Entry {
     at: Millis,
-    seq: u64,
-    action: Action,
+    /// Scheduling counter (wrapping): among actions at the same ms, the first scheduled goes first.
+    seq: u32,
+    action: u32,
 }
 
 impl Ord for Entry {
@@ -310,7 +356,7 @@ impl PartialOrd for Entry {
 pub struct Simulator {
     rng: SmallRng,
     heap: BinaryHeap<Entry>,
-    seq: u64,
+    seq: u32,
     now: Millis,
     riders: Vec<Rider>,
     /// Idle on-shift riders per hotspot.
@@ -332,7 +378,7 @@ impl Simulator {
     /// A simulator at `cfg.start_ts` with every rider off shift; first shifts start within the first minute
     /// (a few later).
     pub fn new(cfg: SimConfig) -> Simulator {
-        let n = cfg.riders.max(1);
+        let n = cfg.riders.clamp(1, MAX_RIDERS);
         let mut rng = SmallRng::seed_from_u64(cfg.seed);
         let profile_total = PROFILES.iter().map(|p| p.weight).sum();
         let hotspot_total = HOTSPOTS.iter().map(|h| h.weight).sum();
@@ -367,14 +413,14 @@ impl Simulator {
             heap.push(Entry {
                 at: cfg.start_ts + first,
                 seq,
-                action: Action::Rider(i as u32),
+                action: Action::Rider(i as u32).pack(),
             });
             seq += 1;
         }
         heap.push(Entry {
             at: cfg.start_ts + SECOND,
             seq,
-            action: Action::Create,
+            action: Action::Create.pack(),
         });
         seq += 1;
         let near = HOTSPOTS
@@ -433,14 +479,10 @@ impl Simulator {
                 continue;
             };
             let now = entry.at;
-            let event = match entry.action {
+            let event = match Action::unpack(entry.action) {
                 Action::Rider(r) => Some(self.rider_tick(r as usize, now)),
                 Action::Create => self.create(now),
-                Action::Delivery {
-                    slot,
-                    generation,
-                    step,
-                } => self.delivery_step(slot, generation, step, now),
+                Action::Delivery(slot, step) => self.delivery_step(slot, step, now),
             };
             if let Some(e) = event {
                 self.now = now;
@@ -453,21 +495,14 @@ impl Simulator {
         self.heap.push(Entry {
             at,
             seq: self.seq,
-            action,
+            action: action.pack(),
         });
-        self.seq += 1;
+        self.seq = self.seq.wrapping_add(1);
     }
 
     fn schedule_step(&mut self, at: Millis, slot: u32, step: Step) {
-        let generation = self.deliveries[slot as usize].generation;
-        self.schedule(
-            at,
-            Action::Delivery {
-                slot,
-                generation,
-                step,
-            },
-        );
+        self.deliveries[slot as usize].pending = step;
+        self.schedule(at, Action::Delivery(slot, step));
     }
 
     // ---- riders ----
@@ -711,9 +746,13 @@ impl Simulator {
         let damping = 1.0 + BALK * (backlog - BALK_FROM).max(0.0);
         let u: f64 = 1.0 - self.rng.random::<f64>();
         self.create_clock += -u.ln() * DEMAND_PERIOD_MS * damping / self.on_shift as f64;
-        self.unassigned += 1;
         let next = (self.create_clock as Millis).max(now);
         self.schedule(next, Action::Create);
+        if self.free_slots.is_empty() && self.deliveries.len() >= 1 << SLOT_BITS {
+            // More open deliveries than an action can address: cannot happen with MAX_RIDERS.
+            return None;
+        }
+        self.unassigned += 1;
 
         let zone = pick_weighted(
             &mut self.rng,
@@ -736,7 +775,7 @@ impl Simulator {
         self.next_delivery += 1;
         let delivery = Delivery {
             id: compact_str::format_compact!("d-{}", n),
-            generation: 0,
+            pending: Step::Waiting,
             live: true,
             zone: zone as u16,
             rider: NONE,
@@ -746,12 +785,7 @@ impl Simulator {
         };
         let slot = match self.free_slots.pop() {
             Some(slot) => {
-                let d = &mut self.deliveries[slot as usize];
-                let generation = d.generation;
-                *d = Delivery {
-                    generation,
-                    ..delivery
-                };
+                self.deliveries[slot as usize] = delivery;
                 slot
             }
             None => {
@@ -781,7 +815,6 @@ impl Simulator {
         }
         d.live = false;
         d.rider = NONE;
-        d.generation = d.generation.wrapping_add(1);
         self.free_slots.push(slot);
     }
 
@@ -809,15 +842,9 @@ impl Simulator {
         })
     }
 
-    fn delivery_step(
-        &mut self,
-        slot: u32,
-        generation: u32,
-        step: Step,
-        now: Millis,
-    ) -> Option<SimEvent> {
+    fn delivery_step(&mut self, slot: u32, step: Step, now: Millis) -> Option<SimEvent> {
         let d = self.deliveries.get(slot as usize)?;
-        if !d.live || d.generation != generation {
+        if !d.live || d.pending != step {
             return None;
         }
         let (zone, pickup, dropoff, rider) = (d.zone, d.pickup, d.dropoff, d.rider as usize);

@@ -5,6 +5,10 @@
 //! is "the lowest id wins". A point on an edge shared by several districts (where geo's `Contains` is
 //! false for all of them) goes to the one with the lowest code among those whose closed polygon holds
 //! it, always the same one. Points outside every polygon go to [`UNASSIGNED`].
+//!
+//! In front of the R-tree sits a grid over the map's extent. A cell that no polygon edge touches lies
+//! wholly inside one district (or wholly outside all of them), so its answer is stored and a point
+//! there is answered with one array read. Points in cells that an edge touches take the exact path.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -46,6 +50,40 @@ pub struct DistrictIndex {
     districts: Vec<District>,
     by_code: HashMap<String, DistrictId>,
     tree: RTree<Entry>,
+    grid: Grid,
+}
+
+/// A cell an edge touches: its points need the exact test.
+const MIXED: DistrictId = u32::MAX - 1;
+
+/// The most cells the grid may have (4 bytes each).
+const MAX_CELLS: f64 = 4_000_000.0;
+
+/// Margin, in degrees, by which edges are widened when marking the cells they touch, so that
+/// rounding can never leave a boundary point in a cell taken for "wholly inside".
+const EPS: f64 = 1e-9;
+
+/// The grid of precomputed answers over the map's bounding box.
+struct Grid {
+    lon0: f64,
+    lat0: f64,
+    inv_w: f64,
+    inv_h: f64,
+    nx: usize,
+    ny: usize,
+    cells: Vec<DistrictId>,
+}
+
+impl Grid {
+    fn cell(&self, lon: f64, lat: f64) -> Option<usize> {
+        let x = (lon - self.lon0) * self.inv_w;
+        let y = (lat - self.lat0) * self.inv_h;
+        if x >= 0.0 && y >= 0.0 && (x as usize) < self.nx && (y as usize) < self.ny {
+            Some(y as usize * self.nx + x as usize)
+        } else {
+            None
+        }
+    }
 }
 
 impl std::fmt::Debug for DistrictIndex {
@@ -77,11 +115,84 @@ impl DistrictIndex {
                 }
             }
         }
-        Ok(Self {
+        let empty = Grid {
+            lon0: 0.0,
+            lat0: 0.0,
+            inv_w: 0.0,
+            inv_h: 0.0,
+            nx: 0,
+            ny: 0,
+            cells: Vec::new(),
+        };
+        let mut index = Self {
             districts,
             by_code,
             tree: RTree::bulk_load(entries),
-        })
+            grid: empty,
+        };
+        index.grid = index.build_grid();
+        Ok(index)
+    }
+
+    /// Builds the grid: marks every cell an edge touches as mixed, then gives each run of unmarked
+    /// cells in a row the answer of one point in it (no edge separates cells of one run).
+    fn build_grid(&self) -> Grid {
+        let envelope = self.tree.root().envelope();
+        let (lo, hi) = (envelope.lower(), envelope.upper());
+        let (w, h) = ((hi[0] - lo[0]).max(1e-9), (hi[1] - lo[1]).max(1e-9));
+        // Cells about square on the ground: a degree of longitude is cos(lat) of a degree of latitude.
+        let aspect = (w * ((lo[1] + hi[1]) / 2.0).to_radians().cos()) / h;
+        let ny = (MAX_CELLS / aspect.max(1e-6)).sqrt().clamp(1.0, 4096.0) as usize;
+        let nx = ((ny as f64 * aspect) as usize).clamp(1, 4096);
+        let mut grid = Grid {
+            lon0: lo[0],
+            lat0: lo[1],
+            inv_w: nx as f64 / w,
+            inv_h: ny as f64 / h,
+            nx,
+            ny,
+            cells: vec![UNASSIGNED; nx * ny],
+        };
+        let mut mixed = vec![false; nx * ny];
+        let to_x = |v: f64| ((v - grid.lon0) * grid.inv_w).max(0.0).min((nx - 1) as f64) as usize;
+        let to_y = |v: f64| ((v - grid.lat0) * grid.inv_h).max(0.0).min((ny - 1) as f64) as usize;
+        for d in &self.districts {
+            for polygon in &d.shape.0 {
+                for ring in std::iter::once(polygon.exterior()).chain(polygon.interiors()) {
+                    for seg in ring.lines() {
+                        let (cx0, cx1) = (
+                            to_x(seg.start.x.min(seg.end.x) - EPS),
+                            to_x(seg.start.x.max(seg.end.x) + EPS),
+                        );
+                        let (cy0, cy1) = (
+                            to_y(seg.start.y.min(seg.end.y) - EPS),
+                            to_y(seg.start.y.max(seg.end.y) + EPS),
+                        );
+                        for cy in cy0..=cy1 {
+                            mixed[cy * nx + cx0..=cy * nx + cx1].fill(true);
+                        }
+                    }
+                }
+            }
+        }
+        for cy in 0..ny {
+            let mut run_answer: Option<DistrictId> = None;
+            for cx in 0..nx {
+                let i = cy * nx + cx;
+                if mixed[i] {
+                    grid.cells[i] = MIXED;
+                    run_answer = None;
+                    continue;
+                }
+                let answer = *run_answer.get_or_insert_with(|| {
+                    let lon = grid.lon0 + (cx as f64 + 0.5) / grid.inv_w;
+                    let lat = grid.lat0 + (cy as f64 + 0.5) / grid.inv_h;
+                    self.lookup_exact(Coord { lat, lon })
+                });
+                grid.cells[i] = answer;
+            }
+        }
+        grid
     }
 
     /// Loads a GeoJSON FeatureCollection of Polygon and MultiPolygon features (holes respected),
@@ -143,6 +254,19 @@ impl DistrictIndex {
     /// assert_eq!(index.lookup(Coord { lat: 35.1796, lon: 129.0756 }), UNASSIGNED); // Busan
     /// ```
     pub fn lookup(&self, point: Coord) -> DistrictId {
+        match self
+            .grid
+            .cell(point.lon, point.lat)
+            .map(|i| self.grid.cells[i])
+        {
+            // Outside the grid (or on its very edge): the R-tree answers, quickly for far points.
+            None | Some(MIXED) => self.lookup_exact(point),
+            Some(answer) => answer,
+        }
+    }
+
+    /// The district holding `point` by the R-tree and the exact test alone, without the grid.
+    pub fn lookup_exact(&self, point: Coord) -> DistrictId {
         let p = [point.lon, point.lat];
         let c = GeoCoord {
             x: point.lon,

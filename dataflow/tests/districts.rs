@@ -288,3 +288,37 @@ fn builtin_map_agrees_with_real_gu_mostly() {
         share * 100.0
     );
 }
+
+/// The grid in front of the R-tree must never change an answer: random points, every vertex and
+/// every edge midpoint give the same district with and without it.
+#[test]
+fn grid_answers_equal_exact_answers() {
+    use rand::{Rng, SeedableRng};
+    let mut maps = vec![DistrictIndex::builtin_seoul()];
+    maps.extend(seoul());
+    for index in &maps {
+        let mut rng = rand::rngs::SmallRng::seed_from_u64(5);
+        let mut points: Vec<Coord> = (0..200_000)
+            .map(|_| {
+                at(
+                    rng.random_range(37.40..37.73),
+                    rng.random_range(126.73..127.21),
+                )
+            })
+            .collect();
+        for d in index.districts() {
+            for polygon in &d.shape.0 {
+                for seg in polygon.exterior().lines() {
+                    points.push(at(seg.start.y, seg.start.x));
+                    points.push(at(
+                        (seg.start.y + seg.end.y) / 2.0,
+                        (seg.start.x + seg.end.x) / 2.0,
+                    ));
+                }
+            }
+        }
+        for p in points {
+            assert_eq!(index.lookup(p), index.lookup_exact(p), "{p:?}");
+        }
+    }
+}

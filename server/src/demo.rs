@@ -12,16 +12,11 @@ use dongflow_connectors::source::{ChannelSource, EventSource};
 
 use crate::engine::now_ms;
 
-/// The id an event is partitioned by.
-pub fn partition_key(e: &SimEvent) -> &str {
-    match e {
-        SimEvent::Rider(r) => &r.rider_id,
-        SimEvent::Delivery(d) => &d.delivery_id,
-    }
-}
+/// The sending ends of the workers' channel sources, one per worker.
+pub type Feeds = Vec<Sender<Vec<SimEvent>>>;
 
 /// One channel source per worker, and the senders that feed them.
-pub fn channel_sources(workers: usize) -> (Vec<Sender<Vec<SimEvent>>>, Vec<Box<dyn EventSource>>) {
+pub fn channel_sources(workers: usize) -> (Feeds, Vec<Box<dyn EventSource>>) {
     (0..workers)
         .map(|_| {
             // Bounded: a producer faster than the engine waits instead of filling memory.
@@ -60,7 +55,7 @@ pub fn feed(
         let mut batches: Vec<Vec<SimEvent>> = vec![Vec::new(); senders.len()];
         for _ in 0..n {
             let e = simulator.next_event();
-            let w = (partition_key(&e).hashed() % senders.len() as u64) as usize;
+            let w = (e.key().hashed() % senders.len() as u64) as usize;
             batches[w].push(e);
         }
         for (tx, batch) in senders.iter().zip(batches) {

@@ -1,6 +1,7 @@
 //! The engine: timely workers running the dataflow, each fed by its own source, answering peeks
 //! from its arrangements between steps and compacting its traces as time moves on.
 
+use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -34,6 +35,8 @@ pub struct EngineConfig {
     pub terminal_ttl: Time,
     /// The most events a worker takes from its source per step.
     pub max_batch: usize,
+    /// The most batches a worker keeps in the dataflow before taking more input.
+    pub max_in_flight: usize,
     /// How long an idle worker parks before it advances time again.
     pub idle_park: Duration,
     /// How long a query waits for the workers.
@@ -48,6 +51,7 @@ impl EngineConfig {
             districts,
             terminal_ttl: dongflow_dataflow::build::DEFAULT_TERMINAL_TTL_MS,
             max_batch: 50_000,
+            max_in_flight: 2,
             idle_park: Duration::from_millis(1),
             query_timeout: Duration::from_secs(5),
         }
@@ -248,6 +252,7 @@ struct WorkerLoop {
     shared: Arc<Shared>,
     progress: Arc<InputProgress>,
     max_batch: usize,
+    max_in_flight: usize,
     idle_park: Duration,
     compacted: Time,
 }
@@ -295,6 +300,7 @@ impl WorkerLoop {
             shared,
             progress,
             max_batch: config.max_batch,
+            max_in_flight: config.max_in_flight,
             idle_park: config.idle_park,
             compacted: 0,
         }
@@ -304,13 +310,22 @@ impl WorkerLoop {
         let mut riders = Vec::new();
         let mut deliveries = Vec::new();
         let mut ended = false;
+        // Times of batches pushed but not yet complete. Taking more input only while few are in
+        // flight keeps the dataflow from facing many times per key at once (which costs reduce
+        // dearly) and keeps answers fresh; the source buffers meanwhile.
+        let mut in_flight: VecDeque<Time> = VecDeque::new();
         while !self.shared.stop.load(Ordering::Acquire) {
             // Every worker advances every input to the wall clock, or the frontier would stop.
             let now = now_ms().max(*self.riders_in.time());
             self.riders_in.advance_to(now);
             self.deliveries_in.advance_to(now);
+            while in_flight.front().is_some_and(|t| !self.probe.less_equal(t)) {
+                in_flight.pop_front();
+            }
             let polled = if ended {
                 Polled::Ended
+            } else if in_flight.len() >= self.max_in_flight {
+                Polled::Idle
             } else {
                 self.slot
                     .source
@@ -324,6 +339,9 @@ impl WorkerLoop {
                 deliveries.clear();
                 self.progress.events.fetch_add(n, Ordering::Relaxed);
                 self.progress.pushed[self.index].fetch_max(now, Ordering::Release);
+                if in_flight.back() != Some(&now) {
+                    in_flight.push_back(now);
+                }
             }
             if polled == Polled::Ended && !ended {
                 ended = true;

@@ -284,13 +284,6 @@ impl Scenario {
     }
 }
 
-pub fn event_id(e: &SimEvent) -> &Id {
-    match e {
-        SimEvent::Rider(r) => &r.rider_id,
-        SimEvent::Delivery(d) => &d.delivery_id,
-    }
-}
-
 /// An engine whose workers read channels that stand for Kafka partitions: events go to partition
 /// `hash(id) % partitions`, partition `p` is read by worker `p % workers`.
 pub struct Harness {
@@ -329,7 +322,7 @@ impl Harness {
     pub fn send(&self, events: &[SimEvent]) {
         let mut batches: Vec<Vec<SimEvent>> = vec![Vec::new(); self.partitions.len()];
         for e in events {
-            let p = (event_id(e).hashed() % self.partitions.len() as u64) as usize;
+            let p = (e.key().hashed() % self.partitions.len() as u64) as usize;
             batches[p].push(e.clone());
         }
         for (p, batch) in batches.into_iter().enumerate() {
