@@ -9,17 +9,29 @@ use dongflow_connectors::source::{EventSource, VecSource};
 use dongflow_dataflow::districts::DistrictIndex;
 
 fn arg(i: usize, default: usize) -> usize {
-    std::env::args().nth(i).and_then(|v| v.parse().ok()).unwrap_or(default)
+    std::env::args()
+        .nth(i)
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
 }
 
 fn main() {
     let (workers, riders, n) = (arg(1, 1), arg(2, 100_000), arg(3, 1_000_000));
-    let events: Vec<SimEvent> = Simulator::new(SimConfig { riders, seed: 42, start_ts: 1_764_000_000_000 }).take(n).collect();
+    let events: Vec<SimEvent> = Simulator::new(SimConfig {
+        riders,
+        seed: 42,
+        start_ts: 1_764_000_000_000,
+    })
+    .take(n)
+    .collect();
     let mut parts: Vec<Vec<SimEvent>> = vec![Vec::new(); workers];
     for e in events {
         parts[(e.key().hashed() % workers as u64) as usize].push(e);
     }
-    let sources = parts.into_iter().map(|p| Box::new(VecSource::new(p)) as Box<dyn EventSource>).collect();
+    let sources = parts
+        .into_iter()
+        .map(|p| Box::new(VecSource::new(p)) as Box<dyn EventSource>)
+        .collect();
     let index = std::sync::Arc::new(DistrictIndex::builtin_seoul());
     let mut config = EngineConfig::new(workers, index);
     config.max_batch = arg(4, config.max_batch);
@@ -30,6 +42,9 @@ fn main() {
         std::thread::sleep(Duration::from_micros(200));
     }
     let elapsed = started.elapsed();
-    println!("{workers} workers, {n} events: {:.0} events/s ({elapsed:?})", n as f64 / elapsed.as_secs_f64());
+    println!(
+        "{workers} workers, {n} events: {:.0} events/s ({elapsed:?})",
+        n as f64 / elapsed.as_secs_f64()
+    );
     engine.stop();
 }

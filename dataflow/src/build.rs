@@ -10,9 +10,9 @@ use timely::dataflow::Stream;
 
 use crate::districts::DistrictIndex;
 use crate::stages::{
-    contributions, count_by_district, enrich_with_district, join_inputs, join_riders_deliveries,
-    riders_by_district, CountsTrace, DeliveryRule, DeliveryState, RiderRule, RidersByDistrictTrace,
-    SnapshotTrace,
+    arrange_positions, contributions, count_by_district, enrich_with_district, join_inputs,
+    join_riders_deliveries, riders_by_district, split_riders, CountsTrace, DeliveryRule,
+    DeliveryState, PositionTrace, RiderRule, RidersByDistrictTrace, SnapshotTrace,
 };
 use crate::types::{RiderRow, Time};
 use crate::upsert::{upsert, UpsertCounters, UpsertState};
@@ -51,15 +51,17 @@ pub struct DataflowCounters {
 
 /// What the dataflow offers to queries and sinks.
 pub struct Outputs<'s> {
-    /// Rider snapshots by rider id.
+    /// Rider snapshots without positions, by rider id.
     pub snapshots: Arranged<'s, SnapshotTrace>,
+    /// Rider positions, by rider id.
+    pub positions: Arranged<'s, PositionTrace>,
     /// District counts by district.
     pub counts: Arranged<'s, CountsTrace>,
     /// Rider ids on shift by district.
     pub riders_by_district: Arranged<'s, RidersByDistrictTrace>,
 }
 
-/// Wires the dataflow: enrich, upsert, join, count, arrange.
+/// Wires the dataflow: enrich, upsert, split riders, join, count, arrange.
 pub fn build<'s>(
     riders: Stream<'s, Time, Vec<RiderEvent>>,
     deliveries: Stream<'s, Time, Vec<DeliveryEvent>>,
@@ -81,11 +83,14 @@ pub fn build<'s>(
         state.deliveries.clone(),
         counters.deliveries.clone(),
     );
-    let snapshots = join_riders_deliveries(join_inputs(riders, deliveries.clone()));
+    let (cores, positions) = split_riders(riders);
+    let positions = arrange_positions(positions);
+    let snapshots = join_riders_deliveries(join_inputs(cores, deliveries.clone()));
     let counts = count_by_district(contributions(snapshots.clone(), deliveries));
     let riders_by_district = riders_by_district(snapshots.clone());
     Outputs {
         snapshots,
+        positions,
         counts,
         riders_by_district,
     }

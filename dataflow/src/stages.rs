@@ -12,13 +12,15 @@ use timely::dataflow::Stream;
 
 use crate::districts::{DistrictId, DistrictIndex, UNASSIGNED};
 use crate::types::{
-    Contribution, DeliveryBrief, DeliveryRow, Diff, DistrictCounts, JoinSide, RiderRow, Snapshot,
-    Time,
+    Contribution, DeliveryBrief, DeliveryRow, Diff, DistrictCounts, JoinSide, RiderCore, RiderPart,
+    RiderPosition, RiderRow, SnapshotCore, Time,
 };
 use crate::upsert::{Ignored, UpsertRule};
 
-/// Rider snapshots, arranged by rider id.
-pub type SnapshotTrace = TraceAgent<ValSpine<Id, Snapshot, Time, Diff>>;
+/// Rider snapshots without positions (the join's output), arranged by rider id.
+pub type SnapshotTrace = TraceAgent<ValSpine<Id, SnapshotCore, Time, Diff>>;
+/// Rider positions, arranged by rider id.
+pub type PositionTrace = TraceAgent<ValSpine<Id, RiderPosition, Time, Diff>>;
 /// District counts, arranged by district.
 pub type CountsTrace = TraceAgent<ValSpine<DistrictId, DistrictCounts, Time, Diff>>;
 /// Rider ids on shift, arranged by their district.
@@ -86,7 +88,7 @@ pub struct RiderRule;
 impl UpsertRule for RiderRule {
     type Event = Enriched<RiderEvent>;
     type State = RiderRow;
-    type Row = RiderRow;
+    type Row = RiderPart;
 
     fn id(event: &Self::Event) -> &Id {
         &event.event.rider_id
@@ -113,8 +115,14 @@ impl UpsertRule for RiderRule {
         })
     }
 
-    fn row(state: &RiderRow) -> Option<RiderRow> {
-        state.status.on_shift().then(|| state.clone())
+    fn rows(state: &RiderRow) -> impl Iterator<Item = RiderPart> {
+        let parts = state.status.on_shift().then(|| {
+            [
+                RiderPart::Core(state.core()),
+                RiderPart::Position(state.position()),
+            ]
+        });
+        parts.into_iter().flatten()
     }
 
     fn is_tombstone(_: &RiderRow) -> bool {
@@ -132,6 +140,16 @@ pub enum DeliveryState {
         /// `ts` of the terminal event.
         ts: Millis,
     },
+}
+
+impl DeliveryState {
+    /// The row downstream sees: live deliveries that are active or waiting.
+    pub fn visible(&self) -> Option<DeliveryRow> {
+        match self {
+            DeliveryState::Live(row) if row.is_active() || row.is_waiting() => Some(row.clone()),
+            _ => None,
+        }
+    }
 }
 
 /// The delivery upsert rule: terminal states absorb every later event; visible while active or waiting.
@@ -178,11 +196,8 @@ impl UpsertRule for DeliveryRule {
         }))
     }
 
-    fn row(state: &DeliveryState) -> Option<DeliveryRow> {
-        match state {
-            DeliveryState::Live(row) if row.is_active() || row.is_waiting() => Some(row.clone()),
-            _ => None,
-        }
+    fn rows(state: &DeliveryState) -> impl Iterator<Item = DeliveryRow> {
+        state.visible().into_iter()
     }
 
     fn is_tombstone(state: &DeliveryState) -> bool {
@@ -190,17 +205,44 @@ impl UpsertRule for DeliveryRule {
     }
 }
 
+/// Splits riders on shift into the slowly changing part (status, type, district), which the join
+/// and the counts use, and the position (location, ts), which changes with every ping. A ping that
+/// stays in its district changes only the position: the join and the counts do no work for it.
+pub fn split_riders<'s>(
+    riders: VecCollection<'s, Time, (Id, RiderPart), Diff>,
+) -> (
+    VecCollection<'s, Time, (Id, RiderCore), Diff>,
+    VecCollection<'s, Time, (Id, RiderPosition), Diff>,
+) {
+    let cores = riders.clone().flat_map(|(id, part)| match part {
+        RiderPart::Core(core) => Some((id, core)),
+        RiderPart::Position(_) => None,
+    });
+    let positions = riders.flat_map(|(id, part)| match part {
+        RiderPart::Position(position) => Some((id, position)),
+        RiderPart::Core(_) => None,
+    });
+    (cores, positions)
+}
+
+/// Rider positions, arranged by rider id (read beside the snapshot cores to answer queries).
+pub fn arrange_positions<'s>(
+    positions: VecCollection<'s, Time, (Id, RiderPosition), Diff>,
+) -> Arranged<'s, PositionTrace> {
+    positions.arrange_by_key_named("Arrange: PositionsByRider")
+}
+
 /// The join input: riders on shift and active deliveries, both keyed by rider id.
 ///
 /// ```
 /// use dongflow_dataflow::stages::join_inputs;
-/// use dongflow_dataflow::types::{DeliveryRow, JoinSide};
+/// use dongflow_dataflow::types::{DeliveryRow, JoinSide, RiderCore};
 /// use dongflow_connectors::DeliveryStatus;
 /// use differential_dataflow::input::Input;
 /// use timely::dataflow::operators::{Capture, capture::Extract};
 ///
 /// let rx = timely::example(|scope| {
-///     let riders = scope.new_collection_from(Vec::new()).1;
+///     let riders = scope.new_collection_from(Vec::<(dongflow_connectors::Id, RiderCore)>::new()).1;
 ///     let d = |status, rider: Option<&str>| ("d-1".into(), DeliveryRow { status, delivery_type: None, pickup: None,
 ///         pickup_district: 0, dropoff: None, rider_id: rider.map(Into::into), vehicle: None, ts: 1 });
 ///     // Only the assigned delivery with a rider joins; the waiting one does not.
@@ -212,7 +254,7 @@ impl UpsertRule for DeliveryRule {
 /// assert!(matches!(&out[0].0, (r, JoinSide::Delivery(_)) if r == "r-1"));
 /// ```
 pub fn join_inputs<'s>(
-    riders: VecCollection<'s, Time, (Id, RiderRow), Diff>,
+    riders: VecCollection<'s, Time, (Id, RiderCore), Diff>,
     deliveries: VecCollection<'s, Time, (Id, DeliveryRow), Diff>,
 ) -> VecCollection<'s, Time, (Id, JoinSide), Diff> {
     let active = deliveries.flat_map(|(delivery_id, row)| {
@@ -244,13 +286,13 @@ pub fn join_inputs<'s>(
 ///
 /// ```
 /// use dongflow_dataflow::stages::{join_inputs, join_riders_deliveries};
-/// use dongflow_dataflow::types::{DeliveryRow, RiderRow};
+/// use dongflow_dataflow::types::{DeliveryRow, RiderCore};
 /// use dongflow_connectors::{DeliveryStatus, RiderStatus};
 /// use differential_dataflow::input::Input;
 /// use timely::dataflow::operators::{Capture, capture::Extract};
 ///
 /// let rx = timely::example(|scope| {
-///     let rider = RiderRow { status: RiderStatus::OnShift, rider_type: None, location: None, district: 0, ts: 1 };
+///     let rider = RiderCore { status: RiderStatus::OnShift, rider_type: None, district: 0 };
 ///     let riders = scope.new_collection_from(vec![("r-1".into(), rider)]).1;
 ///     let d = |id: &str| (id.into(), DeliveryRow { status: DeliveryStatus::PickedUp, delivery_type: None, pickup: None,
 ///         pickup_district: 0, dropoff: None, rider_id: Some("r-1".into()), vehicle: None, ts: 9 });
@@ -260,14 +302,13 @@ pub fn join_inputs<'s>(
 /// let out: Vec<_> = rx.extract().into_iter().flat_map(|(_, v)| v).collect();
 /// let snapshot = &out[0].0 .1;
 /// assert_eq!(snapshot.deliveries.iter().map(|d| d.delivery_id.as_str()).collect::<Vec<_>>(), ["d-1", "d-2"]);
-/// assert_eq!(snapshot.updated_ts(), 9);
 /// ```
 pub fn join_riders_deliveries<'s>(
     sides: VecCollection<'s, Time, (Id, JoinSide), Diff>,
 ) -> Arranged<'s, SnapshotTrace> {
     sides
         .arrange_by_key_named("Arrange: JoinSidesByRider")
-        .reduce_abelian::<_, ValBuilder<Id, Snapshot, Time, Diff>, ValSpine<Id, Snapshot, Time, Diff>, _, _>(
+        .reduce_abelian::<_, ValBuilder<Id, SnapshotCore, Time, Diff>, ValSpine<Id, SnapshotCore, Time, Diff>, _, _>(
             "Reduce: SnapshotsByRider",
             |_rider, input, output| {
                 // Values arrive sorted: the rider (if on shift) first, then deliveries by id.
@@ -279,7 +320,7 @@ pub fn join_riders_deliveries<'s>(
                             JoinSide::Rider(_) => None,
                         })
                         .collect();
-                    output.push((Snapshot { rider: row.clone(), deliveries }, 1));
+                    output.push((SnapshotCore { rider: row.clone(), deliveries }, 1));
                 }
             },
             |buffer, key, updates| {
@@ -439,11 +480,11 @@ mod tests {
         let end = RiderRule::apply(Some(&ping), rider(20, RiderStatus::ShiftEnded, None, None))
             .expect("applies");
         assert_eq!(
-            RiderRule::row(&end),
+            RiderRule::rows(&end).next(),
             None,
             "a rider off shift is not visible"
         );
-        assert!(RiderRule::row(&ping).is_some());
+        assert_eq!(RiderRule::rows(&ping).count(), 2, "core and position");
         // A location outside every district moves the rider to unassigned.
         let away = RiderRule::apply(
             Some(&ping),
@@ -456,12 +497,12 @@ mod tests {
     fn delivery_rule_terminal_absorbs_and_reassignment_replaces() {
         let created =
             DeliveryRule::apply(None, delivery(1, DeliveryStatus::Created, None)).expect("applies");
-        assert!(DeliveryRule::row(&created).is_some_and(|r| r.is_waiting()));
+        assert!(created.visible().is_some_and(|r| r.is_waiting()));
         // ASSIGNED without a rider is neither waiting nor active: not visible.
         let assigned =
             DeliveryRule::apply(Some(&created), delivery(2, DeliveryStatus::Assigned, None))
                 .expect("applies");
-        assert_eq!(DeliveryRule::row(&assigned), None);
+        assert_eq!(assigned.visible(), None);
         let a = DeliveryRule::apply(
             Some(&assigned),
             delivery(3, DeliveryStatus::Assigned, Some("r-1")),
@@ -469,21 +510,18 @@ mod tests {
         .expect("applies");
         let b = DeliveryRule::apply(Some(&a), delivery(4, DeliveryStatus::Assigned, Some("r-2")))
             .expect("applies");
-        assert_eq!(
-            DeliveryRule::row(&b).and_then(|r| r.rider_id),
-            Some("r-2".into())
-        );
+        assert_eq!(b.visible().and_then(|r| r.rider_id), Some("r-2".into()));
         // Later events without rider_id keep the last one.
         let picked = DeliveryRule::apply(Some(&b), delivery(5, DeliveryStatus::PickedUp, None))
             .expect("applies");
         assert_eq!(
-            DeliveryRule::row(&picked).and_then(|r| r.rider_id),
+            picked.visible().and_then(|r| r.rider_id),
             Some("r-2".into())
         );
         let done = DeliveryRule::apply(Some(&picked), delivery(6, DeliveryStatus::Delivered, None))
             .expect("applies");
         assert!(DeliveryRule::is_tombstone(&done));
-        assert_eq!(DeliveryRule::row(&done), None);
+        assert_eq!(done.visible(), None);
         for late in [
             delivery(5, DeliveryStatus::PickedUp, None),
             delivery(99, DeliveryStatus::Waiting, None),

@@ -26,6 +26,55 @@ pub struct RiderRow {
     pub ts: Millis,
 }
 
+impl RiderRow {
+    /// The part of the row that changes rarely: what the join and the counts depend on.
+    pub fn core(&self) -> RiderCore {
+        RiderCore {
+            status: self.status,
+            rider_type: self.rider_type.clone(),
+            district: self.district,
+        }
+    }
+
+    /// The part of the row that changes with every ping.
+    pub fn position(&self) -> RiderPosition {
+        RiderPosition {
+            location: self.location,
+            ts: self.ts,
+        }
+    }
+}
+
+/// The slowly changing part of a rider: a ping that stays in its district leaves it as it is.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct RiderCore {
+    /// Latest status.
+    pub status: RiderStatus,
+    /// Last known rider type.
+    pub rider_type: Option<Id>,
+    /// The district of the last known location.
+    pub district: DistrictId,
+}
+
+/// The fast-changing part of a rider: where it was last seen, and when.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct RiderPosition {
+    /// Last known location.
+    pub location: Option<Coord>,
+    /// `ts` of the latest applied event.
+    pub ts: Millis,
+}
+
+/// What the rider upsert sends on for a rider on shift: its core and its position, each only when
+/// it changes.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub enum RiderPart {
+    /// The slowly changing part.
+    Core(RiderCore),
+    /// The position.
+    Position(RiderPosition),
+}
+
 /// A delivery's latest state while it is not terminal.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub struct DeliveryRow {
@@ -72,7 +121,18 @@ pub struct DeliveryBrief {
     pub ts: Millis,
 }
 
-/// A rider on shift joined with its active deliveries (sorted by delivery id).
+/// A rider on shift joined with its active deliveries (sorted by delivery id): the output of the
+/// join, without the rider's position (kept in its own arrangement, as it changes with every ping).
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct SnapshotCore {
+    /// The rider's slowly changing state.
+    pub rider: RiderCore,
+    /// Its active deliveries, sorted by id.
+    pub deliveries: Vec<DeliveryBrief>,
+}
+
+/// A rider on shift joined with its active deliveries (sorted by delivery id): the rider snapshot
+/// of CONTRACT section 3.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub struct Snapshot {
     /// The rider's state.
@@ -82,6 +142,19 @@ pub struct Snapshot {
 }
 
 impl Snapshot {
+    /// The snapshot of a join output and the rider's position, read at the same time.
+    pub fn compose(core: SnapshotCore, position: RiderPosition) -> Self {
+        let SnapshotCore { rider, deliveries } = core;
+        let rider = RiderRow {
+            status: rider.status,
+            rider_type: rider.rider_type,
+            location: position.location,
+            district: rider.district,
+            ts: position.ts,
+        };
+        Self { rider, deliveries }
+    }
+
     /// The latest `ts` among the rider's event and its active deliveries' events.
     pub fn updated_ts(&self) -> Millis {
         self.deliveries
@@ -95,7 +168,7 @@ impl Snapshot {
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub enum JoinSide {
     /// The rider, when on shift.
-    Rider(RiderRow),
+    Rider(RiderCore),
     /// One of its active deliveries.
     Delivery(DeliveryBrief),
 }

@@ -46,14 +46,15 @@ pub trait UpsertRule: 'static {
     type Event: timely::ExchangeData;
     /// The state kept per id.
     type State: Clone + 'static;
-    /// What downstream sees of a state.
-    type Row: timely::ExchangeData + Ord + std::fmt::Debug;
+    /// What downstream sees of a state: a state shows as zero or more rows, and only the rows that
+    /// change are sent on.
+    type Row: timely::ExchangeData + Clone + Ord + std::fmt::Debug;
     /// The id an event belongs to.
     fn id(event: &Self::Event) -> &Id;
     /// The new state after `event`, or why it is ignored.
     fn apply(current: Option<&Self::State>, event: Self::Event) -> Result<Self::State, Ignored>;
-    /// The row downstream sees, if the state is visible.
-    fn row(state: &Self::State) -> Option<Self::Row>;
+    /// The rows downstream sees of a state (none while it is not visible).
+    fn rows(state: &Self::State) -> impl Iterator<Item = Self::Row>;
     /// Whether the state is terminal: kept for the ttl only, to absorb late events.
     fn is_tombstone(state: &Self::State) -> bool;
 }
@@ -134,7 +135,7 @@ type Update<R> = ((Id, R), Time, Diff);
 /// ```
 /// use dongflow_dataflow::upsert::{upsert, UpsertCounters, UpsertState};
 /// use dongflow_dataflow::stages::{Enriched, RiderRule};
-/// use dongflow_dataflow::types::RiderRow;
+/// use dongflow_dataflow::types::RiderPart;
 /// use dongflow_connectors::{RiderEvent, RiderStatus};
 /// use timely::dataflow::operators::{ToStream, Capture, capture::Extract};
 /// use std::sync::Arc;
@@ -148,8 +149,9 @@ type Update<R> = ((Id, R), Time, Diff);
 ///         .inner.capture()
 /// });
 /// let out: Vec<_> = rx.extract().into_iter().flat_map(|(_, v)| v).collect();
-/// assert_eq!(out.len(), 1);
-/// assert_eq!(out[0].0 .1.ts, 5);
+/// // A rider on shift shows as its core and its position; the position is that of ts 5.
+/// assert_eq!(out.len(), 2);
+/// assert!(out.iter().any(|((_, part), _, diff)| *diff == 1 && matches!(part, RiderPart::Position(p) if p.ts == 5)));
 /// ```
 pub fn upsert<'s, U: UpsertRule>(
     events: Stream<'s, Time, Vec<U::Event>>,
@@ -166,14 +168,15 @@ pub fn upsert<'s, U: UpsertRule>(
             move |initial, _| {
                 let mut initial = Some(initial);
                 let mut stash: BTreeMap<Time, (Capability<Time>, Vec<U::Event>)> = BTreeMap::new();
-                let mut touched: FxHashMap<Id, Option<U::Row>> = FxHashMap::default();
+                let mut touched: FxHashMap<Id, Option<U::State>> = FxHashMap::default();
+                let (mut old_rows, mut new_rows) = (Vec::new(), Vec::new());
                 move |(input, frontier), output| {
                     if let Some(cap) = initial.take() {
                         // A seeded state shows itself at the first time, then the capability is released.
                         let state = state.borrow();
                         let mut session = output.session(&cap);
                         for (id, s) in state.entries.iter() {
-                            if let Some(row) = U::row(s) {
+                            for row in U::rows(s) {
                                 session.give(((id.clone(), row), *cap.time(), 1));
                             }
                         }
@@ -200,13 +203,18 @@ pub fn upsert<'s, U: UpsertRule>(
                         apply_time::<U>(&mut state, time, events, &mut touched, &counters);
                         let mut session = output.session(&cap);
                         for (id, old) in touched.drain() {
-                            let new = state.entries.get(&id).and_then(U::row);
-                            if old != new {
-                                if let Some(old) = old {
-                                    session.give(((id.clone(), old), time, -1));
+                            old_rows.clear();
+                            new_rows.clear();
+                            old_rows.extend(old.iter().flat_map(U::rows));
+                            new_rows.extend(state.entries.get(&id).into_iter().flat_map(U::rows));
+                            for row in &old_rows {
+                                if !new_rows.contains(row) {
+                                    session.give(((id.clone(), row.clone()), time, -1));
                                 }
-                                if let Some(new) = new {
-                                    session.give(((id, new), time, 1));
+                            }
+                            for row in new_rows.drain(..) {
+                                if !old_rows.contains(&row) {
+                                    session.give(((id.clone(), row), time, 1));
                                 }
                             }
                         }
@@ -217,13 +225,13 @@ pub fn upsert<'s, U: UpsertRule>(
         .as_collection()
 }
 
-/// Applies one time's events to the state, recording in `touched` the visible row each changed id
-/// had before this time.
+/// Applies one time's events to the state, recording in `touched` the state each changed id had
+/// before this time.
 fn apply_time<U: UpsertRule>(
     state: &mut UpsertState<U::State>,
     time: Time,
     events: Vec<U::Event>,
-    touched: &mut FxHashMap<Id, Option<U::Row>>,
+    touched: &mut FxHashMap<Id, Option<U::State>>,
     counters: &UpsertCounters,
 ) {
     let (mut applied, mut stale, mut after_terminal, mut expired) = (0, 0, 0, 0);
@@ -245,7 +253,7 @@ fn apply_time<U: UpsertRule>(
                 let was_tombstone = current.is_some_and(U::is_tombstone);
                 touched
                     .entry(id.clone())
-                    .or_insert_with(|| current.and_then(U::row));
+                    .or_insert_with(|| current.cloned());
                 if U::is_tombstone(&new) && !was_tombstone {
                     state
                         .expiry

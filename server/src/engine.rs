@@ -11,7 +11,7 @@ use differential_dataflow::trace::TraceReader;
 use dongflow_connectors::source::{EventSource, Polled};
 use dongflow_dataflow::districts::DistrictIndex;
 use dongflow_dataflow::peek::{read_all, read_key, read_keys, trace_len};
-use dongflow_dataflow::stages::{CountsTrace, RidersByDistrictTrace, SnapshotTrace};
+use dongflow_dataflow::stages::{CountsTrace, PositionTrace, RidersByDistrictTrace, SnapshotTrace};
 use dongflow_dataflow::types::Time;
 use dongflow_dataflow::{build, DataflowCounters, WorkerState};
 use thiserror::Error;
@@ -246,6 +246,7 @@ struct WorkerLoop {
     deliveries_in: InputHandle<Time, dongflow_connectors::DeliveryEvent>,
     probe: ProbeHandle<Time>,
     snapshots: SnapshotTrace,
+    positions: PositionTrace,
     counts: CountsTrace,
     by_district: RidersByDistrictTrace,
     state: WorkerState,
@@ -271,16 +272,18 @@ impl WorkerLoop {
         let probe = ProbeHandle::new();
         let state = WorkerState::new(config.terminal_ttl);
         let districts = config.districts.clone();
-        let (snapshots, counts, by_district) = worker.dataflow::<Time, _, _>(|scope| {
+        let (snapshots, positions, counts, by_district) = worker.dataflow::<Time, _, _>(|scope| {
             let riders = scope.input_from(&mut riders_in);
             let deliveries = scope.input_from(&mut deliveries_in);
             let out = build(riders, deliveries, districts, &state, counters);
             // One probe behind every queried arrangement: its frontier says which times are complete.
             out.snapshots.stream.clone().probe_with(&probe);
+            out.positions.stream.clone().probe_with(&probe);
             out.counts.stream.clone().probe_with(&probe);
             out.riders_by_district.stream.clone().probe_with(&probe);
             (
                 out.snapshots.trace,
+                out.positions.trace,
                 out.counts.trace,
                 out.riders_by_district.trace,
             )
@@ -294,6 +297,7 @@ impl WorkerLoop {
             deliveries_in,
             probe,
             snapshots,
+            positions,
             counts,
             by_district,
             state,
@@ -378,7 +382,9 @@ impl WorkerLoop {
                 ),
                 Peek::Counts(None) => PeekResult::Counts(read_all(&mut self.counts, as_of)),
                 Peek::Snapshots(ids) => {
-                    PeekResult::Snapshots(read_keys(&mut self.snapshots, &ids, as_of))
+                    let cores = read_keys(&mut self.snapshots, &ids, as_of);
+                    let positions = read_keys(&mut self.positions, &ids, as_of);
+                    PeekResult::Snapshots(cores, positions)
                 }
                 Peek::RiderIds(d) => {
                     PeekResult::RiderIds(read_key(&mut self.by_district, &d, as_of))
@@ -387,6 +393,7 @@ impl WorkerLoop {
                     riders: self.state.riders.borrow().entries.len(),
                     deliveries: self.state.deliveries.borrow().entries.len(),
                     snapshot_updates: trace_len(&self.snapshots),
+                    position_updates: trace_len(&self.positions),
                     count_updates: trace_len(&self.counts),
                     by_district_updates: trace_len(&self.by_district),
                 }),
@@ -407,6 +414,8 @@ impl WorkerLoop {
             // Physical: batches may be merged across those times, so the spine stays small.
             self.snapshots.set_logical_compaction(f);
             self.snapshots.set_physical_compaction(f);
+            self.positions.set_logical_compaction(f);
+            self.positions.set_physical_compaction(f);
             self.counts.set_logical_compaction(f);
             self.counts.set_physical_compaction(f);
             self.by_district.set_logical_compaction(f);

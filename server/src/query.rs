@@ -15,7 +15,7 @@ use std::time::Duration;
 use crossbeam_channel::{Receiver, Sender};
 use dongflow_connectors::Id;
 use dongflow_dataflow::districts::DistrictId;
-use dongflow_dataflow::types::{DistrictCounts, Snapshot, Time};
+use dongflow_dataflow::types::{DistrictCounts, RiderPosition, Snapshot, SnapshotCore, Time};
 use thiserror::Error;
 
 /// What a client asks.
@@ -84,7 +84,8 @@ pub(crate) enum Peek {
 #[derive(Debug)]
 pub(crate) enum PeekResult {
     Counts(Vec<(DistrictId, DistrictCounts)>),
-    Snapshots(Vec<(Id, Snapshot)>),
+    /// Join outputs and positions of the riders asked for that this worker holds.
+    Snapshots(Vec<(Id, SnapshotCore)>, Vec<(Id, RiderPosition)>),
     RiderIds(Vec<Id>),
     Sizes(StateSizes),
 }
@@ -98,6 +99,8 @@ pub struct StateSizes {
     pub deliveries: usize,
     /// Updates held in the snapshot arrangement.
     pub snapshot_updates: usize,
+    /// Updates held in the rider positions arrangement.
+    pub position_updates: usize,
     /// Updates held in the district counts arrangement.
     pub count_updates: usize,
     /// Updates held in the riders-by-district arrangement.
@@ -109,6 +112,7 @@ impl std::ops::AddAssign for StateSizes {
         self.riders += o.riders;
         self.deliveries += o.deliveries;
         self.snapshot_updates += o.snapshot_updates;
+        self.position_updates += o.position_updates;
         self.count_updates += o.count_updates;
         self.by_district_updates += o.by_district_updates;
     }
@@ -293,14 +297,24 @@ fn counts(parts: Vec<PeekResult>) -> Vec<(DistrictId, DistrictCounts)> {
     all
 }
 
+/// Joins the workers' join outputs with the positions read at the same `as_of`, by rider id.
 fn snapshots(parts: Vec<PeekResult>) -> Vec<(Id, Snapshot)> {
-    let mut all: Vec<_> = parts
+    let mut cores = Vec::new();
+    let mut positions = std::collections::HashMap::new();
+    for part in parts {
+        if let PeekResult::Snapshots(c, p) = part {
+            cores.extend(c);
+            positions.extend(p);
+        }
+    }
+    cores.sort_by(|a, b| a.0.cmp(&b.0));
+    cores
         .into_iter()
-        .flat_map(|p| match p {
-            PeekResult::Snapshots(s) => s,
-            _ => Vec::new(),
+        .filter_map(|(id, core)| {
+            // A rider on shift always has a position; its absence would be a torn read, so it is
+            // left out rather than invented.
+            let position = positions.remove(&id)?;
+            Some((id, Snapshot::compose(core, position)))
         })
-        .collect();
-    all.sort_by(|a, b| a.0.cmp(&b.0));
-    all
+        .collect()
 }
