@@ -59,11 +59,22 @@ pub trait UpsertRule: 'static {
     fn is_tombstone(state: &Self::State) -> bool;
 }
 
+/// One id's state, with the last time it changed (so that a time's first change is noticed
+/// without a second map).
+#[derive(Debug)]
+struct Slot<S> {
+    state: S,
+    touched_at: Time,
+}
+
+/// Marks a slot that no time has changed yet.
+const UNTOUCHED: Time = Time::MAX;
+
 /// The state of one upsert operator on one worker.
 #[derive(Debug)]
 pub struct UpsertState<S> {
     /// Latest state per id.
-    pub entries: FxHashMap<Id, S>,
+    entries: FxHashMap<Id, Slot<S>>,
     /// Tombstones in the order they expire: (expiry time, id).
     expiry: VecDeque<(Time, Id)>,
     /// How long a tombstone is kept, in dataflow time (ms).
@@ -90,7 +101,33 @@ impl<S> UpsertState<S> {
         if let Some(at) = expires {
             self.expiry.push_back((at, id.clone()));
         }
-        self.entries.insert(id, state);
+        self.entries.insert(
+            id,
+            Slot {
+                state,
+                touched_at: UNTOUCHED,
+            },
+        );
+    }
+
+    /// The number of ids held (tombstones included).
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    /// Whether no id is held.
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    /// The state of one id.
+    pub fn get(&self, id: &Id) -> Option<&S> {
+        self.entries.get(id).map(|slot| &slot.state)
+    }
+
+    /// Every id with its state.
+    pub fn iter(&self) -> impl Iterator<Item = (&Id, &S)> {
+        self.entries.iter().map(|(id, slot)| (id, &slot.state))
     }
 
     /// The tombstones with their expiry times, oldest first.
@@ -168,14 +205,14 @@ pub fn upsert<'s, U: UpsertRule>(
             move |initial, _| {
                 let mut initial = Some(initial);
                 let mut stash: BTreeMap<Time, (Capability<Time>, Vec<U::Event>)> = BTreeMap::new();
-                let mut touched: FxHashMap<Id, Option<U::State>> = FxHashMap::default();
+                let mut touched: Vec<(Id, Option<U::State>)> = Vec::new();
                 let (mut old_rows, mut new_rows) = (Vec::new(), Vec::new());
                 move |(input, frontier), output| {
                     if let Some(cap) = initial.take() {
                         // A seeded state shows itself at the first time, then the capability is released.
                         let state = state.borrow();
                         let mut session = output.session(&cap);
-                        for (id, s) in state.entries.iter() {
+                        for (id, s) in state.iter() {
                             for row in U::rows(s) {
                                 session.give(((id.clone(), row), *cap.time(), 1));
                             }
@@ -202,11 +239,11 @@ pub fn upsert<'s, U: UpsertRule>(
                         let mut state = state.borrow_mut();
                         apply_time::<U>(&mut state, time, events, &mut touched, &counters);
                         let mut session = output.session(&cap);
-                        for (id, old) in touched.drain() {
+                        for (id, old) in touched.drain(..) {
                             old_rows.clear();
                             new_rows.clear();
                             old_rows.extend(old.iter().flat_map(U::rows));
-                            new_rows.extend(state.entries.get(&id).into_iter().flat_map(U::rows));
+                            new_rows.extend(state.get(&id).into_iter().flat_map(U::rows));
                             for row in &old_rows {
                                 if !new_rows.contains(row) {
                                     session.give(((id.clone(), row.clone()), time, -1));
@@ -226,40 +263,56 @@ pub fn upsert<'s, U: UpsertRule>(
 }
 
 /// Applies one time's events to the state, recording in `touched` the state each changed id had
-/// before this time.
+/// before this time (once per id).
 fn apply_time<U: UpsertRule>(
     state: &mut UpsertState<U::State>,
     time: Time,
     events: Vec<U::Event>,
-    touched: &mut FxHashMap<Id, Option<U::State>>,
+    touched: &mut Vec<(Id, Option<U::State>)>,
     counters: &UpsertCounters,
 ) {
     let (mut applied, mut stale, mut after_terminal, mut expired) = (0, 0, 0, 0);
     // Drop tombstones whose ttl has run out; an id that came back since is not a tombstone any more.
     while state.expiry.front().is_some_and(|(at, _)| *at <= time) {
         if let Some((_, id)) = state.expiry.pop_front() {
-            if state.entries.get(&id).is_some_and(U::is_tombstone) {
+            if state.get(&id).is_some_and(U::is_tombstone) {
                 state.entries.remove(&id);
                 expired += 1;
             }
         }
     }
+    let ttl = state.ttl;
     for event in events {
         let id = U::id(&event).clone();
-        let current = state.entries.get(&id);
-        match U::apply(current, event) {
-            Ok(new) => {
-                applied += 1;
-                let was_tombstone = current.is_some_and(U::is_tombstone);
-                touched
-                    .entry(id.clone())
-                    .or_insert_with(|| current.cloned());
-                if U::is_tombstone(&new) && !was_tombstone {
-                    state
-                        .expiry
-                        .push_back((time.saturating_add(state.ttl), id.clone()));
+        let result = match state.entries.get_mut(&id) {
+            Some(slot) => U::apply(Some(&slot.state), event).map(|new| {
+                if slot.touched_at != time {
+                    touched.push((id.clone(), Some(slot.state.clone())));
+                    slot.touched_at = time;
                 }
-                state.entries.insert(id, new);
+                let newly_ended = U::is_tombstone(&new) && !U::is_tombstone(&slot.state);
+                slot.state = new;
+                newly_ended
+            }),
+            None => U::apply(None, event).map(|new| {
+                touched.push((id.clone(), None));
+                let newly_ended = U::is_tombstone(&new);
+                state.entries.insert(
+                    id.clone(),
+                    Slot {
+                        state: new,
+                        touched_at: time,
+                    },
+                );
+                newly_ended
+            }),
+        };
+        match result {
+            Ok(newly_ended) => {
+                applied += 1;
+                if newly_ended {
+                    state.expiry.push_back((time.saturating_add(ttl), id));
+                }
             }
             Err(Ignored::Stale) => stale += 1,
             Err(Ignored::AfterTerminal) => after_terminal += 1,
@@ -325,7 +378,7 @@ mod tests {
             }
             input.close();
             worker.step_while(|| !probe.done());
-            let len = st.borrow().entries.len();
+            let len = st.borrow().len();
             (
                 rx.extract()
                     .into_iter()

@@ -50,7 +50,7 @@ impl EngineConfig {
             workers: workers.max(1),
             districts,
             terminal_ttl: dongflow_dataflow::build::DEFAULT_TERMINAL_TTL_MS,
-            max_batch: 50_000,
+            max_batch: 200_000,
             max_in_flight: 2,
             idle_park: Duration::from_millis(1),
             query_timeout: Duration::from_secs(5),
@@ -390,8 +390,8 @@ impl WorkerLoop {
                     PeekResult::RiderIds(read_key(&mut self.by_district, &d, as_of))
                 }
                 Peek::Sizes => PeekResult::Sizes(StateSizes {
-                    riders: self.state.riders.borrow().entries.len(),
-                    deliveries: self.state.deliveries.borrow().entries.len(),
+                    riders: self.state.riders.borrow().len(),
+                    deliveries: self.state.deliveries.borrow().len(),
                     snapshot_updates: trace_len(&self.snapshots),
                     position_updates: trace_len(&self.positions),
                     count_updates: trace_len(&self.counts),
