@@ -86,29 +86,33 @@ fn throughput(c: &mut Criterion, events: &[SimEvent], index: &std::sync::Arc<Dis
     group.finish();
 }
 
-/// Heap held by a drained engine, per live rider on shift plus active delivery.
-fn memory(events: &[SimEvent], index: &std::sync::Arc<DistrictIndex>) {
-    for workers in [1, 2] {
+/// Heap held by a drained engine (2 workers), per live record: riders on shift, active and waiting
+/// deliveries. Fixed costs (buffers sized by the batch, not by the state) are taken out by measuring
+/// two fleet sizes and dividing the difference in heap by the difference in live records.
+fn memory(index: &std::sync::Arc<DistrictIndex>, fleets: [usize; 2], events_per_rider: usize) {
+    let workers = 2;
+    let mut points = Vec::new();
+    for riders in fleets {
+        let events = events(riders, riders * events_per_rider);
         // The input is built before counting starts: only what the engine allocates is counted.
-        let input = sources(events, workers);
+        let input = sources(&events, workers);
         let region = Region::new(GLOBAL);
         let (elapsed, engine) = run(input, workers, index);
-        let held =
-            region.change().bytes_allocated as i64 - region.change().bytes_deallocated as i64;
+        let change = region.change();
+        let held = change.bytes_allocated as i64 - change.bytes_deallocated as i64;
         let answer = engine.query(&Query::Districts).expect("answer");
-        let AnswerBody::Districts(counts) = answer.body else {
-            unreachable!("districts answer")
-        };
+        let AnswerBody::Districts(counts) = answer.body else { unreachable!("districts answer") };
         let on_shift: u64 = counts.iter().map(|(_, c)| c.riders_on_shift).sum();
         let active: u64 = counts.iter().map(|(_, c)| c.active_deliveries).sum();
         let waiting: u64 = counts.iter().map(|(_, c)| c.waiting_deliveries).sum();
         let sizes = engine.sizes().expect("sizes");
-        let records = (on_shift + active + waiting).max(1);
+        let records = on_shift + active + waiting;
         println!(
             "{}",
             serde_json::json!({
                 "bench": "dataflow_memory",
                 "workers": workers,
+                "riders": riders,
                 "events": events.len(),
                 "events_per_s": (events.len() as f64 / elapsed.as_secs_f64()).round(),
                 "riders_on_shift": on_shift,
@@ -116,13 +120,23 @@ fn memory(events: &[SimEvent], index: &std::sync::Arc<DistrictIndex>) {
                 "waiting_deliveries": waiting,
                 "riders_known": sizes.riders,
                 "deliveries_known": sizes.deliveries,
-                "trace_updates": {"snapshots": sizes.snapshot_updates, "by_district": sizes.by_district_updates, "counts": sizes.count_updates},
+                "trace_updates": {
+                    "snapshots": sizes.snapshot_updates,
+                    "positions": sizes.position_updates,
+                    "by_district": sizes.by_district_updates,
+                    "counts": sizes.count_updates,
+                },
                 "engine_heap_bytes": held,
-                "bytes_per_live_record": held / records as i64,
+                "heap_bytes_per_live_record": held / records.max(1) as i64,
             })
         );
+        points.push((held, records));
         engine.stop();
     }
+    let (h0, r0) = points[0];
+    let (h1, r1) = points[1];
+    let marginal = (h1 - h0) as f64 / (r1 as f64 - r0 as f64).max(1.0);
+    println!("{}", serde_json::json!({"bench": "dataflow_memory_marginal", "fleets": fleets, "bytes_per_live_record": marginal.round()}));
 }
 
 fn main() {
@@ -133,5 +147,6 @@ fn main() {
     let mut c = Criterion::default().configure_from_args();
     throughput(&mut c, &events, &index);
     c.final_summary();
-    memory(&events, &index);
+    drop(events);
+    memory(&index, [riders / 2, riders], 20);
 }
