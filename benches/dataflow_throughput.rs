@@ -101,7 +101,9 @@ fn memory(index: &std::sync::Arc<DistrictIndex>, fleets: [usize; 2], events_per_
         let change = region.change();
         let held = change.bytes_allocated as i64 - change.bytes_deallocated as i64;
         let answer = engine.query(&Query::Districts).expect("answer");
-        let AnswerBody::Districts(counts) = answer.body else { unreachable!("districts answer") };
+        let AnswerBody::Districts(counts) = answer.body else {
+            unreachable!("districts answer")
+        };
         let on_shift: u64 = counts.iter().map(|(_, c)| c.riders_on_shift).sum();
         let active: u64 = counts.iter().map(|(_, c)| c.active_deliveries).sum();
         let waiting: u64 = counts.iter().map(|(_, c)| c.waiting_deliveries).sum();
@@ -136,7 +138,10 @@ fn memory(index: &std::sync::Arc<DistrictIndex>, fleets: [usize; 2], events_per_
     let (h0, r0) = points[0];
     let (h1, r1) = points[1];
     let marginal = (h1 - h0) as f64 / (r1 as f64 - r0 as f64).max(1.0);
-    println!("{}", serde_json::json!({"bench": "dataflow_memory_marginal", "fleets": fleets, "bytes_per_live_record": marginal.round()}));
+    println!(
+        "{}",
+        serde_json::json!({"bench": "dataflow_memory_marginal", "fleets": fleets, "bytes_per_live_record": marginal.round()})
+    );
 }
 
 fn main() {

@@ -189,6 +189,22 @@ pub struct DeliveryEvent {
     pub ts: Millis,
 }
 
+impl DeliveryEvent {
+    /// An event that carries only its id, status and time (every other field "unchanged").
+    pub fn bare(delivery_id: Id, status: DeliveryStatus, ts: Millis) -> Self {
+        Self {
+            delivery_id,
+            status,
+            delivery_type: None,
+            pickup: None,
+            dropoff: None,
+            rider_id: None,
+            vehicle: None,
+            ts,
+        }
+    }
+}
+
 /// The fields of a rider event as found in the JSON object, before their types are checked.
 #[derive(Deserialize)]
 struct RawRider<'a> {

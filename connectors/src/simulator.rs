@@ -820,16 +820,7 @@ impl Simulator {
 
     /// A delivery event with only the id, status and time.
     fn bare(&self, slot: u32, status: DeliveryStatus, now: Millis) -> DeliveryEvent {
-        DeliveryEvent {
-            delivery_id: self.deliveries[slot as usize].id.clone(),
-            status,
-            delivery_type: None,
-            pickup: None,
-            dropoff: None,
-            rider_id: None,
-            vehicle: None,
-            ts: now,
-        }
+        DeliveryEvent::bare(self.deliveries[slot as usize].id.clone(), status, now)
     }
 
     /// An `ASSIGNED` event for the delivery's rider.

@@ -205,15 +205,17 @@ impl UpsertRule for DeliveryRule {
     }
 }
 
+/// Riders' slowly changing parts, keyed by rider id.
+pub type RiderCores<'s> = VecCollection<'s, Time, (Id, RiderCore), Diff>;
+/// Riders' positions, keyed by rider id.
+pub type RiderPositions<'s> = VecCollection<'s, Time, (Id, RiderPosition), Diff>;
+
 /// Splits riders on shift into the slowly changing part (status, type, district), which the join
 /// and the counts use, and the position (location, ts), which changes with every ping. A ping that
 /// stays in its district changes only the position: the join and the counts do no work for it.
 pub fn split_riders<'s>(
     riders: VecCollection<'s, Time, (Id, RiderPart), Diff>,
-) -> (
-    VecCollection<'s, Time, (Id, RiderCore), Diff>,
-    VecCollection<'s, Time, (Id, RiderPosition), Diff>,
-) {
+) -> (RiderCores<'s>, RiderPositions<'s>) {
     let cores = riders.clone().flat_map(|(id, part)| match part {
         RiderPart::Core(core) => Some((id, core)),
         RiderPart::Position(_) => None,

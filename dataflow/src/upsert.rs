@@ -332,16 +332,7 @@ mod tests {
     use timely::dataflow::operators::Probe;
 
     fn event(id: &str, status: DeliveryStatus, ts: u64) -> Enriched<DeliveryEvent> {
-        let event = DeliveryEvent {
-            delivery_id: id.into(),
-            status,
-            delivery_type: None,
-            pickup: None,
-            dropoff: None,
-            rider_id: None,
-            vehicle: None,
-            ts,
-        };
+        let event = DeliveryEvent::bare(id.into(), status, ts);
         Enriched {
             event,
             district: Some(0),

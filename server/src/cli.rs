@@ -59,6 +59,24 @@ pub struct ClusterArgs {
     pub help: Option<bool>,
 }
 
+/// The broker and the two input topics (read by `run`, written by `generate`).
+#[derive(Debug, Clone, Args)]
+pub struct InputArgs {
+    /// Kafka bootstrap servers [default for `run`: start the embedded broker].
+    #[arg(long, env = "DONGFLOW_BROKERS")]
+    pub brokers: Option<String>,
+    /// Topic of rider events.
+    #[arg(long, env = "DONGFLOW_RIDER_TOPIC", default_value = "rider-events")]
+    pub rider_topic: String,
+    /// Topic of delivery events.
+    #[arg(
+        long,
+        env = "DONGFLOW_DELIVERY_TOPIC",
+        default_value = "delivery-events"
+    )]
+    pub delivery_topic: String,
+}
+
 /// Which district map to use.
 #[derive(Debug, Clone, Args)]
 pub struct MapArgs {
@@ -91,19 +109,9 @@ pub struct RunArgs {
     /// Timely cluster.
     #[command(flatten)]
     pub cluster: ClusterArgs,
-    /// Kafka bootstrap servers [default: start the embedded broker].
-    #[arg(long, env = "DONGFLOW_BROKERS")]
-    pub brokers: Option<String>,
-    /// Input topic of rider events.
-    #[arg(long, env = "DONGFLOW_RIDER_TOPIC", default_value = "rider-events")]
-    pub rider_topic: String,
-    /// Input topic of delivery events.
-    #[arg(
-        long,
-        env = "DONGFLOW_DELIVERY_TOPIC",
-        default_value = "delivery-events"
-    )]
-    pub delivery_topic: String,
+    /// Broker and input topics.
+    #[command(flatten)]
+    pub input: InputArgs,
     /// Output topic of district counts.
     #[arg(
         long,
@@ -177,19 +185,9 @@ pub struct DemoArgs {
 /// Options of `dongflow generate`.
 #[derive(Debug, Clone, Args)]
 pub struct GenerateArgs {
-    /// Kafka bootstrap servers.
-    #[arg(long, env = "DONGFLOW_BROKERS")]
-    pub brokers: Option<String>,
-    /// Topic for rider events.
-    #[arg(long, env = "DONGFLOW_RIDER_TOPIC", default_value = "rider-events")]
-    pub rider_topic: String,
-    /// Topic for delivery events.
-    #[arg(
-        long,
-        env = "DONGFLOW_DELIVERY_TOPIC",
-        default_value = "delivery-events"
-    )]
-    pub delivery_topic: String,
+    /// Broker and topics to produce to.
+    #[command(flatten)]
+    pub input: InputArgs,
     /// Simulated riders.
     #[arg(long, default_value_t = 2_000)]
     pub riders: usize,
@@ -284,7 +282,8 @@ mod tests {
         assert_eq!(run.checkpoint_interval, Duration::from_millis(250));
         assert_eq!(run.http_peers, ["http://a", "http://b"]);
         assert_eq!(run.map.district_code_prop, "adm_cd2");
-        assert_eq!(run.rider_topic, "rider-events");
+        assert_eq!(run.input.rider_topic, "rider-events");
+        assert_eq!(run.input.brokers.as_deref(), Some("b:9092"));
     }
 
     #[test]

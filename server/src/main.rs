@@ -165,7 +165,7 @@ fn print_summary(engine: &Engine, index: &DistrictIndex, elapsed: Duration) {
 }
 
 fn generate(args: GenerateArgs) -> Result<(), Failure> {
-    if args.brokers.is_some() {
+    if args.input.brokers.is_some() {
         return Err(anyhow::anyhow!("producing to Kafka is not yet supported in this build; without --brokers, events are written to stdout as JSON lines").into());
     }
     let stop = stop_on_signal();
@@ -184,11 +184,11 @@ fn generate(args: GenerateArgs) -> Result<(), Failure> {
         }
         let (topic, json) = match simulator.next_event() {
             SimEvent::Rider(e) => (
-                &args.rider_topic,
+                &args.input.rider_topic,
                 dongflow_connectors::events::encode_rider(&e),
             ),
             SimEvent::Delivery(e) => (
-                &args.delivery_topic,
+                &args.input.delivery_topic,
                 dongflow_connectors::events::encode_delivery(&e),
             ),
         };
