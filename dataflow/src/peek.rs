@@ -87,6 +87,30 @@ where
 }
 
 /// Every (key, value) at `as_of`, sorted by key (each pair once per unit of multiplicity).
+///
+/// ```
+/// use differential_dataflow::input::Input;
+/// use dongflow_dataflow::peek::{read_all, read_keys, trace_len};
+/// use timely::dataflow::operators::Probe;
+///
+/// timely::execute_directly(|worker| {
+///     let (mut input, mut trace, probe) = worker.dataflow::<u64, _, _>(|scope| {
+///         let (input, data) = scope.new_collection::<(u32, char), isize>();
+///         let arranged = data.arrange_by_key();
+///         let (probe, _) = arranged.stream.clone().probe();
+///         (input, arranged.trace, probe)
+///     });
+///     for (k, v) in [(3, 'c'), (1, 'a'), (2, 'b')] {
+///         input.insert((k, v));
+///     }
+///     input.advance_to(1);
+///     input.flush();
+///     worker.step_while(|| probe.less_than(&1));
+///     assert_eq!(read_all(&mut trace, 0), vec![(1, 'a'), (2, 'b'), (3, 'c')]);
+///     assert_eq!(read_keys(&mut trace, &[3, 1, 9], 0), vec![(1, 'a'), (3, 'c')]);
+///     assert_eq!(trace_len(&trace), 3);
+/// });
+/// ```
 pub fn read_all<K, V>(trace: &mut Trace<K, V>, as_of: Time) -> Vec<(K, V)>
 where
     K: Ord + Clone + 'static,
@@ -102,7 +126,7 @@ where
     out
 }
 
-/// The values of several keys at `as_of`, as (key, value) pairs in key order.
+/// The values of several keys at `as_of`, as (key, value) pairs in key order (see [`read_all`]).
 pub fn read_keys<K, V>(trace: &mut Trace<K, V>, keys: &[K], as_of: Time) -> Vec<(K, V)>
 where
     K: Ord + Clone + 'static,
@@ -120,7 +144,8 @@ where
         .collect()
 }
 
-/// The number of updates a trace holds (every batch, merged or not): what compaction keeps bounded.
+/// The number of updates a trace holds (every batch, merged or not): what compaction keeps bounded
+/// (see [`read_all`]).
 pub fn trace_len<K, V>(trace: &Trace<K, V>) -> usize
 where
     K: Ord + Clone + 'static,

@@ -213,6 +213,27 @@ pub type RiderPositions<'s> = VecCollection<'s, Time, (Id, RiderPosition), Diff>
 /// Splits riders on shift into the slowly changing part (status, type, district), which the join
 /// and the counts use, and the position (location, ts), which changes with every ping. A ping that
 /// stays in its district changes only the position: the join and the counts do no work for it.
+///
+/// ```
+/// use dongflow_dataflow::stages::split_riders;
+/// use dongflow_dataflow::types::{RiderCore, RiderPart, RiderPosition};
+/// use dongflow_connectors::{Id, RiderStatus};
+/// use differential_dataflow::input::Input;
+/// use timely::dataflow::operators::{Capture, capture::Extract};
+///
+/// let (cores, positions) = timely::example(|scope| {
+///     let core = RiderCore { status: RiderStatus::OnShift, rider_type: None, district: 2 };
+///     let position = RiderPosition { location: None, ts: 7 };
+///     let id: Id = "r-1".into();
+///     let parts = scope.new_collection_from(vec![(id.clone(), RiderPart::Core(core)), (id, RiderPart::Position(position))]).1;
+///     let (cores, positions) = split_riders(parts);
+///     (cores.inner.capture(), positions.inner.capture())
+/// });
+/// let cores: Vec<_> = cores.extract().into_iter().flat_map(|(_, v)| v).collect();
+/// let positions: Vec<_> = positions.extract().into_iter().flat_map(|(_, v)| v).collect();
+/// assert_eq!((cores.len(), cores[0].0 .1.district), (1, 2));
+/// assert_eq!((positions.len(), positions[0].0 .1.ts), (1, 7));
+/// ```
 pub fn split_riders<'s>(
     riders: VecCollection<'s, Time, (Id, RiderPart), Diff>,
 ) -> (RiderCores<'s>, RiderPositions<'s>) {
@@ -228,6 +249,27 @@ pub fn split_riders<'s>(
 }
 
 /// Rider positions, arranged by rider id (read beside the snapshot cores to answer queries).
+///
+/// ```
+/// use dongflow_dataflow::{peek::read_key, stages::arrange_positions, types::RiderPosition};
+/// use dongflow_connectors::Id;
+/// use differential_dataflow::input::Input;
+/// use timely::dataflow::operators::Probe;
+///
+/// timely::execute_directly(|worker| {
+///     let (mut input, mut trace, probe) = worker.dataflow::<u64, _, _>(|scope| {
+///         let (input, positions) = scope.new_collection::<(Id, RiderPosition), isize>();
+///         let arranged = arrange_positions(positions);
+///         let (probe, _) = arranged.stream.clone().probe();
+///         (input, arranged.trace, probe)
+///     });
+///     input.insert(("r-1".into(), RiderPosition { location: None, ts: 3 }));
+///     input.advance_to(1);
+///     input.flush();
+///     worker.step_while(|| probe.less_than(&1));
+///     assert_eq!(read_key(&mut trace, &"r-1".into(), 0).len(), 1);
+/// });
+/// ```
 pub fn arrange_positions<'s>(
     positions: VecCollection<'s, Time, (Id, RiderPosition), Diff>,
 ) -> Arranged<'s, PositionTrace> {
@@ -333,6 +375,34 @@ pub fn join_riders_deliveries<'s>(
 }
 
 /// What each snapshot and each waiting delivery adds to its district's counts.
+///
+/// ```
+/// use dongflow_dataflow::stages::{contributions, join_inputs, join_riders_deliveries};
+/// use dongflow_dataflow::types::{Contribution, DeliveryRow, RiderCore};
+/// use dongflow_connectors::{DeliveryStatus, Id, RiderStatus};
+/// use differential_dataflow::input::Input;
+/// use timely::dataflow::operators::{Capture, capture::Extract};
+///
+/// let rx = timely::example(|scope| {
+///     let rider = RiderCore { status: RiderStatus::OnShift, rider_type: None, district: 4 };
+///     let riders = scope.new_collection_from(vec![(Id::from("r-1"), rider)]).1;
+///     let d = |id: &str, status, rider: Option<&str>, pickup_district| (id.into(), DeliveryRow { status, delivery_type: None,
+///         pickup: None, pickup_district, dropoff: None, rider_id: rider.map(Into::into), vehicle: None, ts: 1 });
+///     let deliveries = scope.new_collection_from(vec![
+///         d("d-1", DeliveryStatus::PickedUp, Some("r-1"), 9),
+///         d("d-2", DeliveryStatus::Waiting, None, 6),
+///     ]).1;
+///     let snapshots = join_riders_deliveries(join_inputs(riders, deliveries.clone()));
+///     contributions(snapshots, deliveries).inner.capture()
+/// });
+/// let mut out: Vec<_> = rx.extract().into_iter().flat_map(|(_, v)| v).map(|(d, _, r)| (d, r)).collect();
+/// out.sort();
+/// // The rider counts where it is (4); the waiting delivery where it is picked up (6).
+/// assert_eq!(out, vec![
+///     ((4, Contribution::OnShift), 1), ((4, Contribution::Delivering), 1), ((4, Contribution::Active), 1),
+///     ((6, Contribution::Waiting), 1),
+/// ]);
+/// ```
 pub fn contributions<'s>(
     snapshots: Arranged<'s, SnapshotTrace>,
     deliveries: VecCollection<'s, Time, (Id, DeliveryRow), Diff>,
@@ -404,6 +474,25 @@ pub fn count_by_district<'s>(
 }
 
 /// Riders on shift by district, arranged so that a district's riders can be listed.
+///
+/// ```
+/// use dongflow_dataflow::stages::{join_inputs, join_riders_deliveries, riders_by_district};
+/// use dongflow_dataflow::types::{DeliveryRow, RiderCore};
+/// use dongflow_connectors::{Id, RiderStatus};
+/// use differential_dataflow::input::Input;
+/// use timely::dataflow::operators::{Capture, capture::Extract};
+///
+/// let rx = timely::example(|scope| {
+///     let core = |district| RiderCore { status: RiderStatus::OnShift, rider_type: None, district };
+///     let riders = scope.new_collection_from(vec![(Id::from("r-1"), core(3)), (Id::from("r-2"), core(5))]).1;
+///     let deliveries = scope.new_collection_from(Vec::<(Id, DeliveryRow)>::new()).1;
+///     let snapshots = join_riders_deliveries(join_inputs(riders, deliveries));
+///     riders_by_district(snapshots).as_collection(|d, r| (*d, r.clone())).inner.capture()
+/// });
+/// let mut out: Vec<_> = rx.extract().into_iter().flat_map(|(_, v)| v).map(|(x, _, _)| x).collect();
+/// out.sort();
+/// assert_eq!(out, vec![(3, Id::from("r-1")), (5, Id::from("r-2"))]);
+/// ```
 pub fn riders_by_district<'s>(
     snapshots: Arranged<'s, SnapshotTrace>,
 ) -> Arranged<'s, RidersByDistrictTrace> {
