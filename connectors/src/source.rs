@@ -26,6 +26,12 @@ pub trait EventSource: Send {
         riders: &mut Vec<RiderEvent>,
         deliveries: &mut Vec<DeliveryEvent>,
     ) -> Polled;
+
+    /// Whether the source has handed out everything that was there when it started (a Kafka
+    /// source: the end offsets seen at start). Sources without a backlog are caught up at once.
+    fn caught_up(&self) -> bool {
+        true
+    }
 }
 
 /// A source with nothing in it (workers that own no partition).

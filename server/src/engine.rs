@@ -83,21 +83,43 @@ struct InputProgress {
     ended: Vec<AtomicBool>,
     /// Events pushed into the dataflow, all workers.
     events: AtomicU64,
+    /// Per worker: the time of its last push when its source first said it had caught up (0: not yet).
+    caught_up_at: Vec<AtomicU64>,
 }
 
-/// A running engine.
-pub struct Engine {
+/// What the rest of the process may hold of a running engine: queries, progress and counters.
+/// Cheap to clone; every clone talks to the same workers.
+#[derive(Clone)]
+pub struct EngineHandle {
     shared: Arc<Shared>,
     progress: Arc<InputProgress>,
     counters: DataflowCounters,
+}
+
+impl std::fmt::Debug for EngineHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EngineHandle")
+            .field("workers", &self.shared.peeks.len())
+            .finish()
+    }
+}
+
+/// A running engine. It dereferences to its [`EngineHandle`]; dropping it stops the workers.
+pub struct Engine {
+    handle: EngineHandle,
     guards: Option<timely::communication::WorkerGuards<()>>,
+}
+
+impl std::ops::Deref for Engine {
+    type Target = EngineHandle;
+    fn deref(&self) -> &EngineHandle {
+        &self.handle
+    }
 }
 
 impl std::fmt::Debug for Engine {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Engine")
-            .field("workers", &self.shared.peeks.len())
-            .finish()
+        self.handle.fmt(f)
     }
 }
 
@@ -126,6 +148,7 @@ impl Engine {
             pushed: (0..workers).map(|_| AtomicU64::new(0)).collect(),
             ended: (0..workers).map(|_| AtomicBool::new(false)).collect(),
             events: AtomicU64::new(0),
+            caught_up_at: (0..workers).map(|_| AtomicU64::new(0)).collect(),
         });
         let counters = DataflowCounters::default();
         let slots: Mutex<Vec<Option<WorkerSlot>>> = Mutex::new(
@@ -156,48 +179,18 @@ impl Engine {
         })
         .map_err(EngineError::Timely)?;
         Ok(Engine {
-            shared,
-            progress,
-            counters,
+            handle: EngineHandle {
+                shared,
+                progress,
+                counters,
+            },
             guards: Some(guards),
         })
     }
 
-    /// Answers a query at one consistent `as_of`.
-    pub fn query(&self, query: &Query) -> Result<Answer, QueryError> {
-        self.shared.query(query)
-    }
-
-    /// The latest time every worker has completed (0: none yet).
-    pub fn as_of(&self) -> Time {
-        self.shared.as_of()
-    }
-
-    /// Whether every source has ended and everything pushed has been processed.
-    pub fn drained(&self) -> bool {
-        let p = &self.progress;
-        p.ended.iter().all(|e| e.load(Ordering::Acquire))
-            && p.pushed
-                .iter()
-                .map(|t| t.load(Ordering::Acquire))
-                .max()
-                .unwrap_or(0)
-                <= self.as_of()
-    }
-
-    /// Events pushed into the dataflow so far.
-    pub fn events_in(&self) -> u64 {
-        self.progress.events.load(Ordering::Relaxed)
-    }
-
-    /// How much state the workers hold.
-    pub fn sizes(&self) -> Result<StateSizes, QueryError> {
-        self.shared.sizes()
-    }
-
-    /// The upsert counters (applied, stale, after terminal, expired).
-    pub fn counters(&self) -> &DataflowCounters {
-        &self.counters
+    /// A handle for queries and progress, to give to other threads.
+    pub fn handle(&self) -> EngineHandle {
+        self.handle.clone()
     }
 
     /// Stops the workers and waits for them.
@@ -224,6 +217,57 @@ impl Engine {
                 }
             }
         }
+    }
+}
+
+impl EngineHandle {
+    /// Answers a query at one consistent `as_of`.
+    pub fn query(&self, query: &Query) -> Result<Answer, QueryError> {
+        self.shared.query(query)
+    }
+
+    /// The latest time every worker has completed (0: none yet).
+    pub fn as_of(&self) -> Time {
+        self.shared.as_of()
+    }
+
+    /// Whether every source has ended and everything pushed has been processed.
+    pub fn drained(&self) -> bool {
+        let p = &self.progress;
+        p.ended.iter().all(|e| e.load(Ordering::Acquire))
+            && p.pushed
+                .iter()
+                .map(|t| t.load(Ordering::Acquire))
+                .max()
+                .unwrap_or(0)
+                <= self.as_of()
+    }
+
+    /// Whether every source has caught up with what it had at start, and the dataflow has taken all
+    /// of that in: the live state is current.
+    pub fn caught_up(&self) -> bool {
+        let marks: Vec<Time> = self
+            .progress
+            .caught_up_at
+            .iter()
+            .map(|t| t.load(Ordering::Acquire))
+            .collect();
+        marks.iter().all(|&t| t > 0) && marks.iter().max().is_some_and(|&t| t <= self.as_of())
+    }
+
+    /// Events pushed into the dataflow so far.
+    pub fn events_in(&self) -> u64 {
+        self.progress.events.load(Ordering::Relaxed)
+    }
+
+    /// How much state the workers hold.
+    pub fn sizes(&self) -> Result<StateSizes, QueryError> {
+        self.shared.sizes()
+    }
+
+    /// The upsert counters (applied, stale, after terminal, expired).
+    pub fn counters(&self) -> &DataflowCounters {
+        &self.counters
     }
 }
 
@@ -346,6 +390,12 @@ impl WorkerLoop {
                 if in_flight.back() != Some(&now) {
                     in_flight.push_back(now);
                 }
+            }
+            if self.progress.caught_up_at[self.index].load(Ordering::Relaxed) == 0
+                && self.slot.source.caught_up()
+            {
+                let last = self.progress.pushed[self.index].load(Ordering::Acquire);
+                self.progress.caught_up_at[self.index].store(last.max(1), Ordering::Release);
             }
             if polled == Polled::Ended && !ended {
                 ended = true;

@@ -1,16 +1,18 @@
-//! The dongflow engine and server: the worker loop, queries and (soon) HTTP, checkpoints, metrics.
+//! The dongflow engine and server: the worker loop, queries, HTTP and metrics.
 //!
 //! - [`engine`]: starts the timely workers, feeds them from their sources, answers peeks, compacts.
 //! - [`query`]: typed queries, answered at one consistent `as_of` across workers.
 //! - [`render`]: the JSON of CONTRACT section 6 (district objects, rider snapshots).
+//! - [`http`]: the HTTP API of CONTRACT section 6 (hyper), metrics, health.
 //! - [`cli`]: the command line of CONTRACT section 1.
 //! - [`demo`]: the in-process simulator feed used by `dongflow demo`.
 
 pub mod cli;
 pub mod demo;
 pub mod engine;
+pub mod http;
 pub mod query;
 pub mod render;
 
-pub use engine::{Engine, EngineConfig};
+pub use engine::{Engine, EngineConfig, EngineHandle};
 pub use query::{Answer, AnswerBody, Query, QueryError, StateSizes};

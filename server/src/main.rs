@@ -11,6 +11,7 @@ use anyhow::Context;
 use clap::Parser;
 use dongflow::cli::{Cli, ClusterArgs, Command, DemoArgs, GenerateArgs, MapArgs, RunArgs};
 use dongflow::demo::{channel_sources, feed, sim_config, stop_on_signal};
+use dongflow::http::{App, HttpServer};
 use dongflow::render::DistrictsView;
 use dongflow::{AnswerBody, Engine, EngineConfig, Query};
 use dongflow_connectors::simulator::{SimEvent, Simulator};
@@ -101,6 +102,8 @@ fn demo(args: DemoArgs) -> Result<(), Failure> {
     let (senders, sources) = channel_sources(workers);
     let engine = Engine::start(EngineConfig::new(workers, index.clone()), sources)
         .context("starting the engine")?;
+    let server = HttpServer::start(&args.http, App::new(engine.handle(), index.clone()), 2)
+        .with_context(|| format!("cannot listen on {}", args.http))?;
     let sim = sim_config(args.riders, args.seed);
     let (rate, flag) = (args.rate, stop.clone());
     let feeder = std::thread::spawn(move || feed(sim, rate, None, &senders, &flag));
@@ -110,7 +113,11 @@ fn demo(args: DemoArgs) -> Result<(), Failure> {
         args.riders,
         args.rate
     );
-    println!("(the embedded broker and the HTTP server at http://{} are not part of this build yet; counts print below)", args.http);
+    println!(
+        "HTTP: http://{}/  (API: /v1/districts, /v1/riders/{{id}}, /metrics)",
+        server.addr()
+    );
+    println!("(the embedded Kafka broker is not part of this build yet: the simulator feeds the engine directly)");
     println!("Ctrl-C stops.");
     let started = Instant::now();
     let mut last_print = Instant::now();
@@ -127,6 +134,7 @@ fn demo(args: DemoArgs) -> Result<(), Failure> {
     stop.store(true, Ordering::SeqCst);
     let sent = feeder.join().unwrap_or(0);
     print_summary(&engine, &index, started.elapsed());
+    server.stop();
     engine.stop();
     println!("stopped after {sent} events");
     Ok(())

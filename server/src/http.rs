@@ -1,0 +1,621 @@
+//! The HTTP API of CONTRACT section 6, served with hyper.
+//!
+//! Every request is answered from the engine at one consistent `as_of` (see [`crate::query`]). Queries
+//! block on the workers' replies, so they run on tokio's blocking pool: a slow query never holds an
+//! async worker, and a slow or vanished client never holds worker state (the workers reply into a
+//! channel and forget the request). Request bodies are never read.
+
+use std::collections::BTreeMap;
+use std::convert::Infallible;
+use std::future::Future;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use dongflow_dataflow::districts::DistrictIndex;
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::header::{HeaderValue, CONTENT_TYPE};
+use hyper::service::service_fn;
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
+use percent_encoding::percent_decode_str;
+use serde::Serialize;
+use tokio::net::TcpListener;
+
+use crate::engine::{now_ms, EngineHandle};
+use crate::query::{AnswerBody, Query, QueryError};
+use crate::render::{DistrictView, DistrictsView, RiderView, RidersView, Stamped};
+
+const JSON: &str = "application/json; charset=utf-8";
+const OPENAPI: &str = include_str!("../openapi.json");
+const INDEX_PAGE: &str = include_str!("index.html");
+
+/// What the HTTP side needs: the engine, the map, and the request metrics.
+pub struct App {
+    engine: EngineHandle,
+    index: Arc<DistrictIndex>,
+    geojson: Bytes,
+    metrics: HttpMetrics,
+}
+
+impl std::fmt::Debug for App {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("App").field("engine", &self.engine).finish()
+    }
+}
+
+impl App {
+    /// The HTTP application over a running engine and its district map.
+    pub fn new(engine: EngineHandle, index: Arc<DistrictIndex>) -> Arc<Self> {
+        let geojson = Bytes::from(index.to_geojson().to_string());
+        Arc::new(Self {
+            engine,
+            index,
+            geojson,
+            metrics: HttpMetrics::default(),
+        })
+    }
+}
+
+/// Serves `app` on `listener` until `shutdown` completes; connections already open finish their
+/// requests on their own.
+pub async fn serve(listener: TcpListener, app: Arc<App>, shutdown: impl Future<Output = ()>) {
+    tokio::pin!(shutdown);
+    loop {
+        let accepted = tokio::select! {
+            accepted = listener.accept() => accepted,
+            () = &mut shutdown => return,
+        };
+        let (stream, _) = match accepted {
+            Ok(conn) => conn,
+            Err(e) => {
+                // Out of file descriptors and the like: wait a little instead of spinning.
+                tracing::warn!("accept failed: {e}");
+                tokio::time::sleep(Duration::from_millis(10)).await;
+                continue;
+            }
+        };
+        // Answers are small; send them without waiting for more to coalesce.
+        let _ = stream.set_nodelay(true);
+        let app = app.clone();
+        tokio::spawn(async move {
+            let service = service_fn(move |req| handle(app.clone(), req));
+            let conn = hyper::server::conn::http1::Builder::new()
+                // A client that sends headers too slowly is dropped rather than kept forever.
+                .header_read_timeout(Duration::from_secs(10))
+                .timer(hyper_util::rt::TokioTimer::new())
+                .serve_connection(TokioIo::new(stream), service);
+            if let Err(e) = conn.await {
+                tracing::debug!("connection ended: {e}");
+            }
+        });
+    }
+}
+
+async fn handle(
+    app: Arc<App>,
+    req: Request<Incoming>,
+) -> Result<Response<Full<Bytes>>, Infallible> {
+    let started = Instant::now();
+    let (route, response) = route(&app, &req).await;
+    app.metrics
+        .observe(route, response.status(), started.elapsed());
+    Ok(response)
+}
+
+/// A response with a body and content type.
+fn respond(
+    status: StatusCode,
+    content_type: &'static str,
+    body: impl Into<Bytes>,
+) -> Response<Full<Bytes>> {
+    let mut response = Response::new(Full::new(body.into()));
+    *response.status_mut() = status;
+    response
+        .headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static(content_type));
+    response
+}
+
+fn json(status: StatusCode, value: &impl Serialize) -> Response<Full<Bytes>> {
+    match serde_json::to_vec(value) {
+        Ok(body) => respond(status, JSON, body),
+        Err(e) => error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            &format!("cannot encode answer: {e}"),
+        ),
+    }
+}
+
+fn error(status: StatusCode, message: &str) -> Response<Full<Bytes>> {
+    let body = serde_json::json!({ "error": message }).to_string();
+    respond(status, JSON, body)
+}
+
+fn query_error(e: QueryError) -> Response<Full<Bytes>> {
+    error(StatusCode::SERVICE_UNAVAILABLE, &e.to_string())
+}
+
+/// The routes, as labels for metrics.
+mod routes {
+    pub const DISTRICTS: &str = "/v1/districts";
+    pub const DISTRICT: &str = "/v1/districts/{code}";
+    pub const DISTRICT_RIDERS: &str = "/v1/districts/{code}/riders";
+    pub const RIDER: &str = "/v1/riders/{rider_id}";
+    pub const GEOJSON: &str = "/v1/districts.geojson";
+    pub const METRICS: &str = "/metrics";
+    pub const HEALTHZ: &str = "/healthz";
+    pub const READYZ: &str = "/readyz";
+    pub const OPENAPI: &str = "/openapi.json";
+    pub const INDEX: &str = "/";
+    pub const OTHER: &str = "other";
+    pub const ALL: [&str; 11] = [
+        DISTRICTS,
+        DISTRICT,
+        DISTRICT_RIDERS,
+        RIDER,
+        GEOJSON,
+        METRICS,
+        HEALTHZ,
+        READYZ,
+        OPENAPI,
+        INDEX,
+        OTHER,
+    ];
+}
+
+/// Decodes one path segment; `None` when it is not valid percent-encoded UTF-8.
+fn segment(raw: &str) -> Option<String> {
+    percent_decode_str(raw)
+        .decode_utf8()
+        .ok()
+        .map(|s| s.into_owned())
+}
+
+async fn route(app: &Arc<App>, req: &Request<Incoming>) -> (&'static str, Response<Full<Bytes>>) {
+    let path = req.uri().path();
+    let parts: Vec<&str> = path.trim_start_matches('/').split('/').collect();
+    let route = match parts.as_slice() {
+        ["v1", "districts"] => routes::DISTRICTS,
+        ["v1", "districts.geojson"] => routes::GEOJSON,
+        ["v1", "districts", _] => routes::DISTRICT,
+        ["v1", "districts", _, "riders"] => routes::DISTRICT_RIDERS,
+        ["v1", "riders", _] => routes::RIDER,
+        ["metrics"] => routes::METRICS,
+        ["healthz"] => routes::HEALTHZ,
+        ["readyz"] => routes::READYZ,
+        ["openapi.json"] => routes::OPENAPI,
+        [""] => routes::INDEX,
+        _ => {
+            return (
+                routes::OTHER,
+                error(StatusCode::NOT_FOUND, &format!("no route {}", short(path))),
+            )
+        }
+    };
+    if req.method() != Method::GET && req.method() != Method::HEAD {
+        return (
+            route,
+            error(StatusCode::METHOD_NOT_ALLOWED, "only GET is supported"),
+        );
+    }
+    let response = match route {
+        routes::DISTRICTS => districts(app).await,
+        routes::DISTRICT | routes::DISTRICT_RIDERS => match segment(parts[2]) {
+            None => error(StatusCode::BAD_REQUEST, "district code is not valid UTF-8"),
+            Some(code) if route == routes::DISTRICT => district(app, &code).await,
+            Some(code) => district_riders(app, &code).await,
+        },
+        routes::RIDER => match segment(parts[2]) {
+            None => error(StatusCode::BAD_REQUEST, "rider id is not valid UTF-8"),
+            Some(id) if id.is_empty() => error(StatusCode::BAD_REQUEST, "empty rider id"),
+            Some(id) => rider(app, &id).await,
+        },
+        routes::GEOJSON => respond(
+            StatusCode::OK,
+            "application/geo+json; charset=utf-8",
+            app.geojson.clone(),
+        ),
+        routes::METRICS => {
+            let app = app.clone();
+            match tokio::task::spawn_blocking(move || metrics_text(&app)).await {
+                Ok(text) => respond(
+                    StatusCode::OK,
+                    "text/plain; version=0.0.4; charset=utf-8",
+                    text,
+                ),
+                Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, &e.to_string()),
+            }
+        }
+        routes::HEALTHZ => json(StatusCode::OK, &serde_json::json!({"status": "ok"})),
+        routes::READYZ => readyz(app),
+        routes::OPENAPI => respond(StatusCode::OK, JSON, OPENAPI),
+        _ => respond(StatusCode::OK, "text/html; charset=utf-8", INDEX_PAGE),
+    };
+    (route, response)
+}
+
+/// At most 100 characters of a path, for error messages.
+fn short(path: &str) -> String {
+    path.chars().take(100).collect()
+}
+
+/// Runs a query on the blocking pool.
+async fn ask(app: &Arc<App>, query: Query) -> Result<crate::query::Answer, QueryError> {
+    let engine = app.engine.clone();
+    tokio::task::spawn_blocking(move || engine.query(&query))
+        .await
+        .unwrap_or(Err(QueryError::ShutDown))
+}
+
+async fn districts(app: &Arc<App>) -> Response<Full<Bytes>> {
+    match ask(app, Query::Districts).await {
+        Ok(answer) => match answer.body {
+            AnswerBody::Districts(counts) => json(
+                StatusCode::OK,
+                &DistrictsView::new(&app.index, answer.as_of, false, &counts),
+            ),
+            _ => error(StatusCode::INTERNAL_SERVER_ERROR, "unexpected answer"),
+        },
+        Err(e) => query_error(e),
+    }
+}
+
+async fn district(app: &Arc<App>, code: &str) -> Response<Full<Bytes>> {
+    let Some(id) = app.index.id_of(code) else {
+        return error(
+            StatusCode::NOT_FOUND,
+            &format!("unknown district code {}", short(code)),
+        );
+    };
+    match ask(app, Query::District(id)).await {
+        Ok(answer) => match answer.body {
+            AnswerBody::District(counts) => json(
+                StatusCode::OK,
+                &Stamped {
+                    value: DistrictView::new(&app.index, id, &counts),
+                    as_of: answer.as_of,
+                    stale: false,
+                },
+            ),
+            _ => error(StatusCode::INTERNAL_SERVER_ERROR, "unexpected answer"),
+        },
+        Err(e) => query_error(e),
+    }
+}
+
+async fn district_riders(app: &Arc<App>, code: &str) -> Response<Full<Bytes>> {
+    let Some(id) = app.index.id_of(code) else {
+        return error(
+            StatusCode::NOT_FOUND,
+            &format!("unknown district code {}", short(code)),
+        );
+    };
+    match ask(app, Query::RidersOf(id)).await {
+        Ok(answer) => match answer.body {
+            AnswerBody::Riders(riders) => {
+                let riders = riders
+                    .iter()
+                    .map(|(id, s)| RiderView::new(&app.index, id, s))
+                    .collect();
+                json(
+                    StatusCode::OK,
+                    &RidersView {
+                        as_of: answer.as_of,
+                        stale: false,
+                        riders,
+                    },
+                )
+            }
+            _ => error(StatusCode::INTERNAL_SERVER_ERROR, "unexpected answer"),
+        },
+        Err(e) => query_error(e),
+    }
+}
+
+async fn rider(app: &Arc<App>, id: &str) -> Response<Full<Bytes>> {
+    match ask(app, Query::Rider(id.into())).await {
+        Ok(answer) => match answer.body {
+            AnswerBody::Rider(Some(snapshot)) => json(
+                StatusCode::OK,
+                &Stamped {
+                    value: RiderView::new(&app.index, id, &snapshot),
+                    as_of: answer.as_of,
+                    stale: false,
+                },
+            ),
+            AnswerBody::Rider(None) => error(
+                StatusCode::NOT_FOUND,
+                &format!("unknown rider {}", short(id)),
+            ),
+            _ => error(StatusCode::INTERNAL_SERVER_ERROR, "unexpected answer"),
+        },
+        Err(e) => query_error(e),
+    }
+}
+
+/// Ready once the live state exists and has taken in what its sources had when they started.
+fn readyz(app: &Arc<App>) -> Response<Full<Bytes>> {
+    let as_of = app.engine.as_of();
+    if as_of > 0 && app.engine.caught_up() {
+        json(
+            StatusCode::OK,
+            &serde_json::json!({"status": "ready", "as_of": as_of}),
+        )
+    } else {
+        json(
+            StatusCode::SERVICE_UNAVAILABLE,
+            &serde_json::json!({"error": "live state is not ready", "as_of": as_of}),
+        )
+    }
+}
+
+/// Latency histogram bucket bounds, in seconds.
+const BUCKETS: [f64; 14] = [
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0,
+];
+
+#[derive(Default)]
+struct RouteStats {
+    by_status: BTreeMap<u16, u64>,
+    buckets: [u64; BUCKETS.len()],
+    count: u64,
+    sum: f64,
+}
+
+/// Requests by route and status, and a latency histogram per route.
+#[derive(Default)]
+struct HttpMetrics {
+    routes: Mutex<BTreeMap<&'static str, RouteStats>>,
+}
+
+impl HttpMetrics {
+    fn observe(&self, route: &'static str, status: StatusCode, elapsed: Duration) {
+        let secs = elapsed.as_secs_f64();
+        let mut routes = self.routes.lock().unwrap_or_else(|e| e.into_inner());
+        let stats = routes.entry(route).or_default();
+        *stats.by_status.entry(status.as_u16()).or_default() += 1;
+        stats.count += 1;
+        stats.sum += secs;
+        for (bucket, bound) in stats.buckets.iter_mut().zip(BUCKETS) {
+            if secs <= bound {
+                *bucket += 1;
+            }
+        }
+    }
+}
+
+/// Writes one metric family: help, type, and its samples.
+fn family(out: &mut String, name: &str, kind: &str, help: &str, samples: &[(String, String)]) {
+    use std::fmt::Write;
+    let _ = writeln!(out, "# HELP {name} {help}");
+    let _ = writeln!(out, "# TYPE {name} {kind}");
+    for (labels, value) in samples {
+        let _ = writeln!(out, "{name}{labels} {value}");
+    }
+}
+
+fn metrics_text(app: &App) -> String {
+    use std::sync::atomic::Ordering::Relaxed;
+    let mut out = String::new();
+    let engine = &app.engine;
+    let c = engine.counters();
+    let kinds = [("rider", &c.riders), ("delivery", &c.deliveries)];
+    family(
+        &mut out,
+        "dongflow_events_consumed_total",
+        "counter",
+        "Events taken into the dataflow.",
+        &[(String::new(), engine.events_in().to_string())],
+    );
+    let per_kind =
+        |f: &dyn Fn(&dongflow_dataflow::upsert::UpsertCounters) -> u64| -> Vec<(String, String)> {
+            kinds
+                .iter()
+                .map(|(k, c)| (format!("{{kind=\"{k}\"}}"), f(c).to_string()))
+                .collect()
+        };
+    family(
+        &mut out,
+        "dongflow_events_applied_total",
+        "counter",
+        "Events applied to their id's state.",
+        &per_kind(&|c| c.applied.load(Relaxed)),
+    );
+    family(
+        &mut out,
+        "dongflow_events_stale_total",
+        "counter",
+        "Events ignored because their ts was older than their id's latest.",
+        &per_kind(&|c| c.stale.load(Relaxed)),
+    );
+    family(
+        &mut out,
+        "dongflow_events_after_terminal_total",
+        "counter",
+        "Events ignored because their delivery had ended.",
+        &per_kind(&|c| c.after_terminal.load(Relaxed)),
+    );
+    family(
+        &mut out,
+        "dongflow_tombstones_expired_total",
+        "counter",
+        "Ended deliveries forgotten after their time to live.",
+        &per_kind(&|c| c.expired.load(Relaxed)),
+    );
+    let as_of = engine.as_of();
+    family(&mut out, "dongflow_as_of_milliseconds", "gauge", "The latest dataflow time every worker has completed (ms since the Unix epoch; 0 before the first).", &[(String::new(), as_of.to_string())]);
+    let age = if as_of == 0 {
+        f64::NAN
+    } else {
+        now_ms().saturating_sub(as_of) as f64 / 1000.0
+    };
+    family(
+        &mut out,
+        "dongflow_frontier_age_seconds",
+        "gauge",
+        "Now minus the latest complete as_of: how fresh answers are.",
+        &[(String::new(), format!("{age}"))],
+    );
+    if let Ok(sizes) = engine.sizes() {
+        family(
+            &mut out,
+            "dongflow_state_entries",
+            "gauge",
+            "Ids held in the upsert state (ended deliveries included until they expire).",
+            &[
+                ("{state=\"riders\"}".into(), sizes.riders.to_string()),
+                (
+                    "{state=\"deliveries\"}".into(),
+                    sizes.deliveries.to_string(),
+                ),
+            ],
+        );
+        family(
+            &mut out,
+            "dongflow_arrangement_updates",
+            "gauge",
+            "Updates held in each queried arrangement.",
+            &[
+                (
+                    "{arrangement=\"snapshots\"}".into(),
+                    sizes.snapshot_updates.to_string(),
+                ),
+                (
+                    "{arrangement=\"positions\"}".into(),
+                    sizes.position_updates.to_string(),
+                ),
+                (
+                    "{arrangement=\"counts\"}".into(),
+                    sizes.count_updates.to_string(),
+                ),
+                (
+                    "{arrangement=\"riders_by_district\"}".into(),
+                    sizes.by_district_updates.to_string(),
+                ),
+            ],
+        );
+    }
+    let routes = app.metrics.routes.lock().unwrap_or_else(|e| e.into_inner());
+    let mut requests = Vec::new();
+    let mut latency = Vec::new();
+    for route in routes::ALL {
+        let Some(stats) = routes.get(route) else {
+            continue;
+        };
+        for (status, n) in &stats.by_status {
+            requests.push((
+                format!("{{route=\"{route}\",status=\"{status}\"}}"),
+                n.to_string(),
+            ));
+        }
+        for (bound, n) in BUCKETS.iter().zip(stats.buckets) {
+            latency.push((
+                format!("_bucket{{route=\"{route}\",le=\"{bound}\"}}"),
+                n.to_string(),
+            ));
+        }
+        latency.push((
+            format!("_bucket{{route=\"{route}\",le=\"+Inf\"}}"),
+            stats.count.to_string(),
+        ));
+        latency.push((format!("_sum{{route=\"{route}\"}}"), stats.sum.to_string()));
+        latency.push((
+            format!("_count{{route=\"{route}\"}}"),
+            stats.count.to_string(),
+        ));
+    }
+    family(
+        &mut out,
+        "dongflow_http_requests_total",
+        "counter",
+        "HTTP requests by route and status.",
+        &requests,
+    );
+    family(
+        &mut out,
+        "dongflow_http_request_duration_seconds",
+        "histogram",
+        "HTTP request latency by route.",
+        &latency,
+    );
+    out
+}
+
+/// An HTTP server running on its own tokio runtime.
+pub struct HttpServer {
+    addr: std::net::SocketAddr,
+    shutdown: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl std::fmt::Debug for HttpServer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HttpServer")
+            .field("addr", &self.addr)
+            .finish()
+    }
+}
+
+impl HttpServer {
+    /// Binds `addr` (port 0 picks a free port) and serves `app` on `threads` runtime threads.
+    pub fn start(addr: &str, app: Arc<App>, threads: usize) -> std::io::Result<Self> {
+        let listener = std::net::TcpListener::bind(addr)?;
+        listener.set_nonblocking(true)?;
+        let addr = listener.local_addr()?;
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(threads.max(1))
+            .thread_name("dongflow-http")
+            .enable_all()
+            .build()?;
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let thread = std::thread::Builder::new()
+            .name("dongflow-http-main".into())
+            .spawn(move || {
+                runtime.block_on(async move {
+                    match TcpListener::from_std(listener) {
+                        Ok(listener) => {
+                            serve(listener, app, async move {
+                                let _ = rx.await;
+                            })
+                            .await
+                        }
+                        Err(e) => tracing::error!("cannot serve HTTP: {e}"),
+                    }
+                });
+                // Requests still running get a moment to finish.
+                runtime.shutdown_timeout(Duration::from_secs(2));
+            })?;
+        Ok(Self {
+            addr,
+            shutdown: Some(tx),
+            thread: Some(thread),
+        })
+    }
+
+    /// The address served.
+    pub fn addr(&self) -> std::net::SocketAddr {
+        self.addr
+    }
+
+    /// Stops accepting, lets running requests finish, and waits.
+    pub fn stop(mut self) {
+        self.shutdown_now();
+    }
+
+    fn shutdown_now(&mut self) {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+impl Drop for HttpServer {
+    fn drop(&mut self) {
+        self.shutdown_now();
+    }
+}
