@@ -1,0 +1,340 @@
+//! The HTTP API against a running engine: every answer equals the model's, errors are clear JSON
+//! with the right status, and /metrics is well-formed Prometheus text.
+
+mod common;
+
+use std::collections::BTreeMap;
+
+use common::{builtin, Harness, Model, Scenario};
+use dongflow::http::{App, HttpServer};
+use dongflow::EngineConfig;
+use dongflow_connectors::Id;
+use dongflow_dataflow::districts::DistrictIndex;
+use dongflow_dataflow::types::{DistrictCounts, Snapshot};
+use serde_json::{json, Value};
+
+struct Client {
+    agent: ureq::Agent,
+    base: String,
+}
+
+impl Client {
+    fn new(server: &HttpServer) -> Self {
+        let agent = ureq::Agent::config_builder()
+            .http_status_as_error(false)
+            .build()
+            .into();
+        Self {
+            agent,
+            base: format!("http://{}", server.addr()),
+        }
+    }
+
+    /// Status, content type and body of a GET.
+    fn get(&self, path: &str) -> (u16, String, String) {
+        let mut response = self
+            .agent
+            .get(&format!("{}{path}", self.base))
+            .call()
+            .expect("request goes through");
+        let status = response.status().as_u16();
+        let content_type = response
+            .headers()
+            .get("content-type")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default()
+            .to_string();
+        let body = response.body_mut().read_to_string().expect("body");
+        (status, content_type, body)
+    }
+
+    fn json(&self, path: &str) -> (u16, Value) {
+        let (status, content_type, body) = self.get(path);
+        assert_eq!(content_type, "application/json; charset=utf-8", "{path}");
+        (
+            status,
+            serde_json::from_str(&body).unwrap_or_else(|e| panic!("{path}: {e}: {body}")),
+        )
+    }
+}
+
+fn district_json(index: &DistrictIndex, id: u32, c: &DistrictCounts) -> Value {
+    let idle = c.riders_on_shift - c.riders_delivering;
+    json!({
+        "code": index.code(id), "name": index.name(id),
+        "riders_on_shift": c.riders_on_shift, "riders_delivering": c.riders_delivering, "riders_idle": idle,
+        "active_deliveries": c.active_deliveries, "waiting_deliveries": c.waiting_deliveries,
+        "pressure": c.waiting_deliveries as f64 / idle.max(1) as f64,
+    })
+}
+
+fn rider_json(index: &DistrictIndex, id: &Id, s: &Snapshot) -> Value {
+    let updated = s.deliveries.iter().map(|d| d.ts).chain([s.rider.ts]).max();
+    json!({
+        "rider_id": id.as_str(),
+        "status": s.rider.status.as_str(),
+        "rider_type": s.rider.rider_type.as_deref(),
+        "location": s.rider.location.map(|l| json!({"lat": l.lat, "lon": l.lon})),
+        "district": {"code": index.code(s.rider.district), "name": index.name(s.rider.district)},
+        "deliveries": s.deliveries.iter().map(|d| json!({
+            "delivery_id": d.delivery_id.as_str(), "status": d.status.as_str(), "vehicle": d.vehicle.as_deref(),
+        })).collect::<Vec<_>>(),
+        "updated_ts": updated,
+    })
+}
+
+/// Takes `as_of` and `stale` out of an answer, checking them.
+fn unstamp(mut v: Value, last_as_of: &mut u64) -> Value {
+    let obj = v.as_object_mut().expect("object");
+    let as_of = obj.remove("as_of").and_then(|a| a.as_u64()).expect("as_of");
+    assert_eq!(obj.remove("stale"), Some(Value::Bool(false)));
+    assert!(
+        as_of >= *last_as_of,
+        "as_of went back from {last_as_of} to {as_of}"
+    );
+    *last_as_of = as_of;
+    v
+}
+
+#[test]
+fn answers_equal_the_model() {
+    let index = builtin();
+    let harness = Harness::start(EngineConfig::new(2, index.clone()), 4);
+    let server = HttpServer::start(
+        "127.0.0.1:0",
+        App::new(harness.engine.handle(), index.clone()),
+        2,
+    )
+    .expect("binds");
+    let client = Client::new(&server);
+    let mut scenario = Scenario::new(11, &index, 15, 60);
+    let mut model = Model::default();
+    let mut last_as_of = 0;
+    for _round in 0..5 {
+        let events: Vec<_> = (0..150).map(|_| scenario.next_event()).collect();
+        events.iter().for_each(|e| model.apply(&index, e));
+        harness.send(&events);
+        harness.sync();
+
+        let counts: BTreeMap<_, _> = model.counts();
+        let (status, body) = client.json("/v1/districts");
+        assert_eq!(status, 200);
+        let mut expected: Vec<Value> = counts
+            .iter()
+            .map(|(d, c)| district_json(&index, *d, c))
+            .collect();
+        expected.sort_by(|a, b| a["code"].as_str().cmp(&b["code"].as_str()));
+        assert_eq!(
+            unstamp(body, &mut last_as_of),
+            json!({ "districts": expected })
+        );
+
+        for id in 0..index.len() as u32 {
+            let code = index.code(id);
+            let (status, body) = client.json(&format!("/v1/districts/{code}"));
+            assert_eq!(status, 200);
+            let zero = DistrictCounts::default();
+            assert_eq!(
+                unstamp(body, &mut last_as_of),
+                district_json(&index, id, counts.get(&id).unwrap_or(&zero))
+            );
+        }
+
+        let snapshots = model.snapshots();
+        for r in 0..15 {
+            let id = Id::from(format!("r-{r}"));
+            let (status, body) = client.json(&format!("/v1/riders/{id}"));
+            match snapshots.get(&id) {
+                Some(s) => {
+                    assert_eq!(status, 200, "{id}");
+                    assert_eq!(unstamp(body, &mut last_as_of), rider_json(&index, &id, s));
+                }
+                None => {
+                    assert_eq!(status, 404, "{id}: {body}");
+                    assert!(body["error"]
+                        .as_str()
+                        .is_some_and(|e| e.contains(id.as_str())));
+                }
+            }
+        }
+        for d in counts.keys() {
+            let code = index.code(*d);
+            let (status, body) = client.json(&format!("/v1/districts/{code}/riders"));
+            assert_eq!(status, 200);
+            let want: Vec<Value> = snapshots
+                .iter()
+                .filter(|(_, s)| s.rider.district == *d)
+                .map(|(id, s)| rider_json(&index, id, s))
+                .collect();
+            assert_eq!(
+                unstamp(body, &mut last_as_of),
+                json!({ "riders": want }),
+                "riders of {code}"
+            );
+        }
+    }
+    server.stop();
+}
+
+#[test]
+fn errors_are_clear_json() {
+    let index = builtin();
+    let harness = Harness::start(EngineConfig::new(1, index.clone()), 1);
+    let server = HttpServer::start(
+        "127.0.0.1:0",
+        App::new(harness.engine.handle(), index.clone()),
+        1,
+    )
+    .expect("binds");
+    let client = Client::new(&server);
+    harness.sync();
+    let cases = [
+        (
+            "/v1/districts/0000000000",
+            404,
+            "unknown district code 0000000000",
+        ),
+        (
+            "/v1/districts/0000000000/riders",
+            404,
+            "unknown district code",
+        ),
+        ("/v1/riders/nobody", 404, "unknown rider nobody"),
+        ("/v1/riders/%FF%FE", 400, "not valid UTF-8"),
+        ("/v1/districts/%C3%28", 400, "not valid UTF-8"),
+        ("/v1/nothing", 404, "no route"),
+        ("/v1/districts/1168000000/riders/extra", 404, "no route"),
+    ];
+    for (path, status, message) in cases {
+        let (got, body) = client.json(path);
+        assert_eq!(got, status, "{path}: {body}");
+        assert!(
+            body["error"].as_str().is_some_and(|e| e.contains(message)),
+            "{path}: {body}"
+        );
+    }
+    // A huge path and a huge query string are refused or answered, never a server error.
+    let long = "x".repeat(20_000);
+    let (status, _, _) = client.get(&format!("/v1/riders/{long}"));
+    assert!(status == 404 || status == 414 || status == 431, "{status}");
+    let (status, body) = client.json(&format!("/v1/districts?{}", "a=1&".repeat(2_000)));
+    assert_eq!((status, body["districts"].is_array()), (200, true));
+    // Other methods.
+    let response = client
+        .agent
+        .post(&format!("{}/v1/districts", client.base))
+        .send("{}")
+        .expect("request goes through");
+    assert_eq!(response.status().as_u16(), 405);
+    // Unassigned is a known code: zeros.
+    let (status, body) = client.json("/v1/districts/unassigned");
+    assert_eq!((status, body["riders_on_shift"].as_u64()), (200, Some(0)));
+    // Health and readiness.
+    assert_eq!(client.json("/healthz"), (200, json!({"status": "ok"})));
+    let (status, body) = client.json("/readyz");
+    assert_eq!((status, body["status"].as_str()), (200, Some("ready")));
+    server.stop();
+}
+
+#[test]
+fn map_page_openapi_and_metrics() {
+    let index = builtin();
+    let harness = Harness::start(EngineConfig::new(1, index.clone()), 1);
+    let server = HttpServer::start(
+        "127.0.0.1:0",
+        App::new(harness.engine.handle(), index.clone()),
+        1,
+    )
+    .expect("binds");
+    let client = Client::new(&server);
+    let mut scenario = Scenario::new(3, &index, 10, 20);
+    harness.send(&(0..200).map(|_| scenario.next_event()).collect::<Vec<_>>());
+    harness.sync();
+
+    let (status, content_type, body) = client.get("/v1/districts.geojson");
+    assert_eq!(
+        (status, content_type.as_str()),
+        (200, "application/geo+json; charset=utf-8")
+    );
+    let geojson: Value = serde_json::from_str(&body).expect("geojson");
+    let features = geojson["features"].as_array().expect("features");
+    assert_eq!(features.len(), 25);
+    assert!(features
+        .iter()
+        .all(|f| f["properties"]["code"].is_string() && f["properties"]["name"].is_string()));
+
+    let (status, body) = client.json("/openapi.json");
+    assert_eq!((status, body["openapi"].as_str()), (200, Some("3.0.3")));
+    let (status, content_type, page) = client.get("/");
+    assert_eq!(
+        (status, content_type.as_str()),
+        (200, "text/html; charset=utf-8")
+    );
+    assert!(page.contains("/v1/districts"));
+
+    let (status, content_type, text) = client.get("/metrics");
+    assert_eq!(
+        (status, content_type.as_str()),
+        (200, "text/plain; version=0.0.4; charset=utf-8")
+    );
+    check_prometheus_text(&text);
+    let value = |line_start: &str| -> f64 {
+        text.lines()
+            .find(|l| l.starts_with(line_start))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(-1.0)
+    };
+    assert_eq!(value("dongflow_events_consumed_total "), 200.0);
+    assert!(value("dongflow_frontier_age_seconds ") >= 0.0);
+    assert!(
+        value("dongflow_http_requests_total{route=\"/v1/districts.geojson\",status=\"200\"}")
+            >= 1.0
+    );
+    server.stop();
+}
+
+/// The text format's rules that a scraper relies on: HELP and TYPE before samples, names with the
+/// `dongflow_` prefix, one sample per line with a float value, histogram buckets cumulative and
+/// ending at `+Inf` equal to `_count`.
+fn check_prometheus_text(text: &str) {
+    let mut typed: BTreeMap<String, String> = BTreeMap::new();
+    let mut buckets: BTreeMap<String, Vec<f64>> = BTreeMap::new();
+    for line in text.lines() {
+        if let Some(rest) = line.strip_prefix("# TYPE ") {
+            let (name, kind) = rest.split_once(' ').expect("TYPE name kind");
+            assert!(["counter", "gauge", "histogram"].contains(&kind), "{line}");
+            assert!(
+                typed.insert(name.to_string(), kind.to_string()).is_none(),
+                "family typed twice: {name}"
+            );
+            continue;
+        }
+        if line.starts_with("# HELP ") || line.is_empty() {
+            continue;
+        }
+        let (series, value) = line.rsplit_once(' ').expect("sample has a value");
+        let value: f64 = value
+            .parse()
+            .unwrap_or_else(|_| panic!("bad value in {line}"));
+        let name = series.split('{').next().expect("name");
+        assert!(name.starts_with("dongflow_"), "{line}");
+        let family = ["_bucket", "_sum", "_count"]
+            .iter()
+            .find_map(|s| name.strip_suffix(s))
+            .filter(|f| typed.get(*f).is_some_and(|k| k == "histogram"))
+            .unwrap_or(name);
+        assert!(typed.contains_key(family), "sample before its TYPE: {line}");
+        if name.ends_with("_bucket") {
+            let labels = series.split_once('{').map(|(_, l)| l).unwrap_or_default();
+            let route = labels.split(",le=").next().unwrap_or_default().to_string();
+            buckets.entry(route).or_default().push(value);
+        }
+    }
+    for (route, values) in buckets {
+        assert!(
+            values.windows(2).all(|w| w[0] <= w[1]),
+            "buckets not cumulative for {route}: {values:?}"
+        );
+    }
+}
