@@ -22,7 +22,9 @@ use timely::dataflow::operators::Probe;
 use timely::progress::frontier::AntichainRef;
 use timely::WorkerConfig;
 
-use crate::query::{Answer, Peek, PeekRequest, PeekResult, Query, QueryError, Shared, StateSizes};
+use crate::query::{
+    Answer, Peek, PeekRequest, PeekResult, Query, QueryError, RemotePeek, Shared, StateSizes,
+};
 
 /// How the engine runs.
 #[derive(Clone, Debug)]
@@ -41,6 +43,20 @@ pub struct EngineConfig {
     pub idle_park: Duration,
     /// How long a query waits for the workers.
     pub query_timeout: Duration,
+    /// The timely cluster this process belongs to; `None` for a single process.
+    pub cluster: Option<ClusterSpec>,
+    /// How far (ms of dataflow time) traces keep history behind `as_of`, so that other processes
+    /// can still read a slightly older cut. 0 for a single process.
+    pub retain_ms: Time,
+}
+
+/// A timely cluster of several processes with the same number of workers each.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ClusterSpec {
+    /// This process's index.
+    pub process: usize,
+    /// `host:port` of every process, in process order.
+    pub addresses: Vec<String>,
 }
 
 impl EngineConfig {
@@ -54,6 +70,8 @@ impl EngineConfig {
             max_in_flight: 2,
             idle_park: Duration::from_millis(1),
             query_timeout: Duration::from_secs(5),
+            cluster: None,
+            retain_ms: 0,
         }
     }
 }
@@ -143,7 +161,7 @@ impl Engine {
                 workers,
             });
         }
-        let (shared, peek_rx) = Shared::new(workers, config.query_timeout);
+        let (shared, peek_rx) = Shared::new(workers, config.query_timeout, config.retain_ms);
         let progress = Arc::new(InputProgress {
             pushed: (0..workers).map(|_| AtomicU64::new(0)).collect(),
             ended: (0..workers).map(|_| AtomicBool::new(false)).collect(),
@@ -159,12 +177,22 @@ impl Engine {
                 .collect(),
         );
         let timely_config = timely::Config {
-            communication: timely::CommunicationConfig::Process(workers),
+            communication: match &config.cluster {
+                None => timely::CommunicationConfig::Process(workers),
+                Some(c) => timely::CommunicationConfig::Cluster {
+                    threads: workers,
+                    process: c.process,
+                    addresses: c.addresses.clone(),
+                    report: false,
+                    zerocopy: false,
+                },
+            },
             worker: WorkerConfig::default(),
         };
         let (shared2, progress2, counters2) = (shared.clone(), progress.clone(), counters.clone());
         let guards = timely::execute(timely_config, move |worker| {
-            let index = worker.index();
+            // Global worker index = process * workers + local index.
+            let index = worker.index() % workers;
             let slot = slots.lock().unwrap_or_else(|e| e.into_inner())[index].take();
             let Some(slot) = slot else { return };
             let mut w = WorkerLoop::new(
@@ -193,23 +221,14 @@ impl Engine {
         self.handle.clone()
     }
 
-    /// Stops the workers and waits for them.
+    /// Stops the workers and waits for them. In a cluster, every process must be asked to stop
+    /// (see [`EngineHandle::request_stop`]): workers finish only when all inputs everywhere close.
     pub fn stop(mut self) {
         self.shutdown();
     }
 
     fn shutdown(&mut self) {
-        self.shared.stop.store(true, Ordering::Release);
-        let threads = self
-            .shared
-            .threads
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone();
-        threads
-            .iter()
-            .flatten()
-            .for_each(std::thread::Thread::unpark);
+        self.handle.request_stop();
         if let Some(guards) = self.guards.take() {
             for result in guards.join() {
                 if let Err(e) = result {
@@ -221,6 +240,21 @@ impl Engine {
 }
 
 impl EngineHandle {
+    /// Asks the workers to stop, without waiting: they close their inputs and finish.
+    pub fn request_stop(&self) {
+        self.shared.stop.store(true, Ordering::Release);
+        let threads = self
+            .shared
+            .threads
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        threads
+            .iter()
+            .flatten()
+            .for_each(std::thread::Thread::unpark);
+    }
+
     /// Answers a query at one consistent `as_of`.
     pub fn query(&self, query: &Query) -> Result<Answer, QueryError> {
         self.shared.query(query)
@@ -253,6 +287,16 @@ impl EngineHandle {
             .map(|t| t.load(Ordering::Acquire))
             .collect();
         marks.iter().all(|&t| t > 0) && marks.iter().max().is_some_and(|&t| t <= self.as_of())
+    }
+
+    /// Sets the HTTP base URLs of the other processes of the cluster, which hold the other keys.
+    pub fn set_peers(&self, urls: Vec<String>) {
+        self.shared.set_peers(urls, self.shared.timeout);
+    }
+
+    /// This process's part of a read asked by another process of the cluster.
+    pub fn serve_remote(&self, request: RemotePeek) -> Result<PeekResult, QueryError> {
+        self.shared.serve_remote(request)
     }
 
     /// Events pushed into the dataflow so far.
@@ -332,10 +376,11 @@ impl WorkerLoop {
                 out.riders_by_district.trace,
             )
         });
-        shared.threads.lock().unwrap_or_else(|e| e.into_inner())[worker.index()] =
+        let index = worker.index() % config.workers;
+        shared.threads.lock().unwrap_or_else(|e| e.into_inner())[index] =
             Some(std::thread::current());
         Self {
-            index: worker.index(),
+            index,
             slot,
             riders_in,
             deliveries_in,

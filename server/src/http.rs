@@ -98,7 +98,11 @@ async fn handle(
     req: Request<Incoming>,
 ) -> Result<Response<Full<Bytes>>, Infallible> {
     let started = Instant::now();
-    let (route, response) = route(&app, &req).await;
+    let (route, response) = if req.uri().path() == routes::PEEK {
+        (routes::PEEK, peek(&app, req).await)
+    } else {
+        route(&app, &req).await
+    };
     app.metrics
         .observe(route, response.status(), started.elapsed());
     Ok(response)
@@ -149,8 +153,10 @@ mod routes {
     pub const READYZ: &str = "/readyz";
     pub const OPENAPI: &str = "/openapi.json";
     pub const INDEX: &str = "/";
+    pub const PEEK: &str = "/internal/v1/peek";
     pub const OTHER: &str = "other";
-    pub const ALL: [&str; 11] = [
+    pub const ALL: [&str; 12] = [
+        PEEK,
         DISTRICTS,
         DISTRICT,
         DISTRICT_RIDERS,
@@ -234,6 +240,38 @@ async fn route(app: &Arc<App>, req: &Request<Incoming>) -> (&'static str, Respon
         _ => respond(StatusCode::OK, "text/html; charset=utf-8", INDEX_PAGE),
     };
     (route, response)
+}
+
+/// The largest internal request body: a list of rider ids.
+const MAX_PEEK_BODY: usize = 16 << 20;
+
+/// `POST /internal/v1/peek`: this process's part of an answer gathered by another process.
+async fn peek(app: &Arc<App>, req: Request<Incoming>) -> Response<Full<Bytes>> {
+    use http_body_util::BodyExt;
+    if req.method() != Method::POST {
+        return error(StatusCode::METHOD_NOT_ALLOWED, "only POST is supported");
+    }
+    let body = match http_body_util::Limited::new(req.into_body(), MAX_PEEK_BODY)
+        .collect()
+        .await
+    {
+        Ok(body) => body.to_bytes(),
+        Err(e) => return error(StatusCode::BAD_REQUEST, &format!("cannot read body: {e}")),
+    };
+    let request: crate::query::RemotePeek = match serde_json::from_slice(&body) {
+        Ok(r) => r,
+        Err(e) => return error(StatusCode::BAD_REQUEST, &format!("bad peek: {e}")),
+    };
+    let engine = app.engine.clone();
+    match tokio::task::spawn_blocking(move || engine.serve_remote(request)).await {
+        Ok(Ok(part)) => json(StatusCode::OK, &part),
+        Ok(Err(QueryError::TooOld(t))) => error(
+            StatusCode::CONFLICT,
+            &format!("as_of {t} is older than what is kept"),
+        ),
+        Ok(Err(e)) => query_error(e),
+        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, &e.to_string()),
+    }
 }
 
 /// At most 100 characters of a path, for error messages.

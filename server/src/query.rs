@@ -16,6 +16,7 @@ use crossbeam_channel::{Receiver, Sender};
 use dongflow_connectors::Id;
 use dongflow_dataflow::districts::DistrictId;
 use dongflow_dataflow::types::{DistrictCounts, RiderPosition, Snapshot, SnapshotCore, Time};
+use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
 /// What a client asks.
@@ -65,11 +66,22 @@ pub enum QueryError {
     /// A worker did not answer in time.
     #[error("a worker did not answer within {0:?}")]
     Timeout(Duration),
+    /// Another process no longer holds the requested time (its traces moved on): ask again.
+    #[error("as_of {0} is older than what is kept")]
+    TooOld(Time),
+    /// Another process of the cluster could not be asked.
+    #[error("peer {url}: {message}")]
+    Peer {
+        /// The peer's base URL.
+        url: String,
+        /// What went wrong.
+        message: String,
+    },
 }
 
 /// A read of one worker's arrangements.
-#[derive(Clone, Debug)]
-pub(crate) enum Peek {
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub enum Peek {
     /// Counts of one district, or of all with `None`.
     Counts(Option<DistrictId>),
     /// Snapshots of these riders.
@@ -80,18 +92,21 @@ pub(crate) enum Peek {
     Sizes,
 }
 
-/// One worker's part of an answer.
-#[derive(Debug)]
-pub(crate) enum PeekResult {
+/// One worker's (or one process's) part of an answer.
+#[derive(Debug, Serialize, Deserialize)]
+pub enum PeekResult {
+    /// District counts.
     Counts(Vec<(DistrictId, DistrictCounts)>),
     /// Join outputs and positions of the riders asked for that this worker holds.
     Snapshots(Vec<(Id, SnapshotCore)>, Vec<(Id, RiderPosition)>),
+    /// Rider ids.
     RiderIds(Vec<Id>),
+    /// State sizes.
     Sizes(StateSizes),
 }
 
 /// How much state the workers hold, summed over workers.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct StateSizes {
     /// Riders known to the rider upsert (on shift or not).
     pub riders: usize,
@@ -141,10 +156,82 @@ pub(crate) struct Shared {
     pub stop: AtomicBool,
     /// How long a query waits for a worker.
     pub timeout: Duration,
+    /// History kept behind `as_of` for reads by other processes (ms).
+    retain_ms: Time,
+    /// The compaction frontier last handed to the workers: no read may ask for an older time.
+    since: AtomicU64,
+    /// The other processes of the cluster, once known.
+    peers: std::sync::OnceLock<Peers>,
+}
+
+/// A read asked of another process: one peek at one time.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct RemotePeek {
+    /// The time to read at.
+    pub as_of: Time,
+    /// What to read.
+    pub peek: Peek,
+}
+
+/// The other processes of a cluster, asked over HTTP for their parts of an answer.
+#[derive(Debug)]
+struct Peers {
+    urls: Vec<String>,
+    agent: ureq::Agent,
+}
+
+impl Peers {
+    /// Asks every peer in parallel for its part of `peek` at `as_of`.
+    fn fan_out(&self, peek: &Peek, as_of: Time) -> Result<Vec<PeekResult>, QueryError> {
+        let request = RemotePeek {
+            as_of,
+            peek: peek.clone(),
+        };
+        std::thread::scope(|scope| {
+            let asks: Vec<_> = self
+                .urls
+                .iter()
+                .map(|url| {
+                    let request = &request;
+                    scope.spawn(move || self.ask(url, request))
+                })
+                .collect();
+            asks.into_iter()
+                .map(|ask| ask.join().unwrap_or_else(|_| Err(QueryError::ShutDown)))
+                .collect()
+        })
+    }
+
+    fn ask(&self, url: &str, request: &RemotePeek) -> Result<PeekResult, QueryError> {
+        let peer = |message: String| QueryError::Peer {
+            url: url.to_string(),
+            message,
+        };
+        let mut response = self
+            .agent
+            .post(&format!("{url}/internal/v1/peek"))
+            .send_json(request)
+            .map_err(|e| peer(e.to_string()))?;
+        match response.status().as_u16() {
+            200 => response
+                .body_mut()
+                .read_json()
+                .map_err(|e| peer(e.to_string())),
+            409 => Err(QueryError::TooOld(request.as_of)),
+            status => Err(peer(format!(
+                "status {status}: {}",
+                response.body_mut().read_to_string().unwrap_or_default()
+            ))),
+        }
+    }
 }
 
 impl Shared {
-    pub fn new(workers: usize, timeout: Duration) -> (Arc<Self>, Vec<Receiver<PeekRequest>>) {
+    pub fn new(
+        workers: usize,
+        timeout: Duration,
+        retain_ms: Time,
+    ) -> (Arc<Self>, Vec<Receiver<PeekRequest>>) {
         let (senders, receivers) = (0..workers).map(|_| crossbeam_channel::unbounded()).unzip();
         let shared = Self {
             completed: (0..workers).map(|_| AtomicU64::new(0)).collect(),
@@ -153,6 +240,9 @@ impl Shared {
             threads: Mutex::new(vec![None; workers]),
             stop: AtomicBool::new(false),
             timeout,
+            retain_ms,
+            since: AtomicU64::new(0),
+            peers: std::sync::OnceLock::new(),
         };
         (Arc::new(shared), receivers)
     }
@@ -171,14 +261,29 @@ impl Shared {
             .unwrap_or(0)
     }
 
-    /// The frontier up to which workers may compact: never beyond a query in flight.
+    /// The frontier up to which workers may compact: `retain_ms` behind `as_of`, and never beyond a
+    /// query in flight.
     pub fn compaction_frontier(&self) -> Time {
         let holds = self.holds();
-        let as_of = self.as_of();
-        holds
+        let frontier = self.as_of().saturating_sub(self.retain_ms);
+        let frontier = holds
             .keys()
             .next()
-            .map_or(as_of, |&oldest| oldest.min(as_of))
+            .map_or(frontier, |&oldest| oldest.min(frontier));
+        self.since
+            .fetch_max(frontier, Ordering::AcqRel)
+            .max(frontier)
+    }
+
+    /// Registers a hold on `as_of` for a read asked by another process, if the traces still hold
+    /// that time. Returns false when `as_of` is older than what the workers keep.
+    pub fn hold_at(&self, as_of: Time) -> bool {
+        let mut holds = self.holds();
+        if as_of < self.since.load(Ordering::Acquire) {
+            return false;
+        }
+        *holds.entry(as_of).or_insert(0) += 1;
+        true
     }
 
     fn hold(&self) -> Result<Time, QueryError> {
@@ -191,7 +296,8 @@ impl Shared {
         Ok(as_of)
     }
 
-    fn release(&self, as_of: Time) {
+    /// Releases a hold taken by [`Shared::hold_at`] or a query.
+    pub fn release(&self, as_of: Time) {
         let mut holds = self.holds();
         if let Some(n) = holds.get_mut(&as_of) {
             *n -= 1;
@@ -235,12 +341,60 @@ impl Shared {
             .collect()
     }
 
-    /// Answers a query at the current `as_of`, holding compaction back while it runs.
+    /// Sets the base URLs of the other processes of the cluster (once).
+    pub fn set_peers(&self, urls: Vec<String>, timeout: Duration) {
+        let agent = ureq::Agent::config_builder()
+            .http_status_as_error(false)
+            .timeout_global(Some(timeout))
+            .build()
+            .into();
+        let _ = self.peers.set(Peers { urls, agent });
+    }
+
+    /// Answers a query at the current `as_of`, holding compaction back while it runs. When another
+    /// process has already let that time go, the query is asked again at a newer `as_of`.
     pub fn query(&self, query: &Query) -> Result<Answer, QueryError> {
-        let as_of = self.hold()?;
-        let body = self.answer(query, as_of);
+        let mut attempt = 0;
+        loop {
+            let as_of = self.hold()?;
+            let body = self.answer(query, as_of);
+            self.release(as_of);
+            match body {
+                Err(QueryError::TooOld(_)) if attempt < 5 => attempt += 1,
+                body => return Ok(Answer { as_of, body: body? }),
+            }
+        }
+    }
+
+    /// This process's part of a read asked by another process: held at `as_of` (if still kept),
+    /// answered once this process has completed `as_of`.
+    pub fn serve_remote(&self, request: RemotePeek) -> Result<PeekResult, QueryError> {
+        let RemotePeek { as_of, peek } = request;
+        if !self.hold_at(as_of) {
+            return Err(QueryError::TooOld(as_of));
+        }
+        let deadline = std::time::Instant::now() + self.timeout;
+        let result = loop {
+            if self.as_of() >= as_of {
+                break self.fan_out(peek, as_of).map(merge);
+            }
+            if std::time::Instant::now() >= deadline {
+                break Err(QueryError::Timeout(self.timeout));
+            }
+            // The cluster's frontier reaches every process within milliseconds.
+            std::thread::sleep(Duration::from_micros(200));
+        };
         self.release(as_of);
-        Ok(Answer { as_of, body: body? })
+        result
+    }
+
+    /// This process's workers' parts and, in a cluster, the other processes' parts.
+    fn gather(&self, peek: Peek, as_of: Time) -> Result<Vec<PeekResult>, QueryError> {
+        let mut parts = self.fan_out(peek.clone(), as_of)?;
+        if let Some(peers) = self.peers.get() {
+            parts.extend(peers.fan_out(&peek, as_of)?);
+        }
+        Ok(parts)
     }
 
     /// The sizes of every worker's state, summed.
@@ -257,19 +411,19 @@ impl Shared {
     fn answer(&self, query: &Query, as_of: Time) -> Result<AnswerBody, QueryError> {
         Ok(match query {
             Query::District(d) => {
-                let counts = counts(self.fan_out(Peek::Counts(Some(*d)), as_of)?);
+                let counts = counts(self.gather(Peek::Counts(Some(*d)), as_of)?);
                 AnswerBody::District(counts.first().map(|(_, c)| *c).unwrap_or_default())
             }
             Query::Districts => {
-                AnswerBody::Districts(counts(self.fan_out(Peek::Counts(None), as_of)?))
+                AnswerBody::Districts(counts(self.gather(Peek::Counts(None), as_of)?))
             }
             Query::Rider(id) => {
-                let found = snapshots(self.fan_out(Peek::Snapshots(vec![id.clone()]), as_of)?);
+                let found = snapshots(self.gather(Peek::Snapshots(vec![id.clone()]), as_of)?);
                 AnswerBody::Rider(found.into_iter().next().map(|(_, s)| s))
             }
             Query::RidersOf(d) => {
                 let mut ids = Vec::new();
-                for part in self.fan_out(Peek::RiderIds(*d), as_of)? {
+                for part in self.gather(Peek::RiderIds(*d), as_of)? {
                     if let PeekResult::RiderIds(mut part) = part {
                         ids.append(&mut part);
                     }
@@ -277,12 +431,33 @@ impl Shared {
                 let found = if ids.is_empty() {
                     Vec::new()
                 } else {
-                    snapshots(self.fan_out(Peek::Snapshots(ids), as_of)?)
+                    snapshots(self.gather(Peek::Snapshots(ids), as_of)?)
                 };
                 AnswerBody::Riders(found)
             }
         })
     }
+}
+
+/// Concatenates the parts of one kind of peek into one part.
+fn merge(parts: Vec<PeekResult>) -> PeekResult {
+    let mut parts = parts.into_iter();
+    let Some(mut first) = parts.next() else {
+        return PeekResult::RiderIds(Vec::new());
+    };
+    for part in parts {
+        match (&mut first, part) {
+            (PeekResult::Counts(a), PeekResult::Counts(b)) => a.extend(b),
+            (PeekResult::Snapshots(a, p), PeekResult::Snapshots(b, q)) => {
+                a.extend(b);
+                p.extend(q);
+            }
+            (PeekResult::RiderIds(a), PeekResult::RiderIds(b)) => a.extend(b),
+            (PeekResult::Sizes(a), PeekResult::Sizes(b)) => *a += b,
+            _ => {}
+        }
+    }
+    first
 }
 
 fn counts(parts: Vec<PeekResult>) -> Vec<(DistrictId, DistrictCounts)> {

@@ -355,7 +355,7 @@ impl Harness {
 }
 
 /// Several channel sources behind one worker.
-struct MultiSource(Vec<ChannelSource>);
+pub struct MultiSource(pub Vec<ChannelSource>);
 
 impl EventSource for MultiSource {
     fn poll(
