@@ -5,58 +5,12 @@ mod common;
 
 use std::collections::BTreeMap;
 
-use common::{builtin, Harness, Model, Scenario};
-use dongflow::http::{App, HttpServer};
+use common::{builtin, serve, Client, Harness, Model, Scenario};
 use dongflow::EngineConfig;
 use dongflow_connectors::Id;
 use dongflow_dataflow::districts::DistrictIndex;
 use dongflow_dataflow::types::{DistrictCounts, Snapshot};
 use serde_json::{json, Value};
-
-struct Client {
-    agent: ureq::Agent,
-    base: String,
-}
-
-impl Client {
-    fn new(server: &HttpServer) -> Self {
-        let agent = ureq::Agent::config_builder()
-            .http_status_as_error(false)
-            .build()
-            .into();
-        Self {
-            agent,
-            base: format!("http://{}", server.addr()),
-        }
-    }
-
-    /// Status, content type and body of a GET.
-    fn get(&self, path: &str) -> (u16, String, String) {
-        let mut response = self
-            .agent
-            .get(&format!("{}{path}", self.base))
-            .call()
-            .expect("request goes through");
-        let status = response.status().as_u16();
-        let content_type = response
-            .headers()
-            .get("content-type")
-            .and_then(|v| v.to_str().ok())
-            .unwrap_or_default()
-            .to_string();
-        let body = response.body_mut().read_to_string().expect("body");
-        (status, content_type, body)
-    }
-
-    fn json(&self, path: &str) -> (u16, Value) {
-        let (status, content_type, body) = self.get(path);
-        assert_eq!(content_type, "application/json; charset=utf-8", "{path}");
-        (
-            status,
-            serde_json::from_str(&body).unwrap_or_else(|e| panic!("{path}: {e}: {body}")),
-        )
-    }
-}
 
 fn district_json(index: &DistrictIndex, id: u32, c: &DistrictCounts) -> Value {
     let idle = c.riders_on_shift - c.riders_delivering;
@@ -100,12 +54,7 @@ fn unstamp(mut v: Value, last_as_of: &mut u64) -> Value {
 fn answers_equal_the_model() {
     let index = builtin();
     let harness = Harness::start(EngineConfig::new(2, index.clone()), 4);
-    let server = HttpServer::start(
-        "127.0.0.1:0",
-        App::new(harness.engine.handle(), index.clone()),
-        2,
-    )
-    .expect("binds");
+    let server = serve(&harness, &index);
     let client = Client::new(&server);
     let mut scenario = Scenario::new(11, &index, 15, 60);
     let mut model = Model::default();
@@ -180,12 +129,7 @@ fn answers_equal_the_model() {
 fn errors_are_clear_json() {
     let index = builtin();
     let harness = Harness::start(EngineConfig::new(1, index.clone()), 1);
-    let server = HttpServer::start(
-        "127.0.0.1:0",
-        App::new(harness.engine.handle(), index.clone()),
-        1,
-    )
-    .expect("binds");
+    let server = serve(&harness, &index);
     let client = Client::new(&server);
     harness.sync();
     let cases = [
@@ -240,12 +184,7 @@ fn errors_are_clear_json() {
 fn map_page_openapi_and_metrics() {
     let index = builtin();
     let harness = Harness::start(EngineConfig::new(1, index.clone()), 1);
-    let server = HttpServer::start(
-        "127.0.0.1:0",
-        App::new(harness.engine.handle(), index.clone()),
-        1,
-    )
-    .expect("binds");
+    let server = serve(&harness, &index);
     let client = Client::new(&server);
     let mut scenario = Scenario::new(3, &index, 10, 20);
     harness.send(&(0..200).map(|_| scenario.next_event()).collect::<Vec<_>>());

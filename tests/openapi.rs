@@ -4,8 +4,7 @@
 
 mod common;
 
-use common::{builtin, Harness, Scenario};
-use dongflow::http::{App, HttpServer};
+use common::{builtin, serve, Client, Harness, Scenario};
 use dongflow::EngineConfig;
 use serde_json::Value;
 
@@ -101,37 +100,15 @@ fn validate(doc: &Value, schema: &Value, value: &Value, at: &str) {
 fn every_route_answers_as_documented() {
     let index = builtin();
     let harness = Harness::start(EngineConfig::new(2, index.clone()), 2);
-    let server = HttpServer::start(
-        "127.0.0.1:0",
-        App::new(harness.engine.handle(), index.clone()),
-        1,
-    )
-    .expect("binds");
+    let server = serve(&harness, &index);
     let mut scenario = Scenario::new(21, &index, 12, 30);
     harness.send(&(0..400).map(|_| scenario.next_event()).collect::<Vec<_>>());
     harness.sync();
 
     let doc: Value =
         serde_json::from_str(include_str!("../server/openapi.json")).expect("document parses");
-    let agent: ureq::Agent = ureq::Agent::config_builder()
-        .http_status_as_error(false)
-        .build()
-        .into();
-    let base = format!("http://{}", server.addr());
-    let get = |path: &str| -> (u16, String, String) {
-        let mut r = agent.get(&format!("{base}{path}")).call().expect("request");
-        let ct = r
-            .headers()
-            .get("content-type")
-            .and_then(|v| v.to_str().ok())
-            .unwrap_or_default()
-            .to_string();
-        (
-            r.status().as_u16(),
-            ct,
-            r.body_mut().read_to_string().expect("body"),
-        )
-    };
+    let client = Client::new(&server);
+    let get = |path: &str| client.get(path);
 
     // The served document is the one in the repository.
     let (_, _, served) = get("/openapi.json");

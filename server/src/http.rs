@@ -24,7 +24,7 @@ use serde::Serialize;
 use tokio::net::TcpListener;
 
 use crate::engine::{now_ms, EngineHandle};
-use crate::query::{AnswerBody, Query, QueryError};
+use crate::query::{Answer, AnswerBody, Query, QueryError};
 use crate::render::{DistrictView, DistrictsView, RiderView, RidersView, Stamped};
 
 const JSON: &str = "application/json; charset=utf-8";
@@ -280,97 +280,110 @@ fn short(path: &str) -> String {
 }
 
 /// Runs a query on the blocking pool.
-async fn ask(app: &Arc<App>, query: Query) -> Result<crate::query::Answer, QueryError> {
+async fn ask(app: &Arc<App>, query: Query) -> Result<Answer, QueryError> {
     let engine = app.engine.clone();
     tokio::task::spawn_blocking(move || engine.query(&query))
         .await
         .unwrap_or(Err(QueryError::ShutDown))
 }
 
-async fn districts(app: &Arc<App>) -> Response<Full<Bytes>> {
-    match ask(app, Query::Districts).await {
-        Ok(answer) => match answer.body {
-            AnswerBody::Districts(counts) => json(
-                StatusCode::OK,
-                &DistrictsView::new(&app.index, answer.as_of, false, &counts),
-            ),
-            _ => error(StatusCode::INTERNAL_SERVER_ERROR, "unexpected answer"),
-        },
+/// The 404 answer for a district code the map does not have.
+fn unknown_district(code: &str) -> Response<Full<Bytes>> {
+    error(
+        StatusCode::NOT_FOUND,
+        &format!("unknown district code {}", short(code)),
+    )
+}
+
+/// Asks `query` and renders its answer with `render`, or answers the error.
+async fn answered(
+    app: &Arc<App>,
+    query: Query,
+    render: impl FnOnce(Answer) -> Option<Response<Full<Bytes>>>,
+) -> Response<Full<Bytes>> {
+    match ask(app, query).await {
+        Ok(answer) => render(answer)
+            .unwrap_or_else(|| error(StatusCode::INTERNAL_SERVER_ERROR, "unexpected answer")),
         Err(e) => query_error(e),
     }
+}
+
+async fn districts(app: &Arc<App>) -> Response<Full<Bytes>> {
+    answered(app, Query::Districts, |a| match a.body {
+        AnswerBody::Districts(counts) => Some(json(
+            StatusCode::OK,
+            &DistrictsView::new(&app.index, a.as_of, false, &counts),
+        )),
+        _ => None,
+    })
+    .await
 }
 
 async fn district(app: &Arc<App>, code: &str) -> Response<Full<Bytes>> {
     let Some(id) = app.index.id_of(code) else {
-        return error(
-            StatusCode::NOT_FOUND,
-            &format!("unknown district code {}", short(code)),
-        );
+        return unknown_district(code);
     };
-    match ask(app, Query::District(id)).await {
-        Ok(answer) => match answer.body {
-            AnswerBody::District(counts) => json(
+    answered(app, Query::District(id), |a| match a.body {
+        AnswerBody::District(counts) => {
+            let value = DistrictView::new(&app.index, id, &counts);
+            Some(json(
                 StatusCode::OK,
                 &Stamped {
-                    value: DistrictView::new(&app.index, id, &counts),
-                    as_of: answer.as_of,
+                    value,
+                    as_of: a.as_of,
                     stale: false,
                 },
-            ),
-            _ => error(StatusCode::INTERNAL_SERVER_ERROR, "unexpected answer"),
-        },
-        Err(e) => query_error(e),
-    }
+            ))
+        }
+        _ => None,
+    })
+    .await
 }
 
 async fn district_riders(app: &Arc<App>, code: &str) -> Response<Full<Bytes>> {
     let Some(id) = app.index.id_of(code) else {
-        return error(
-            StatusCode::NOT_FOUND,
-            &format!("unknown district code {}", short(code)),
-        );
+        return unknown_district(code);
     };
-    match ask(app, Query::RidersOf(id)).await {
-        Ok(answer) => match answer.body {
-            AnswerBody::Riders(riders) => {
-                let riders = riders
-                    .iter()
-                    .map(|(id, s)| RiderView::new(&app.index, id, s))
-                    .collect();
-                json(
-                    StatusCode::OK,
-                    &RidersView {
-                        as_of: answer.as_of,
-                        stale: false,
-                        riders,
-                    },
-                )
-            }
-            _ => error(StatusCode::INTERNAL_SERVER_ERROR, "unexpected answer"),
-        },
-        Err(e) => query_error(e),
-    }
+    answered(app, Query::RidersOf(id), |a| match a.body {
+        AnswerBody::Riders(riders) => {
+            let riders = riders
+                .iter()
+                .map(|(id, s)| RiderView::new(&app.index, id, s))
+                .collect();
+            Some(json(
+                StatusCode::OK,
+                &RidersView {
+                    as_of: a.as_of,
+                    stale: false,
+                    riders,
+                },
+            ))
+        }
+        _ => None,
+    })
+    .await
 }
 
 async fn rider(app: &Arc<App>, id: &str) -> Response<Full<Bytes>> {
-    match ask(app, Query::Rider(id.into())).await {
-        Ok(answer) => match answer.body {
-            AnswerBody::Rider(Some(snapshot)) => json(
+    answered(app, Query::Rider(id.into()), |a| match a.body {
+        AnswerBody::Rider(Some(snapshot)) => {
+            let value = RiderView::new(&app.index, id, &snapshot);
+            Some(json(
                 StatusCode::OK,
                 &Stamped {
-                    value: RiderView::new(&app.index, id, &snapshot),
-                    as_of: answer.as_of,
+                    value,
+                    as_of: a.as_of,
                     stale: false,
                 },
-            ),
-            AnswerBody::Rider(None) => error(
-                StatusCode::NOT_FOUND,
-                &format!("unknown rider {}", short(id)),
-            ),
-            _ => error(StatusCode::INTERNAL_SERVER_ERROR, "unexpected answer"),
-        },
-        Err(e) => query_error(e),
-    }
+            ))
+        }
+        AnswerBody::Rider(None) => Some(error(
+            StatusCode::NOT_FOUND,
+            &format!("unknown rider {}", short(id)),
+        )),
+        _ => None,
+    })
+    .await
 }
 
 /// Ready once the live state exists and has taken in what its sources had when they started.

@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::Sender;
 use differential_dataflow::hashable::Hashable;
 use dongflow::engine::now_ms;
+use dongflow::http::{App, HttpServer};
 use dongflow::{Engine, EngineConfig};
 use dongflow_connectors::simulator::SimEvent;
 use dongflow_connectors::source::{ChannelSource, EventSource};
@@ -379,4 +380,62 @@ impl EventSource for MultiSource {
 
 pub fn builtin() -> Arc<DistrictIndex> {
     Arc::new(DistrictIndex::builtin_seoul())
+}
+
+/// Serves the harness's engine over HTTP on a free loopback port.
+pub fn serve(harness: &Harness, index: &Arc<DistrictIndex>) -> HttpServer {
+    HttpServer::start(
+        "127.0.0.1:0",
+        App::new(harness.engine.handle(), index.clone()),
+        1,
+    )
+    .expect("binds")
+}
+
+/// A plain HTTP client for one server; statuses are data, not errors.
+pub struct Client {
+    pub agent: ureq::Agent,
+    pub base: String,
+}
+
+impl Client {
+    pub fn new(server: &HttpServer) -> Self {
+        Self::at(format!("http://{}", server.addr()))
+    }
+
+    /// A client for the server at `base` (`http://host:port`).
+    pub fn at(base: String) -> Self {
+        let agent = ureq::Agent::config_builder()
+            .http_status_as_error(false)
+            .build()
+            .into();
+        Self { agent, base }
+    }
+
+    /// Status, content type and body of a GET.
+    pub fn get(&self, path: &str) -> (u16, String, String) {
+        let mut response = self
+            .agent
+            .get(&format!("{}{path}", self.base))
+            .call()
+            .expect("request goes through");
+        let status = response.status().as_u16();
+        let content_type = response
+            .headers()
+            .get("content-type")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default()
+            .to_string();
+        let body = response.body_mut().read_to_string().expect("body");
+        (status, content_type, body)
+    }
+
+    pub fn json(&self, path: &str) -> (u16, serde_json::Value) {
+        let (status, content_type, body) = self.get(path);
+        assert_eq!(content_type, "application/json; charset=utf-8", "{path}");
+        (
+            status,
+            serde_json::from_str(&body).unwrap_or_else(|e| panic!("{path}: {e}: {body}")),
+        )
+    }
 }
