@@ -1,0 +1,99 @@
+//! The binary as a user meets it: exit codes of CONTRACT section 1, one clear line for bad input,
+//! and a demo that serves HTTP and stops cleanly on SIGTERM.
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::Client;
+
+fn dongflow() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_dongflow"))
+}
+
+#[test]
+fn bad_arguments_exit_2_with_one_clear_line() {
+    let cases: [(&[&str], &str); 4] = [
+        (
+            &["run", "--districts", "/no/such/map.geojson"],
+            "cannot read district file /no/such/map.geojson",
+        ),
+        (
+            &["demo", "--districts", "Cargo.toml"],
+            "district file is not valid JSON",
+        ),
+        (&["run", "-w", "0"], "0 is not in 1..=1024"),
+        (
+            &["run", "--checkpoint-interval", "soon"],
+            "is not a duration",
+        ),
+    ];
+    for (args, message) in cases {
+        let out = dongflow().args(args).output().expect("runs");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {stderr}");
+        assert!(stderr.contains(message), "{args:?}: {stderr}");
+        assert!(!stderr.contains("panicked"), "{args:?}: {stderr}");
+    }
+}
+
+#[test]
+fn help_exits_0_and_run_says_what_is_missing() {
+    let out = dongflow().args(["run", "--help"]).output().expect("runs");
+    assert_eq!(out.status.code(), Some(0));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("--hostfile"));
+    let out = dongflow().args(["run"]).output().expect("runs");
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("not yet supported"));
+}
+
+#[test]
+fn demo_serves_http_and_stops_cleanly_on_sigterm() {
+    let mut child = dongflow()
+        .args([
+            "demo",
+            "--http",
+            "127.0.0.1:0",
+            "--riders",
+            "300",
+            "--rate",
+            "3000",
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("starts");
+    let stdout = child.stdout.take().expect("stdout");
+    let mut lines = BufReader::new(stdout).lines();
+    let url = lines
+        .by_ref()
+        .map_while(Result::ok)
+        .find_map(|l| {
+            l.strip_prefix("HTTP: ")
+                .and_then(|r| r.split_whitespace().next())
+                .map(str::to_string)
+        })
+        .expect("the demo prints its HTTP URL");
+    // Keep reading stdout so that the demo never blocks on a full pipe.
+    let reader = std::thread::spawn(move || lines.map_while(Result::ok).count());
+    let client = Client::at(url.trim_end_matches('/').to_string());
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let (status, body) = client.json("/v1/districts");
+        if status == 200 && body["districts"].as_array().is_some_and(|d| !d.is_empty()) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "no districts: {status} {body}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let killed = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .expect("kill runs");
+    assert!(killed.success());
+    let status = child.wait().expect("exits");
+    assert_eq!(status.code(), Some(0));
+    assert!(reader.join().expect("reader") > 0);
+}
