@@ -10,7 +10,7 @@ use std::alloc::System;
 use std::time::{Duration, Instant};
 
 use criterion::{BenchmarkId, Criterion, Throughput};
-use differential_dataflow::hashable::Hashable;
+use dongflow::demo::partition;
 use dongflow::{AnswerBody, Engine, EngineConfig, Query};
 use dongflow_connectors::simulator::{SimConfig, SimEvent, Simulator};
 use dongflow_connectors::source::{EventSource, VecSource};
@@ -39,12 +39,7 @@ fn events(riders: usize, n: usize) -> Vec<SimEvent> {
 
 /// Splits events over workers by id, as Kafka partitions keyed by id would.
 fn sources(events: &[SimEvent], workers: usize) -> Vec<Box<dyn EventSource>> {
-    let mut parts: Vec<Vec<SimEvent>> =
-        vec![Vec::with_capacity(events.len() / workers + 1); workers];
-    for e in events {
-        parts[(e.key().hashed() % workers as u64) as usize].push(e.clone());
-    }
-    parts
+    partition(events.iter().cloned(), workers)
         .into_iter()
         .map(|p| Box::new(VecSource::new(p)) as Box<dyn EventSource>)
         .collect()

@@ -2,7 +2,7 @@
 
 use std::time::{Duration, Instant};
 
-use differential_dataflow::hashable::Hashable;
+use dongflow::demo::partition;
 use dongflow::{Engine, EngineConfig};
 use dongflow_connectors::simulator::{SimConfig, SimEvent, Simulator};
 use dongflow_connectors::source::{EventSource, VecSource};
@@ -24,10 +24,7 @@ fn main() {
     })
     .take(n)
     .collect();
-    let mut parts: Vec<Vec<SimEvent>> = vec![Vec::new(); workers];
-    for e in events {
-        parts[(e.key().hashed() % workers as u64) as usize].push(e);
-    }
+    let parts = partition(events, workers);
     let sources = parts
         .into_iter()
         .map(|p| Box::new(VecSource::new(p)) as Box<dyn EventSource>)

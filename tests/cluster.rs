@@ -7,7 +7,7 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::{builtin, Model, MultiSource, Scenario};
-use differential_dataflow::hashable::Hashable;
+use dongflow::demo::partition_of;
 use dongflow::engine::{now_ms, ClusterSpec};
 use dongflow::http::{App, HttpServer};
 use dongflow::{Engine, EngineConfig};
@@ -123,7 +123,7 @@ fn every_key_answers_alike_from_every_process() {
         let mut batches = vec![Vec::new(); PARTITIONS];
         for e in &events {
             model.apply(&index, e);
-            batches[(e.key().hashed() % PARTITIONS as u64) as usize].push(e.clone());
+            batches[partition_of(e, PARTITIONS)].push(e.clone());
         }
         for (tx, batch) in senders.iter().zip(batches) {
             tx.send(batch).expect("worker alive");

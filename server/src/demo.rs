@@ -12,6 +12,21 @@ use dongflow_connectors::source::{ChannelSource, EventSource};
 
 use crate::engine::now_ms;
 
+/// The partition (of `parts`) an event goes to: by the hash of its id, as a Kafka producer keyed by
+/// id would place it. Every in-process feed uses this one rule.
+pub fn partition_of(e: &SimEvent, parts: usize) -> usize {
+    (e.key().hashed() % parts.max(1) as u64) as usize
+}
+
+/// Splits events into `parts` partitions by [`partition_of`], keeping their order within each.
+pub fn partition(events: impl IntoIterator<Item = SimEvent>, parts: usize) -> Vec<Vec<SimEvent>> {
+    let mut out = vec![Vec::new(); parts.max(1)];
+    for e in events {
+        out[partition_of(&e, parts)].push(e);
+    }
+    out
+}
+
 /// The sending ends of the workers' channel sources, one per worker.
 pub type Feeds = Vec<Sender<Vec<SimEvent>>>;
 
@@ -55,7 +70,7 @@ pub fn feed(
         let mut batches: Vec<Vec<SimEvent>> = vec![Vec::new(); senders.len()];
         for _ in 0..n {
             let e = simulator.next_event();
-            let w = (e.key().hashed() % senders.len() as u64) as usize;
+            let w = partition_of(&e, senders.len());
             batches[w].push(e);
         }
         for (tx, batch) in senders.iter().zip(batches) {

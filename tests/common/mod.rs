@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::Sender;
-use differential_dataflow::hashable::Hashable;
+use dongflow::demo::partition_of;
 use dongflow::engine::now_ms;
 use dongflow::http::{App, HttpServer};
 use dongflow::{Engine, EngineConfig};
@@ -323,7 +323,7 @@ impl Harness {
     pub fn send(&self, events: &[SimEvent]) {
         let mut batches: Vec<Vec<SimEvent>> = vec![Vec::new(); self.partitions.len()];
         for e in events {
-            let p = (e.key().hashed() % self.partitions.len() as u64) as usize;
+            let p = partition_of(e, self.partitions.len());
             batches[p].push(e.clone());
         }
         for (p, batch) in batches.into_iter().enumerate() {
