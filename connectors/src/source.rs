@@ -34,16 +34,6 @@ pub trait EventSource: Send {
     }
 }
 
-/// A source with nothing in it (workers that own no partition).
-#[derive(Debug, Default)]
-pub struct EmptySource;
-
-impl EventSource for EmptySource {
-    fn poll(&mut self, _: usize, _: &mut Vec<RiderEvent>, _: &mut Vec<DeliveryEvent>) -> Polled {
-        Polled::Ended
-    }
-}
-
 /// Events held in memory, handed out in order (benchmarks and tests).
 #[derive(Debug, Default)]
 pub struct VecSource {

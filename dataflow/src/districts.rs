@@ -282,11 +282,6 @@ impl DistrictIndex {
         best
     }
 
-    /// The district of an optional location: no location is [`UNASSIGNED`].
-    pub fn lookup_opt(&self, point: Option<Coord>) -> DistrictId {
-        point.map_or(UNASSIGNED, |p| self.lookup(p))
-    }
-
     /// The number of districts (not counting [`UNASSIGNED`]).
     pub fn len(&self) -> usize {
         self.districts.len()
