@@ -7,9 +7,12 @@
 //! - [`error`]: [`DecodeError`], one variant per kind of bad input.
 //! - [`simulator`]: a seeded generator of realistic Seoul rider and delivery traffic.
 //! - [`source`]: the per-worker [`source::EventSource`] trait and in-memory sources.
+//! - [`kafka`]: the Kafka source, the producer for dead letters and changelogs, the topic watch and
+//!   the embedded broker.
 
 pub mod error;
 pub mod events;
+pub mod kafka;
 pub mod simulator;
 pub mod source;
 

@@ -5,16 +5,18 @@ use std::rc::Rc;
 use std::sync::Arc;
 
 use differential_dataflow::operators::arrange::Arranged;
-use dongflow_connectors::{DeliveryEvent, RiderEvent};
+use dongflow_connectors::{DeliveryEvent, Id, RiderEvent};
 use timely::dataflow::Stream;
 
+use crate::districts::DistrictId;
 use crate::districts::DistrictIndex;
 use crate::stages::{
-    arrange_positions, contributions, count_by_district, enrich_with_district, join_inputs,
-    join_riders_deliveries, riders_by_district, split_riders, CountsTrace, DeliveryRule,
-    DeliveryState, PositionTrace, RiderRule, RidersByDistrictTrace, SnapshotTrace,
+    arrange_positions, changes_per_time, contributions, count_by_district, enrich_with_district,
+    full_snapshots, join_inputs, join_riders_deliveries, riders_by_district, split_riders,
+    CountsTrace, DeliveryRule, DeliveryState, PositionTrace, RiderRule, RidersByDistrictTrace,
+    SnapshotTrace,
 };
-use crate::types::{RiderRow, Time};
+use crate::types::{Change, DistrictCounts, RiderRow, Snapshot, Time};
 use crate::upsert::{upsert, UpsertCounters, UpsertState};
 
 /// Default time a terminal delivery is remembered: 6 hours of dataflow time.
@@ -121,5 +123,26 @@ pub fn build<'s>(
         positions,
         counts,
         riders_by_district,
+    }
+}
+
+/// The changelog streams of CONTRACT section 5, wired on demand (only when something writes them).
+pub struct Changelogs<'s> {
+    /// District counts per time; `None` when a district's counts all became zero.
+    pub districts: Stream<'s, Time, Vec<Change<DistrictId, DistrictCounts>>>,
+    /// Rider snapshots per time; `None` when the rider's shift ended.
+    pub riders: Stream<'s, Time, Vec<Change<Id, Snapshot>>>,
+}
+
+/// Wires the changelog streams onto the outputs of [`build`].
+pub fn changelogs<'s>(outputs: &Outputs<'s>) -> Changelogs<'s> {
+    let counts = outputs
+        .counts
+        .clone()
+        .as_collection(|district, counts| (*district, counts.clone()));
+    let snapshots = full_snapshots(outputs.snapshots.clone(), outputs.positions.clone());
+    Changelogs {
+        districts: changes_per_time(counts, "Changelog: Districts"),
+        riders: changes_per_time(snapshots, "Changelog: Riders"),
     }
 }

@@ -28,5 +28,5 @@ pub mod stages;
 pub mod types;
 pub mod upsert;
 
-pub use build::{build, DataflowCounters, Outputs, WorkerState};
+pub use build::{build, changelogs, Changelogs, DataflowCounters, Outputs, WorkerState};
 pub use error::DistrictError;

@@ -1,5 +1,6 @@
 //! One small function per dataflow stage. [`crate::build`] is the only place that wires them.
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use differential_dataflow::operators::arrange::{Arranged, TraceAgent};
@@ -7,13 +8,16 @@ use differential_dataflow::trace::implementations::{ValBuilder, ValSpine};
 use differential_dataflow::VecCollection;
 use dongflow_connectors::{Coord, DeliveryEvent, Id, Millis, RiderEvent};
 use serde::{Deserialize, Serialize};
+use timely::dataflow::channels::pact::Pipeline;
+use timely::dataflow::operators::generic::operator::Operator;
 use timely::dataflow::operators::vec::Map;
+use timely::dataflow::operators::Capability;
 use timely::dataflow::Stream;
 
 use crate::districts::{DistrictId, DistrictIndex, UNASSIGNED};
 use crate::types::{
-    Contribution, DeliveryBrief, DeliveryRow, Diff, DistrictCounts, JoinSide, RiderCore, RiderPart,
-    RiderPosition, RiderRow, SnapshotCore, Time,
+    Change, Contribution, DeliveryBrief, DeliveryRow, Diff, DistrictCounts, JoinSide, RiderCore,
+    RiderPart, RiderPosition, RiderRow, Snapshot, SnapshotCore, Time,
 };
 use crate::upsert::{Ignored, UpsertRule};
 
@@ -499,6 +503,111 @@ pub fn riders_by_district<'s>(
     snapshots
         .flat_map_ref(|rider, snapshot| Some((snapshot.rider.district, rider.clone())))
         .arrange_by_key_named("Arrange: RidersByDistrict")
+}
+
+/// Full rider snapshots (core joined with position), for the rider changelog. Only changes flow:
+/// a ping yields the rider's old snapshot retracted and its new one added.
+///
+/// ```
+/// use dongflow_dataflow::stages::{arrange_positions, full_snapshots, join_inputs, join_riders_deliveries};
+/// use dongflow_dataflow::types::{DeliveryRow, RiderCore, RiderPosition};
+/// use dongflow_connectors::{Id, RiderStatus};
+/// use differential_dataflow::input::Input;
+/// use timely::dataflow::operators::{Capture, capture::Extract};
+///
+/// let rx = timely::example(|scope| {
+///     let core = RiderCore { status: RiderStatus::OnShift, rider_type: None, district: 3 };
+///     let cores = scope.new_collection_from(vec![(Id::from("r-1"), core)]).1;
+///     let deliveries = scope.new_collection_from(Vec::<(Id, DeliveryRow)>::new()).1;
+///     let positions = scope.new_collection_from(vec![(Id::from("r-1"), RiderPosition { location: None, ts: 5 })]).1;
+///     let snapshots = join_riders_deliveries(join_inputs(cores, deliveries));
+///     full_snapshots(snapshots, arrange_positions(positions)).inner.capture()
+/// });
+/// let out: Vec<_> = rx.extract().into_iter().flat_map(|(_, v)| v).collect();
+/// assert_eq!(out.len(), 1);
+/// assert_eq!((out[0].0 .1.rider.district, out[0].0 .1.rider.ts), (3, 5));
+/// ```
+pub fn full_snapshots<'s>(
+    snapshots: Arranged<'s, SnapshotTrace>,
+    positions: Arranged<'s, PositionTrace>,
+) -> VecCollection<'s, Time, (Id, Snapshot), Diff> {
+    snapshots.join_core(positions, |id, core, position| {
+        Some((
+            id.clone(),
+            Snapshot::compose(core.clone(), position.clone()),
+        ))
+    })
+}
+
+/// The changelog of a collection that holds at most one value per key: for every complete time,
+/// each key that changed with its final value, or `None` when it has no value any more. Emitted
+/// in time order once the time is complete, so a key's records come out in `time` order.
+///
+/// The input must already be partitioned by key (the outputs of arrangements and of joins on
+/// arrangements are): every key is then handled by one worker, always the same.
+///
+/// ```
+/// use dongflow_dataflow::stages::changes_per_time;
+/// use differential_dataflow::input::Input;
+/// use timely::dataflow::operators::{Capture, capture::Extract};
+///
+/// let rx = timely::example(|scope| {
+///     // At time 0: a=1, b=2. At time 1: a becomes 5, b goes away.
+///     let updates = vec![(("a", 1), 0, 1), (("b", 2), 0, 1), (("a", 1), 1, -1), (("a", 5), 1, 1), (("b", 2), 1, -1)];
+///     let collection = differential_dataflow::AsCollection::as_collection(
+///         timely::dataflow::operators::ToStream::to_stream(updates, scope));
+///     changes_per_time(collection, "Changes").capture()
+/// });
+/// let out: Vec<_> = rx.extract().into_iter().flat_map(|(_, v)| v).map(|c| (c.key, c.value, c.time)).collect();
+/// assert_eq!(out, vec![("a", Some(1), 0), ("b", Some(2), 0), ("a", Some(5), 1), ("b", None, 1)]);
+/// ```
+pub fn changes_per_time<'s, K, V>(
+    updates: VecCollection<'s, Time, (K, V), Diff>,
+    name: &str,
+) -> Stream<'s, Time, Vec<Change<K, V>>>
+where
+    K: timely::ExchangeData + Ord,
+    V: timely::ExchangeData + Ord,
+{
+    type Stash<K, V> = BTreeMap<Time, (Capability<Time>, Vec<((K, V), Diff)>)>;
+    updates.inner.unary_frontier(Pipeline, name, |_, _| {
+        let mut stash: Stash<K, V> = BTreeMap::new();
+        move |(input, frontier), output| {
+            input.for_each(|cap, data| {
+                for (kv, time, diff) in data.drain(..) {
+                    stash
+                        .entry(time)
+                        .or_insert_with(|| (cap.delayed(&time, 0), Vec::new()))
+                        .1
+                        .push((kv, diff));
+                }
+            });
+            while let Some(entry) = stash.first_entry() {
+                let time = *entry.key();
+                if frontier.less_equal(&time) {
+                    break;
+                }
+                let (cap, mut updates) = entry.remove();
+                differential_dataflow::consolidation::consolidate(&mut updates);
+                let mut changes: Vec<Change<K, V>> = Vec::new();
+                for ((key, value), diff) in updates {
+                    if changes.last().is_none_or(|c| c.key != key) {
+                        changes.push(Change {
+                            key,
+                            value: None,
+                            time,
+                        });
+                    }
+                    if diff > 0 {
+                        if let Some(last) = changes.last_mut() {
+                            last.value = Some(value);
+                        }
+                    }
+                }
+                output.session(&cap).give_container(&mut changes);
+            }
+        }
+    })
 }
 
 #[cfg(test)]

@@ -217,3 +217,15 @@ impl DistrictCounts {
         *self == Self::default()
     }
 }
+
+/// One changelog record: the final value of `key` after `time`, or `None` when the key went away
+/// (a tombstone). At most one per key and time.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct Change<K, V> {
+    /// The key.
+    pub key: K,
+    /// Its value after `time`; `None` when it has none any more.
+    pub value: Option<V>,
+    /// The dataflow time of the change (`as_of` of the record).
+    pub time: Time,
+}

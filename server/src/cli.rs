@@ -203,6 +203,9 @@ pub struct GenerateArgs {
     /// Seed: the same seed gives the same events.
     #[arg(long, default_value_t = 1)]
     pub seed: u64,
+    /// Partitions of the input topics when they have to be created.
+    #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(i32).range(1..=10_000))]
+    pub partitions: i32,
 }
 
 /// Parses `500ms`, `10s`, `2m`, `1h` (a bare number is seconds).

@@ -9,12 +9,15 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use crossbeam_channel::Receiver;
 use differential_dataflow::trace::TraceReader;
 use dongflow_connectors::source::{EventSource, Polled};
+use dongflow_dataflow::build::changelogs;
 use dongflow_dataflow::districts::DistrictIndex;
 use dongflow_dataflow::peek::{read_all, read_key, read_keys, trace_len};
 use dongflow_dataflow::stages::{CountsTrace, PositionTrace, RidersByDistrictTrace, SnapshotTrace};
 use dongflow_dataflow::types::Time;
-use dongflow_dataflow::{build, DataflowCounters, WorkerState};
+use dongflow_dataflow::{build, DataflowCounters, Outputs, WorkerState};
 use thiserror::Error;
+use timely::dataflow::channels::pact::Pipeline;
+use timely::dataflow::operators::generic::operator::Operator;
 use timely::dataflow::operators::probe::Handle as ProbeHandle;
 use timely::dataflow::operators::vec::input::Handle as InputHandle;
 use timely::dataflow::operators::vec::Input;
@@ -22,6 +25,7 @@ use timely::dataflow::operators::Probe;
 use timely::progress::frontier::AntichainRef;
 use timely::WorkerConfig;
 
+use crate::changelog::{write_districts, write_riders, ChangelogSink};
 use crate::query::{
     Answer, Peek, PeekRequest, PeekResult, Query, QueryError, RemotePeek, Shared, StateSizes,
 };
@@ -48,6 +52,8 @@ pub struct EngineConfig {
     /// How far (ms of dataflow time) traces keep history behind `as_of`, so that other processes
     /// can still read a slightly older cut. 0 for a single process.
     pub retain_ms: Time,
+    /// Where the changelog goes; `None` writes none.
+    pub changelog: Option<Arc<dyn ChangelogSink>>,
 }
 
 /// A timely cluster of several processes with the same number of workers each.
@@ -72,6 +78,7 @@ impl EngineConfig {
             query_timeout: Duration::from_secs(5),
             cluster: None,
             retain_ms: 0,
+            changelog: None,
         }
     }
 }
@@ -321,6 +328,24 @@ impl Drop for Engine {
     }
 }
 
+/// Writes the dataflow's changelog streams to `sink` as their times complete.
+fn attach_changelog(out: &Outputs<'_>, sink: Arc<dyn ChangelogSink>, index: Arc<DistrictIndex>) {
+    let streams = changelogs(out);
+    let (s, i) = (sink.clone(), index.clone());
+    // Pipeline: the changelog streams are already partitioned by key, so each key is written by
+    // one worker, in time order.
+    streams
+        .districts
+        .sink(Pipeline, "Sink: DistrictChangelog", move |(input, _)| {
+            input.for_each(|_, changes| write_districts(&*s, &i, changes));
+        });
+    streams
+        .riders
+        .sink(Pipeline, "Sink: RiderChangelog", move |(input, _)| {
+            input.for_each(|_, changes| write_riders(&*sink, &index, changes));
+        });
+}
+
 struct WorkerSlot {
     source: Box<dyn EventSource>,
     peeks: Receiver<PeekRequest>,
@@ -363,7 +388,10 @@ impl WorkerLoop {
         let (snapshots, positions, counts, by_district) = worker.dataflow::<Time, _, _>(|scope| {
             let riders = scope.input_from(&mut riders_in);
             let deliveries = scope.input_from(&mut deliveries_in);
-            let out = build(riders, deliveries, districts, &state, counters);
+            let out = build(riders, deliveries, districts.clone(), &state, counters);
+            if let Some(sink) = &config.changelog {
+                attach_changelog(&out, sink.clone(), districts);
+            }
             // One probe behind every queried arrangement: its frontier says which times are complete.
             out.snapshots.stream.clone().probe_with(&probe);
             out.positions.stream.clone().probe_with(&probe);

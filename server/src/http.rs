@@ -12,6 +12,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use dongflow_connectors::kafka::{KafkaMetrics, OutputKind};
 use dongflow_dataflow::districts::DistrictIndex;
 use http_body_util::Full;
 use hyper::body::Incoming;
@@ -37,6 +38,7 @@ pub struct App {
     index: Arc<DistrictIndex>,
     geojson: Bytes,
     metrics: HttpMetrics,
+    kafka: Option<Arc<KafkaMetrics>>,
 }
 
 impl std::fmt::Debug for App {
@@ -54,6 +56,24 @@ impl App {
             index,
             geojson,
             metrics: HttpMetrics::default(),
+            kafka: None,
+        })
+    }
+
+    /// The HTTP application of an engine that reads from and writes to Kafka: `/metrics` also
+    /// shows the Kafka counters and consumer lag.
+    pub fn with_kafka(
+        engine: EngineHandle,
+        index: Arc<DistrictIndex>,
+        kafka: Arc<KafkaMetrics>,
+    ) -> Arc<Self> {
+        let geojson = Bytes::from(index.to_geojson().to_string());
+        Arc::new(Self {
+            engine,
+            index,
+            geojson,
+            metrics: HttpMetrics::default(),
+            kafka: Some(kafka),
         })
     }
 }
@@ -548,6 +568,9 @@ fn metrics_text(app: &App) -> String {
             ],
         );
     }
+    if let Some(kafka) = &app.kafka {
+        kafka_metrics(&mut out, kafka);
+    }
     let routes = app.metrics.routes.lock().unwrap_or_else(|e| e.into_inner());
     let mut requests = Vec::new();
     let mut latency = Vec::new();
@@ -592,6 +615,108 @@ fn metrics_text(app: &App) -> String {
         &latency,
     );
     out
+}
+
+fn kafka_metrics(out: &mut String, k: &KafkaMetrics) {
+    use std::sync::atomic::Ordering::Relaxed;
+    let one = |v: u64| vec![(String::new(), v.to_string())];
+    family(
+        out,
+        "dongflow_kafka_records_read_total",
+        "counter",
+        "Input records read from Kafka, good and bad.",
+        &one(k.consumed.load(Relaxed)),
+    );
+    let invalid: Vec<(String, String)> = k
+        .invalid_by_reason()
+        .into_iter()
+        .map(|(reason, n)| (format!("{{reason=\"{reason}\"}}"), n.to_string()))
+        .collect();
+    family(
+        out,
+        "dongflow_events_invalid_total",
+        "counter",
+        "Input records rejected (CONTRACT section 4), by reason.",
+        &invalid,
+    );
+    family(
+        out,
+        "dongflow_dead_letters_total",
+        "counter",
+        "Rejected records delivered to the dead-letter topic.",
+        &one(k.dead_lettered.load(Relaxed)),
+    );
+    let by_output = |counters: &[std::sync::atomic::AtomicU64; 3]| -> Vec<(String, String)> {
+        OutputKind::ALL
+            .iter()
+            .map(|kind| {
+                (
+                    format!("{{output=\"{}\"}}", kind.label()),
+                    counters[*kind as usize].load(Relaxed).to_string(),
+                )
+            })
+            .collect()
+    };
+    family(
+        out,
+        "dongflow_output_records_written_total",
+        "counter",
+        "Records the broker acknowledged, by output (changelogs, dead letters).",
+        &by_output(&k.delivered),
+    );
+    family(
+        out,
+        "dongflow_output_records_failed_total",
+        "counter",
+        "Records the broker refused for good, by output.",
+        &by_output(&k.failed),
+    );
+    family(
+        out,
+        "dongflow_producer_queue_full_waits_total",
+        "counter",
+        "Times a send waited because the producer's queue was full (broker slow or away).",
+        &one(k.queue_full_waits.load(Relaxed)),
+    );
+    family(
+        out,
+        "dongflow_offset_commit_failures_total",
+        "counter",
+        "Offset commits to the consumer group that failed (lag tools only).",
+        &one(k.commit_failures.load(Relaxed)),
+    );
+    family(
+        out,
+        "dongflow_kafka_brokers_reachable",
+        "gauge",
+        "1 when the last metadata request reached a broker.",
+        &one(u64::from(k.brokers_reachable.load(Relaxed))),
+    );
+    let mut lag = Vec::new();
+    let mut end = Vec::new();
+    for ((topic, partition), progress) in k.partitions() {
+        let labels = format!("{{topic=\"{topic}\",partition=\"{partition}\"}}");
+        if let Some(l) = progress.lag() {
+            lag.push((labels.clone(), l.to_string()));
+        }
+        if let Some(e) = progress.end {
+            end.push((labels, e.to_string()));
+        }
+    }
+    family(
+        out,
+        "dongflow_consumer_lag_records",
+        "gauge",
+        "Records in each input partition not read yet.",
+        &lag,
+    );
+    family(
+        out,
+        "dongflow_input_end_offset",
+        "gauge",
+        "End offset of each input partition when last asked.",
+        &end,
+    );
 }
 
 /// An HTTP server running on its own tokio runtime.

@@ -2,15 +2,19 @@
 //!
 //! - [`engine`]: starts the timely workers, feeds them from their sources, answers peeks, compacts.
 //! - [`query`]: typed queries, answered at one consistent `as_of` across workers.
+//! - [`changelog`]: the changelog topics of CONTRACT section 5, written as times complete.
 //! - [`render`]: the JSON of CONTRACT section 6 (district objects, rider snapshots).
 //! - [`http`]: the HTTP API of CONTRACT section 6 (hyper), metrics, health.
 //! - [`cli`]: the command line of CONTRACT section 1.
+//! - [`pipeline`]: the engine wired to Kafka sources, dead letters and changelogs.
 //! - [`demo`]: the in-process simulator feed used by `dongflow demo`.
 
+pub mod changelog;
 pub mod cli;
 pub mod demo;
 pub mod engine;
 pub mod http;
+pub mod pipeline;
 pub mod query;
 pub mod render;
 

@@ -1,19 +1,25 @@
 //! `dongflow`: the command-line entry point. Parses arguments, loads the district map, starts the
 //! engine and maps failures to the exit codes of CONTRACT section 1.
 
-use std::io::Write;
+use std::io::{IsTerminal, Write};
 use std::process::ExitCode;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use clap::Parser;
-use dongflow::cli::{Cli, ClusterArgs, Command, DemoArgs, GenerateArgs, MapArgs, RunArgs};
-use dongflow::demo::{channel_sources, feed, sim_config, stop_on_signal};
+use dongflow::cli::{
+    Cli, ClusterArgs, Command, DemoArgs, GenerateArgs, MapArgs, RunArgs, StartFrom,
+};
+use dongflow::demo::{sim_config, stop_on_signal};
+use dongflow::engine::ClusterSpec;
 use dongflow::http::{App, HttpServer};
+use dongflow::pipeline::{Pipeline, PipelineConfig};
 use dongflow::render::DistrictsView;
-use dongflow::{AnswerBody, Engine, EngineConfig, Query};
+use dongflow::{AnswerBody, EngineConfig, Query};
+use dongflow_connectors::kafka::generate::{generate as produce, GenerateConfig};
+use dongflow_connectors::kafka::{create_topics, EmbeddedBroker, KafkaConfig, StartAt, TopicSpec};
 use dongflow_connectors::simulator::{SimEvent, Simulator};
 use dongflow_dataflow::districts::DistrictIndex;
 
@@ -77,36 +83,199 @@ fn load_map(map: &MapArgs) -> Result<Arc<DistrictIndex>, Failure> {
     Ok(Arc::new(index))
 }
 
-fn single_process(cluster: &ClusterArgs) -> Result<usize, Failure> {
-    if cluster.processes > 1 || cluster.hostfile.is_some() {
+/// The timely cluster of `-n/-p/-h`: `None` for one process.
+fn cluster_spec(cluster: &ClusterArgs) -> Result<Option<ClusterSpec>, Failure> {
+    let processes = cluster.processes as usize;
+    let process = cluster.process as usize;
+    if process >= processes {
         return Err(bad_argument(anyhow::anyhow!(
-            "multi-process clusters (-n/-p/-h) are not yet supported; run one process with -w threads"
+            "--process {process} is not below --processes {processes}"
         )));
     }
-    Ok(cluster.workers as usize)
+    if processes == 1 {
+        return Ok(None);
+    }
+    let Some(path) = &cluster.hostfile else {
+        return Err(bad_argument(anyhow::anyhow!(
+            "--processes {processes} needs --hostfile with one host:port per process"
+        )));
+    };
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("cannot read hostfile {}", path.display()))
+        .map_err(bad_argument)?;
+    let addresses: Vec<String> = text
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+        .map(str::to_owned)
+        .collect();
+    if addresses.len() < processes {
+        return Err(bad_argument(anyhow::anyhow!(
+            "hostfile {} lists {} addresses for {processes} processes",
+            path.display(),
+            addresses.len()
+        )));
+    }
+    Ok(Some(ClusterSpec {
+        process,
+        addresses: addresses[..processes].to_vec(),
+    }))
 }
 
+/// The other processes' HTTP base URLs, from `--http-peers` (every process, in process order).
+fn peer_urls(peers: &[String], cluster: &Option<ClusterSpec>) -> Result<Vec<String>, Failure> {
+    let Some(c) = cluster else {
+        return Ok(Vec::new());
+    };
+    if peers.len() != c.addresses.len() {
+        return Err(bad_argument(anyhow::anyhow!(
+            "--http-peers lists {} URLs for {} processes: give every process's URL, in process order",
+            peers.len(),
+            c.addresses.len()
+        )));
+    }
+    Ok(peers
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| *i != c.process)
+        .map(|(_, u)| u.trim_end_matches('/').to_owned())
+        .collect())
+}
+
+/// The topics the embedded broker starts with.
+fn embedded_topics(kafka: &KafkaConfig, district: &str, rider: &str) -> Vec<TopicSpec> {
+    vec![
+        TopicSpec::new(&kafka.rider_topic, EMBEDDED_PARTITIONS),
+        TopicSpec::new(&kafka.delivery_topic, EMBEDDED_PARTITIONS),
+        TopicSpec::compacted(district, EMBEDDED_PARTITIONS),
+        TopicSpec::compacted(rider, EMBEDDED_PARTITIONS),
+        TopicSpec::new(&kafka.dead_letter_topic, EMBEDDED_PARTITIONS),
+    ]
+}
+
+/// Partitions of each topic of the embedded broker.
+const EMBEDDED_PARTITIONS: i32 = 4;
+
 fn run(args: RunArgs) -> Result<(), Failure> {
-    let _ = load_map(&args.map)?;
-    let _ = single_process(&args.cluster)?;
-    Err(anyhow::anyhow!(
-        "`dongflow run` needs the Kafka source, which is not yet supported in this build; `dongflow demo` runs the engine on the built-in simulator"
-    )
-    .into())
+    let index = load_map(&args.map)?;
+    let cluster = cluster_spec(&args.cluster)?;
+    let peers = peer_urls(&args.http_peers, &cluster)?;
+    let start = match args.start_from {
+        StartFrom::Latest => StartAt::Latest,
+        StartFrom::Earliest => StartAt::Earliest,
+        StartFrom::Checkpoint => {
+            tracing::info!(
+                "no checkpoint in {}: starting from the earliest offsets",
+                args.state_dir.display()
+            );
+            StartAt::Earliest
+        }
+    };
+    let mut kafka = KafkaConfig {
+        brokers: args.input.brokers.clone().unwrap_or_default(),
+        group_id: args.group_id.clone(),
+        rider_topic: args.input.rider_topic.clone(),
+        delivery_topic: args.input.delivery_topic.clone(),
+        dead_letter_topic: args.dead_letter_topic.clone(),
+        start,
+    };
+    let embedded = match &args.input.brokers {
+        Some(_) => None,
+        None => {
+            let topics = embedded_topics(
+                &kafka,
+                &args.district_changelog_topic,
+                &args.rider_changelog_topic,
+            );
+            let broker = EmbeddedBroker::start(&topics).context("starting the embedded broker")?;
+            kafka.brokers = broker.bootstrap();
+            Some(broker)
+        }
+    };
+    let stop = stop_on_signal();
+    let workers = args.cluster.workers as usize;
+    let mut engine = EngineConfig::new(workers, index.clone());
+    if cluster.is_some() {
+        // Other processes read a cut up to a second old while this one moves on.
+        engine.retain_ms = 1_000;
+    }
+    engine.cluster = cluster;
+    let config = PipelineConfig {
+        engine,
+        kafka: kafka.clone(),
+        district_changelog_topic: args.district_changelog_topic.clone(),
+        rider_changelog_topic: args.rider_changelog_topic.clone(),
+        create_outputs: embedded.is_none(),
+    };
+    let pipeline = Pipeline::start(config).context("starting the engine")?;
+    if !peers.is_empty() {
+        pipeline.set_peers(peers);
+    }
+    let app = App::with_kafka(pipeline.handle(), index.clone(), pipeline.kafka_metrics());
+    let server = HttpServer::start(&args.http, app, 2)
+        .with_context(|| format!("cannot listen on {}", args.http))?;
+    let which = if embedded.is_some() {
+        " (embedded)"
+    } else {
+        ""
+    };
+    println!("Kafka: {}{which}", kafka.brokers);
+    println!("HTTP: http://{}/", server.addr());
+    let _ = std::io::stdout().flush();
+    while !stop.load(Ordering::Relaxed) {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    tracing::info!("stopping");
+    server.stop();
+    pipeline.stop(Duration::from_secs(30));
+    drop(embedded);
+    Ok(())
 }
 
 fn demo(args: DemoArgs) -> Result<(), Failure> {
     let index = load_map(&args.map)?;
-    let workers = single_process(&args.cluster)?;
+    if args.cluster.processes > 1 || args.cluster.hostfile.is_some() {
+        return Err(bad_argument(anyhow::anyhow!(
+            "demo runs in one process; use `dongflow run` for a cluster"
+        )));
+    }
+    let workers = args.cluster.workers as usize;
+    let kafka = KafkaConfig {
+        brokers: String::new(),
+        group_id: "dongflow-demo".into(),
+        rider_topic: "rider-events".into(),
+        delivery_topic: "delivery-events".into(),
+        dead_letter_topic: "dongflow-dlq".into(),
+        start: StartAt::Earliest,
+    };
+    let topics = embedded_topics(&kafka, "district-changelog", "rider-changelog");
+    let broker = EmbeddedBroker::start(&topics).context("starting the embedded broker")?;
+    let kafka = KafkaConfig {
+        brokers: broker.bootstrap(),
+        ..kafka
+    };
     let stop = stop_on_signal();
-    let (senders, sources) = channel_sources(workers);
-    let engine = Engine::start(EngineConfig::new(workers, index.clone()), sources)
-        .context("starting the engine")?;
-    let server = HttpServer::start(&args.http, App::new(engine.handle(), index.clone()), 2)
+    let pipeline = Pipeline::start(PipelineConfig {
+        engine: EngineConfig::new(workers, index.clone()),
+        kafka: kafka.clone(),
+        district_changelog_topic: "district-changelog".into(),
+        rider_changelog_topic: "rider-changelog".into(),
+        create_outputs: false,
+    })
+    .context("starting the engine")?;
+    let app = App::with_kafka(pipeline.handle(), index.clone(), pipeline.kafka_metrics());
+    let server = HttpServer::start(&args.http, app, 2)
         .with_context(|| format!("cannot listen on {}", args.http))?;
-    let sim = sim_config(args.riders, args.seed);
-    let (rate, flag) = (args.rate, stop.clone());
-    let feeder = std::thread::spawn(move || feed(sim, rate, None, &senders, &flag));
+    let generate = GenerateConfig {
+        brokers: kafka.brokers.clone(),
+        rider_topic: kafka.rider_topic.clone(),
+        delivery_topic: kafka.delivery_topic.clone(),
+        rate: args.rate,
+        events: None,
+        duration: None,
+    };
+    let (sim, flag) = (sim_config(args.riders, args.seed), stop.clone());
+    let feeder = std::thread::spawn(move || produce(sim, &generate, &flag, |_| {}));
     println!(
         "dongflow demo: {workers} worker(s), {} districts, {} simulated riders at {} events/s",
         index.len(),
@@ -114,11 +283,15 @@ fn demo(args: DemoArgs) -> Result<(), Failure> {
         args.rate
     );
     println!(
+        "Kafka: {} (embedded; topics rider-events, delivery-events, district-changelog, rider-changelog, dongflow-dlq)",
+        kafka.brokers
+    );
+    println!(
         "HTTP: http://{}/  (API: /v1/districts, /v1/riders/{{id}}, /metrics)",
         server.addr()
     );
-    println!("(the embedded Kafka broker is not part of this build yet: the simulator feeds the engine directly)");
     println!("Ctrl-C stops.");
+    let _ = std::io::stdout().flush();
     let started = Instant::now();
     let mut last_print = Instant::now();
     while !stop.load(Ordering::Relaxed) {
@@ -128,19 +301,27 @@ fn demo(args: DemoArgs) -> Result<(), Failure> {
         std::thread::sleep(Duration::from_millis(100));
         if last_print.elapsed() >= Duration::from_secs(2) {
             last_print = Instant::now();
-            print_summary(&engine, &index, started.elapsed());
+            print_summary(&pipeline, &index, started.elapsed());
         }
     }
     stop.store(true, Ordering::SeqCst);
-    let sent = feeder.join().unwrap_or(0);
-    print_summary(&engine, &index, started.elapsed());
+    let sent = match feeder.join() {
+        Ok(Ok(p)) => p.sent,
+        Ok(Err(e)) => {
+            tracing::error!("the simulator stopped: {e}");
+            0
+        }
+        Err(_) => 0,
+    };
+    print_summary(&pipeline, &index, started.elapsed());
     server.stop();
-    engine.stop();
+    pipeline.stop(Duration::from_secs(10));
+    drop(broker);
     println!("stopped after {sent} events");
     Ok(())
 }
 
-fn print_summary(engine: &Engine, index: &DistrictIndex, elapsed: Duration) {
+fn print_summary(engine: &Pipeline, index: &DistrictIndex, elapsed: Duration) {
     let Ok(answer) = engine.query(&Query::Districts) else {
         println!("[{:>5.1}s] no state yet", elapsed.as_secs_f64());
         return;
@@ -173,10 +354,10 @@ fn print_summary(engine: &Engine, index: &DistrictIndex, elapsed: Duration) {
 }
 
 fn generate(args: GenerateArgs) -> Result<(), Failure> {
-    if args.input.brokers.is_some() {
-        return Err(anyhow::anyhow!("producing to Kafka is not yet supported in this build; without --brokers, events are written to stdout as JSON lines").into());
-    }
     let stop = stop_on_signal();
+    if let Some(brokers) = &args.input.brokers {
+        return generate_to_kafka(&args, brokers, &stop);
+    }
     let mut simulator = Simulator::new(sim_config(args.riders, args.seed));
     let started = Instant::now();
     let limit = args.events.unwrap_or(u64::MAX);
@@ -190,22 +371,70 @@ fn generate(args: GenerateArgs) -> Result<(), Failure> {
             std::thread::sleep(Duration::from_millis(1));
             continue;
         }
-        let (topic, json) = match simulator.next_event() {
-            SimEvent::Rider(e) => (
-                &args.input.rider_topic,
-                dongflow_connectors::events::encode_rider(&e),
-            ),
-            SimEvent::Delivery(e) => (
-                &args.input.delivery_topic,
-                dongflow_connectors::events::encode_delivery(&e),
-            ),
+        let event = simulator.next_event();
+        let topic = match &event {
+            SimEvent::Rider(_) => &args.input.rider_topic,
+            SimEvent::Delivery(_) => &args.input.delivery_topic,
         };
-        let line = writeln!(out, "{topic}\t{}", String::from_utf8_lossy(&json));
+        let line = writeln!(out, "{topic}\t{}", String::from_utf8_lossy(&event.encode()));
         if line.is_err() {
             break; // stdout closed (e.g. piped into `head`): a normal way to stop.
         }
         n += 1;
     }
     let _ = out.flush();
+    Ok(())
+}
+
+fn generate_to_kafka(args: &GenerateArgs, brokers: &str, stop: &AtomicBool) -> Result<(), Failure> {
+    let topics = [
+        TopicSpec::new(&args.input.rider_topic, args.partitions),
+        TopicSpec::new(&args.input.delivery_topic, args.partitions),
+    ];
+    let created = create_topics(brokers, &topics, Duration::from_secs(10))
+        .with_context(|| format!("cannot create the input topics on {brokers}"))?;
+    for name in created {
+        eprintln!("created topic {name} with {} partitions", args.partitions);
+    }
+    let config = GenerateConfig {
+        brokers: brokers.to_owned(),
+        rider_topic: args.input.rider_topic.clone(),
+        delivery_topic: args.input.delivery_topic.clone(),
+        rate: args.rate,
+        events: args.events,
+        duration: args.duration,
+    };
+    let started = Instant::now();
+    let terminal = std::io::stderr().is_terminal();
+    let mut last_line = Instant::now();
+    let report = |sent: u64, done: bool| {
+        let secs = started.elapsed().as_secs_f64().max(1e-9);
+        let rate = sent as f64 / secs;
+        let of = args.events.map(|n| format!(" of {n}")).unwrap_or_default();
+        if terminal {
+            eprint!("\r{sent}{of} events in {secs:.1} s ({rate:.0} events/s)   ");
+            if done {
+                eprintln!();
+            }
+        } else if done {
+            eprintln!("{sent} events in {secs:.1} s ({rate:.0} events/s)");
+        }
+    };
+    let produced = produce(sim_config(args.riders, args.seed), &config, stop, |sent| {
+        if terminal || last_line.elapsed() >= Duration::from_secs(5) {
+            last_line = Instant::now();
+            report(sent, false);
+        }
+    })
+    .context("producing events")?;
+    report(produced.sent, true);
+    if produced.failed > 0 {
+        return Err(anyhow::anyhow!(
+            "{} of {} events were not delivered",
+            produced.failed,
+            produced.sent
+        )
+        .into());
+    }
     Ok(())
 }

@@ -1,0 +1,121 @@
+//! Topic creation, and the embedded broker (librdkafka's in-process mock cluster).
+
+use std::time::Duration;
+
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::config::ClientConfig;
+use rdkafka::mocking::MockCluster;
+use rdkafka::producer::DefaultProducerContext;
+use rdkafka::types::RDKafkaErrorCode;
+
+use super::KafkaError;
+
+/// A topic to create if it is missing.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TopicSpec {
+    /// Its name.
+    pub name: String,
+    /// Its partitions.
+    pub partitions: i32,
+    /// Whether it is compacted (`cleanup.policy=compact`): changelog topics are.
+    pub compacted: bool,
+}
+
+impl TopicSpec {
+    /// A plain topic.
+    pub fn new(name: &str, partitions: i32) -> Self {
+        Self {
+            name: name.to_owned(),
+            partitions,
+            compacted: false,
+        }
+    }
+
+    /// A compacted topic.
+    pub fn compacted(name: &str, partitions: i32) -> Self {
+        Self {
+            compacted: true,
+            ..Self::new(name, partitions)
+        }
+    }
+}
+
+/// Creates the topics of `specs` that do not exist yet. Returns the names it created.
+pub fn create_topics(
+    brokers: &str,
+    specs: &[TopicSpec],
+    timeout: Duration,
+) -> Result<Vec<String>, KafkaError> {
+    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .create()?;
+    let topics: Vec<NewTopic<'_>> = specs
+        .iter()
+        .map(|s| {
+            // Replication -1: the broker's default, so a real cluster gets its usual redundancy.
+            let t = NewTopic::new(&s.name, s.partitions, TopicReplication::Fixed(-1));
+            if s.compacted {
+                // Changelog topics keep the latest record per key (CONTRACT section 5).
+                t.set("cleanup.policy", "compact")
+            } else {
+                t
+            }
+        })
+        .collect();
+    let options = AdminOptions::new()
+        .operation_timeout(Some(timeout))
+        .request_timeout(Some(timeout));
+    let results = futures_executor::block_on(admin.create_topics(&topics, &options))?;
+    let mut created = Vec::new();
+    for result in results {
+        match result {
+            Ok(name) => created.push(name),
+            Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
+            Err((topic, code)) => {
+                return Err(KafkaError::CreateTopic {
+                    topic,
+                    reason: code.to_string(),
+                })
+            }
+        }
+    }
+    Ok(created)
+}
+
+/// librdkafka's mock cluster, in this process: the real Kafka protocol over TCP on loopback, for
+/// `dongflow demo`, `run` without `--brokers`, and tests. It keeps a bounded log per partition.
+pub struct EmbeddedBroker {
+    cluster: MockCluster<'static, DefaultProducerContext>,
+}
+
+impl std::fmt::Debug for EmbeddedBroker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EmbeddedBroker")
+            .field("bootstrap", &self.bootstrap())
+            .finish()
+    }
+}
+
+impl EmbeddedBroker {
+    /// Starts a one-broker cluster with `topics` created.
+    pub fn start(topics: &[TopicSpec]) -> Result<Self, KafkaError> {
+        let cluster = MockCluster::new(1)?;
+        let broker = Self { cluster };
+        for t in topics {
+            broker.create_topic(t)?;
+        }
+        Ok(broker)
+    }
+
+    /// The address other clients connect to.
+    pub fn bootstrap(&self) -> String {
+        self.cluster.bootstrap_servers()
+    }
+
+    /// Creates a topic (the mock cluster has no compaction; the flag is ignored).
+    pub fn create_topic(&self, spec: &TopicSpec) -> Result<(), KafkaError> {
+        self.cluster.create_topic(&spec.name, spec.partitions, 1)?;
+        Ok(())
+    }
+}

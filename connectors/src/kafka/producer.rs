@@ -1,0 +1,234 @@
+//! The process's one producer, for dead letters and the changelog topics.
+//!
+//! It is idempotent (no duplicates or reordering when librdkafka retries), never gives up on a
+//! record while the broker is away, and counts every delivery and failure by output.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use rdkafka::config::ClientConfig;
+use rdkafka::error::{KafkaError as RdError, RDKafkaErrorCode};
+use rdkafka::message::{Header, OwnedHeaders};
+use rdkafka::producer::{
+    BaseRecord, DeliveryResult, Producer as _, ProducerContext, ThreadedProducer,
+};
+use rdkafka::ClientContext;
+
+use super::{KafkaError, KafkaMetrics};
+
+/// What a record is, for counting.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum OutputKind {
+    /// A rejected input record.
+    DeadLetter = 0,
+    /// A district changelog record.
+    DistrictChangelog = 1,
+    /// A rider changelog record.
+    RiderChangelog = 2,
+}
+
+impl OutputKind {
+    /// Every kind, in index order.
+    pub const ALL: [OutputKind; 3] = [
+        OutputKind::DeadLetter,
+        OutputKind::DistrictChangelog,
+        OutputKind::RiderChangelog,
+    ];
+
+    /// A label for metrics.
+    pub fn label(self) -> &'static str {
+        match self {
+            OutputKind::DeadLetter => "dead_letter",
+            OutputKind::DistrictChangelog => "district_changelog",
+            OutputKind::RiderChangelog => "rider_changelog",
+        }
+    }
+
+    fn from_index(i: usize) -> OutputKind {
+        OutputKind::ALL
+            .get(i)
+            .copied()
+            .unwrap_or(OutputKind::DeadLetter)
+    }
+}
+
+/// Counts deliveries and failures as librdkafka reports them.
+pub struct Counting {
+    metrics: Arc<KafkaMetrics>,
+}
+
+impl ClientContext for Counting {}
+
+impl ProducerContext for Counting {
+    type DeliveryOpaque = usize;
+
+    fn delivery(&self, result: &DeliveryResult<'_>, kind: usize) {
+        let kind = OutputKind::from_index(kind);
+        match result {
+            Ok(_) => {
+                self.metrics.delivered[kind as usize].fetch_add(1, Ordering::Relaxed);
+                if kind == OutputKind::DeadLetter {
+                    self.metrics.dead_lettered.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+            Err((e, message)) => {
+                // librdkafka has already retried everything retriable (the timeout is infinite),
+                // so this is a permanent refusal: count it and say so.
+                self.metrics.failed[kind as usize].fetch_add(1, Ordering::Relaxed);
+                tracing::error!(
+                    output = kind.label(),
+                    topic = rdkafka::Message::topic(message),
+                    "the broker refused a record for good: {e}"
+                );
+            }
+        }
+    }
+}
+
+/// The producer. Share it (`Arc`) between the workers of a process.
+pub struct Producer {
+    inner: ThreadedProducer<Counting>,
+    metrics: Arc<KafkaMetrics>,
+}
+
+impl std::fmt::Debug for Producer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Producer").finish_non_exhaustive()
+    }
+}
+
+/// Headers of a dead letter (CONTRACT section 4).
+#[derive(Clone, Debug)]
+pub struct DeadLetterHeaders<'a> {
+    /// Why the record was rejected (the error's message).
+    pub error: &'a str,
+    /// The short reason label, as counted in metrics.
+    pub reason: &'a str,
+    /// Where the record was read.
+    pub source_topic: &'a str,
+    /// Its partition.
+    pub source_partition: i32,
+    /// Its offset.
+    pub source_offset: i64,
+}
+
+impl Producer {
+    /// A producer for `brokers`. It connects lazily: brokers that are down now are retried.
+    pub fn new(brokers: &str, metrics: Arc<KafkaMetrics>) -> Result<Self, KafkaError> {
+        let inner: ThreadedProducer<Counting> = ClientConfig::new()
+            .set("bootstrap.servers", brokers)
+            // No duplicates and no reordering when a send is retried (CONTRACT section 5).
+            .set("enable.idempotence", "true")
+            // Never drop a record because the broker was away for a while: retried until delivered.
+            .set("message.timeout.ms", "0")
+            // Records of one dataflow time go out together; a few ms is small against freshness.
+            .set("linger.ms", "5")
+            // Bounds memory while the broker is away; a full queue slows the workers instead.
+            .set("queue.buffering.max.messages", "1000000")
+            .set("queue.buffering.max.kbytes", "1048576")
+            .set("batch.num.messages", "10000")
+            .create_with_context(Counting {
+                metrics: metrics.clone(),
+            })?;
+        Ok(Self { inner, metrics })
+    }
+
+    /// Sends one record (`value: None` is a tombstone), waiting while the queue is full.
+    pub fn send(&self, kind: OutputKind, topic: &str, key: &[u8], value: Option<&[u8]>) {
+        self.send_with(kind, topic, Some(key), value, None);
+    }
+
+    /// Sends a rejected input record unchanged, with its dead-letter headers.
+    pub fn dead_letter(
+        &self,
+        topic: &str,
+        key: Option<&[u8]>,
+        value: Option<&[u8]>,
+        headers: &DeadLetterHeaders<'_>,
+    ) {
+        let partition = headers.source_partition.to_string();
+        let offset = headers.source_offset.to_string();
+        let h = OwnedHeaders::new()
+            .insert(Header {
+                key: "error",
+                value: Some(headers.error),
+            })
+            .insert(Header {
+                key: "error_reason",
+                value: Some(headers.reason),
+            })
+            .insert(Header {
+                key: "source_topic",
+                value: Some(headers.source_topic),
+            })
+            .insert(Header {
+                key: "source_partition",
+                value: Some(&partition),
+            })
+            .insert(Header {
+                key: "source_offset",
+                value: Some(&offset),
+            });
+        self.send_with(OutputKind::DeadLetter, topic, key, value, Some(h));
+    }
+
+    fn send_with(
+        &self,
+        kind: OutputKind,
+        topic: &str,
+        key: Option<&[u8]>,
+        value: Option<&[u8]>,
+        headers: Option<OwnedHeaders>,
+    ) {
+        let mut record: BaseRecord<'_, [u8], [u8], usize> =
+            BaseRecord::with_opaque_to(topic, kind as usize);
+        if let Some(k) = key {
+            record = record.key(k);
+        }
+        if let Some(v) = value {
+            record = record.payload(v);
+        }
+        if let Some(h) = headers {
+            record = record.headers(h);
+        }
+        let mut waiting_since: Option<Instant> = None;
+        loop {
+            match self.inner.send(record) {
+                Ok(()) => return,
+                Err((RdError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
+                    // The broker is slower than we are (or away): wait for room, never drop.
+                    record = back;
+                    self.metrics
+                        .queue_full_waits
+                        .fetch_add(1, Ordering::Relaxed);
+                    let since = *waiting_since.get_or_insert_with(Instant::now);
+                    if since.elapsed() > Duration::from_secs(10) {
+                        tracing::warn!(
+                            topic,
+                            "producer queue full for 10 s: is the broker reachable?"
+                        );
+                        waiting_since = Some(Instant::now());
+                    }
+                    self.inner.poll(Duration::from_millis(5));
+                }
+                Err((e, _)) => {
+                    self.metrics.failed[kind as usize].fetch_add(1, Ordering::Relaxed);
+                    tracing::error!(topic, output = kind.label(), "cannot send a record: {e}");
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Waits until every record sent so far is delivered, or `timeout` passes.
+    pub fn flush(&self, timeout: Duration) -> Result<(), KafkaError> {
+        self.inner.flush(timeout)?;
+        Ok(())
+    }
+
+    /// Records sent but not yet delivered.
+    pub fn in_flight(&self) -> i32 {
+        self.inner.in_flight_count()
+    }
+}
