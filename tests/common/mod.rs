@@ -439,3 +439,4 @@ impl Client {
         )
     }
 }
+pub mod kafka;

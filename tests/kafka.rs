@@ -1,0 +1,337 @@
+//! End to end through real brokers: a seeded scenario with bad records in it is produced to the
+//! input topics, `dongflow run -w 2` reads them, and the changelog topics (latest record per key)
+//! must equal the plain model, the dead-letter topic must hold exactly the bad records with their
+//! headers, and HTTP must show what the changelog shows.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use common::kafka::{eventually, produce, Broker, Dongflow, Reader, Record};
+use common::{builtin, Model, Scenario};
+use dongflow::render::{DistrictView, RiderView};
+use dongflow_connectors::simulator::SimEvent;
+use dongflow_dataflow::districts::DistrictIndex;
+use serde_json::Value;
+
+const PARTITIONS: i32 = 4;
+
+/// Topic names of one test, unique so that tests never see each other's records.
+struct Topics {
+    riders: String,
+    deliveries: String,
+    districts: String,
+    snapshots: String,
+    dlq: String,
+}
+
+impl Topics {
+    fn new(test: &str) -> Topics {
+        let tag = format!("{test}-{}", std::process::id());
+        Topics {
+            riders: format!("riders-{tag}"),
+            deliveries: format!("deliveries-{tag}"),
+            districts: format!("district-changelog-{tag}"),
+            snapshots: format!("rider-changelog-{tag}"),
+            dlq: format!("dlq-{tag}"),
+        }
+    }
+
+    fn args<'a>(&'a self, brokers: &'a str, state: &'a str) -> Vec<&'a str> {
+        vec![
+            "--brokers",
+            brokers,
+            "-w",
+            "2",
+            "--rider-topic",
+            &self.riders,
+            "--delivery-topic",
+            &self.deliveries,
+            "--district-changelog-topic",
+            &self.districts,
+            "--rider-changelog-topic",
+            &self.snapshots,
+            "--dead-letter-topic",
+            &self.dlq,
+            "--group-id",
+            &self.riders,
+            "--start-from",
+            "earliest",
+            "--state-dir",
+            state,
+        ]
+    }
+}
+
+/// One bad record of each kind of CONTRACT section 4, for both inputs, with the reason expected.
+fn bad_records(t: &Topics) -> Vec<(Record, &'static str)> {
+    let rider =
+        |value: &[u8], reason| (Record::new(&t.riders, Some(b"r-bad"), Some(value)), reason);
+    let delivery = |value: &[u8], reason| {
+        (
+            Record::new(&t.deliveries, Some(b"d-bad"), Some(value)),
+            reason,
+        )
+    };
+    vec![
+        rider(br#"{"rider_id": "r-1", "status": "#, "malformed_json"),
+        rider(b"[1, 2, 3]", "malformed_json"),
+        rider(b"\xff\xfe not utf-8", "malformed_json"),
+        (Record::new(&t.riders, Some(b"r-1"), None), "malformed_json"),
+        rider(br#"{"rider_id": "r-1", "status": "ON_SHIFT"}"#, "missing_field"),
+        rider(br#"{"status": "ON_SHIFT", "ts": 5}"#, "missing_field"),
+        rider(br#"{"rider_id": 17, "status": "ON_SHIFT", "ts": 5}"#, "wrong_type"),
+        rider(br#"{"rider_id": "r-1", "status": "ON_SHIFT", "ts": "soon"}"#, "wrong_type"),
+        rider(br#"{"rider_id": "", "status": "ON_SHIFT", "ts": 5}"#, "empty_id"),
+        rider(br#"{"rider_id": "r-1", "status": "NAPPING", "ts": 5}"#, "unknown_status"),
+        rider(
+            br#"{"rider_id": "r-1", "status": "ON_SHIFT", "ts": 5, "location": {"lat": 137.5, "lon": 127.0}}"#,
+            "out_of_range",
+        ),
+        delivery(br#"{"delivery_id": "d-1", "status": "ASSIGNED""#, "malformed_json"),
+        delivery(br#"{"delivery_id": "d-1", "ts": 5}"#, "missing_field"),
+        delivery(br#"{"delivery_id": "d-1", "status": 3, "ts": 5}"#, "wrong_type"),
+        delivery(br#"{"delivery_id": "d-1", "status": "TELEPORTED", "ts": 5}"#, "unknown_status"),
+        delivery(
+            br#"{"delivery_id": "d-1", "status": "CREATED", "ts": 5, "pickup": {"lat": 37.5, "lon": 227.0}}"#,
+            "out_of_range",
+        ),
+        (Record::new(&t.deliveries, None, Some(b"no key, no JSON")), "malformed_json"),
+    ]
+}
+
+/// The scenario: good events (with stale, duplicate and late ones) and bad records between them.
+struct Input {
+    records: Vec<Record>,
+    bad: Vec<(Record, &'static str)>,
+    expected_riders: BTreeMap<String, Value>,
+    expected_districts: BTreeMap<String, Value>,
+}
+
+fn scenario(t: &Topics, index: &DistrictIndex, seed: u64, events: usize) -> Input {
+    let mut scenario = Scenario::new(seed, index, 60, 150);
+    let mut model = Model::default();
+    let bad = bad_records(t);
+    let mut records = Vec::new();
+    let every = events / bad.len();
+    for i in 0..events {
+        let e = scenario.next_event();
+        model.apply(index, &e);
+        let topic = match e {
+            SimEvent::Rider(_) => &t.riders,
+            SimEvent::Delivery(_) => &t.deliveries,
+        };
+        records.push(Record::new(
+            topic,
+            Some(e.key().as_bytes()),
+            Some(&e.encode()),
+        ));
+        if i % every == 0 {
+            if let Some((r, _)) = bad.get(i / every) {
+                records.push(r.clone());
+            }
+        }
+    }
+    let expected_riders = model
+        .snapshots()
+        .iter()
+        .map(|(id, s)| {
+            let v = serde_json::to_value(RiderView::new(index, id, s)).expect("json");
+            (id.to_string(), v)
+        })
+        .collect();
+    let expected_districts = model
+        .counts()
+        .iter()
+        .map(|(d, c)| {
+            let v = serde_json::to_value(DistrictView::new(index, *d, c)).expect("json");
+            (index.code(*d).to_owned(), v)
+        })
+        .collect();
+    Input {
+        records,
+        bad,
+        expected_riders,
+        expected_districts,
+    }
+}
+
+/// A changelog value without its `as_of`, which the model cannot know.
+fn without_as_of(map: BTreeMap<String, Value>) -> BTreeMap<String, Value> {
+    map.into_iter()
+        .map(|(k, mut v)| {
+            let as_of = v.as_object_mut().and_then(|o| o.remove("as_of"));
+            assert!(
+                as_of.is_some_and(|a| a.as_u64().is_some_and(|a| a > 0)),
+                "every changelog value has an as_of: {v}"
+            );
+            (k, v)
+        })
+        .collect()
+}
+
+struct Outputs {
+    districts: Reader,
+    riders: Reader,
+    dlq: Reader,
+}
+
+impl Outputs {
+    fn new(bootstrap: &str, t: &Topics) -> Outputs {
+        Outputs {
+            districts: Reader::new(bootstrap, &t.districts, PARTITIONS),
+            riders: Reader::new(bootstrap, &t.snapshots, PARTITIONS),
+            dlq: Reader::new(bootstrap, &t.dlq, PARTITIONS),
+        }
+    }
+
+    fn poll(&mut self) {
+        self.districts.poll(Duration::from_millis(50));
+        self.riders.poll(Duration::from_millis(50));
+        self.dlq.poll(Duration::from_millis(50));
+    }
+
+    /// Waits until the changelogs rebuild the model's answer and every bad record is dead-lettered.
+    fn wait_for(&mut self, input: &Input) {
+        eventually(
+            Duration::from_secs(120),
+            "changelogs equal to the model",
+            || {
+                self.poll();
+                let done = without_as_of(self.riders.latest()) == input.expected_riders
+                    && without_as_of(self.districts.latest()) == input.expected_districts
+                    && self.dlq.records.len() >= input.bad.len();
+                done.then_some(())
+            },
+        );
+    }
+}
+
+/// Every dead letter is one bad record, unchanged, with headers that point at where it was read.
+fn check_dead_letters(bootstrap: &str, t: &Topics, input: &Input, dlq: &[Record]) {
+    assert_eq!(
+        dlq.len(),
+        input.bad.len(),
+        "exactly the bad records are dead-lettered"
+    );
+    let mut sources = BTreeMap::new();
+    for topic in [&t.riders, &t.deliveries] {
+        let mut reader = Reader::new(bootstrap, topic, PARTITIONS);
+        eventually(Duration::from_secs(30), "the input topic read back", || {
+            reader.poll(Duration::from_millis(100));
+            (reader.records.len() >= input.records.iter().filter(|r| &r.topic == topic).count())
+                .then_some(())
+        });
+        for r in reader.records {
+            sources.insert((r.topic.clone(), r.partition, r.offset), r);
+        }
+    }
+    let mut reasons: Vec<&str> = Vec::new();
+    for letter in dlq {
+        let topic = letter.header("source_topic").expect("source_topic header");
+        let partition: i32 = letter
+            .header("source_partition")
+            .expect("source_partition")
+            .parse()
+            .expect("number");
+        let offset: i64 = letter
+            .header("source_offset")
+            .expect("source_offset")
+            .parse()
+            .expect("number");
+        let source = &sources[&(topic.to_owned(), partition, offset)];
+        assert_eq!(
+            (&letter.key, &letter.value),
+            (&source.key, &source.value),
+            "a dead letter is its record, unchanged"
+        );
+        assert!(
+            !letter.header("error").unwrap_or_default().is_empty(),
+            "an error header says why"
+        );
+        reasons.push(letter.header("error_reason").expect("error_reason header"));
+    }
+    let mut expected: Vec<&str> = input.bad.iter().map(|(_, r)| *r).collect();
+    expected.sort_unstable();
+    reasons.sort_unstable();
+    assert_eq!(reasons, expected);
+}
+
+/// HTTP shows what the changelog shows: every district, and a sample of riders.
+fn check_http_matches(http: &str, outputs: &Outputs) {
+    let client = common::Client::at(http.to_owned());
+    let (status, body) = client.json("/v1/districts");
+    assert_eq!(status, 200);
+    let from_http: BTreeMap<String, Value> = body["districts"]
+        .as_array()
+        .expect("districts")
+        .iter()
+        .map(|d| (d["code"].as_str().expect("code").to_owned(), d.clone()))
+        .collect();
+    assert_eq!(from_http, without_as_of(outputs.districts.latest()));
+    for (id, snapshot) in without_as_of(outputs.riders.latest()).into_iter().take(20) {
+        let (status, mut body) = client.json(&format!("/v1/riders/{id}"));
+        assert_eq!(status, 200);
+        let o = body.as_object_mut().expect("object");
+        o.remove("as_of");
+        o.remove("stale");
+        assert_eq!(body, snapshot);
+    }
+}
+
+fn end_to_end(broker: &Broker, test: &str) {
+    let index = builtin();
+    let t = Topics::new(test);
+    let input = scenario(&t, &index, 7, 6_000);
+    broker.create(&[&t.riders, &t.deliveries], PARTITIONS);
+    if matches!(broker, Broker::Embedded(_)) {
+        // The mock cluster cannot create topics through the admin API; real brokers can.
+        broker.create(&[&t.districts, &t.snapshots, &t.dlq], PARTITIONS);
+    }
+    let bootstrap = broker.bootstrap();
+    // A third before the engine starts (a backlog), the rest in chunks while it runs, so that keys
+    // change over many dataflow times and riders end shifts (tombstones).
+    let (backlog, live) = input.records.split_at(input.records.len() / 3);
+    produce(&bootstrap, backlog);
+    let state = std::env::temp_dir().join(format!("dongflow-state-{test}-{}", std::process::id()));
+    let state = state.to_string_lossy().into_owned();
+    let dongflow = Dongflow::run(&t.args(&bootstrap, &state));
+    let mut outputs = Outputs::new(&bootstrap, &t);
+    for chunk in live.chunks(250) {
+        produce(&bootstrap, chunk);
+        outputs.poll();
+    }
+    outputs.wait_for(&input);
+    let tombstones = outputs
+        .riders
+        .records
+        .iter()
+        .filter(|r| r.value.is_none())
+        .count();
+    eprintln!(
+        "{} riders and {} districts expected; {} rider records ({tombstones} tombstones), {} district records",
+        input.expected_riders.len(),
+        input.expected_districts.len(),
+        outputs.riders.records.len(),
+        outputs.districts.records.len()
+    );
+    check_dead_letters(&bootstrap, &t, &input, &outputs.dlq.records);
+    check_http_matches(&dongflow.http, &outputs);
+    assert!(!input.expected_riders.is_empty() && !input.expected_districts.is_empty());
+    assert!(tombstones > 0, "shift ends show as tombstones");
+    assert_eq!(dongflow.terminate(), Some(0), "SIGTERM is a clean stop");
+}
+
+#[test]
+fn embedded_broker_end_to_end() {
+    end_to_end(&Broker::embedded(), "embedded");
+}
+
+#[test]
+fn tansu_end_to_end() {
+    let Some(broker) = Broker::tansu() else {
+        return;
+    };
+    end_to_end(&broker, "tansu");
+}
