@@ -8,7 +8,7 @@ mod common;
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use common::kafka::{eventually, produce, Broker, Dongflow, Reader, Record};
+use common::kafka::{eventually, free_port, produce, Broker, Dongflow, Reader, Record, Tansu};
 use common::{builtin, Model, Scenario};
 use dongflow::render::{DistrictView, RiderView};
 use dongflow_connectors::simulator::SimEvent;
@@ -321,6 +321,78 @@ fn end_to_end(broker: &Broker, test: &str) {
     assert!(!input.expected_riders.is_empty() && !input.expected_districts.is_empty());
     assert!(tombstones > 0, "shift ends show as tombstones");
     assert_eq!(dongflow.terminate(), Some(0), "SIGTERM is a clean stop");
+}
+
+#[test]
+fn input_topics_created_after_start() {
+    let broker = Broker::embedded();
+    let index = builtin();
+    let t = Topics::new("late-topics");
+    let input = scenario(&t, &index, 11, 1_500);
+    broker.create(&[&t.districts, &t.snapshots, &t.dlq], PARTITIONS);
+    let bootstrap = broker.bootstrap();
+    let state = std::env::temp_dir().join(format!("dongflow-state-late-{}", std::process::id()));
+    let dongflow = Dongflow::run(&t.args(&bootstrap, &state.to_string_lossy()));
+    eventually(
+        Duration::from_secs(30),
+        "a log line about the missing topic",
+        || dongflow.log().contains("does not exist yet").then_some(()),
+    );
+    let client = common::Client::at(dongflow.http.clone());
+    assert_eq!(
+        client.json("/healthz").0,
+        200,
+        "a missing topic is not a crash"
+    );
+    broker.create(&[&t.riders, &t.deliveries], PARTITIONS);
+    produce(&bootstrap, &input.records);
+    let mut outputs = Outputs::new(&bootstrap, &t);
+    outputs.wait_for(&input);
+    assert!(dongflow.log().contains("now exists"));
+    assert_eq!(dongflow.terminate(), Some(0));
+}
+
+#[test]
+fn broker_down_at_start_then_up() {
+    let Some(binary) = common::kafka::tansu_binary() else {
+        return;
+    };
+    let index = builtin();
+    let t = Topics::new("broker-late");
+    let input = scenario(&t, &index, 13, 1_500);
+    let port = free_port();
+    let bootstrap = format!("127.0.0.1:{port}");
+    let state =
+        std::env::temp_dir().join(format!("dongflow-state-broker-late-{}", std::process::id()));
+    let dongflow = Dongflow::run(&t.args(&bootstrap, &state.to_string_lossy()));
+    eventually(
+        Duration::from_secs(30),
+        "a log line about the unreachable broker",
+        || {
+            dongflow
+                .log()
+                .contains("cannot reach the Kafka brokers")
+                .then_some(())
+        },
+    );
+    let client = common::Client::at(dongflow.http.clone());
+    assert_eq!(
+        client.json("/healthz").0,
+        200,
+        "a broker that is down is not a crash"
+    );
+    assert_eq!(
+        client.json("/readyz").0,
+        503,
+        "not ready before the inputs were seen"
+    );
+    let _tansu = Tansu::start(binary, port);
+    common::kafka::create_on(&bootstrap, &[&t.riders, &t.deliveries], PARTITIONS);
+    produce(&bootstrap, &input.records);
+    let mut outputs = Outputs::new(&bootstrap, &t);
+    outputs.wait_for(&input);
+    check_dead_letters(&bootstrap, &t, &input, &outputs.dlq.records);
+    assert_eq!(dongflow.terminate(), Some(0));
 }
 
 #[test]

@@ -139,7 +139,7 @@ pub fn changelogs<'s>(outputs: &Outputs<'s>) -> Changelogs<'s> {
     let counts = outputs
         .counts
         .clone()
-        .as_collection(|district, counts| (*district, counts.clone()));
+        .as_collection(|district, counts| (*district, *counts));
     let snapshots = full_snapshots(outputs.snapshots.clone(), outputs.positions.clone());
     Changelogs {
         districts: changes_per_time(counts, "Changelog: Districts"),

@@ -532,10 +532,7 @@ pub fn full_snapshots<'s>(
     positions: Arranged<'s, PositionTrace>,
 ) -> VecCollection<'s, Time, (Id, Snapshot), Diff> {
     snapshots.join_core(positions, |id, core, position| {
-        Some((
-            id.clone(),
-            Snapshot::compose(core.clone(), position.clone()),
-        ))
+        Some((id.clone(), Snapshot::compose(core.clone(), *position)))
     })
 }
 

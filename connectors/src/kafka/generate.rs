@@ -105,7 +105,7 @@ pub fn generate(
             }
         }
         sent += 1;
-        if sent % 4096 == 0 {
+        if sent.is_multiple_of(4096) {
             producer.poll(Duration::ZERO);
             if last_progress.elapsed() >= Duration::from_millis(100) {
                 last_progress = Instant::now();

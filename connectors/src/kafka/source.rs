@@ -15,6 +15,9 @@ use crate::events::{decode_delivery, decode_rider};
 use crate::source::{EventSource, Polled};
 use crate::{DeliveryEvent, RiderEvent};
 
+/// An input partition.
+type PartitionKey = (Input, i32);
+
 /// How often read positions are committed to the group (for lag tools).
 const COMMIT_EVERY: Duration = Duration::from_secs(5);
 /// How often read positions are published to the metrics.
@@ -32,7 +35,8 @@ pub struct KafkaSource {
     assigned: [i32; 2],
     next: BTreeMap<(Input, i32), i64>,
     resume: HashMap<(String, i32), i64>,
-    at_start: Option<Vec<((Input, i32), (i64, i64))>>,
+    /// `(start, end)` offsets at start of this source's partitions, once a broker has answered.
+    at_start: Option<Vec<(PartitionKey, (i64, i64))>>,
     caught_up: bool,
     producer: Arc<Producer>,
     metrics: Arc<KafkaMetrics>,

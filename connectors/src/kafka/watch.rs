@@ -199,6 +199,13 @@ impl Looker {
             watch.generation.fetch_add(1, Ordering::AcqRel);
         }
         // After the inputs: the workers should not wait for this.
+        let exists = |name: &str| {
+            metadata
+                .topics()
+                .iter()
+                .any(|t| t.name() == name && t.error().is_none())
+        };
+        self.outputs.retain(|spec| !exists(&spec.name));
         self.create_outputs();
     }
 
