@@ -111,6 +111,11 @@ impl Pipeline {
         self.metrics.clone()
     }
 
+    /// Changelog and dead-letter records sent but not yet acknowledged by the broker.
+    pub fn producer_in_flight(&self) -> i32 {
+        self.producer.in_flight()
+    }
+
     /// Stops the workers, then waits up to `flush` for the producer to deliver what they wrote.
     pub fn stop(mut self, flush: Duration) {
         if let Some(engine) = self.engine.take() {
