@@ -84,12 +84,23 @@ fn stats(mut v: Vec<f64>) -> serde_json::Value {
 
 fn main() {
     let args: Vec<String> = std::env::args().collect();
-    let bootstrap = args.get(1).expect("usage: kafka_throughput BOOTSTRAP [EVENTS] [RUNS]");
-    let events: u64 = args.get(2).and_then(|s| s.parse().ok()).unwrap_or(1_000_000);
+    let bootstrap = args
+        .get(1)
+        .expect("usage: kafka_throughput BOOTSTRAP [EVENTS] [RUNS]");
+    let events: u64 = args
+        .get(2)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(1_000_000);
     let runs: usize = args.get(3).and_then(|s| s.parse().ok()).unwrap_or(3);
     let tag = std::process::id();
-    let topics = [format!("bench-riders-{tag}"), format!("bench-deliveries-{tag}")];
-    let specs: Vec<TopicSpec> = topics.iter().map(|t| TopicSpec::new(t, PARTITIONS)).collect();
+    let topics = [
+        format!("bench-riders-{tag}"),
+        format!("bench-deliveries-{tag}"),
+    ];
+    let specs: Vec<TopicSpec> = topics
+        .iter()
+        .map(|t| TopicSpec::new(t, PARTITIONS))
+        .collect();
     create_topics(bootstrap, &specs, Duration::from_secs(30)).expect("topics");
     let started = Instant::now();
     let produced = generate(

@@ -40,45 +40,103 @@ fn bad_arguments_exit_2_with_one_clear_line() {
 }
 
 #[test]
-fn help_exits_0_and_run_says_what_is_missing() {
+fn help_exits_0() {
     let out = dongflow().args(["run", "--help"]).output().expect("runs");
     assert_eq!(out.status.code(), Some(0));
     assert!(String::from_utf8_lossy(&out.stdout).contains("--hostfile"));
-    let out = dongflow().args(["run"]).output().expect("runs");
-    assert_eq!(out.status.code(), Some(1));
-    assert!(String::from_utf8_lossy(&out.stderr).contains("not yet supported"));
 }
 
 #[test]
-fn demo_serves_http_and_stops_cleanly_on_sigterm() {
+fn cluster_arguments_are_checked() {
+    let cases: [(&[&str], &str); 3] = [
+        (&["run", "-n", "2"], "needs --hostfile"),
+        (&["run", "-n", "2", "-p", "2"], "is not below --processes"),
+        (
+            &["run", "-n", "2", "-h", "/no/such/hostfile"],
+            "cannot read hostfile",
+        ),
+    ];
+    for (args, message) in cases {
+        let out = dongflow().args(args).output().expect("runs");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {stderr}");
+        assert!(stderr.contains(message), "{args:?}: {stderr}");
+    }
+}
+
+/// Starts the binary, returns it with the lines it printed up to its HTTP URL, and the URL.
+fn start(
+    args: &[&str],
+) -> (
+    std::process::Child,
+    Vec<String>,
+    String,
+    std::thread::JoinHandle<usize>,
+) {
     let mut child = dongflow()
-        .args([
-            "demo",
-            "--http",
-            "127.0.0.1:0",
-            "--riders",
-            "300",
-            "--rate",
-            "3000",
-        ])
+        .args(args)
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()
         .expect("starts");
     let stdout = child.stdout.take().expect("stdout");
     let mut lines = BufReader::new(stdout).lines();
+    let mut seen = Vec::new();
     let url = lines
         .by_ref()
         .map_while(Result::ok)
         .find_map(|l| {
+            seen.push(l.clone());
             l.strip_prefix("HTTP: ")
                 .and_then(|r| r.split_whitespace().next())
                 .map(str::to_string)
         })
-        .expect("the demo prints its HTTP URL");
-    // Keep reading stdout so that the demo never blocks on a full pipe.
+        .expect("it prints its HTTP URL");
+    // Keep reading stdout so that the child never blocks on a full pipe.
     let reader = std::thread::spawn(move || lines.map_while(Result::ok).count());
-    let client = Client::at(url.trim_end_matches('/').to_string());
+    (child, seen, url.trim_end_matches('/').to_string(), reader)
+}
+
+fn sigterm_exits_0(mut child: std::process::Child) {
+    let killed = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .expect("kill runs");
+    assert!(killed.success());
+    let status = child.wait().expect("exits");
+    assert_eq!(status.code(), Some(0));
+}
+
+#[test]
+fn run_without_brokers_starts_the_embedded_broker() {
+    let (child, printed, url, _reader) = start(&["run", "--http", "127.0.0.1:0"]);
+    assert!(
+        printed
+            .iter()
+            .any(|l| l.starts_with("Kafka: 127.0.0.1:") && l.ends_with("(embedded)")),
+        "prints the embedded broker's address: {printed:?}"
+    );
+    let client = Client::at(url);
+    assert_eq!(client.json("/healthz").0, 200);
+    sigterm_exits_0(child);
+}
+
+#[test]
+fn demo_serves_http_and_stops_cleanly_on_sigterm() {
+    let (child, printed, url, reader) = start(&[
+        "demo",
+        "--http",
+        "127.0.0.1:0",
+        "--riders",
+        "300",
+        "--rate",
+        "3000",
+    ]);
+    assert!(
+        printed.iter().any(|l| l.starts_with("Kafka: 127.0.0.1:")),
+        "the demo prints its broker's address: {printed:?}"
+    );
+    let client = Client::at(url);
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         let (status, body) = client.json("/v1/districts");
@@ -88,12 +146,6 @@ fn demo_serves_http_and_stops_cleanly_on_sigterm() {
         assert!(Instant::now() < deadline, "no districts: {status} {body}");
         std::thread::sleep(Duration::from_millis(50));
     }
-    let killed = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status()
-        .expect("kill runs");
-    assert!(killed.success());
-    let status = child.wait().expect("exits");
-    assert_eq!(status.code(), Some(0));
+    sigterm_exits_0(child);
     assert!(reader.join().expect("reader") > 0);
 }
