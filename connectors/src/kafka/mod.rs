@@ -9,12 +9,14 @@
 //! - [`producer`]: [`Producer`], the process's idempotent producer for dead letters and changelogs.
 //! - [`admin`]: topic creation and [`EmbeddedBroker`], librdkafka's in-process mock cluster.
 //! - [`generate`]: the simulator produced to the input topics (`dongflow generate --brokers`).
+//! - [`quiet`]: rate-limited logging of librdkafka's errors (a down broker repeats them).
 //! - [`metrics`]: [`KafkaMetrics`], the counters and lag that `/metrics` shows.
 
 pub mod admin;
 pub mod generate;
 pub mod metrics;
 pub mod producer;
+pub mod quiet;
 pub mod source;
 pub mod watch;
 

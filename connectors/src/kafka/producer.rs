@@ -7,7 +7,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use rdkafka::config::ClientConfig;
+use rdkafka::config::{ClientConfig, RDKafkaLogLevel};
 use rdkafka::error::{KafkaError as RdError, RDKafkaErrorCode};
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{
@@ -15,6 +15,7 @@ use rdkafka::producer::{
 };
 use rdkafka::ClientContext;
 
+use super::quiet::Quiet;
 use super::{KafkaError, KafkaMetrics};
 
 /// What a record is, for counting.
@@ -56,9 +57,18 @@ impl OutputKind {
 /// Counts deliveries and failures as librdkafka reports them.
 pub struct Counting {
     metrics: Arc<KafkaMetrics>,
+    quiet: Quiet,
 }
 
-impl ClientContext for Counting {}
+impl ClientContext for Counting {
+    fn log(&self, level: RDKafkaLogLevel, fac: &str, log_message: &str) {
+        self.quiet.log(level, fac, log_message);
+    }
+
+    fn error(&self, error: RdError, reason: &str) {
+        self.quiet.error(&error, reason);
+    }
+}
 
 impl ProducerContext for Counting {
     type DeliveryOpaque = usize;
@@ -130,6 +140,7 @@ impl Producer {
             .set("batch.num.messages", "10000")
             .create_with_context(Counting {
                 metrics: metrics.clone(),
+                quiet: Quiet::default(),
             })?;
         Ok(Self { inner, metrics })
     }

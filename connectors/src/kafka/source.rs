@@ -10,6 +10,7 @@ use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
 use rdkafka::{Message, Offset, TopicPartitionList};
 
 use super::producer::DeadLetterHeaders;
+use super::quiet::Quiet;
 use super::{Input, KafkaConfig, KafkaError, KafkaMetrics, Producer, StartAt, TopicWatch};
 use crate::events::{decode_delivery, decode_rider};
 use crate::source::{EventSource, Polled};
@@ -26,7 +27,7 @@ const PUBLISH_EVERY: Duration = Duration::from_millis(250);
 /// Reads partition `p` of each input topic when `p mod workers == worker` (global worker indices
 /// across all processes), decodes, and sends bad records to the dead-letter topic.
 pub struct KafkaSource {
-    consumer: BaseConsumer,
+    consumer: BaseConsumer<Quiet>,
     config: KafkaConfig,
     worker: usize,
     workers: usize,
@@ -65,7 +66,7 @@ impl KafkaSource {
         producer: Arc<Producer>,
         metrics: Arc<KafkaMetrics>,
     ) -> Result<Self, KafkaError> {
-        let consumer: BaseConsumer = ClientConfig::new()
+        let consumer: BaseConsumer<Quiet> = ClientConfig::new()
             .set("bootstrap.servers", &config.brokers)
             // Offsets are committed under this group for lag tools only. The source never
             // subscribes, so it never joins the group: no rebalances, no eviction when slow.
@@ -83,7 +84,7 @@ impl KafkaSource {
             )
             // End of partition is not an event here; readiness uses the watch's end offsets.
             .set("enable.partition.eof", "false")
-            .create()?;
+            .create_with_context(Quiet::default())?;
         Ok(Self {
             consumer,
             config: config.clone(),

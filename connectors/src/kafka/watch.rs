@@ -11,6 +11,7 @@ use std::time::Duration;
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 
+use super::quiet::Quiet;
 use super::{create_topics, Input, KafkaConfig, KafkaError, KafkaMetrics, TopicSpec};
 
 /// How often the brokers are asked.
@@ -46,11 +47,11 @@ impl TopicWatch {
         outputs: Vec<TopicSpec>,
         metrics: Arc<KafkaMetrics>,
     ) -> Result<Arc<Self>, KafkaError> {
-        let consumer: BaseConsumer = ClientConfig::new()
+        let consumer: BaseConsumer<Quiet> = ClientConfig::new()
             .set("bootstrap.servers", &config.brokers)
             // Metadata only: this client never joins a group or reads records.
             .set("enable.auto.commit", "false")
-            .create()?;
+            .create_with_context(Quiet::default())?;
         let watch = Arc::new(TopicWatch {
             topology: Mutex::new(Topology::default()),
             generation: AtomicU64::new(0),
@@ -115,7 +116,7 @@ impl Drop for TopicWatch {
 
 /// The watch thread's side.
 struct Looker {
-    consumer: BaseConsumer,
+    consumer: BaseConsumer<Quiet>,
     brokers: String,
     inputs: [String; 2],
     outputs: Vec<TopicSpec>,
