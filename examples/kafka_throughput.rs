@@ -49,7 +49,14 @@ fn bare_consumer(bootstrap: &str, topics: &[&str], events: u64) -> f64 {
     events as f64 / started.elapsed().as_secs_f64()
 }
 
-fn engine(bootstrap: &str, topics: &[String; 2], workers: usize, run: usize, events: u64) -> f64 {
+/// Events/s, and changelog records written per input event.
+fn engine(
+    bootstrap: &str,
+    topics: &[String; 2],
+    workers: usize,
+    run: usize,
+    events: u64,
+) -> (f64, f64) {
     let index = Arc::new(DistrictIndex::builtin_seoul());
     let tag = format!("{}-w{workers}-{run}", std::process::id());
     let config = PipelineConfig {
@@ -73,8 +80,13 @@ fn engine(bootstrap: &str, topics: &[String; 2], workers: usize, run: usize, eve
     }
     let secs = started.elapsed().as_secs_f64();
     assert_eq!(pipeline.events_in(), events, "every event went in");
+    let metrics = pipeline.kafka_metrics();
+    let written: u64 = metrics.delivered[1..]
+        .iter()
+        .map(|n| n.load(std::sync::atomic::Ordering::Relaxed))
+        .sum();
     pipeline.stop(Duration::from_secs(60));
-    events as f64 / secs
+    (events as f64 / secs, written as f64 / events as f64)
 }
 
 fn stats(mut v: Vec<f64>) -> serde_json::Value {
@@ -125,10 +137,13 @@ fn main() {
     eprintln!("produced {} events at {produce_rate:.0}/s", produced.sent);
     let names = [topics[0].as_str(), topics[1].as_str()];
     let (mut ceiling, mut w1, mut w2) = (Vec::new(), Vec::new(), Vec::new());
+    let mut per_event = 0.0;
     for run in 0..runs {
         ceiling.push(bare_consumer(bootstrap, &names, events));
-        w1.push(engine(bootstrap, &topics, 1, run, events));
-        w2.push(engine(bootstrap, &topics, 2, run, events));
+        let (rate, written) = engine(bootstrap, &topics, 1, run, events);
+        w1.push(rate);
+        per_event = written;
+        w2.push(engine(bootstrap, &topics, 2, run, events).0);
         eprintln!(
             "run {run}: ceiling {:.0}/s, -w1 {:.0}/s, -w2 {:.0}/s",
             ceiling[run], w1[run], w2[run]
@@ -148,6 +163,7 @@ fn main() {
         "engine_w2_events_per_s": stats(w2.clone()),
         "w1_over_ceiling": ratio(&w1),
         "w2_over_ceiling": ratio(&w2),
+        "changelog_records_per_event": (per_event * 1000.0).round() / 1000.0,
     });
     println!("{}", serde_json::to_string_pretty(&out).expect("json"));
 }

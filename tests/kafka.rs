@@ -280,6 +280,50 @@ fn check_http_matches(http: &str, outputs: &Outputs) {
     }
 }
 
+/// `/metrics` counts what the outputs hold: every bad record by reason, every record read, every
+/// changelog record written; and consumer lag falls to zero.
+fn check_metrics(http: &str, input: &Input, outputs: &Outputs) {
+    let client = common::Client::at(http.to_owned());
+    let text = eventually(Duration::from_secs(30), "metrics that add up", || {
+        let (status, _, text) = client.get("/metrics");
+        assert_eq!(status, 200);
+        let lags: Vec<f64> = text
+            .lines()
+            .filter(|l| l.starts_with("dongflow_consumer_lag_records{"))
+            .filter_map(|l| l.rsplit_once(' ')?.1.parse().ok())
+            .collect();
+        let written = |output: &str| {
+            common::sample(
+                &text,
+                &format!("dongflow_output_records_written_total{{output=\"{output}\"}}"),
+            )
+        };
+        let settled = lags.len() == 2 * PARTITIONS as usize
+            && lags.iter().all(|l| *l == 0.0)
+            && written("district_changelog") == Some(outputs.districts.records.len() as f64)
+            && written("rider_changelog") == Some(outputs.riders.records.len() as f64);
+        settled.then_some(text)
+    });
+    common::check_prometheus_text(&text);
+    for reason in dongflow_connectors::DecodeError::REASONS {
+        let expected = input.bad.iter().filter(|(_, r)| *r == reason).count() as f64;
+        let series = format!("dongflow_events_invalid_total{{reason=\"{reason}\"}}");
+        assert_eq!(common::sample(&text, &series), Some(expected), "{series}");
+    }
+    assert_eq!(
+        common::sample(&text, "dongflow_dead_letters_total"),
+        Some(input.bad.len() as f64)
+    );
+    assert_eq!(
+        common::sample(&text, "dongflow_kafka_records_read_total"),
+        Some(input.records.len() as f64)
+    );
+    assert_eq!(
+        common::sample(&text, "dongflow_kafka_brokers_reachable"),
+        Some(1.0)
+    );
+}
+
 fn end_to_end(broker: &Broker, test: &str) {
     let index = builtin();
     let t = Topics::new(test);
@@ -318,6 +362,7 @@ fn end_to_end(broker: &Broker, test: &str) {
     );
     check_dead_letters(&bootstrap, &t, &input, &outputs.dlq.records);
     check_http_matches(&dongflow.http, &outputs);
+    check_metrics(&dongflow.http, &input, &outputs);
     assert!(!input.expected_riders.is_empty() && !input.expected_districts.is_empty());
     assert!(tombstones > 0, "shift ends show as tombstones");
     assert_eq!(dongflow.terminate(), Some(0), "SIGTERM is a clean stop");

@@ -439,4 +439,56 @@ impl Client {
         )
     }
 }
+
+/// The text format's rules that a scraper relies on: HELP and TYPE before samples, names with the
+/// `dongflow_` prefix, one sample per line with a float value, histogram buckets cumulative and
+/// ending at `+Inf` equal to `_count`.
+pub fn check_prometheus_text(text: &str) {
+    let mut typed: BTreeMap<String, String> = BTreeMap::new();
+    let mut buckets: BTreeMap<String, Vec<f64>> = BTreeMap::new();
+    for line in text.lines() {
+        if let Some(rest) = line.strip_prefix("# TYPE ") {
+            let (name, kind) = rest.split_once(' ').expect("TYPE name kind");
+            assert!(["counter", "gauge", "histogram"].contains(&kind), "{line}");
+            assert!(
+                typed.insert(name.to_string(), kind.to_string()).is_none(),
+                "family typed twice: {name}"
+            );
+            continue;
+        }
+        if line.starts_with("# HELP ") || line.is_empty() {
+            continue;
+        }
+        let (series, value) = line.rsplit_once(' ').expect("sample has a value");
+        let value: f64 = value
+            .parse()
+            .unwrap_or_else(|_| panic!("bad value in {line}"));
+        let name = series.split('{').next().expect("name");
+        assert!(name.starts_with("dongflow_"), "{line}");
+        let family = ["_bucket", "_sum", "_count"]
+            .iter()
+            .find_map(|s| name.strip_suffix(s))
+            .filter(|f| typed.get(*f).is_some_and(|k| k == "histogram"))
+            .unwrap_or(name);
+        assert!(typed.contains_key(family), "sample before its TYPE: {line}");
+        if name.ends_with("_bucket") {
+            let labels = series.split_once('{').map(|(_, l)| l).unwrap_or_default();
+            let route = labels.split(",le=").next().unwrap_or_default().to_string();
+            buckets.entry(route).or_default().push(value);
+        }
+    }
+    for (route, values) in buckets {
+        assert!(
+            values.windows(2).all(|w| w[0] <= w[1]),
+            "buckets not cumulative for {route}: {values:?}"
+        );
+    }
+}
+
+/// The value of one sample (`name` with its labels, exactly as printed) in Prometheus text.
+pub fn sample(text: &str, series: &str) -> Option<f64> {
+    text.lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+}
+
 pub mod kafka;

@@ -133,7 +133,8 @@ impl Producer {
             // Never drop a record because the broker was away for a while: retried until delivered.
             .set("message.timeout.ms", "0")
             // Records of one dataflow time go out together; a few ms is small against freshness.
-            .set("linger.ms", "5")
+            .set("linger.ms", "20")
+            .set("compression.type", "lz4")
             // Bounds memory while the broker is away; a full queue slows the workers instead.
             .set("queue.buffering.max.messages", "1000000")
             .set("queue.buffering.max.kbytes", "1048576")
