@@ -72,6 +72,9 @@ fn engine(
         district_changelog_topic: format!("bench-district-changelog-{tag}"),
         rider_changelog_topic: format!("bench-rider-changelog-{tag}"),
         create_outputs: true,
+        state_dir: None,
+        checkpoint_interval: Duration::from_secs(10),
+        restore: None,
     };
     let started = Instant::now();
     let pipeline = Pipeline::start(config).expect("pipeline");

@@ -32,6 +32,12 @@ pub trait EventSource: Send {
     fn caught_up(&self) -> bool {
         true
     }
+
+    /// The next offset to read of every partition read so far, as `(topic, partition, offset)`:
+    /// what a checkpoint records. Sources without offsets have none.
+    fn positions(&self) -> Vec<(String, i32, i64)> {
+        Vec::new()
+    }
 }
 
 /// Events held in memory, handed out in order (benchmarks and tests).

@@ -17,7 +17,7 @@ use crate::stages::{
     SnapshotTrace,
 };
 use crate::types::{Change, DistrictCounts, RiderRow, Snapshot, Time};
-use crate::upsert::{upsert, UpsertCounters, UpsertState};
+use crate::upsert::{upsert, SnapshotSlot, UpsertCounters, UpsertState};
 
 /// Default time a terminal delivery is remembered: 6 hours of dataflow time.
 pub const DEFAULT_TERMINAL_TTL_MS: Time = 6 * 3600 * 1000;
@@ -30,6 +30,10 @@ pub struct WorkerState {
     pub riders: Rc<RefCell<UpsertState<RiderRow>>>,
     /// Latest delivery per id, terminal ones as tombstones.
     pub deliveries: Rc<RefCell<UpsertState<DeliveryState>>>,
+    /// Checkpoint requests to the rider upsert, and its snapshots.
+    pub rider_snapshots: Rc<SnapshotSlot<RiderRow>>,
+    /// Checkpoint requests to the delivery upsert, and its snapshots.
+    pub delivery_snapshots: Rc<SnapshotSlot<DeliveryState>>,
 }
 
 impl WorkerState {
@@ -38,6 +42,8 @@ impl WorkerState {
         Self {
             riders: UpsertState::shared(terminal_ttl),
             deliveries: UpsertState::shared(terminal_ttl),
+            rider_snapshots: Rc::default(),
+            delivery_snapshots: Rc::default(),
         }
     }
 }
@@ -106,12 +112,14 @@ pub fn build<'s>(
         "Upsert: Riders",
         state.riders.clone(),
         counters.riders.clone(),
+        state.rider_snapshots.clone(),
     );
     let deliveries = upsert::<DeliveryRule>(
         deliveries,
         "Upsert: Deliveries",
         state.deliveries.clone(),
         counters.deliveries.clone(),
+        state.delivery_snapshots.clone(),
     );
     let (cores, positions) = split_riders(riders);
     let positions = arrange_positions(positions);

@@ -13,16 +13,18 @@
 //! Terminal states ("tombstones") are kept for `ttl` of dataflow time, so that late and duplicate
 //! events cannot bring an id back, and are then dropped, so that memory stays bounded.
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::collections::{BTreeMap, VecDeque};
 use std::rc::Rc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use differential_dataflow::hashable::Hashable;
 use differential_dataflow::{AsCollection, VecCollection};
 use dongflow_connectors::Id;
 use rustc_hash::FxHashMap;
+use serde::{Deserialize, Serialize};
 use timely::container::CapacityContainerBuilder;
 use timely::dataflow::channels::pact::Exchange;
 use timely::dataflow::operators::generic::operator::Operator;
@@ -79,6 +81,8 @@ pub struct UpsertState<S> {
     expiry: VecDeque<(Time, Id)>,
     /// How long a tombstone is kept, in dataflow time (ms).
     pub ttl: Time,
+    /// The dataflow time at which a seeded state is shown downstream (0: the first time).
+    pub seeded_at: Time,
 }
 
 impl<S> UpsertState<S> {
@@ -88,6 +92,7 @@ impl<S> UpsertState<S> {
             entries: FxHashMap::default(),
             expiry: VecDeque::new(),
             ttl,
+            seeded_at: 0,
         }
     }
 
@@ -133,6 +138,113 @@ impl<S> UpsertState<S> {
     /// The tombstones with their expiry times, oldest first.
     pub fn tombstone_expiry(&self) -> impl Iterator<Item = &(Time, Id)> {
         self.expiry.iter()
+    }
+}
+
+impl<S: Clone> UpsertState<S> {
+    /// A copy of every id's state and of the tombstones' expiry times, for a checkpoint.
+    pub fn snapshot(&self, time: Time) -> StateSnapshot<S> {
+        StateSnapshot {
+            time,
+            entries: self
+                .entries
+                .iter()
+                .map(|(id, slot)| (id.clone(), slot.state.clone()))
+                .collect(),
+            expiry: self.expiry.iter().cloned().collect(),
+        }
+    }
+
+    /// Seeds the ids of `snapshot` for which `keep` holds (the ids this worker owns), shown
+    /// downstream at dataflow time `at` (so that outputs never go back in time after a restart).
+    pub fn restore(&mut self, snapshot: &StateSnapshot<S>, at: Time, keep: impl Fn(&Id) -> bool) {
+        self.seeded_at = at;
+        let expiry: FxHashMap<&Id, Time> = snapshot.expiry.iter().map(|(t, id)| (id, *t)).collect();
+        let mut kept: Vec<(Time, Id)> = Vec::new();
+        for (id, state) in snapshot.entries.iter().filter(|(id, _)| keep(id)) {
+            let expires = expiry.get(id).copied();
+            if let Some(at) = expires {
+                kept.push((at, id.clone()));
+            }
+            self.entries.insert(
+                id.clone(),
+                Slot {
+                    state: state.clone(),
+                    touched_at: UNTOUCHED,
+                },
+            );
+        }
+        kept.sort();
+        self.expiry.extend(kept);
+    }
+}
+
+/// The worker that owns `id` among `peers` workers: where the upserts' exchange sends its events
+/// (timely masks the hash when `peers` is a power of two, and takes the remainder otherwise).
+pub fn owner(id: &Id, peers: usize) -> usize {
+    let peers = peers.max(1) as u64;
+    let hash = id.hashed();
+    let index = if peers.is_power_of_two() {
+        hash & (peers - 1)
+    } else {
+        hash % peers
+    };
+    index as usize
+}
+
+/// One upsert operator's state as it was once every time up to `time` was applied, and nothing
+/// after: the state part of a checkpoint.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct StateSnapshot<S> {
+    /// The dataflow time the state is complete through.
+    pub time: Time,
+    /// Every id's state (tombstones included).
+    pub entries: Vec<(Id, S)>,
+    /// When each tombstone expires.
+    pub expiry: Vec<(Time, Id)>,
+}
+
+impl<S> Default for StateSnapshot<S> {
+    fn default() -> Self {
+        Self {
+            time: 0,
+            entries: Vec::new(),
+            expiry: Vec::new(),
+        }
+    }
+}
+
+/// How the worker loop asks an upsert operator for a [`StateSnapshot`] and receives it.
+#[derive(Debug)]
+pub struct SnapshotSlot<S> {
+    /// The time to snapshot at, once the operator's input is complete through it.
+    pub requested: Cell<Option<Time>>,
+    /// The snapshot taken, and how long copying the state paused the worker.
+    pub taken: RefCell<Option<(StateSnapshot<S>, Duration)>>,
+}
+
+impl<S> Default for SnapshotSlot<S> {
+    fn default() -> Self {
+        Self {
+            requested: Cell::new(None),
+            taken: RefCell::new(None),
+        }
+    }
+}
+
+impl<S: Clone> SnapshotSlot<S> {
+    /// Takes the requested snapshot if `time` (the next time to apply, or `None` once the input is
+    /// complete through the request) has passed it.
+    fn maybe_take(&self, state: &UpsertState<S>, next: Option<Time>) {
+        let Some(at) = self.requested.get() else {
+            return;
+        };
+        if next.is_none_or(|t| t > at) {
+            let started = Instant::now();
+            let snapshot = state.snapshot(at);
+            *self.taken.borrow_mut() = Some((snapshot, started.elapsed()));
+            self.requested.set(None);
+        }
     }
 }
 
@@ -182,7 +294,7 @@ type Update<R> = ((Id, R), Time, Diff);
 ///     // A stale ping (ts 3 after ts 5) is ignored; the shift end removes the rider.
 ///     let events = vec![e(5, RiderStatus::ShiftStarted), e(3, RiderStatus::OnShift)].to_stream(scope);
 ///     let counters = Arc::new(UpsertCounters::default());
-///     upsert::<RiderRule>(events.container::<Vec<_>>(), "Upsert: Riders", UpsertState::shared(1000), counters)
+///     upsert::<RiderRule>(events.container::<Vec<_>>(), "Upsert: Riders", UpsertState::shared(1000), counters, Default::default())
 ///         .inner.capture()
 /// });
 /// let out: Vec<_> = rx.extract().into_iter().flat_map(|(_, v)| v).collect();
@@ -195,6 +307,7 @@ pub fn upsert<'s, U: UpsertRule>(
     name: &str,
     state: Rc<RefCell<UpsertState<U::State>>>,
     counters: Arc<UpsertCounters>,
+    snapshots: Rc<SnapshotSlot<U::State>>,
 ) -> VecCollection<'s, Time, (Id, U::Row), Diff> {
     // Route every event of an id to the one worker that owns the id's state.
     let exchange = Exchange::new(|e: &U::Event| U::id(e).hashed());
@@ -209,8 +322,9 @@ pub fn upsert<'s, U: UpsertRule>(
                 let (mut old_rows, mut new_rows) = (Vec::new(), Vec::new());
                 move |(input, frontier), output| {
                     if let Some(cap) = initial.take() {
-                        // A seeded state shows itself at the first time, then the capability is released.
+                        // A seeded state shows itself at its seed time, then the capability is released.
                         let state = state.borrow();
+                        let cap = cap.delayed(&state.seeded_at.max(*cap.time()));
                         let mut session = output.session(&cap);
                         for (id, s) in state.iter() {
                             for row in U::rows(s) {
@@ -235,6 +349,8 @@ pub fn upsert<'s, U: UpsertRule>(
                         if frontier.less_equal(&time) {
                             break;
                         }
+                        // A checkpoint's state holds every time up to its own and nothing after.
+                        snapshots.maybe_take(&state.borrow(), Some(time));
                         let (cap, events) = entry.remove();
                         let mut state = state.borrow_mut();
                         apply_time::<U>(&mut state, time, events, &mut touched, &counters);
@@ -254,6 +370,12 @@ pub fn upsert<'s, U: UpsertRule>(
                                     session.give(((id.clone(), row), time, 1));
                                 }
                             }
+                        }
+                    }
+                    // Complete through the requested time with nothing later applied yet.
+                    if let Some(at) = snapshots.requested.get() {
+                        if !frontier.less_equal(&at) {
+                            snapshots.maybe_take(&state.borrow(), None);
                         }
                     }
                 }
@@ -357,7 +479,8 @@ mod tests {
             }
             let (mut input, probe, rx) = worker.dataflow::<Time, _, _>(|scope| {
                 let (input, stream) = scope.new_input::<Enriched<DeliveryEvent>>();
-                let out = upsert::<DeliveryRule>(stream, "Upsert", st.clone(), c.clone());
+                let out =
+                    upsert::<DeliveryRule>(stream, "Upsert", st.clone(), c.clone(), Rc::default());
                 let (probe, stream) = out.inner.probe();
                 (input, probe, stream.capture())
             });
@@ -446,5 +569,64 @@ mod tests {
             vec![(("d-9".into(), row), 0, 1)],
             "the stale event changes nothing"
         );
+    }
+
+    #[test]
+    fn a_snapshot_holds_exactly_the_times_up_to_its_own() {
+        let snapshot = timely::execute_directly(|worker| {
+            let st = UpsertState::shared(1_000);
+            let slot: Rc<SnapshotSlot<DeliveryState>> = Rc::default();
+            slot.requested.set(Some(2));
+            let (mut input, probe) = worker.dataflow::<Time, _, _>(|scope| {
+                let (input, stream) = scope.new_input::<Enriched<DeliveryEvent>>();
+                let out = upsert::<DeliveryRule>(
+                    stream,
+                    "Upsert",
+                    st.clone(),
+                    Arc::default(),
+                    slot.clone(),
+                );
+                let (probe, _) = out.inner.probe();
+                (input, probe)
+            });
+            // Three times arrive before the operator runs at all: the cut must fall between 2 and 3.
+            input.advance_to(1);
+            input.send(event("d-1", DeliveryStatus::Created, 10));
+            input.advance_to(2);
+            input.send(event("d-2", DeliveryStatus::Created, 11));
+            input.advance_to(3);
+            input.send(event("d-1", DeliveryStatus::Delivered, 12));
+            input.send(event("d-3", DeliveryStatus::Created, 13));
+            input.advance_to(4);
+            worker.step_while(|| probe.less_than(&4));
+            let taken = slot.taken.borrow_mut().take();
+            taken.expect("the snapshot was taken").0
+        });
+        assert_eq!(snapshot.time, 2);
+        let mut ids: Vec<(String, bool)> = snapshot
+            .entries
+            .iter()
+            .map(|(id, s)| (id.to_string(), DeliveryRule::is_tombstone(s)))
+            .collect();
+        ids.sort();
+        assert_eq!(
+            ids,
+            [("d-1".to_string(), false), ("d-2".to_string(), false)]
+        );
+        assert!(snapshot.expiry.is_empty());
+
+        // Restoring keeps only the ids asked for.
+        let mut restored = UpsertState::<DeliveryState>::new(1_000);
+        restored.restore(&snapshot, 5, |id| id.as_str() == "d-2");
+        assert_eq!(restored.len(), 1);
+    }
+
+    #[test]
+    fn owner_matches_the_exchange() {
+        // Powers of two mask the hash; other counts take the remainder.
+        let id: Id = "r-42".into();
+        assert_eq!(owner(&id, 4) as u64, id.hashed() & 3);
+        assert_eq!(owner(&id, 3) as u64, id.hashed() % 3);
+        assert_eq!(owner(&id, 1), 0);
     }
 }

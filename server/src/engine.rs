@@ -14,6 +14,7 @@ use dongflow_dataflow::districts::DistrictIndex;
 use dongflow_dataflow::peek::{read_all, read_key, read_keys, trace_len};
 use dongflow_dataflow::stages::{CountsTrace, PositionTrace, RidersByDistrictTrace, SnapshotTrace};
 use dongflow_dataflow::types::Time;
+use dongflow_dataflow::upsert::owner;
 use dongflow_dataflow::{build, DataflowCounters, Outputs, WorkerState};
 use thiserror::Error;
 use timely::dataflow::channels::pact::Pipeline;
@@ -26,6 +27,7 @@ use timely::progress::frontier::AntichainRef;
 use timely::WorkerConfig;
 
 use crate::changelog::{write_districts, write_riders, ChangelogSink};
+use crate::checkpoint::{Restored, WorkerPart};
 use crate::query::{
     Answer, Peek, PeekRequest, PeekResult, Query, QueryError, RemotePeek, Shared, StateSizes,
 };
@@ -54,6 +56,20 @@ pub struct EngineConfig {
     pub retain_ms: Time,
     /// Where the changelog goes; `None` writes none.
     pub changelog: Option<Arc<dyn ChangelogSink>>,
+    /// Checkpoints: every `interval` ms of dataflow time (and once more at a clean stop), each
+    /// worker hands its part to `parts`. `None` takes none.
+    pub checkpoint: Option<CheckpointSettings>,
+    /// A checkpoint to start from: each worker seeds the ids it owns.
+    pub restore: Option<Arc<Restored>>,
+}
+
+/// How often checkpoints are taken and where their parts go.
+#[derive(Clone, Debug)]
+pub struct CheckpointSettings {
+    /// Dataflow ms between checkpoints; they fall on multiples of it, the same in every process.
+    pub interval: Time,
+    /// The writer's inbox.
+    pub parts: crossbeam_channel::Sender<WorkerPart>,
 }
 
 /// A timely cluster of several processes with the same number of workers each.
@@ -79,6 +95,8 @@ impl EngineConfig {
             cluster: None,
             retain_ms: 0,
             changelog: None,
+            checkpoint: None,
+            restore: None,
         }
     }
 }
@@ -110,6 +128,10 @@ struct InputProgress {
     events: AtomicU64,
     /// Per worker: the time of its last push when its source first said it had caught up (0: not yet).
     caught_up_at: Vec<AtomicU64>,
+    /// The time of the checkpoint taken at a clean stop (0: not stopping yet).
+    final_at: AtomicU64,
+    /// Workers done with their part of the final checkpoint.
+    final_done: std::sync::atomic::AtomicUsize,
 }
 
 /// What the rest of the process may hold of a running engine: queries, progress and counters.
@@ -174,6 +196,8 @@ impl Engine {
             ended: (0..workers).map(|_| AtomicBool::new(false)).collect(),
             events: AtomicU64::new(0),
             caught_up_at: (0..workers).map(|_| AtomicU64::new(0)).collect(),
+            final_at: AtomicU64::new(0),
+            final_done: std::sync::atomic::AtomicUsize::new(0),
         });
         let counters = DataflowCounters::default();
         let slots: Mutex<Vec<Option<WorkerSlot>>> = Mutex::new(
@@ -247,8 +271,17 @@ impl Engine {
 }
 
 impl EngineHandle {
-    /// Asks the workers to stop, without waiting: they close their inputs and finish.
+    /// Asks the workers to stop, without waiting: they stop taking input, take a last checkpoint
+    /// (when checkpointing) and finish.
     pub fn request_stop(&self) {
+        // A little in the future, so that no worker has passed it yet: every worker's part of
+        // the last checkpoint is cut at the same time.
+        let _ = self.progress.final_at.compare_exchange(
+            0,
+            now_ms() + 20,
+            Ordering::AcqRel,
+            Ordering::Acquire,
+        );
         self.shared.stop.store(true, Ordering::Release);
         let threads = self
             .shared
@@ -351,6 +384,9 @@ struct WorkerSlot {
     peeks: Receiver<PeekRequest>,
 }
 
+/// Next offset per `(topic, partition, offset)`, as sources report them.
+type Offsets = Vec<(String, i32, i64)>;
+
 /// One worker's loop: poll the source, push, step, publish progress, answer peeks, compact.
 struct WorkerLoop {
     index: usize,
@@ -369,6 +405,17 @@ struct WorkerLoop {
     max_in_flight: usize,
     idle_park: Duration,
     compacted: Time,
+    workers: usize,
+    global_index: usize,
+    checkpoint: Option<CheckpointSettings>,
+    /// The checkpoint time the upserts were asked for and have not both delivered yet.
+    pending: Option<Time>,
+    last_checkpoint: Time,
+    final_sent: bool,
+    /// Source positions after each poll that took records, by the time they were pushed at.
+    offsets_log: VecDeque<(Time, Offsets)>,
+    /// The latest positions at or before the last checkpoint.
+    positions_base: Offsets,
 }
 
 impl WorkerLoop {
@@ -384,6 +431,22 @@ impl WorkerLoop {
         let mut deliveries_in = InputHandle::new();
         let probe = ProbeHandle::new();
         let state = WorkerState::new(config.terminal_ttl);
+        let processes = config.cluster.as_ref().map_or(1, |c| c.addresses.len());
+        let total = config.workers * processes;
+        let global_index = worker.index();
+        if let Some(restored) = &config.restore {
+            // Each worker seeds the ids whose events the upserts' exchange sends to it.
+            let mine = |id: &dongflow_connectors::Id| owner(id, total) == global_index;
+            let at = now_ms();
+            state
+                .riders
+                .borrow_mut()
+                .restore(&restored.riders, at, mine);
+            state
+                .deliveries
+                .borrow_mut()
+                .restore(&restored.deliveries, at, mine);
+        }
         let districts = config.districts.clone();
         let (snapshots, positions, counts, by_district) = worker.dataflow::<Time, _, _>(|scope| {
             let riders = scope.input_from(&mut riders_in);
@@ -424,6 +487,19 @@ impl WorkerLoop {
             max_in_flight: config.max_in_flight,
             idle_park: config.idle_park,
             compacted: 0,
+            workers: config.workers,
+            global_index,
+            checkpoint: config.checkpoint.clone(),
+            pending: None,
+            last_checkpoint: config.restore.as_ref().map_or(0, |r| r.time),
+            final_sent: false,
+            offsets_log: VecDeque::new(),
+            positions_base: config.restore.as_ref().map_or_else(Vec::new, |r| {
+                r.offsets
+                    .iter()
+                    .map(|((t, p), o)| (t.clone(), *p, *o))
+                    .collect()
+            }),
         }
     }
 
@@ -435,9 +511,19 @@ impl WorkerLoop {
         // flight keeps the dataflow from facing many times per key at once (which costs reduce
         // dearly) and keeps answers fresh; the source buffers meanwhile.
         let mut in_flight: VecDeque<Time> = VecDeque::new();
-        while !self.shared.stop.load(Ordering::Acquire) {
+        loop {
+            let stopping = self.shared.stop.load(Ordering::Acquire);
+            if stopping
+                && (self.checkpoint.is_none()
+                    || (self.final_sent
+                        && self.progress.final_done.load(Ordering::Acquire) >= self.workers))
+            {
+                break;
+            }
             // Every worker advances every input to the wall clock, or the frontier would stop.
             let now = now_ms().max(*self.riders_in.time());
+            // Asked before the inputs pass the time, so no upsert can have gone beyond it.
+            self.request_checkpoint(now, stopping);
             self.riders_in.advance_to(now);
             self.deliveries_in.advance_to(now);
             while in_flight.front().is_some_and(|t| !self.probe.less_equal(t)) {
@@ -445,7 +531,7 @@ impl WorkerLoop {
             }
             let polled = if ended {
                 Polled::Ended
-            } else if in_flight.len() >= self.max_in_flight {
+            } else if stopping || in_flight.len() >= self.max_in_flight {
                 Polled::Idle
             } else {
                 self.slot
@@ -453,6 +539,10 @@ impl WorkerLoop {
                     .poll(self.max_batch, &mut riders, &mut deliveries)
             };
             let n = (riders.len() + deliveries.len()) as u64;
+            if polled == Polled::Data && self.checkpoint.is_some() {
+                self.offsets_log
+                    .push_back((now, self.slot.source.positions()));
+            }
             if n > 0 {
                 self.riders_in.send_batch(&mut riders);
                 self.deliveries_in.send_batch(&mut deliveries);
@@ -479,9 +569,85 @@ impl WorkerLoop {
             } else {
                 worker.step_or_park(Some(self.idle_park));
             }
+            self.collect_checkpoint();
             self.publish_completed();
             self.answer_peeks();
             self.compact();
+        }
+    }
+
+    /// Asks the upserts for their state at the next checkpoint time, once `now` reaches it.
+    fn request_checkpoint(&mut self, now: Time, stopping: bool) {
+        let Some(settings) = &self.checkpoint else {
+            return;
+        };
+        if self.pending.is_some() || self.final_sent {
+            return;
+        }
+        let at = if stopping {
+            let at = self.progress.final_at.load(Ordering::Acquire);
+            if at > now {
+                return;
+            }
+            if at <= self.last_checkpoint {
+                // This worker's last part is already at or past the stop time: nothing newer
+                // can be cut consistently, so the last scheduled checkpoint stands.
+                self.final_sent = true;
+                self.progress.final_done.fetch_add(1, Ordering::AcqRel);
+                return;
+            }
+            at
+        } else {
+            let due = now - now % settings.interval.max(1);
+            if due <= self.last_checkpoint {
+                return;
+            }
+            due
+        };
+        self.state.rider_snapshots.requested.set(Some(at));
+        self.state.delivery_snapshots.requested.set(Some(at));
+        self.pending = Some(at);
+        self.last_checkpoint = at;
+    }
+
+    /// Hands this worker's part to the writer once both upserts have taken their snapshot.
+    fn collect_checkpoint(&mut self) {
+        let (Some(at), Some(settings)) = (self.pending, &self.checkpoint) else {
+            return;
+        };
+        let ready = self.state.rider_snapshots.taken.borrow().is_some()
+            && self.state.delivery_snapshots.taken.borrow().is_some();
+        if !ready {
+            return;
+        }
+        let riders = self.state.rider_snapshots.taken.borrow_mut().take();
+        let deliveries = self.state.delivery_snapshots.taken.borrow_mut().take();
+        let (Some((riders, p1)), Some((deliveries, p2))) = (riders, deliveries) else {
+            return;
+        };
+        // The offsets of the last poll pushed at or before the checkpoint's time.
+        while self.offsets_log.front().is_some_and(|(t, _)| *t <= at) {
+            if let Some((_, p)) = self.offsets_log.pop_front() {
+                self.positions_base = p;
+            }
+        }
+        let part = WorkerPart {
+            time: at,
+            worker: self.global_index,
+            riders,
+            deliveries,
+            offsets: self.positions_base.clone(),
+            pause: p1 + p2,
+        };
+        if settings.parts.send(part).is_err() {
+            tracing::warn!("checkpoint writer gone; part {at} dropped");
+        }
+        self.pending = None;
+        if self.shared.stop.load(Ordering::Acquire)
+            && at == self.progress.final_at.load(Ordering::Acquire)
+        {
+            self.final_sent = true;
+            self.progress.final_done.fetch_add(1, Ordering::AcqRel);
         }
     }
 

@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use clap::Parser;
+use dongflow::checkpoint::load_latest;
 use dongflow::cli::{
     Cli, ClusterArgs, Command, DemoArgs, GenerateArgs, MapArgs, RunArgs, StartFrom,
 };
@@ -19,7 +20,7 @@ use dongflow::pipeline::{Pipeline, PipelineConfig};
 use dongflow::render::DistrictsView;
 use dongflow::{AnswerBody, EngineConfig, Query};
 use dongflow_connectors::kafka::generate::{generate as produce, GenerateConfig};
-use dongflow_connectors::kafka::{create_topics, EmbeddedBroker, KafkaConfig, StartAt, TopicSpec};
+use dongflow_connectors::kafka::{ensure_topics, EmbeddedBroker, KafkaConfig, StartAt, TopicSpec};
 use dongflow_connectors::simulator::{SimEvent, Simulator};
 use dongflow_dataflow::districts::DistrictIndex;
 
@@ -162,16 +163,19 @@ fn run(args: RunArgs) -> Result<(), Failure> {
     let index = load_map(&args.map)?;
     let cluster = cluster_spec(&args.cluster)?;
     let peers = peer_urls(&args.http_peers, &cluster)?;
-    let start = match args.start_from {
-        StartFrom::Latest => StartAt::Latest,
-        StartFrom::Earliest => StartAt::Earliest,
-        StartFrom::Checkpoint => {
-            tracing::info!(
-                "no checkpoint in {}: starting from the earliest offsets",
-                args.state_dir.display()
-            );
-            StartAt::Earliest
-        }
+    let (start, restore) = match args.start_from {
+        StartFrom::Latest => (StartAt::Latest, None),
+        StartFrom::Earliest => (StartAt::Earliest, None),
+        StartFrom::Checkpoint => match load_latest(&args.state_dir) {
+            Some(r) => (StartAt::Earliest, Some(Arc::new(r))),
+            None => {
+                tracing::info!(
+                    "no usable checkpoint in {}: starting from the earliest offsets",
+                    args.state_dir.display()
+                );
+                (StartAt::Earliest, None)
+            }
+        },
     };
     let mut kafka = KafkaConfig {
         brokers: args.input.brokers.clone().unwrap_or_default(),
@@ -208,6 +212,9 @@ fn run(args: RunArgs) -> Result<(), Failure> {
         district_changelog_topic: args.district_changelog_topic.clone(),
         rider_changelog_topic: args.rider_changelog_topic.clone(),
         create_outputs: embedded.is_none(),
+        state_dir: Some(args.state_dir.clone()),
+        checkpoint_interval: args.checkpoint_interval,
+        restore,
     };
     let pipeline = Pipeline::start(config).context("starting the engine")?;
     if !peers.is_empty() {
@@ -263,6 +270,9 @@ fn demo(args: DemoArgs) -> Result<(), Failure> {
         district_changelog_topic: "district-changelog".into(),
         rider_changelog_topic: "rider-changelog".into(),
         create_outputs: false,
+        state_dir: None,
+        checkpoint_interval: Duration::from_secs(10),
+        restore: None,
     })
     .context("starting the engine")?;
     let app = App::with_kafka(pipeline.handle(), index.clone(), pipeline.kafka_metrics());
@@ -393,7 +403,7 @@ fn generate_to_kafka(args: &GenerateArgs, brokers: &str, stop: &AtomicBool) -> R
         TopicSpec::new(&args.input.rider_topic, args.partitions),
         TopicSpec::new(&args.input.delivery_topic, args.partitions),
     ];
-    let created = create_topics(brokers, &topics, Duration::from_secs(10))
+    let created = ensure_topics(brokers, &topics, Duration::from_secs(10))
         .with_context(|| format!("cannot create the input topics on {brokers}"))?;
     for name in created {
         eprintln!("created topic {name} with {} partitions", args.partitions);

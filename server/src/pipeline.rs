@@ -1,6 +1,7 @@
 //! The engine wired to Kafka: a [`KafkaSource`] per worker, the topic watch, the producer for dead
 //! letters and changelogs. `dongflow run` and `dongflow demo` both start one.
 
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -11,7 +12,8 @@ use dongflow_connectors::source::EventSource;
 use thiserror::Error;
 
 use crate::changelog::KafkaChangelog;
-use crate::engine::{Engine, EngineConfig, EngineError};
+use crate::checkpoint::{CheckpointError, Restored, WriteReport, Writer};
+use crate::engine::{CheckpointSettings, Engine, EngineConfig, EngineError};
 
 /// Partitions of output topics the pipeline creates when they are missing.
 pub const OUTPUT_PARTITIONS: i32 = 4;
@@ -30,6 +32,12 @@ pub struct PipelineConfig {
     /// Whether to create missing output topics (changelogs, dead letters) once a broker answers.
     /// The embedded broker is started with them instead.
     pub create_outputs: bool,
+    /// Where checkpoints go (`None`: no checkpoints).
+    pub state_dir: Option<PathBuf>,
+    /// Time between checkpoints.
+    pub checkpoint_interval: Duration,
+    /// The checkpoint to resume from: its state seeds the workers, its offsets the sources.
+    pub restore: Option<Arc<Restored>>,
 }
 
 /// Why a pipeline could not start.
@@ -41,6 +49,9 @@ pub enum PipelineError {
     /// The engine could not start.
     #[error("engine: {0}")]
     Engine(#[from] EngineError),
+    /// The state dir cannot be used.
+    #[error("state dir: {0}")]
+    Checkpoint(#[from] CheckpointError),
 }
 
 /// A running pipeline. It dereferences to its [`Engine`].
@@ -49,6 +60,7 @@ pub struct Pipeline {
     watch: Arc<TopicWatch>,
     producer: Arc<Producer>,
     metrics: Arc<KafkaMetrics>,
+    writer: Option<Writer>,
 }
 
 impl std::ops::Deref for Pipeline {
@@ -88,10 +100,23 @@ impl Pipeline {
                     producer.clone(),
                     metrics.clone(),
                 )
+                .map(|s| match &config.restore {
+                    Some(r) => s.resume_from(r.offsets.clone()),
+                    None => s,
+                })
                 .map(|s| Box::new(s) as Box<dyn EventSource>)
             })
             .collect::<Result<Vec<_>, _>>()?;
+        let writer = match &config.state_dir {
+            Some(dir) => Some(Writer::start(dir.clone(), process, processes, workers)?),
+            None => None,
+        };
         let mut engine_config = config.engine;
+        engine_config.checkpoint = writer.as_ref().map(|w| CheckpointSettings {
+            interval: config.checkpoint_interval.as_millis().max(1) as u64,
+            parts: w.sender(),
+        });
+        engine_config.restore = config.restore.clone();
         engine_config.changelog = Some(Arc::new(KafkaChangelog {
             producer: producer.clone(),
             district_topic: config.district_changelog_topic,
@@ -103,7 +128,13 @@ impl Pipeline {
             watch,
             producer,
             metrics,
+            writer,
         })
+    }
+
+    /// The last checkpoint this process wrote.
+    pub fn last_checkpoint(&self) -> Option<WriteReport> {
+        self.writer.as_ref().and_then(Writer::last)
     }
 
     /// The Kafka counters and lag, for `/metrics`.
@@ -116,10 +147,14 @@ impl Pipeline {
         self.producer.in_flight()
     }
 
-    /// Stops the workers, then waits up to `flush` for the producer to deliver what they wrote.
+    /// Stops the workers (after a last checkpoint), then waits up to `flush` for the producer to
+    /// deliver what they wrote.
     pub fn stop(mut self, flush: Duration) {
         if let Some(engine) = self.engine.take() {
             engine.stop();
+        }
+        if let Some(writer) = self.writer.take() {
+            writer.finish();
         }
         self.watch.stop();
         let left = self.producer.in_flight();

@@ -5,6 +5,7 @@ use std::time::Duration;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::mocking::MockCluster;
 use rdkafka::producer::DefaultProducerContext;
 use rdkafka::types::RDKafkaErrorCode;
@@ -81,6 +82,33 @@ pub fn create_topics(
         }
     }
     Ok(created)
+}
+
+/// Creates the topics of `specs` that the brokers do not list yet (brokers without the admin API,
+/// like the embedded one, are never asked to create a topic that exists). Returns the names created.
+pub fn ensure_topics(
+    brokers: &str,
+    specs: &[TopicSpec],
+    timeout: Duration,
+) -> Result<Vec<String>, KafkaError> {
+    let client: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .create()?;
+    let metadata = client.fetch_metadata(None, timeout)?;
+    let missing: Vec<TopicSpec> = specs
+        .iter()
+        .filter(|s| {
+            !metadata
+                .topics()
+                .iter()
+                .any(|t| t.name() == s.name && t.error().is_none())
+        })
+        .cloned()
+        .collect();
+    if missing.is_empty() {
+        return Ok(Vec::new());
+    }
+    create_topics(brokers, &missing, timeout)
 }
 
 /// librdkafka's mock cluster, in this process: the real Kafka protocol over TCP on loopback, for

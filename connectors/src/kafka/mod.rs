@@ -24,7 +24,7 @@ use std::time::Duration;
 
 use thiserror::Error;
 
-pub use admin::{create_topics, EmbeddedBroker, TopicSpec};
+pub use admin::{create_topics, ensure_topics, EmbeddedBroker, TopicSpec};
 pub use metrics::KafkaMetrics;
 pub use producer::{OutputKind, Producer};
 pub use source::KafkaSource;

@@ -132,9 +132,10 @@ impl Producer {
             .set("enable.idempotence", "true")
             // Never drop a record because the broker was away for a while: retried until delivered.
             .set("message.timeout.ms", "0")
-            // Records of one dataflow time go out together; a few ms is small against freshness.
-            .set("linger.ms", "20")
-            .set("compression.type", "lz4")
+            // Large batches: the changelog is about as many records as the input, and a broker
+            // takes them far more cheaply in big requests. 100 ms is small against the view's
+            // freshness (HTTP answers from the live state, not from the changelog).
+            .set("linger.ms", "100")
             // Bounds memory while the broker is away; a full queue slows the workers instead.
             .set("queue.buffering.max.messages", "1000000")
             .set("queue.buffering.max.kbytes", "1048576")

@@ -112,14 +112,6 @@ impl KafkaSource {
         self
     }
 
-    /// The next offset to read of every partition this source has read from or resumed.
-    pub fn positions(&self) -> Vec<(String, i32, i64)> {
-        self.next
-            .iter()
-            .map(|(&(input, p), &o)| (self.topic(input).to_owned(), p, o))
-            .collect()
-    }
-
     fn topic(&self, input: Input) -> &str {
         self.config.inputs()[input as usize]
     }
@@ -293,5 +285,12 @@ impl EventSource for KafkaSource {
 
     fn caught_up(&self) -> bool {
         self.caught_up
+    }
+
+    fn positions(&self) -> Vec<(String, i32, i64)> {
+        self.next
+            .iter()
+            .map(|(&(input, p), &o)| (self.topic(input).to_owned(), p, o))
+            .collect()
     }
 }

@@ -1,0 +1,542 @@
+//! Checkpoints in `--state-dir`: the upsert state of every worker at one dataflow time `T` and the
+//! input offsets that produced exactly that state.
+//!
+//! Layout: `checkpoint-<T>/process-<p>-worker-<g>.bin` (bincode of a [`WorkerPart`]) and, written
+//! last, `checkpoint-<T>/process-<p>.manifest.json` listing every file of that process with its size
+//! and checksum. A checkpoint is complete when the manifests of all its processes are there and every
+//! file matches its manifest; anything else is reported and skipped, never trusted. Files are written
+//! to a temporary name, synced and renamed. After a complete checkpoint, older ones are deleted (at
+//! most two are kept, so disk use stays bounded even when processes do not share a state dir).
+
+use std::collections::{BTreeMap, HashMap};
+use std::fs;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{Receiver, Sender};
+use dongflow_dataflow::stages::DeliveryState;
+use dongflow_dataflow::types::{RiderRow, Time};
+use dongflow_dataflow::upsert::StateSnapshot;
+use serde::{Deserialize, Serialize};
+use thiserror::Error;
+
+/// Version of the files' layout; a checkpoint of another version is skipped.
+const FORMAT: u32 = 1;
+/// How many checkpoint directories are kept at most.
+const KEEP: usize = 2;
+
+/// One worker's part of a checkpoint.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct WorkerPart {
+    /// The dataflow time the state is complete through.
+    pub time: Time,
+    /// Global worker index (process × workers + local index).
+    pub worker: usize,
+    /// The rider upsert's state.
+    pub riders: StateSnapshot<RiderRow>,
+    /// The delivery upsert's state, tombstones included.
+    pub deliveries: StateSnapshot<DeliveryState>,
+    /// Next offset per `(topic, partition)` this worker reads.
+    pub offsets: Vec<(String, i32, i64)>,
+    /// How long copying the state paused the worker.
+    #[serde(skip)]
+    pub pause: Duration,
+}
+
+/// A checkpoint loaded for a restart: every worker's parts merged.
+#[derive(Clone, Debug, Default)]
+pub struct Restored {
+    /// The checkpoint's time.
+    pub time: Time,
+    /// Every rider's state.
+    pub riders: StateSnapshot<RiderRow>,
+    /// Every delivery's state.
+    pub deliveries: StateSnapshot<DeliveryState>,
+    /// Next offset per `(topic, partition)`.
+    pub offsets: HashMap<(String, i32), i64>,
+}
+
+/// Why a checkpoint cannot be used.
+#[derive(Debug, Error)]
+pub enum CheckpointError {
+    /// Reading or writing failed.
+    #[error("{path}: {source}")]
+    Io {
+        /// The file or directory.
+        path: PathBuf,
+        /// What failed.
+        source: std::io::Error,
+    },
+    /// A manifest is not what this version writes.
+    #[error("{path}: bad manifest: {reason}")]
+    Manifest {
+        /// The manifest.
+        path: PathBuf,
+        /// What is wrong.
+        reason: String,
+    },
+    /// A file does not match its manifest, or does not decode.
+    #[error("{path}: {reason}")]
+    Corrupt {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong.
+        reason: String,
+    },
+    /// Not every process of the cluster has written its part.
+    #[error("{dir}: only {found} of {expected} processes wrote their part")]
+    Incomplete {
+        /// The checkpoint directory.
+        dir: PathBuf,
+        /// Manifests found.
+        found: usize,
+        /// Processes in the cluster that wrote it.
+        expected: usize,
+    },
+}
+
+fn io(path: &Path) -> impl FnOnce(std::io::Error) -> CheckpointError + '_ {
+    move |source| CheckpointError::Io {
+        path: path.to_owned(),
+        source,
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+struct Manifest {
+    format: u32,
+    time: Time,
+    process: usize,
+    processes: usize,
+    files: Vec<FileEntry>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+struct FileEntry {
+    name: String,
+    bytes: u64,
+    fnv64: String,
+}
+
+/// FNV-1a, 64 bits: catches truncation and flipped bytes.
+fn checksum(bytes: &[u8]) -> String {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in bytes {
+        h ^= u64::from(*b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    format!("{h:016x}")
+}
+
+fn dir_of(state_dir: &Path, time: Time) -> PathBuf {
+    state_dir.join(format!("checkpoint-{time:020}"))
+}
+
+/// Writes `bytes` to `path` atomically: temporary file, sync, rename.
+fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), CheckpointError> {
+    let tmp = path.with_extension("tmp");
+    let mut f = fs::File::create(&tmp).map_err(io(&tmp))?;
+    f.write_all(bytes).map_err(io(&tmp))?;
+    f.sync_all().map_err(io(&tmp))?;
+    fs::rename(&tmp, path).map_err(io(path))?;
+    Ok(())
+}
+
+/// What one write took, for logs and metrics.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct WriteReport {
+    /// The checkpoint's time.
+    pub time: Time,
+    /// Bytes written by this process.
+    pub bytes: u64,
+    /// Time to encode and write them.
+    pub write: Duration,
+    /// The longest pause of a worker while its state was copied.
+    pub pause: Duration,
+}
+
+/// Writes this process's parts of checkpoints as the workers hand them over.
+pub struct Writer {
+    parts: Option<Sender<WorkerPart>>,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+    last: std::sync::Arc<std::sync::Mutex<Option<WriteReport>>>,
+}
+
+impl std::fmt::Debug for Writer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Writer").finish_non_exhaustive()
+    }
+}
+
+impl Writer {
+    /// A writer into `state_dir` for process `process` of `processes` with `workers` workers.
+    pub fn start(
+        state_dir: PathBuf,
+        process: usize,
+        processes: usize,
+        workers: usize,
+    ) -> Result<Writer, CheckpointError> {
+        fs::create_dir_all(&state_dir).map_err(io(&state_dir))?;
+        let (tx, rx) = crossbeam_channel::unbounded();
+        let last = std::sync::Arc::new(std::sync::Mutex::new(None));
+        let report = last.clone();
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = stop.clone();
+        let thread = std::thread::Builder::new()
+            .name("dongflow-checkpoint".into())
+            .spawn(move || write_loop(&rx, &flag, &state_dir, process, processes, workers, &report))
+            .map_err(io(Path::new("checkpoint thread")))?;
+        Ok(Writer {
+            parts: Some(tx),
+            stop,
+            thread: Some(thread),
+            last,
+        })
+    }
+
+    /// Where workers send their parts.
+    pub fn sender(&self) -> Sender<WorkerPart> {
+        self.parts
+            .clone()
+            .unwrap_or_else(|| crossbeam_channel::unbounded().0)
+    }
+
+    /// The last checkpoint written.
+    pub fn last(&self) -> Option<WriteReport> {
+        *self.last.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Writes what has been handed over, then stops (call once the workers have stopped).
+    pub fn finish(mut self) -> Option<WriteReport> {
+        self.parts.take();
+        self.stop.store(true, std::sync::atomic::Ordering::Release);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+        self.last()
+    }
+}
+
+fn write_loop(
+    rx: &Receiver<WorkerPart>,
+    stop: &std::sync::atomic::AtomicBool,
+    state_dir: &Path,
+    process: usize,
+    processes: usize,
+    workers: usize,
+    report: &std::sync::Mutex<Option<WriteReport>>,
+) {
+    let mut pending: BTreeMap<Time, Vec<WorkerPart>> = BTreeMap::new();
+    loop {
+        let part = match rx.recv_timeout(Duration::from_millis(50)) {
+            Ok(part) => part,
+            Err(crossbeam_channel::RecvTimeoutError::Timeout) => {
+                if stop.load(std::sync::atomic::Ordering::Acquire) {
+                    return;
+                }
+                continue;
+            }
+            Err(crossbeam_channel::RecvTimeoutError::Disconnected) => return,
+        };
+        let time = part.time;
+        let parts = pending.entry(time).or_default();
+        parts.push(part);
+        if parts.len() < workers {
+            continue;
+        }
+        let parts = pending.remove(&time).unwrap_or_default();
+        // An older time that never completed will not complete any more.
+        pending.retain(|t, _| *t > time);
+        match write(state_dir, process, processes, &parts) {
+            Ok(r) => {
+                tracing::info!(
+                    "checkpoint {time} written: {} bytes in {:?}, workers paused at most {:?}",
+                    r.bytes,
+                    r.write,
+                    r.pause
+                );
+                *report.lock().unwrap_or_else(|e| e.into_inner()) = Some(r);
+                prune(state_dir, time);
+            }
+            Err(e) => tracing::error!("cannot write checkpoint {time}: {e}"),
+        }
+    }
+}
+
+/// Writes one process's parts of the checkpoint at their time, manifest last.
+pub fn write(
+    state_dir: &Path,
+    process: usize,
+    processes: usize,
+    parts: &[WorkerPart],
+) -> Result<WriteReport, CheckpointError> {
+    let started = Instant::now();
+    let time = parts.first().map_or(0, |p| p.time);
+    let dir = dir_of(state_dir, time);
+    fs::create_dir_all(&dir).map_err(io(&dir))?;
+    let mut files = Vec::new();
+    let mut total = 0;
+    for part in parts {
+        let name = format!("process-{process}-worker-{}.bin", part.worker);
+        let bytes = bincode::serialize(part).map_err(|e| CheckpointError::Corrupt {
+            path: dir.join(&name),
+            reason: e.to_string(),
+        })?;
+        write_atomic(&dir.join(&name), &bytes)?;
+        total += bytes.len() as u64;
+        files.push(FileEntry {
+            name,
+            bytes: bytes.len() as u64,
+            fnv64: checksum(&bytes),
+        });
+    }
+    let manifest = Manifest {
+        format: FORMAT,
+        time,
+        process,
+        processes,
+        files,
+    };
+    let path = dir.join(format!("process-{process}.manifest.json"));
+    let json = serde_json::to_vec_pretty(&manifest).map_err(|e| CheckpointError::Manifest {
+        path: path.clone(),
+        reason: e.to_string(),
+    })?;
+    write_atomic(&path, &json)?;
+    // The renames are durable once the directory itself is synced.
+    if let Ok(d) = fs::File::open(&dir) {
+        let _ = d.sync_all();
+    }
+    Ok(WriteReport {
+        time,
+        bytes: total,
+        write: started.elapsed(),
+        pause: parts.iter().map(|p| p.pause).max().unwrap_or_default(),
+    })
+}
+
+/// Checkpoint directories with their times, newest first.
+fn checkpoints(state_dir: &Path) -> Vec<(Time, PathBuf)> {
+    let Ok(entries) = fs::read_dir(state_dir) else {
+        return Vec::new();
+    };
+    let mut found: Vec<(Time, PathBuf)> = entries
+        .flatten()
+        .filter_map(|e| {
+            let name = e.file_name().into_string().ok()?;
+            let time = name.strip_prefix("checkpoint-")?.parse().ok()?;
+            Some((time, e.path()))
+        })
+        .collect();
+    found.sort_by_key(|(time, _)| std::cmp::Reverse(*time));
+    found
+}
+
+/// Deletes checkpoints older than `complete` once it is complete, and always all but the newest
+/// [`KEEP`].
+fn prune(state_dir: &Path, written: Time) {
+    let all = checkpoints(state_dir);
+    let complete = load_dir(&dir_of(state_dir, written)).is_ok();
+    for (i, (time, path)) in all.iter().enumerate() {
+        if (complete && *time < written) || i >= KEEP {
+            if let Err(e) = fs::remove_dir_all(path) {
+                tracing::warn!("cannot delete old checkpoint {}: {e}", path.display());
+            }
+        }
+    }
+}
+
+/// Loads and checks every part of one checkpoint directory.
+fn load_dir(dir: &Path) -> Result<Restored, CheckpointError> {
+    let mut manifests = Vec::new();
+    for entry in fs::read_dir(dir).map_err(io(dir))?.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if name.ends_with(".manifest.json") {
+            let path = entry.path();
+            let bytes = fs::read(&path).map_err(io(&path))?;
+            let manifest: Manifest =
+                serde_json::from_slice(&bytes).map_err(|e| CheckpointError::Manifest {
+                    path: path.clone(),
+                    reason: e.to_string(),
+                })?;
+            if manifest.format != FORMAT {
+                return Err(CheckpointError::Manifest {
+                    path,
+                    reason: format!("format {} (this version reads {FORMAT})", manifest.format),
+                });
+            }
+            manifests.push(manifest);
+        }
+    }
+    let expected = manifests.first().map_or(1, |m| m.processes);
+    let processes: std::collections::BTreeSet<usize> =
+        manifests.iter().map(|m| m.process).collect();
+    if processes.len() != expected || manifests.iter().any(|m| m.processes != expected) {
+        return Err(CheckpointError::Incomplete {
+            dir: dir.to_owned(),
+            found: processes.len(),
+            expected,
+        });
+    }
+    let mut restored = Restored {
+        time: manifests[0].time,
+        ..Restored::default()
+    };
+    for manifest in &manifests {
+        for file in &manifest.files {
+            let path = dir.join(&file.name);
+            let bytes = fs::read(&path).map_err(io(&path))?;
+            if bytes.len() as u64 != file.bytes || checksum(&bytes) != file.fnv64 {
+                return Err(CheckpointError::Corrupt {
+                    path,
+                    reason: format!(
+                        "{} bytes with checksum {}, the manifest says {} bytes with {}",
+                        bytes.len(),
+                        checksum(&bytes),
+                        file.bytes,
+                        file.fnv64
+                    ),
+                });
+            }
+            let part: WorkerPart =
+                bincode::deserialize(&bytes).map_err(|e| CheckpointError::Corrupt {
+                    path: path.clone(),
+                    reason: e.to_string(),
+                })?;
+            if part.time != restored.time {
+                return Err(CheckpointError::Corrupt {
+                    path,
+                    reason: format!("time {} in a checkpoint of {}", part.time, restored.time),
+                });
+            }
+            restored.riders.entries.extend(part.riders.entries);
+            restored.riders.expiry.extend(part.riders.expiry);
+            restored.deliveries.entries.extend(part.deliveries.entries);
+            restored.deliveries.expiry.extend(part.deliveries.expiry);
+            for (topic, partition, offset) in part.offsets {
+                let next = restored.offsets.entry((topic, partition)).or_insert(offset);
+                *next = (*next).max(offset);
+            }
+        }
+    }
+    restored.riders.time = restored.time;
+    restored.deliveries.time = restored.time;
+    Ok(restored)
+}
+
+/// The newest complete checkpoint in `state_dir`; unusable ones are logged and skipped.
+pub fn load_latest(state_dir: &Path) -> Option<Restored> {
+    for (time, dir) in checkpoints(state_dir) {
+        match load_dir(&dir) {
+            Ok(r) => {
+                tracing::info!(
+                    "restoring checkpoint {time}: {} riders, {} deliveries, {} partition offsets",
+                    r.riders.entries.len(),
+                    r.deliveries.entries.len(),
+                    r.offsets.len()
+                );
+                return Some(r);
+            }
+            Err(e) => tracing::warn!("skipping checkpoint {time}: {e}"),
+        }
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn part(time: Time, worker: usize, offset: i64) -> WorkerPart {
+        WorkerPart {
+            time,
+            worker,
+            riders: StateSnapshot::default(),
+            deliveries: StateSnapshot::default(),
+            offsets: vec![("rider-events".into(), worker as i32, offset)],
+            pause: Duration::ZERO,
+        }
+    }
+
+    fn temp(name: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("dongflow-ckpt-{name}-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        dir
+    }
+
+    fn written(dir: &Path, time: Time) -> PathBuf {
+        write(
+            dir,
+            0,
+            1,
+            &[part(time, 0, time as i64), part(time, 1, time as i64 + 1)],
+        )
+        .expect("written");
+        dir_of(dir, time)
+    }
+
+    #[test]
+    fn the_newest_complete_checkpoint_is_loaded_with_every_part() {
+        let dir = temp("newest");
+        written(&dir, 100);
+        written(&dir, 200);
+        let r = load_latest(&dir).expect("a checkpoint");
+        assert_eq!(r.time, 200);
+        assert_eq!(r.offsets.get(&("rider-events".to_string(), 1)), Some(&201));
+        assert_eq!(r.offsets.len(), 2);
+    }
+
+    #[test]
+    fn a_truncated_file_is_skipped_for_the_previous_checkpoint() {
+        let dir = temp("truncated");
+        written(&dir, 100);
+        let newest = written(&dir, 200);
+        let file = newest.join("process-0-worker-1.bin");
+        let bytes = fs::read(&file).expect("read");
+        fs::write(&file, &bytes[..bytes.len() / 2]).expect("truncate");
+        let error = load_dir(&newest).expect_err("truncated");
+        assert!(error.to_string().contains("the manifest says"), "{error}");
+        assert_eq!(load_latest(&dir).map(|r| r.time), Some(100));
+    }
+
+    #[test]
+    fn a_bad_manifest_is_skipped_for_the_previous_checkpoint() {
+        let dir = temp("manifest");
+        written(&dir, 100);
+        let newest = written(&dir, 200);
+        fs::write(
+            newest.join("process-0.manifest.json"),
+            b"{\"format\": 1, \"time\": ",
+        )
+        .expect("w");
+        let error = load_dir(&newest).expect_err("bad manifest");
+        assert!(error.to_string().contains("bad manifest"), "{error}");
+        assert_eq!(load_latest(&dir).map(|r| r.time), Some(100));
+    }
+
+    #[test]
+    fn a_checkpoint_missing_a_process_is_incomplete() {
+        let dir = temp("incomplete");
+        write(&dir, 1, 2, &[part(300, 2, 5)]).expect("written");
+        let error = load_dir(&dir_of(&dir, 300)).expect_err("incomplete");
+        assert!(
+            error.to_string().contains("only 1 of 2 processes"),
+            "{error}"
+        );
+        assert!(load_latest(&dir).is_none());
+    }
+
+    #[test]
+    fn old_checkpoints_are_deleted_once_a_newer_one_is_complete() {
+        let dir = temp("prune");
+        for t in [100, 200, 300] {
+            written(&dir, t);
+            prune(&dir, t);
+        }
+        let left: Vec<Time> = checkpoints(&dir).into_iter().map(|(t, _)| t).collect();
+        assert_eq!(left, vec![300]);
+    }
+}
