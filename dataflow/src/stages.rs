@@ -549,14 +549,14 @@ pub fn full_snapshots<'s>(
 /// use timely::dataflow::operators::{Capture, capture::Extract};
 ///
 /// let rx = timely::example(|scope| {
-///     // At time 0: a=1, b=2. At time 1: a becomes 5, b goes away.
-///     let updates = vec![(("a", 1), 0, 1), (("b", 2), 0, 1), (("a", 1), 1, -1), (("a", 5), 1, 1), (("b", 2), 1, -1)];
+///     // At time 0: key 7 is 1, key 8 is 2. At time 1: key 7 becomes 5, key 8 goes away.
+///     let updates = vec![((7u32, 1u64), 0, 1isize), ((8, 2), 0, 1), ((7, 1), 1, -1), ((7, 5), 1, 1), ((8, 2), 1, -1)];
 ///     let collection = differential_dataflow::AsCollection::as_collection(
 ///         timely::dataflow::operators::ToStream::to_stream(updates, scope));
 ///     changes_per_time(collection, "Changes").capture()
 /// });
 /// let out: Vec<_> = rx.extract().into_iter().flat_map(|(_, v)| v).map(|c| (c.key, c.value, c.time)).collect();
-/// assert_eq!(out, vec![("a", Some(1), 0), ("b", Some(2), 0), ("a", Some(5), 1), ("b", None, 1)]);
+/// assert_eq!(out, vec![(7, Some(1), 0), (8, Some(2), 0), (7, Some(5), 1), (8, None, 1)]);
 /// ```
 pub fn changes_per_time<'s, K, V>(
     updates: VecCollection<'s, Time, (K, V), Diff>,
