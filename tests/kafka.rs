@@ -190,6 +190,13 @@ impl Outputs {
         }
     }
 
+    /// Reads every changelog record published so far.
+    fn read_to_end(&mut self, bootstrap: &str) {
+        for reader in [&mut self.districts, &mut self.riders, &mut self.dlq] {
+            reader.read_to_end(bootstrap);
+        }
+    }
+
     fn poll(&mut self) {
         self.districts.poll(Duration::from_millis(50));
         self.riders.poll(Duration::from_millis(50));
@@ -614,4 +621,120 @@ fn crash_test(broker: &Broker, test: &str) {
 /// never lost.
 fn check_metrics_dead_letters_at_least(outputs: &Outputs, input: &Input) {
     assert!(outputs.dlq.records.len() >= input.bad.len());
+}
+
+/// While a restarted process cannot catch up (here: an input partition has lost its leader), it
+/// answers from the changelog it published before (`stale: true`, the records' `as_of`) and
+/// `/readyz` is 503; once it has caught up, answers are live again.
+#[test]
+fn answers_are_stale_from_the_changelog_until_the_live_state_is_ready() {
+    let broker = Broker::embedded();
+    let index = builtin();
+    let t = Topics::new("stale");
+    let input = scenario(&t, &index, 29, 6_000);
+    broker.create(
+        &[&t.riders, &t.deliveries, &t.districts, &t.snapshots, &t.dlq],
+        PARTITIONS,
+    );
+    let bootstrap = broker.bootstrap();
+    let state = state_dir("stale");
+    let (first, rest) = input.records.split_at(3_000);
+    produce(&bootstrap, first);
+    let mut args = t.args_with(&bootstrap, &state, "2");
+    *args.iter_mut().find(|a| **a == "earliest").expect("start") = "checkpoint";
+    let run = Dongflow::run(&args);
+    ready(&run.http);
+    let client = common::Client::at(run.http.clone());
+    let mut published = Outputs::new(&bootstrap, &t);
+    eventually(
+        Duration::from_secs(60),
+        "the changelog to show the live view",
+        || {
+            published.poll();
+            let (_, body) = client.json("/v1/districts");
+            let live: BTreeMap<String, Value> = body["districts"]
+                .as_array()?
+                .iter()
+                .map(|d| (d["code"].as_str().unwrap_or_default().to_owned(), d.clone()))
+                .collect();
+            (live == without_as_of(published.districts.latest())).then_some(())
+        },
+    );
+    assert_eq!(run.terminate(), Some(0));
+    published.read_to_end(&bootstrap);
+    let districts_before = published.districts.latest();
+    let riders_before = published.riders.latest();
+    let as_of_before = districts_before
+        .values()
+        .filter_map(|v| v["as_of"].as_u64())
+        .max();
+
+    produce(&bootstrap, rest);
+    let Broker::Embedded(embedded) = &broker else {
+        unreachable!()
+    };
+    // No input partition can be read: the live state cannot catch up at all.
+    for topic in [&t.riders, &t.deliveries] {
+        for p in 0..PARTITIONS {
+            embedded.set_leader(topic, p, None).expect("leader-less");
+        }
+    }
+    let run = Dongflow::run(&args);
+    let client = common::Client::at(run.http.clone());
+    let mut stale_answers = 0;
+    eventually(
+        Duration::from_secs(60),
+        "stale answers from the changelog",
+        || {
+            assert_eq!(
+                client.json("/readyz").0,
+                503,
+                "not ready while a partition cannot be read"
+            );
+            let (status, mut body) = client.json("/v1/districts");
+            if status != 200 || body["stale"] != Value::Bool(true) {
+                return None;
+            }
+            // The records' as_of: the restored state is published again at restart (the same values,
+            // a newer as_of), so that a changelog that lost records in a crash is made whole.
+            assert!(
+                body["as_of"].as_u64() >= as_of_before,
+                "the records' as_of: {body}"
+            );
+            let list = body["districts"].take();
+            let stale: BTreeMap<String, Value> = list
+                .as_array()
+                .expect("districts")
+                .iter()
+                .map(|d| (d["code"].as_str().expect("code").to_owned(), d.clone()))
+                .collect();
+            assert_eq!(stale, without_as_of(districts_before.clone()));
+            for (id, value) in riders_before.iter().take(10) {
+                let (status, rider) = client.json(&format!("/v1/riders/{id}"));
+                assert_eq!(status, 200);
+                let mut expected = value.clone();
+                expected["stale"] = Value::Bool(true);
+                expected["as_of"] = rider["as_of"].clone();
+                assert_eq!(rider, expected);
+            }
+            let code = districts_before.keys().next().expect("a district");
+            let (status, one) = client.json(&format!("/v1/districts/{code}"));
+            assert_eq!((status, &one["stale"]), (200, &Value::Bool(true)));
+            let (status, riders) = client.json(&format!("/v1/districts/{code}/riders"));
+            assert_eq!((status, &riders["stale"]), (200, &Value::Bool(true)));
+            stale_answers += 1;
+            (stale_answers >= 3).then_some(())
+        },
+    );
+    for topic in [&t.riders, &t.deliveries] {
+        for p in 0..PARTITIONS {
+            embedded.set_leader(topic, p, Some(1)).expect("leader back");
+        }
+    }
+    ready(&run.http);
+    let mut outputs = Outputs::new(&bootstrap, &t);
+    outputs.wait_for(&input);
+    check_http_matches(&run.http, &outputs);
+    assert_eq!(client.json("/v1/districts").1["stale"], Value::Bool(false));
+    assert_eq!(run.terminate(), Some(0));
 }

@@ -13,6 +13,9 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use dongflow_connectors::kafka::{KafkaMetrics, OutputKind};
+use dongflow_dataflow::types::DistrictCounts;
+
+use crate::backup::BackupView;
 use dongflow_dataflow::districts::DistrictIndex;
 use http_body_util::Full;
 use hyper::body::Incoming;
@@ -39,6 +42,7 @@ pub struct App {
     geojson: Bytes,
     metrics: HttpMetrics,
     kafka: Option<Arc<KafkaMetrics>>,
+    backup: Option<Arc<BackupView>>,
 }
 
 impl std::fmt::Debug for App {
@@ -57,15 +61,18 @@ impl App {
             geojson,
             metrics: HttpMetrics::default(),
             kafka: None,
+            backup: None,
         })
     }
 
     /// The HTTP application of an engine that reads from and writes to Kafka: `/metrics` also
-    /// shows the Kafka counters and consumer lag.
+    /// shows the Kafka counters and consumer lag, and until the live state is ready, answers come
+    /// from `backup` (the changelog read back) with `"stale": true`.
     pub fn with_kafka(
         engine: EngineHandle,
         index: Arc<DistrictIndex>,
         kafka: Arc<KafkaMetrics>,
+        backup: Option<Arc<BackupView>>,
     ) -> Arc<Self> {
         let geojson = Bytes::from(index.to_geojson().to_string());
         Arc::new(Self {
@@ -74,6 +81,7 @@ impl App {
             geojson,
             metrics: HttpMetrics::default(),
             kafka: Some(kafka),
+            backup,
         })
     }
 }
@@ -328,7 +336,26 @@ async fn answered(
     }
 }
 
+/// Whether the live state has caught up with the inputs it found at start (as `/readyz` says).
+fn live_ready(app: &App) -> bool {
+    app.engine.as_of() > 0 && app.engine.caught_up()
+}
+
+/// The backup view, while it should answer: the live state is not ready and the changelog has
+/// given something. Once the live state is ready the view is let go for good.
+fn backup(app: &App) -> Option<&BackupView> {
+    let b = app.backup.as_deref()?;
+    if live_ready(app) {
+        b.release();
+        return None;
+    }
+    b.ready().then_some(b)
+}
+
 async fn districts(app: &Arc<App>) -> Response<Full<Bytes>> {
+    if let Some(b) = backup(app) {
+        return json(StatusCode::OK, &b.districts());
+    }
     answered(app, Query::Districts, |a| match a.body {
         AnswerBody::Districts(counts) => Some(json(
             StatusCode::OK,
@@ -343,6 +370,17 @@ async fn district(app: &Arc<App>, code: &str) -> Response<Full<Bytes>> {
     let Some(id) = app.index.id_of(code) else {
         return unknown_district(code);
     };
+    if let Some(b) = backup(app) {
+        let zero = || {
+            serde_json::to_value(DistrictView::new(
+                &app.index,
+                id,
+                &DistrictCounts::default(),
+            ))
+            .unwrap_or_default()
+        };
+        return json(StatusCode::OK, &b.district(code, zero));
+    }
     answered(app, Query::District(id), |a| match a.body {
         AnswerBody::District(counts) => {
             let value = DistrictView::new(&app.index, id, &counts);
@@ -364,6 +402,9 @@ async fn district_riders(app: &Arc<App>, code: &str) -> Response<Full<Bytes>> {
     let Some(id) = app.index.id_of(code) else {
         return unknown_district(code);
     };
+    if let Some(b) = backup(app) {
+        return json(StatusCode::OK, &b.riders_of(code));
+    }
     answered(app, Query::RidersOf(id), |a| match a.body {
         AnswerBody::Riders(riders) => {
             let riders = riders
@@ -385,6 +426,15 @@ async fn district_riders(app: &Arc<App>, code: &str) -> Response<Full<Bytes>> {
 }
 
 async fn rider(app: &Arc<App>, id: &str) -> Response<Full<Bytes>> {
+    if let Some(b) = backup(app) {
+        return match b.rider(id) {
+            Some(v) => json(StatusCode::OK, &v),
+            None => error(
+                StatusCode::NOT_FOUND,
+                &format!("unknown rider {}", short(id)),
+            ),
+        };
+    }
     answered(app, Query::Rider(id.into()), |a| match a.body {
         AnswerBody::Rider(Some(snapshot)) => {
             let value = RiderView::new(&app.index, id, &snapshot);

@@ -3,6 +3,7 @@
 //! - [`engine`]: starts the timely workers, feeds them from their sources, answers peeks, compacts.
 //! - [`query`]: typed queries, answered at one consistent `as_of` across workers.
 //! - [`checkpoint`]: checkpoint files: writing them atomically, finding the newest usable one.
+//! - [`backup`]: the changelog read back, answering with `stale: true` until the live state is ready.
 //! - [`changelog`]: the changelog topics of CONTRACT section 5, written as times complete.
 //! - [`render`]: the JSON of CONTRACT section 6 (district objects, rider snapshots).
 //! - [`http`]: the HTTP API of CONTRACT section 6 (hyper), metrics, health.
@@ -10,6 +11,7 @@
 //! - [`pipeline`]: the engine wired to Kafka sources, dead letters and changelogs.
 //! - [`demo`]: the in-process simulator feed used by `dongflow demo`.
 
+pub mod backup;
 pub mod changelog;
 pub mod checkpoint;
 pub mod cli;

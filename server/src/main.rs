@@ -220,7 +220,12 @@ fn run(args: RunArgs) -> Result<(), Failure> {
     if !peers.is_empty() {
         pipeline.set_peers(peers);
     }
-    let app = App::with_kafka(pipeline.handle(), index.clone(), pipeline.kafka_metrics());
+    let app = App::with_kafka(
+        pipeline.handle(),
+        index.clone(),
+        pipeline.kafka_metrics(),
+        Some(pipeline.backup_view()),
+    );
     let server = HttpServer::start(&args.http, app, 2)
         .with_context(|| format!("cannot listen on {}", args.http))?;
     let which = if embedded.is_some() {
@@ -275,7 +280,12 @@ fn demo(args: DemoArgs) -> Result<(), Failure> {
         restore: None,
     })
     .context("starting the engine")?;
-    let app = App::with_kafka(pipeline.handle(), index.clone(), pipeline.kafka_metrics());
+    let app = App::with_kafka(
+        pipeline.handle(),
+        index.clone(),
+        pipeline.kafka_metrics(),
+        Some(pipeline.backup_view()),
+    );
     let server = HttpServer::start(&args.http, app, 2)
         .with_context(|| format!("cannot listen on {}", args.http))?;
     let generate = GenerateConfig {

@@ -11,6 +11,7 @@ use dongflow_connectors::kafka::{
 use dongflow_connectors::source::EventSource;
 use thiserror::Error;
 
+use crate::backup::BackupView;
 use crate::changelog::KafkaChangelog;
 use crate::checkpoint::{CheckpointError, Restored, WriteReport, Writer};
 use crate::engine::{CheckpointSettings, Engine, EngineConfig, EngineError};
@@ -61,6 +62,7 @@ pub struct Pipeline {
     producer: Arc<Producer>,
     metrics: Arc<KafkaMetrics>,
     writer: Option<Writer>,
+    backup: Arc<BackupView>,
 }
 
 impl std::ops::Deref for Pipeline {
@@ -119,9 +121,14 @@ impl Pipeline {
         engine_config.restore = config.restore.clone();
         engine_config.changelog = Some(Arc::new(KafkaChangelog {
             producer: producer.clone(),
-            district_topic: config.district_changelog_topic,
-            rider_topic: config.rider_changelog_topic,
+            district_topic: config.district_changelog_topic.clone(),
+            rider_topic: config.rider_changelog_topic.clone(),
         }));
+        let backup = BackupView::start(
+            &config.kafka.brokers,
+            &config.district_changelog_topic,
+            &config.rider_changelog_topic,
+        )?;
         let engine = Engine::start(engine_config, sources)?;
         Ok(Pipeline {
             engine: Some(engine),
@@ -129,7 +136,13 @@ impl Pipeline {
             producer,
             metrics,
             writer,
+            backup,
         })
+    }
+
+    /// The changelog-backed view that answers while the live state is not ready.
+    pub fn backup_view(&self) -> Arc<BackupView> {
+        self.backup.clone()
     }
 
     /// The last checkpoint this process wrote.
@@ -156,6 +169,7 @@ impl Pipeline {
         if let Some(writer) = self.writer.take() {
             writer.finish();
         }
+        self.backup.stop();
         self.watch.stop();
         let left = self.producer.in_flight();
         if let Err(e) = self.producer.flush(flush) {

@@ -229,6 +229,8 @@ pub fn produce(bootstrap: &str, records: &[Record]) {
 /// Reads every partition of `topic` from the beginning, as records arrive.
 pub struct Reader {
     consumer: BaseConsumer,
+    topic: String,
+    partitions: i32,
     pub records: Vec<Record>,
 }
 
@@ -248,8 +250,35 @@ impl Reader {
         consumer.assign(&tpl).expect("assign");
         Reader {
             consumer,
+            topic: topic.to_owned(),
+            partitions,
             records: Vec::new(),
         }
+    }
+
+    /// Reads until every partition's end offset (asked now) has been reached.
+    pub fn read_to_end(&mut self, _bootstrap: &str) {
+        let ends: Vec<i64> = (0..self.partitions)
+            .map(|p| {
+                self.consumer
+                    .fetch_watermarks(&self.topic, p, Duration::from_secs(10))
+                    .expect("watermarks")
+                    .1
+            })
+            .collect();
+        eventually(Duration::from_secs(60), "the topic read to its end", || {
+            self.poll(Duration::from_millis(50));
+            (0..self.partitions)
+                .all(|p| {
+                    let end = ends[p as usize];
+                    end == 0
+                        || self
+                            .records
+                            .iter()
+                            .any(|r| r.partition == p && r.offset + 1 >= end)
+                })
+                .then_some(())
+        });
     }
 
     /// Takes what has arrived, waiting up to `wait` for the first record.

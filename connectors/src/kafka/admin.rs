@@ -141,6 +141,18 @@ impl EmbeddedBroker {
         self.cluster.bootstrap_servers()
     }
 
+    /// Makes `broker` the leader of a partition, or leaves the partition without a leader
+    /// (unreadable, as while a broker is lost) with `None`. The one broker's id is 1.
+    pub fn set_leader(
+        &self,
+        topic: &str,
+        partition: i32,
+        broker: Option<i32>,
+    ) -> Result<(), KafkaError> {
+        self.cluster.partition_leader(topic, partition, broker)?;
+        Ok(())
+    }
+
     /// Creates a topic (the mock cluster has no compaction; the flag is ignored).
     pub fn create_topic(&self, spec: &TopicSpec) -> Result<(), KafkaError> {
         self.cluster.create_topic(&spec.name, spec.partitions, 1)?;

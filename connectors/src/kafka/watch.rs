@@ -171,11 +171,15 @@ impl Looker {
         let before = watch.topology();
         let mut after = before.clone();
         after.partitions = counts;
+        let mut all_known = true;
         for input in Input::ALL {
             let topic = &self.inputs[input as usize];
             for p in 0..counts[input as usize] {
                 let Ok((low, high)) = self.consumer.fetch_watermarks(topic, p, REQUEST_TIMEOUT)
                 else {
+                    // Without every end offset, "caught up with what was there at start" cannot be
+                    // decided yet (e.g. a partition has no leader now).
+                    all_known = false;
                     continue;
                 };
                 if !before.reached {
@@ -194,7 +198,12 @@ impl Looker {
                 );
             }
         }
-        after.reached = true;
+        if !before.reached && !all_known {
+            // Try the first round again; keep what is known so that reading can start.
+            after.at_start.clear();
+        } else {
+            after.reached = true;
+        }
         if after != before {
             *watch.topology.lock().unwrap_or_else(|e| e.into_inner()) = after;
             watch.generation.fetch_add(1, Ordering::AcqRel);

@@ -1,0 +1,304 @@
+//! The backup view: the changelog topics read back into a latest-per-key view, so that a process
+//! that is starting, restoring or catching up answers at once from what was last published
+//! (`"stale": true`, with the records' `as_of`) instead of going dark.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use dongflow_connectors::kafka::quiet::Quiet;
+use dongflow_connectors::kafka::KafkaError;
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::{Message, Offset, TopicPartitionList};
+
+use serde_json::{Map, Value};
+
+#[derive(Debug, Default)]
+struct View {
+    /// District code → its latest changelog value (with `as_of`).
+    districts: BTreeMap<String, Value>,
+    /// Rider id → its latest changelog value (with `as_of`).
+    riders: BTreeMap<String, Value>,
+    /// District code → riders whose latest value places them there.
+    by_district: BTreeMap<String, BTreeSet<String>>,
+}
+
+fn as_of(v: &Value) -> u64 {
+    v.get("as_of").and_then(Value::as_u64).unwrap_or(0)
+}
+
+fn district_of(v: &Value) -> Option<String> {
+    Some(v.get("district")?.get("code")?.as_str()?.to_owned())
+}
+
+/// A changelog value as an HTTP answer: the stored object with `"stale": true`.
+fn stale(mut v: Value) -> Value {
+    if let Some(o) = v.as_object_mut() {
+        o.insert("stale".into(), Value::Bool(true));
+    }
+    v
+}
+
+/// An object of a list answer: without its own `as_of`.
+fn element(v: &Value) -> Value {
+    let mut v = v.clone();
+    if let Some(o) = v.as_object_mut() {
+        o.remove("as_of");
+    }
+    v
+}
+
+/// The view and the thread that fills it.
+#[derive(Debug)]
+pub struct BackupView {
+    view: RwLock<View>,
+    /// Set once every changelog partition has been read up to the end it had when reading began:
+    /// from then on the view is the latest published state, and may answer.
+    loaded: AtomicBool,
+    stop: AtomicBool,
+    thread: Mutex<Option<JoinHandle<()>>>,
+}
+
+impl BackupView {
+    /// Starts reading `district_topic` and `rider_topic` from the beginning.
+    pub fn start(
+        brokers: &str,
+        district_topic: &str,
+        rider_topic: &str,
+    ) -> Result<Arc<BackupView>, KafkaError> {
+        let consumer = || -> Result<BaseConsumer<Quiet>, KafkaError> {
+            Ok(ClientConfig::new()
+                .set("bootstrap.servers", brokers)
+                // Reads whole topics from the start with assign(): the group is never joined and
+                // no offset is committed; librdkafka's consumer only wants a name.
+                .set("group.id", "dongflow-backup-view")
+                .set("enable.auto.commit", "false")
+                .set("enable.partition.eof", "false")
+                // Catching up, not tailing: a broker that holds a fetch for its full wait
+                // whenever a partition has nothing new would make loading crawl.
+                .set("fetch.wait.max.ms", "10")
+                .create_with_context(Quiet::default())?)
+        };
+        let consumers = [consumer()?, consumer()?];
+        let view = Arc::new(BackupView {
+            view: RwLock::new(View::default()),
+            loaded: AtomicBool::new(false),
+            stop: AtomicBool::new(false),
+            thread: Mutex::new(None),
+        });
+        let topics = [district_topic.to_owned(), rider_topic.to_owned()];
+        let v = view.clone();
+        let handle = std::thread::Builder::new()
+            .name("dongflow-backup-view".into())
+            .spawn(move || v.read(&consumers, &topics))
+            .map_err(|e| KafkaError::CreateTopic {
+                topic: "(backup view thread)".into(),
+                reason: e.to_string(),
+            })?;
+        *view.thread.lock().unwrap_or_else(|e| e.into_inner()) = Some(handle);
+        Ok(view)
+    }
+
+    fn read(&self, consumers: &[BaseConsumer<Quiet>; 2], topics: &[String; 2]) {
+        // Wait for both topics to exist, then read every partition from the beginning.
+        let mut partitions = [0usize; 2];
+        while !self.stop.load(Ordering::Acquire) {
+            if let Ok(md) = consumers[0].fetch_metadata(None, Duration::from_secs(5)) {
+                for (i, name) in topics.iter().enumerate() {
+                    partitions[i] = md
+                        .topics()
+                        .iter()
+                        .find(|t| t.name() == name && t.error().is_none())
+                        .map_or(0, |t| t.partitions().len());
+                }
+                if partitions.iter().all(|n| *n > 0) {
+                    break;
+                }
+            }
+            std::thread::park_timeout(Duration::from_millis(500));
+        }
+        for (i, consumer) in consumers.iter().enumerate() {
+            let mut tpl = TopicPartitionList::new();
+            for p in 0..partitions[i] as i32 {
+                let _ = tpl.add_partition_offset(&topics[i], p, Offset::Beginning);
+            }
+            if let Err(e) = consumer.assign(&tpl) {
+                tracing::warn!("backup view: cannot read {}: {e}", topics[i]);
+                return;
+            }
+        }
+        // The end of every partition now: the view answers once it has read at least that far
+        // (at or past: some brokers report the end as the last batch's base + 1).
+        let started = std::time::Instant::now();
+        let mut ends: BTreeMap<(usize, i32), i64> = BTreeMap::new();
+        for (i, consumer) in consumers.iter().enumerate() {
+            // One request for all of a topic's partitions: the timestamp -1 (`Offset::End`) asks
+            // for the latest offset.
+            let mut ask = TopicPartitionList::new();
+            for p in 0..partitions[i] as i32 {
+                let _ = ask.add_partition_offset(&topics[i], p, Offset::End);
+            }
+            let latest = match consumer.offsets_for_times(ask, Duration::from_secs(10)) {
+                Ok(tpl) => tpl,
+                Err(e) => {
+                    tracing::warn!("backup view: no end offsets for {}: {e}", topics[i]);
+                    return;
+                }
+            };
+            for e in latest.elements() {
+                if let Offset::Offset(end) = e.offset() {
+                    if end > 0 {
+                        ends.insert((i, e.partition()), end);
+                    }
+                }
+            }
+        }
+        tracing::info!(
+            "backup view: reading {} changelog partitions with records (end offsets took {:?})",
+            ends.len(),
+            started.elapsed()
+        );
+        let mut read = 0u64;
+        while !self.stop.load(Ordering::Acquire) {
+            let mut idle = true;
+            for (i, consumer) in consumers.iter().enumerate() {
+                if let Some(Ok(m)) = consumer.poll(Duration::from_millis(20)) {
+                    idle = false;
+                    read += 1;
+                    if ends
+                        .get(&(i, m.partition()))
+                        .is_some_and(|end| m.offset() + 1 >= *end)
+                    {
+                        ends.remove(&(i, m.partition()));
+                    }
+                    self.apply(i == 0, &m);
+                }
+            }
+            if ends.is_empty() && !self.loaded.swap(true, Ordering::AcqRel) {
+                tracing::info!(
+                    "backup view: {read} changelog records loaded in {:?}",
+                    started.elapsed()
+                );
+            }
+            if idle {
+                std::thread::yield_now();
+            }
+        }
+    }
+
+    fn apply(&self, district: bool, m: &rdkafka::message::BorrowedMessage<'_>) {
+        let Some(key) = m.key().and_then(|k| std::str::from_utf8(k).ok()) else {
+            return;
+        };
+        let value: Option<Value> = m.payload().and_then(|p| serde_json::from_slice(p).ok());
+        let mut view = self.view.write().unwrap_or_else(|e| e.into_inner());
+        if district {
+            match value {
+                Some(v) => view.districts.insert(key.to_owned(), v),
+                None => view.districts.remove(key),
+            };
+            return;
+        }
+        if let Some(old) = view.riders.remove(key).as_ref().and_then(district_of) {
+            if let Some(set) = view.by_district.get_mut(&old) {
+                set.remove(key);
+            }
+        }
+        if let Some(v) = value {
+            if let Some(d) = district_of(&v) {
+                view.by_district
+                    .entry(d)
+                    .or_default()
+                    .insert(key.to_owned());
+            }
+            view.riders.insert(key.to_owned(), v);
+        }
+    }
+
+    /// Whether the view can answer: it has read the changelog as far as it went at start, and
+    /// that held something.
+    pub fn ready(&self) -> bool {
+        if !self.loaded.load(Ordering::Acquire) {
+            return false;
+        }
+        let view = self.view.read().unwrap_or_else(|e| e.into_inner());
+        !(view.districts.is_empty() && view.riders.is_empty())
+    }
+
+    /// `GET /v1/districts`, stale.
+    pub fn districts(&self) -> Value {
+        let view = self.view.read().unwrap_or_else(|e| e.into_inner());
+        let as_of = view.districts.values().map(as_of).max().unwrap_or(0);
+        let list: Vec<Value> = view.districts.values().map(element).collect();
+        let mut o = Map::new();
+        o.insert("as_of".into(), as_of.into());
+        o.insert("stale".into(), true.into());
+        o.insert("districts".into(), list.into());
+        Value::Object(o)
+    }
+
+    /// `GET /v1/districts/{code}`, stale; `zero` renders a district with no record (no activity).
+    pub fn district(&self, code: &str, zero: impl FnOnce() -> Value) -> Value {
+        let view = self.view.read().unwrap_or_else(|e| e.into_inner());
+        match view.districts.get(code) {
+            Some(v) => stale(v.clone()),
+            None => {
+                let as_of = view.districts.values().map(as_of).max().unwrap_or(0);
+                let mut v = zero();
+                if let Some(o) = v.as_object_mut() {
+                    o.insert("as_of".into(), as_of.into());
+                }
+                stale(v)
+            }
+        }
+    }
+
+    /// `GET /v1/districts/{code}/riders`, stale.
+    pub fn riders_of(&self, code: &str) -> Value {
+        let view = self.view.read().unwrap_or_else(|e| e.into_inner());
+        let riders: Vec<&Value> = view
+            .by_district
+            .get(code)
+            .into_iter()
+            .flatten()
+            .filter_map(|id| view.riders.get(id))
+            .collect();
+        let as_of = riders.iter().map(|v| as_of(v)).max().unwrap_or(0);
+        let mut o = Map::new();
+        o.insert("as_of".into(), as_of.into());
+        o.insert("stale".into(), true.into());
+        o.insert(
+            "riders".into(),
+            riders.into_iter().map(element).collect::<Vec<_>>().into(),
+        );
+        Value::Object(o)
+    }
+
+    /// `GET /v1/riders/{id}`, stale; `None` when the view has no such rider.
+    pub fn rider(&self, id: &str) -> Option<Value> {
+        let view = self.view.read().unwrap_or_else(|e| e.into_inner());
+        view.riders.get(id).cloned().map(stale)
+    }
+
+    /// Stops reading and frees the view (the live state has taken over).
+    pub fn release(&self) {
+        if self.stop.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        *self.view.write().unwrap_or_else(|e| e.into_inner()) = View::default();
+        tracing::info!("live state ready: answers are live from now on");
+    }
+
+    /// Stops the reader thread and waits for it.
+    pub fn stop(&self) {
+        self.stop.store(true, Ordering::Release);
+        let handle = self.thread.lock().unwrap_or_else(|e| e.into_inner()).take();
+        if let Some(h) = handle {
+            h.thread().unpark();
+            let _ = h.join();
+        }
+    }
+}
