@@ -1,0 +1,135 @@
+//! Restart figures without a broker: `cargo run --release --example restart_figures -- [RIDERS] [DELIVERIES]`.
+//!
+//! Builds a state of RIDERS riders on shift and DELIVERIES active deliveries (`-w 2`), stops
+//! cleanly (which writes the last checkpoint), then compares two ways back to the same state:
+//! loading the checkpoint and seeding the workers, and replaying every input event. Prints JSON.
+//! The replay here reads from memory, the fastest a replay can be; a broker only adds to it.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use dongflow::checkpoint::{load_latest, Writer};
+use dongflow::demo::partition;
+use dongflow::engine::CheckpointSettings;
+use dongflow::{Engine, EngineConfig, Query};
+use dongflow_connectors::simulator::SimEvent;
+use dongflow_connectors::source::{EventSource, VecSource};
+use dongflow_connectors::{Coord, DeliveryEvent, DeliveryStatus, RiderEvent, RiderStatus};
+use dongflow_dataflow::districts::DistrictIndex;
+
+const WORKERS: usize = 2;
+
+fn events(riders: usize, deliveries: usize) -> Vec<SimEvent> {
+    let mut out = Vec::with_capacity(riders + deliveries);
+    for i in 0..riders {
+        let f = i as f64 / riders as f64;
+        out.push(SimEvent::Rider(RiderEvent {
+            rider_id: format!("r-{i}").into(),
+            status: RiderStatus::ShiftStarted,
+            rider_type: Some("CONNECT".into()),
+            location: Some(Coord {
+                lat: 37.45 + 0.2 * f,
+                lon: 126.85 + 0.3 * ((i * 7919) % riders) as f64 / riders as f64,
+            }),
+            ts: 1_764_000_000_000 + i as u64,
+        }));
+    }
+    for i in 0..deliveries {
+        let mut d = DeliveryEvent::bare(
+            format!("d-{i}").into(),
+            DeliveryStatus::Assigned,
+            1_764_000_000_000 + i as u64,
+        );
+        d.rider_id = Some(format!("r-{}", (i * 5) % riders.max(1)).into());
+        d.vehicle = Some("MOTORCYCLE".into());
+        out.push(SimEvent::Delivery(d));
+    }
+    out
+}
+
+fn sources(events: Vec<SimEvent>) -> Vec<Box<dyn EventSource>> {
+    partition(events, WORKERS)
+        .into_iter()
+        .map(|p| Box::new(VecSource::new(p)) as Box<dyn EventSource>)
+        .collect()
+}
+
+/// Waits until the engine answers all districts with every rider counted.
+fn wait_complete(engine: &Engine, riders: u64) -> Duration {
+    let started = Instant::now();
+    loop {
+        if let Ok(answer) = engine.query(&Query::Districts) {
+            if let dongflow::AnswerBody::Districts(counts) = answer.body {
+                let on_shift: u64 = counts.iter().map(|(_, c)| c.riders_on_shift).sum();
+                if on_shift == riders {
+                    return started.elapsed();
+                }
+            }
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+fn main() {
+    let args: Vec<usize> = std::env::args()
+        .skip(1)
+        .filter_map(|a| a.parse().ok())
+        .collect();
+    let riders = args.first().copied().unwrap_or(1_000_000);
+    let deliveries = args.get(1).copied().unwrap_or(200_000);
+    let index = Arc::new(DistrictIndex::builtin_seoul());
+    let dir = std::env::temp_dir().join(format!("dongflow-restart-figures-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+
+    // 1. Build the state, then stop cleanly: the last checkpoint is written.
+    let writer = Writer::start(dir.clone(), 0, 1, WORKERS).expect("writer");
+    let mut config = EngineConfig::new(WORKERS, index.clone());
+    config.checkpoint = Some(CheckpointSettings {
+        interval: 3_600_000,
+        parts: writer.sender(),
+    });
+    let started = Instant::now();
+    let engine = Engine::start(config, sources(events(riders, deliveries))).expect("engine");
+    wait_complete(&engine, riders as u64);
+    let build = started.elapsed();
+    engine.stop();
+    let report = writer.finish().expect("a checkpoint was written");
+
+    // 2. Back from the checkpoint.
+    let started = Instant::now();
+    let restored = load_latest(&dir).expect("the checkpoint loads");
+    let load = started.elapsed();
+    let mut config = EngineConfig::new(WORKERS, index.clone());
+    config.restore = Some(Arc::new(restored));
+    let engine = Engine::start(config, sources(Vec::new())).expect("engine");
+    wait_complete(&engine, riders as u64);
+    let restore_total = started.elapsed();
+    engine.stop();
+
+    // 3. Back by replaying every event.
+    let started = Instant::now();
+    let engine = Engine::start(
+        EngineConfig::new(WORKERS, index),
+        sources(events(riders, deliveries)),
+    )
+    .expect("engine");
+    wait_complete(&engine, riders as u64);
+    let replay = started.elapsed();
+    engine.stop();
+    let _ = std::fs::remove_dir_all(&dir);
+
+    let out = serde_json::json!({
+        "riders": riders,
+        "active_deliveries": deliveries,
+        "workers": WORKERS,
+        "cores": std::thread::available_parallelism().map_or(0, |n| n.get()),
+        "build_state_s": build.as_secs_f64(),
+        "checkpoint_bytes": report.bytes,
+        "checkpoint_write_s": report.write.as_secs_f64(),
+        "checkpoint_worker_pause_ms": report.pause.as_secs_f64() * 1000.0,
+        "restore_load_s": load.as_secs_f64(),
+        "restore_until_complete_s": restore_total.as_secs_f64(),
+        "replay_until_complete_s": replay.as_secs_f64(),
+    });
+    println!("{}", serde_json::to_string_pretty(&out).expect("json"));
+}
