@@ -679,9 +679,11 @@ fn answers_are_stale_from_the_changelog_until_the_live_state_is_ready() {
             embedded.set_leader(topic, p, None).expect("leader-less");
         }
     }
+    let started = std::time::Instant::now();
     let run = Dongflow::run(&args);
     let client = common::Client::at(run.http.clone());
     let mut stale_answers = 0;
+    let mut first_stale: Option<Duration> = None;
     eventually(
         Duration::from_secs(60),
         "stale answers from the changelog",
@@ -723,9 +725,11 @@ fn answers_are_stale_from_the_changelog_until_the_live_state_is_ready() {
             let (status, riders) = client.json(&format!("/v1/districts/{code}/riders"));
             assert_eq!((status, &riders["stale"]), (200, &Value::Bool(true)));
             stale_answers += 1;
+            first_stale.get_or_insert(started.elapsed());
             (stale_answers >= 3).then_some(())
         },
     );
+    eprintln!("first stale answer {first_stale:?} after the process was started");
     for topic in [&t.riders, &t.deliveries] {
         for p in 0..PARTITIONS {
             embedded.set_leader(topic, p, Some(1)).expect("leader back");

@@ -80,6 +80,8 @@ impl BackupView {
                 // Catching up, not tailing: a broker that holds a fetch for its full wait
                 // whenever a partition has nothing new would make loading crawl.
                 .set("fetch.wait.max.ms", "10")
+                .set("fetch.error.backoff.ms", "10")
+                .set("topic.metadata.refresh.fast.interval.ms", "10")
                 .create_with_context(Quiet::default())?)
         };
         let consumers = [consumer()?, consumer()?];
@@ -165,16 +167,11 @@ impl BackupView {
         while !self.stop.load(Ordering::Acquire) {
             let mut idle = true;
             for (i, consumer) in consumers.iter().enumerate() {
-                if let Some(Ok(m)) = consumer.poll(Duration::from_millis(20)) {
+                // Take everything that has arrived, without waiting.
+                while let Some(Ok(m)) = consumer.poll(Duration::ZERO) {
                     idle = false;
                     read += 1;
-                    if ends
-                        .get(&(i, m.partition()))
-                        .is_some_and(|end| m.offset() + 1 >= *end)
-                    {
-                        ends.remove(&(i, m.partition()));
-                    }
-                    self.apply(i == 0, &m);
+                    self.take(i, &m, &mut ends);
                 }
             }
             if ends.is_empty() && !self.loaded.swap(true, Ordering::AcqRel) {
@@ -184,9 +181,29 @@ impl BackupView {
                 );
             }
             if idle {
-                std::thread::yield_now();
+                // Nothing on either topic: wait a little on one of them (the other is read next round).
+                if let Some(Ok(m)) = consumers[0].poll(Duration::from_millis(5)) {
+                    read += 1;
+                    self.take(0, &m, &mut ends);
+                }
             }
         }
+    }
+
+    /// Applies a record of topic `i` (0: districts) and notes when its partition reaches its end.
+    fn take(
+        &self,
+        i: usize,
+        m: &rdkafka::message::BorrowedMessage<'_>,
+        ends: &mut BTreeMap<(usize, i32), i64>,
+    ) {
+        if ends
+            .get(&(i, m.partition()))
+            .is_some_and(|end| m.offset() + 1 >= *end)
+        {
+            ends.remove(&(i, m.partition()));
+        }
+        self.apply(i == 0, m);
     }
 
     fn apply(&self, district: bool, m: &rdkafka::message::BorrowedMessage<'_>) {
