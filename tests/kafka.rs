@@ -742,3 +742,102 @@ fn answers_are_stale_from_the_changelog_until_the_live_state_is_ready() {
     assert_eq!(client.json("/v1/districts").1["stale"], Value::Bool(false));
     assert_eq!(run.terminate(), Some(0));
 }
+
+/// A checkpoint written by a cluster of two processes (one worker each, one state dir) restores
+/// into a single process with two workers, which then reads on from the checkpointed offsets.
+#[test]
+fn a_cluster_checkpoint_restores_into_one_process() {
+    let broker = Broker::embedded();
+    let index = builtin();
+    let t = Topics::new("cluster");
+    let input = scenario(&t, &index, 31, 3_000);
+    broker.create(
+        &[&t.riders, &t.deliveries, &t.districts, &t.snapshots, &t.dlq],
+        PARTITIONS,
+    );
+    let bootstrap = broker.bootstrap();
+    let state = state_dir("cluster");
+    let (first, second) = input.records.split_at(2_000);
+    produce(&bootstrap, first);
+
+    std::fs::create_dir_all(&state).expect("state dir");
+    let hostfile = std::path::Path::new(&state).join("hosts");
+    std::fs::write(
+        &hostfile,
+        format!("127.0.0.1:{}\n127.0.0.1:{}\n", free_port(), free_port()),
+    )
+    .expect("hostfile");
+    let hostfile = hostfile.to_string_lossy().into_owned();
+    let http: Vec<String> = (0..2)
+        .map(|_| format!("127.0.0.1:{}", free_port()))
+        .collect();
+    let peers = format!("http://{},http://{}", http[0], http[1]);
+    let processes: Vec<Dongflow> = (0..2)
+        .map(|p| {
+            let process = p.to_string();
+            let mut args = t.args_with(&bootstrap, &state, "1");
+            args.extend([
+                "-n",
+                "2",
+                "-p",
+                &process,
+                "-h",
+                &hostfile,
+                "--http-peers",
+                &peers,
+            ]);
+            args.extend(["--checkpoint-interval", "200ms"]);
+            Dongflow::start_at(&http[p], &args)
+        })
+        .collect();
+    for (p, addr) in processes.iter().zip(&http) {
+        // A cluster process serves once both have joined.
+        eventually(Duration::from_secs(60), "the process to serve HTTP", || {
+            std::net::TcpStream::connect(addr).ok()
+        });
+        ready(&p.http);
+    }
+    // Both processes have read everything: wait for a checkpoint taken after that, complete with
+    // both processes' parts, then take the cluster down hard.
+    eventually(
+        Duration::from_secs(60),
+        "a complete cluster checkpoint after the input",
+        || {
+            let read: f64 = processes.iter().map(|p| records_read(&p.http)).sum();
+            let complete = processes.iter().all(|p| p.log().contains("checkpoint"))
+                && read == first.len() as f64;
+            complete.then_some(())
+        },
+    );
+    let written = |p: &Dongflow| p.log().matches("written:").count();
+    let before: Vec<usize> = processes.iter().map(written).collect();
+    eventually(
+        Duration::from_secs(30),
+        "two more checkpoints on each process",
+        || {
+            processes
+                .iter()
+                .zip(&before)
+                .all(|(p, b)| written(p) >= b + 2)
+                .then_some(())
+        },
+    );
+    drop(processes); // SIGKILL both
+
+    produce(&bootstrap, second);
+    let mut args = t.args_with(&bootstrap, &state, "2");
+    *args.iter_mut().find(|a| **a == "earliest").expect("start") = "checkpoint";
+    let run = Dongflow::run(&args);
+    let mut outputs = Outputs::new(&bootstrap, &t);
+    outputs.wait_for(&input);
+    check_http_matches(&run.http, &outputs);
+    assert!(
+        run.log().contains("restoring checkpoint"),
+        "the single process resumes the cluster's checkpoint"
+    );
+    assert!(
+        records_read(&run.http) < input.records.len() as f64,
+        "the restart does not read everything again"
+    );
+    assert_eq!(run.terminate(), Some(0));
+}

@@ -338,9 +338,19 @@ pub struct Dongflow {
 
 impl Dongflow {
     pub fn run(args: &[&str]) -> Dongflow {
+        Self::spawn("127.0.0.1:0", args, true)
+    }
+
+    /// Starts `dongflow run --http ADDR ARGS` without waiting for it to serve (a cluster process
+    /// serves only once every process has joined).
+    pub fn start_at(addr: &str, args: &[&str]) -> Dongflow {
+        Self::spawn(addr, args, false)
+    }
+
+    fn spawn(addr: &str, args: &[&str], wait: bool) -> Dongflow {
         let mut child = Command::new(env!("CARGO_BIN_EXE_dongflow"))
             .arg("run")
-            .args(["--http", "127.0.0.1:0"])
+            .args(["--http", addr])
             .args(args)
             .env("RUST_LOG", "info")
             .stdout(Stdio::piped())
@@ -367,9 +377,12 @@ impl Dongflow {
                 }
             }
         });
-        let http = rx
-            .recv_timeout(Duration::from_secs(60))
-            .expect("dongflow prints its HTTP address");
+        let http = if wait {
+            rx.recv_timeout(Duration::from_secs(60))
+                .expect("dongflow prints its HTTP address")
+        } else {
+            format!("http://{addr}")
+        };
         Dongflow {
             child,
             http,
