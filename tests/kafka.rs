@@ -42,6 +42,20 @@ impl Topics {
         self.args_with(brokers, state, "2")
     }
 
+    /// The arguments of a run that resumes from the newest checkpoint in `state`.
+    fn resume_args<'a>(
+        &'a self,
+        brokers: &'a str,
+        state: &'a str,
+        workers: &'a str,
+    ) -> Vec<&'a str> {
+        let mut args = self.args_with(brokers, state, workers);
+        if let Some(start) = args.iter_mut().find(|a| **a == "earliest") {
+            *start = "checkpoint";
+        }
+        args
+    }
+
     fn args_with<'a>(&'a self, brokers: &'a str, state: &'a str, workers: &'a str) -> Vec<&'a str> {
         vec![
             "--brokers",
@@ -464,6 +478,35 @@ fn tansu_end_to_end() {
     end_to_end(&broker, "tansu");
 }
 
+/// An embedded broker with every topic of a test created, and a seeded scenario for it.
+struct Fixture {
+    broker: Broker,
+    t: Topics,
+    input: Input,
+    bootstrap: String,
+    state: String,
+}
+
+impl Fixture {
+    fn embedded(test: &str, seed: u64, events: usize) -> Fixture {
+        let broker = Broker::embedded();
+        let t = Topics::new(test);
+        let input = scenario(&t, &builtin(), seed, events);
+        broker.create(
+            &[&t.riders, &t.deliveries, &t.districts, &t.snapshots, &t.dlq],
+            PARTITIONS,
+        );
+        let bootstrap = broker.bootstrap();
+        Fixture {
+            broker,
+            t,
+            input,
+            bootstrap,
+            state: state_dir(test),
+        }
+    }
+}
+
 fn state_dir(test: &str) -> String {
     let dir = std::env::temp_dir().join(format!("dongflow-state-{test}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
@@ -500,16 +543,13 @@ fn ready(http: &str) {
 /// what came after, and ends with the same answers as the model.
 #[test]
 fn restarts_resume_from_the_checkpoint_with_other_worker_counts() {
-    let broker = Broker::embedded();
-    let index = builtin();
-    let t = Topics::new("restart");
-    let input = scenario(&t, &index, 17, 4_000);
-    broker.create(
-        &[&t.riders, &t.deliveries, &t.districts, &t.snapshots, &t.dlq],
-        PARTITIONS,
-    );
-    let bootstrap = broker.bootstrap();
-    let state = state_dir("restart");
+    let Fixture {
+        broker: _broker, // kept alive for the whole test
+        t,
+        input,
+        bootstrap,
+        state,
+    } = Fixture::embedded("restart", 17, 4_000);
     let (first, second) = input.records.split_at(input.records.len() * 3 / 5);
     produce(&bootstrap, first);
 
@@ -545,8 +585,7 @@ fn restarts_resume_from_the_checkpoint_with_other_worker_counts() {
     assert_eq!(run.terminate(), Some(0));
 
     // And back to two workers, with nothing new: the state alone gives the same answers.
-    let mut args = t.args_with(&bootstrap, &state, "2");
-    *args.iter_mut().find(|a| **a == "earliest").expect("start") = "checkpoint";
+    let args = t.resume_args(&bootstrap, &state, "2");
     let run = Dongflow::run(&args);
     ready(&run.http);
     assert_eq!(records_read(&run.http), 0.0);
@@ -591,9 +630,8 @@ fn crash_test(broker: &Broker, test: &str) {
     let mut produced = 0;
     for (round, &kill_after) in kills.iter().chain([&chunks.len()]).enumerate() {
         let workers = if round % 2 == 0 { "2" } else { "1" };
-        let mut args = t.args_with(&bootstrap, &state, workers);
+        let mut args = t.resume_args(&bootstrap, &state, workers);
         args.extend(["--checkpoint-interval", "300ms"]);
-        *args.iter_mut().find(|a| **a == "earliest").expect("start") = "checkpoint";
         let run = Dongflow::run(&args);
         while produced < kill_after.min(chunks.len()) {
             produce(&bootstrap, chunks[produced]);
@@ -628,20 +666,16 @@ fn check_metrics_dead_letters_at_least(outputs: &Outputs, input: &Input) {
 /// `/readyz` is 503; once it has caught up, answers are live again.
 #[test]
 fn answers_are_stale_from_the_changelog_until_the_live_state_is_ready() {
-    let broker = Broker::embedded();
-    let index = builtin();
-    let t = Topics::new("stale");
-    let input = scenario(&t, &index, 29, 6_000);
-    broker.create(
-        &[&t.riders, &t.deliveries, &t.districts, &t.snapshots, &t.dlq],
-        PARTITIONS,
-    );
-    let bootstrap = broker.bootstrap();
-    let state = state_dir("stale");
+    let Fixture {
+        broker,
+        t,
+        input,
+        bootstrap,
+        state,
+    } = Fixture::embedded("stale", 29, 6_000);
     let (first, rest) = input.records.split_at(3_000);
     produce(&bootstrap, first);
-    let mut args = t.args_with(&bootstrap, &state, "2");
-    *args.iter_mut().find(|a| **a == "earliest").expect("start") = "checkpoint";
+    let args = t.resume_args(&bootstrap, &state, "2");
     let run = Dongflow::run(&args);
     ready(&run.http);
     let client = common::Client::at(run.http.clone());
@@ -747,16 +781,13 @@ fn answers_are_stale_from_the_changelog_until_the_live_state_is_ready() {
 /// into a single process with two workers, which then reads on from the checkpointed offsets.
 #[test]
 fn a_cluster_checkpoint_restores_into_one_process() {
-    let broker = Broker::embedded();
-    let index = builtin();
-    let t = Topics::new("cluster");
-    let input = scenario(&t, &index, 31, 3_000);
-    broker.create(
-        &[&t.riders, &t.deliveries, &t.districts, &t.snapshots, &t.dlq],
-        PARTITIONS,
-    );
-    let bootstrap = broker.bootstrap();
-    let state = state_dir("cluster");
+    let Fixture {
+        broker: _broker, // kept alive for the whole test
+        t,
+        input,
+        bootstrap,
+        state,
+    } = Fixture::embedded("cluster", 31, 3_000);
     let (first, second) = input.records.split_at(2_000);
     produce(&bootstrap, first);
 
@@ -825,8 +856,7 @@ fn a_cluster_checkpoint_restores_into_one_process() {
     drop(processes); // SIGKILL both
 
     produce(&bootstrap, second);
-    let mut args = t.args_with(&bootstrap, &state, "2");
-    *args.iter_mut().find(|a| **a == "earliest").expect("start") = "checkpoint";
+    let args = t.resume_args(&bootstrap, &state, "2");
     let run = Dongflow::run(&args);
     let mut outputs = Outputs::new(&bootstrap, &t);
     outputs.wait_for(&input);
