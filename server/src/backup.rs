@@ -4,12 +4,11 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, RwLock};
-use std::thread::JoinHandle;
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use dongflow_connectors::kafka::quiet::Quiet;
-use dongflow_connectors::kafka::KafkaError;
+use dongflow_connectors::kafka::{Background, KafkaError};
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::{Message, Offset, TopicPartitionList};
@@ -58,8 +57,7 @@ pub struct BackupView {
     /// Set once every changelog partition has been read up to the end it had when reading began:
     /// from then on the view is the latest published state, and may answer.
     loaded: AtomicBool,
-    stop: AtomicBool,
-    thread: Mutex<Option<JoinHandle<()>>>,
+    thread: Background,
 }
 
 impl BackupView {
@@ -80,6 +78,8 @@ impl BackupView {
                 // Catching up, not tailing: a broker that holds a fetch for its full wait
                 // whenever a partition has nothing new would make loading crawl.
                 .set("fetch.wait.max.ms", "10")
+                // A failed fetch or a partition without a leader is retried soon: the view is
+                // wanted within a second of start.
                 .set("fetch.error.backoff.ms", "10")
                 .set("topic.metadata.refresh.fast.interval.ms", "10")
                 .create_with_context(Quiet::default())?)
@@ -88,26 +88,19 @@ impl BackupView {
         let view = Arc::new(BackupView {
             view: RwLock::new(View::default()),
             loaded: AtomicBool::new(false),
-            stop: AtomicBool::new(false),
-            thread: Mutex::new(None),
+            thread: Background::default(),
         });
         let topics = [district_topic.to_owned(), rider_topic.to_owned()];
         let v = view.clone();
-        let handle = std::thread::Builder::new()
-            .name("dongflow-backup-view".into())
-            .spawn(move || v.read(&consumers, &topics))
-            .map_err(|e| KafkaError::CreateTopic {
-                topic: "(backup view thread)".into(),
-                reason: e.to_string(),
-            })?;
-        *view.thread.lock().unwrap_or_else(|e| e.into_inner()) = Some(handle);
+        view.thread
+            .start("dongflow-backup-view", move || v.read(&consumers, &topics))?;
         Ok(view)
     }
 
     fn read(&self, consumers: &[BaseConsumer<Quiet>; 2], topics: &[String; 2]) {
         // Wait for both topics to exist, then read every partition from the beginning.
         let mut partitions = [0usize; 2];
-        while !self.stop.load(Ordering::Acquire) {
+        while !self.thread.stopping() {
             if let Ok(md) = consumers[0].fetch_metadata(None, Duration::from_secs(5)) {
                 for (i, name) in topics.iter().enumerate() {
                     partitions[i] = md
@@ -164,7 +157,7 @@ impl BackupView {
             started.elapsed()
         );
         let mut read = 0u64;
-        while !self.stop.load(Ordering::Acquire) {
+        while !self.thread.stopping() {
             let mut idle = true;
             for (i, consumer) in consumers.iter().enumerate() {
                 // Take everything that has arrived, without waiting.
@@ -302,7 +295,7 @@ impl BackupView {
 
     /// Stops reading and frees the view (the live state has taken over).
     pub fn release(&self) {
-        if self.stop.swap(true, Ordering::AcqRel) {
+        if self.thread.request_stop() {
             return;
         }
         *self.view.write().unwrap_or_else(|e| e.into_inner()) = View::default();
@@ -311,11 +304,6 @@ impl BackupView {
 
     /// Stops the reader thread and waits for it.
     pub fn stop(&self) {
-        self.stop.store(true, Ordering::Release);
-        let handle = self.thread.lock().unwrap_or_else(|e| e.into_inner()).take();
-        if let Some(h) = handle {
-            h.thread().unpark();
-            let _ = h.join();
-        }
+        self.thread.stop();
     }
 }

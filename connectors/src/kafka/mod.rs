@@ -10,9 +10,11 @@
 //! - [`admin`]: topic creation and [`EmbeddedBroker`], librdkafka's in-process mock cluster.
 //! - [`generate`]: the simulator produced to the input topics (`dongflow generate --brokers`).
 //! - [`quiet`]: rate-limited logging of librdkafka's errors (a down broker repeats them).
+//! - [`background`]: the stop flag and handle of those client threads.
 //! - [`metrics`]: [`KafkaMetrics`], the counters and lag that `/metrics` shows.
 
 pub mod admin;
+pub mod background;
 pub mod generate;
 pub mod metrics;
 pub mod producer;
@@ -25,6 +27,7 @@ use std::time::Duration;
 use thiserror::Error;
 
 pub use admin::{create_topics, ensure_topics, EmbeddedBroker, TopicSpec};
+pub use background::Background;
 pub use metrics::KafkaMetrics;
 pub use producer::{OutputKind, Producer};
 pub use source::KafkaSource;
@@ -89,6 +92,14 @@ pub enum KafkaError {
         /// The topic.
         topic: String,
         /// The broker's answer.
+        reason: String,
+    },
+    /// A client thread could not be started.
+    #[error("cannot start thread {name}: {reason}")]
+    Thread {
+        /// The thread's name.
+        name: String,
+        /// Why.
         reason: String,
     },
     /// A broker did not answer in time.

@@ -3,16 +3,15 @@
 //! offsets seen at start (for readiness), end offsets for lag, and creation of missing output topics.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::thread::JoinHandle;
 use std::time::Duration;
 
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 
 use super::quiet::Quiet;
-use super::{create_topics, Input, KafkaConfig, KafkaError, KafkaMetrics, TopicSpec};
+use super::{create_topics, Background, Input, KafkaConfig, KafkaError, KafkaMetrics, TopicSpec};
 
 /// How often the brokers are asked.
 const PERIOD: Duration = Duration::from_secs(1);
@@ -36,8 +35,7 @@ pub struct Topology {
 pub struct TopicWatch {
     topology: Mutex<Topology>,
     generation: AtomicU64,
-    stop: AtomicBool,
-    thread: Mutex<Option<JoinHandle<()>>>,
+    thread: Background,
 }
 
 impl TopicWatch {
@@ -55,8 +53,7 @@ impl TopicWatch {
         let watch = Arc::new(TopicWatch {
             topology: Mutex::new(Topology::default()),
             generation: AtomicU64::new(0),
-            stop: AtomicBool::new(false),
-            thread: Mutex::new(None),
+            thread: Background::default(),
         });
         let mut looker = Looker {
             consumer,
@@ -68,19 +65,12 @@ impl TopicWatch {
             said_missing: [false; 2],
         };
         let w = watch.clone();
-        let handle = std::thread::Builder::new()
-            .name("dongflow-topic-watch".into())
-            .spawn(move || {
-                while !w.stop.load(Ordering::Acquire) {
-                    looker.look(&w);
-                    std::thread::park_timeout(PERIOD);
-                }
-            })
-            .map_err(|e| KafkaError::CreateTopic {
-                topic: "(watch thread)".into(),
-                reason: e.to_string(),
-            })?;
-        *watch.thread.lock().unwrap_or_else(|e| e.into_inner()) = Some(handle);
+        watch.thread.start("dongflow-topic-watch", move || {
+            while !w.thread.stopping() {
+                looker.look(&w);
+                std::thread::park_timeout(PERIOD);
+            }
+        })?;
         Ok(watch)
     }
 
@@ -99,18 +89,13 @@ impl TopicWatch {
 
     /// Stops the watch thread and waits for it.
     pub fn stop(&self) {
-        self.stop.store(true, Ordering::Release);
-        let handle = self.thread.lock().unwrap_or_else(|e| e.into_inner()).take();
-        if let Some(h) = handle {
-            h.thread().unpark();
-            let _ = h.join();
-        }
+        self.thread.stop();
     }
 }
 
 impl Drop for TopicWatch {
     fn drop(&mut self) {
-        self.stop.store(true, Ordering::Release);
+        self.thread.request_stop();
     }
 }
 
