@@ -145,6 +145,21 @@ fn peer_urls(peers: &[String], cluster: &Option<ClusterSpec>) -> Result<Vec<Stri
         .collect())
 }
 
+/// Serves the HTTP API of a pipeline on `addr`, with its Kafka metrics and its backup view.
+fn serve(
+    pipeline: &Pipeline,
+    index: &Arc<DistrictIndex>,
+    addr: &str,
+) -> Result<HttpServer, Failure> {
+    let app = App::with_kafka(
+        pipeline.handle(),
+        index.clone(),
+        pipeline.kafka_metrics(),
+        Some(pipeline.backup_view()),
+    );
+    Ok(HttpServer::start(addr, app, 2).with_context(|| format!("cannot listen on {addr}"))?)
+}
+
 /// The topics the embedded broker starts with.
 fn embedded_topics(kafka: &KafkaConfig, district: &str, rider: &str) -> Vec<TopicSpec> {
     vec![
@@ -220,14 +235,7 @@ fn run(args: RunArgs) -> Result<(), Failure> {
     if !peers.is_empty() {
         pipeline.set_peers(peers);
     }
-    let app = App::with_kafka(
-        pipeline.handle(),
-        index.clone(),
-        pipeline.kafka_metrics(),
-        Some(pipeline.backup_view()),
-    );
-    let server = HttpServer::start(&args.http, app, 2)
-        .with_context(|| format!("cannot listen on {}", args.http))?;
+    let server = serve(&pipeline, &index, &args.http)?;
     let which = if embedded.is_some() {
         " (embedded)"
     } else {
@@ -280,14 +288,7 @@ fn demo(args: DemoArgs) -> Result<(), Failure> {
         restore: None,
     })
     .context("starting the engine")?;
-    let app = App::with_kafka(
-        pipeline.handle(),
-        index.clone(),
-        pipeline.kafka_metrics(),
-        Some(pipeline.backup_view()),
-    );
-    let server = HttpServer::start(&args.http, app, 2)
-        .with_context(|| format!("cannot listen on {}", args.http))?;
+    let server = serve(&pipeline, &index, &args.http)?;
     let generate = GenerateConfig {
         brokers: kafka.brokers.clone(),
         rider_topic: kafka.rider_topic.clone(),
