@@ -9,7 +9,7 @@
 //! - [`http`]: the HTTP API of CONTRACT section 6 (hyper), metrics, health.
 //! - [`cli`]: the command line of CONTRACT section 1.
 //! - [`pipeline`]: the engine wired to Kafka sources, dead letters and changelogs.
-//! - [`demo`]: the in-process simulator feed used by `dongflow demo`.
+//! - [`demo`]: simulator settings, the stop signal, and the by-id partitioning rule of in-process feeds.
 
 pub mod backup;
 pub mod changelog;
