@@ -33,7 +33,16 @@ use crate::render::{DistrictView, DistrictsView, RiderView, RidersView, Stamped}
 
 const JSON: &str = "application/json; charset=utf-8";
 const OPENAPI: &str = include_str!("../openapi.json");
-const INDEX_PAGE: &str = include_str!("index.html");
+
+/// The live map page (`GET /`): its HTML with the script inlined, so the page is one request and needs
+/// nothing from outside the binary. `map.js` stays a file of its own for node's test runner.
+static INDEX_PAGE: std::sync::LazyLock<Bytes> = std::sync::LazyLock::new(|| {
+    Bytes::from(include_str!("page/index.html").replacen(
+        "/*MAP_JS*/",
+        include_str!("page/map.js"),
+        1,
+    ))
+});
 
 /// What the HTTP side needs: the engine, the map, and the request metrics.
 pub struct App {
@@ -265,7 +274,11 @@ async fn route(app: &Arc<App>, req: &Request<Incoming>) -> (&'static str, Respon
         routes::HEALTHZ => json(StatusCode::OK, &serde_json::json!({"status": "ok"})),
         routes::READYZ => readyz(app),
         routes::OPENAPI => respond(StatusCode::OK, JSON, OPENAPI),
-        _ => respond(StatusCode::OK, "text/html; charset=utf-8", INDEX_PAGE),
+        _ => respond(
+            StatusCode::OK,
+            "text/html; charset=utf-8",
+            INDEX_PAGE.clone(),
+        ),
     };
     (route, response)
 }
@@ -843,5 +856,24 @@ impl HttpServer {
 impl Drop for HttpServer {
     fn drop(&mut self) {
         self.shutdown_now();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::INDEX_PAGE;
+
+    #[test]
+    fn the_page_carries_its_script_inline() {
+        let page = std::str::from_utf8(&INDEX_PAGE).expect("utf-8");
+        assert!(
+            !page.contains("/*MAP_JS*/"),
+            "the placeholder was not replaced"
+        );
+        assert!(page.contains("function projection(bbox, width)"));
+        assert!(
+            !page.contains("src=\"http"),
+            "the page must not load anything from outside"
+        );
     }
 }

@@ -309,6 +309,7 @@ fn demo(args: DemoArgs) -> Result<(), Failure> {
         "Kafka: {} (embedded; topics rider-events, delivery-events, district-changelog, rider-changelog, dongflow-dlq)",
         kafka.brokers
     );
+    println!("Map: http://{}/  (the live district map)", server.addr());
     println!(
         "HTTP: http://{}/  (API: /v1/districts, /v1/riders/{{id}}, /metrics)",
         server.addr()
