@@ -230,6 +230,19 @@ async function builtInMap(browser) {
     await phone.page.screenshot({ path: join(ARTIFACTS, 'map-phone.png'), fullPage: true });
     check(phone.errors.length === 0, 'phone console errors: ' + phone.errors.join('; '));
 
+    // A stale answer (as a restarting engine gives from its changelog) is shown as such. The real answer
+    // is fetched and only its `stale` flag is set, since the demo is never stale.
+    await page.route('**/v1/districts', async (route) => {
+      const response = await route.fetch();
+      const body = await response.json();
+      await route.fulfill({ response, json: { ...body, stale: true } });
+    });
+    await eventually('the stale notice', async () =>
+      (await page.locator('#status').getAttribute('class')) === 'stale' &&
+      (await page.locator('#status').textContent()).includes('STALE'), 10000);
+    await page.unroute('**/v1/districts');
+    await eventually('live again', async () => (await page.locator('#status').getAttribute('class')) === 'live', 10000);
+
     // The engine goes away: the page says so plainly and keeps the last picture.
     await stop(demo);
     await eventually('the unreachable notice', async () =>
