@@ -120,7 +120,6 @@ fn memory(index: &std::sync::Arc<DistrictIndex>, fleets: [usize; 2], events_per_
                 "trace_updates": {
                     "snapshots": sizes.snapshot_updates,
                     "positions": sizes.position_updates,
-                    "by_district": sizes.by_district_updates,
                     "counts": sizes.count_updates,
                 },
                 "engine_heap_bytes": held,

@@ -77,7 +77,6 @@ fn every_key_answers_alike_from_every_process() {
                 process,
                 addresses: addresses.clone(),
             });
-            config.retain_ms = 2_000;
             let sources: Vec<Box<dyn EventSource>> = locals
                 .into_iter()
                 .map(|s| Box::new(MultiSource(s)) as Box<dyn EventSource>)
@@ -102,15 +101,6 @@ fn every_key_answers_alike_from_every_process() {
         .iter()
         .map(|s| format!("http://{}", s.addr()))
         .collect();
-    for (p, engine) in engines.0.iter().enumerate() {
-        engine.set_peers(
-            urls.iter()
-                .enumerate()
-                .filter(|(q, _)| *q != p)
-                .map(|(_, u)| u.clone())
-                .collect(),
-        );
-    }
 
     let agent: ureq::Agent = ureq::Agent::config_builder()
         .http_status_as_error(false)

@@ -46,9 +46,9 @@ fn steady_riders_keep_traces_bounded() {
             s.snapshot_updates
         );
         assert!(
-            s.by_district_updates <= 6 * riders,
-            "round {round}: riders-by-district holds {}",
-            s.by_district_updates
+            s.position_updates <= 6 * riders,
+            "round {round}: positions hold {}",
+            s.position_updates
         );
         assert!(
             s.count_updates <= 8 * points.len(),

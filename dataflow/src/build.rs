@@ -12,9 +12,8 @@ use crate::districts::DistrictId;
 use crate::districts::DistrictIndex;
 use crate::stages::{
     arrange_positions, changes_per_time, contributions, count_by_district, enrich_with_district,
-    full_snapshots, join_inputs, join_riders_deliveries, riders_by_district, split_riders,
-    CountsTrace, DeliveryRule, DeliveryState, PositionTrace, RiderRule, RidersByDistrictTrace,
-    SnapshotTrace,
+    full_snapshots, join_inputs, join_riders_deliveries, split_riders, CountsTrace, DeliveryRule,
+    DeliveryState, PositionTrace, RiderRule, SnapshotTrace,
 };
 use crate::types::{Change, DistrictCounts, RiderRow, Snapshot, Time};
 use crate::upsert::{upsert, SnapshotSlot, UpsertCounters, UpsertState};
@@ -65,8 +64,6 @@ pub struct Outputs<'s> {
     pub positions: Arranged<'s, PositionTrace>,
     /// District counts by district.
     pub counts: Arranged<'s, CountsTrace>,
-    /// Rider ids on shift by district.
-    pub riders_by_district: Arranged<'s, RidersByDistrictTrace>,
 }
 
 /// Wires the dataflow: enrich, upsert, split riders, join, count, arrange.
@@ -125,12 +122,10 @@ pub fn build<'s>(
     let positions = arrange_positions(positions);
     let snapshots = join_riders_deliveries(join_inputs(cores, deliveries.clone()));
     let counts = count_by_district(contributions(snapshots.clone(), deliveries));
-    let riders_by_district = riders_by_district(snapshots.clone());
     Outputs {
         snapshots,
         positions,
         counts,
-        riders_by_district,
     }
 }
 

@@ -7,17 +7,19 @@
 //! - [`districts`]: the district index (GeoJSON, R-tree, exact point-in-polygon).
 //! - [`builtin_map`]: the built-in coarse map of Seoul's 25 gu.
 //! - [`upsert`]: the upsert operator that applies events per id in `ts` order.
-//! - [`stages`]: one function per stage (enrich, upsert rules, join, count, riders by district).
+//! - [`stages`]: one function per stage (enrich, upsert rules, join, count, changes per time).
 //! - [`build`](mod@build): the one place that wires the stages.
 //! - [`peek`]: reading an arrangement at one `as_of` time.
 //! - [`error`]: this crate's errors.
 //!
 //! ```text
-//! riders ─► enrich ─► upsert ─┐
-//!                             ├─► join (reduce by rider) ─► snapshots ─┬─► riders by district
-//! deliveries ─► enrich ─► upsert ─┘                                    └─► contributions ─► counts by district
+//! riders ─► enrich ─► upsert ─┬─► positions ─────────────────────────────┐
+//!                             ├─► join (reduce by rider) ─► snapshots ─┴─► full snapshots ─► changes per time
+//! deliveries ─► enrich ─► upsert ─┘                        └─► contributions ─► counts by district ─► changes per time
 //!                    └──────────── waiting deliveries ───────────────────────┘
 //! ```
+//!
+//! The per-time changes feed the changelog topics and each process's serving view.
 
 pub mod build;
 pub mod builtin_map;

@@ -27,8 +27,6 @@ pub type SnapshotTrace = TraceAgent<ValSpine<Id, SnapshotCore, Time, Diff>>;
 pub type PositionTrace = TraceAgent<ValSpine<Id, RiderPosition, Time, Diff>>;
 /// District counts, arranged by district.
 pub type CountsTrace = TraceAgent<ValSpine<DistrictId, DistrictCounts, Time, Diff>>;
-/// Rider ids on shift, arranged by their district.
-pub type RidersByDistrictTrace = TraceAgent<ValSpine<DistrictId, Id, Time, Diff>>;
 
 /// An event with the district of its point (rider location, delivery pickup), when it has one.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
@@ -475,34 +473,6 @@ pub fn count_by_district<'s>(
                 buffer.extend(updates.drain(..).map(|(v, t, r)| ((*key, v), t, r)));
             },
         )
-}
-
-/// Riders on shift by district, arranged so that a district's riders can be listed.
-///
-/// ```
-/// use dongflow_dataflow::stages::{join_inputs, join_riders_deliveries, riders_by_district};
-/// use dongflow_dataflow::types::{DeliveryRow, RiderCore};
-/// use dongflow_connectors::{Id, RiderStatus};
-/// use differential_dataflow::input::Input;
-/// use timely::dataflow::operators::{Capture, capture::Extract};
-///
-/// let rx = timely::example(|scope| {
-///     let core = |district| RiderCore { status: RiderStatus::OnShift, rider_type: None, district };
-///     let riders = scope.new_collection_from(vec![(Id::from("r-1"), core(3)), (Id::from("r-2"), core(5))]).1;
-///     let deliveries = scope.new_collection_from(Vec::<(Id, DeliveryRow)>::new()).1;
-///     let snapshots = join_riders_deliveries(join_inputs(riders, deliveries));
-///     riders_by_district(snapshots).as_collection(|d, r| (*d, r.clone())).inner.capture()
-/// });
-/// let mut out: Vec<_> = rx.extract().into_iter().flat_map(|(_, v)| v).map(|(x, _, _)| x).collect();
-/// out.sort();
-/// assert_eq!(out, vec![(3, Id::from("r-1")), (5, Id::from("r-2"))]);
-/// ```
-pub fn riders_by_district<'s>(
-    snapshots: Arranged<'s, SnapshotTrace>,
-) -> Arranged<'s, RidersByDistrictTrace> {
-    snapshots
-        .flat_map_ref(|rider, snapshot| Some((snapshot.rider.district, rider.clone())))
-        .arrange_by_key_named("Arrange: RidersByDistrict")
 }
 
 /// Full rider snapshots (core joined with position), for the rider changelog. Only changes flow:

@@ -3,7 +3,7 @@
 //! (`"stale": true`, with the records' `as_of`) instead of going dark.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
@@ -57,6 +57,10 @@ pub struct BackupView {
     /// Set once every changelog partition has been read up to the end it had when reading began:
     /// from then on the view is the latest published state, and may answer.
     loaded: AtomicBool,
+    /// The newest `as_of` among the records read.
+    newest: AtomicU64,
+    /// The newest `as_of` among the records that were there when reading began.
+    loaded_as_of: AtomicU64,
     thread: Background,
 }
 
@@ -88,6 +92,8 @@ impl BackupView {
         let view = Arc::new(BackupView {
             view: RwLock::new(View::default()),
             loaded: AtomicBool::new(false),
+            newest: AtomicU64::new(0),
+            loaded_as_of: AtomicU64::new(0),
             thread: Background::default(),
         });
         let topics = [district_topic.to_owned(), rider_topic.to_owned()];
@@ -167,7 +173,10 @@ impl BackupView {
                     self.take(i, &m, &mut ends);
                 }
             }
-            if ends.is_empty() && !self.loaded.swap(true, Ordering::AcqRel) {
+            if ends.is_empty() && !self.loaded.load(Ordering::Acquire) {
+                self.loaded_as_of
+                    .store(self.newest.load(Ordering::Acquire), Ordering::Release);
+                self.loaded.store(true, Ordering::Release);
                 tracing::info!(
                     "backup view: {read} changelog records loaded in {:?}",
                     started.elapsed()
@@ -204,6 +213,9 @@ impl BackupView {
             return;
         };
         let value: Option<Value> = m.payload().and_then(|p| serde_json::from_slice(p).ok());
+        if let Some(v) = &value {
+            self.newest.fetch_max(as_of(v), Ordering::AcqRel);
+        }
         let mut view = self.view.write().unwrap_or_else(|e| e.into_inner());
         if district {
             match value {
@@ -236,6 +248,13 @@ impl BackupView {
         }
         let view = self.view.read().unwrap_or_else(|e| e.into_inner());
         !(view.districts.is_empty() && view.riders.is_empty())
+    }
+
+    /// The newest `as_of` among the records that were in the changelog when reading began (0
+    /// until they are all read): how new the view is as a whole. Records published since then
+    /// are applied as they come, but they alone do not make the view newer than a checkpoint.
+    pub fn loaded_as_of(&self) -> u64 {
+        self.loaded_as_of.load(Ordering::Acquire)
     }
 
     /// `GET /v1/districts`, stale.

@@ -140,6 +140,8 @@ pub struct RunArgs {
     #[arg(long, env = "DONGFLOW_HTTP", default_value = "127.0.0.1:8080")]
     pub http: String,
     /// HTTP base URLs of all processes, in process order (multi-process only), comma-separated.
+    /// Every process keeps the whole serving view and answers every key itself; the list is
+    /// checked to name one URL per process.
     #[arg(long, env = "DONGFLOW_HTTP_PEERS", value_delimiter = ',')]
     pub http_peers: Vec<String>,
     /// Directory for checkpoints.

@@ -9,13 +9,13 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use crossbeam_channel::Receiver;
 use differential_dataflow::trace::TraceReader;
 use dongflow_connectors::source::{EventSource, Polled};
-use dongflow_dataflow::build::changelogs;
+use dongflow_dataflow::build::{changelogs, Changelogs};
 use dongflow_dataflow::districts::DistrictIndex;
-use dongflow_dataflow::peek::{read_all, read_key, read_keys, trace_len};
-use dongflow_dataflow::stages::{CountsTrace, PositionTrace, RidersByDistrictTrace, SnapshotTrace};
+use dongflow_dataflow::peek::trace_len;
+use dongflow_dataflow::stages::{CountsTrace, PositionTrace, SnapshotTrace};
 use dongflow_dataflow::types::Time;
 use dongflow_dataflow::upsert::owner;
-use dongflow_dataflow::{build, DataflowCounters, Outputs, WorkerState};
+use dongflow_dataflow::{build, DataflowCounters, WorkerState};
 use thiserror::Error;
 use timely::dataflow::channels::pact::Pipeline;
 use timely::dataflow::operators::generic::operator::Operator;
@@ -28,9 +28,8 @@ use timely::WorkerConfig;
 
 use crate::changelog::{write_districts, write_riders, ChangelogSink};
 use crate::checkpoint::{Restored, WorkerPart};
-use crate::query::{
-    Answer, Peek, PeekRequest, PeekResult, Query, QueryError, RemotePeek, Shared, StateSizes,
-};
+use crate::query::{Answer, PeekRequest, Query, QueryError, Shared, StateSizes};
+use crate::view::{attach_view, ServingView};
 
 /// How the engine runs.
 #[derive(Clone, Debug)]
@@ -51,9 +50,6 @@ pub struct EngineConfig {
     pub query_timeout: Duration,
     /// The timely cluster this process belongs to; `None` for a single process.
     pub cluster: Option<ClusterSpec>,
-    /// How far (ms of dataflow time) traces keep history behind `as_of`, so that other processes
-    /// can still read a slightly older cut. 0 for a single process.
-    pub retain_ms: Time,
     /// Where the changelog goes; `None` writes none.
     pub changelog: Option<Arc<dyn ChangelogSink>>,
     /// Checkpoints: every `interval` ms of dataflow time (and once more at a clean stop), each
@@ -93,7 +89,6 @@ impl EngineConfig {
             idle_park: Duration::from_millis(1),
             query_timeout: Duration::from_secs(5),
             cluster: None,
-            retain_ms: 0,
             changelog: None,
             checkpoint: None,
             restore: None,
@@ -139,6 +134,7 @@ struct InputProgress {
 #[derive(Clone)]
 pub struct EngineHandle {
     shared: Arc<Shared>,
+    view: Arc<ServingView>,
     progress: Arc<InputProgress>,
     counters: DataflowCounters,
 }
@@ -190,7 +186,7 @@ impl Engine {
                 workers,
             });
         }
-        let (shared, peek_rx) = Shared::new(workers, config.query_timeout, config.retain_ms);
+        let (shared, peek_rx) = Shared::new(workers, config.query_timeout);
         let progress = Arc::new(InputProgress {
             pushed: (0..workers).map(|_| AtomicU64::new(0)).collect(),
             ended: (0..workers).map(|_| AtomicBool::new(false)).collect(),
@@ -220,7 +216,9 @@ impl Engine {
             },
             worker: WorkerConfig::default(),
         };
+        let view = ServingView::new();
         let (shared2, progress2, counters2) = (shared.clone(), progress.clone(), counters.clone());
+        let view2 = view.clone();
         let guards = timely::execute(timely_config, move |worker| {
             // Global worker index = process * workers + local index.
             let index = worker.index() % workers;
@@ -233,6 +231,7 @@ impl Engine {
                 shared2.clone(),
                 progress2.clone(),
                 &counters2,
+                view2.clone(),
             );
             w.run(worker);
         })
@@ -240,6 +239,7 @@ impl Engine {
         Ok(Engine {
             handle: EngineHandle {
                 shared,
+                view,
                 progress,
                 counters,
             },
@@ -295,14 +295,17 @@ impl EngineHandle {
             .for_each(std::thread::Thread::unpark);
     }
 
-    /// Answers a query at one consistent `as_of`.
+    /// Answers a query from the serving view, at one consistent `as_of`.
     pub fn query(&self, query: &Query) -> Result<Answer, QueryError> {
-        self.shared.query(query)
+        if self.shared.stop.load(Ordering::Acquire) && self.shared.as_of() == 0 {
+            return Err(QueryError::ShutDown);
+        }
+        self.view.answer(query).ok_or(QueryError::NotReady)
     }
 
-    /// The latest time every worker has completed (0: none yet).
+    /// The latest complete time the serving view reflects (0: none yet).
     pub fn as_of(&self) -> Time {
-        self.shared.as_of()
+        self.view.as_of()
     }
 
     /// Whether every source has ended and everything pushed has been processed.
@@ -329,16 +332,6 @@ impl EngineHandle {
         marks.iter().all(|&t| t > 0) && marks.iter().max().is_some_and(|&t| t <= self.as_of())
     }
 
-    /// Sets the HTTP base URLs of the other processes of the cluster, which hold the other keys.
-    pub fn set_peers(&self, urls: Vec<String>) {
-        self.shared.set_peers(urls, self.shared.timeout);
-    }
-
-    /// This process's part of a read asked by another process of the cluster.
-    pub fn serve_remote(&self, request: RemotePeek) -> Result<PeekResult, QueryError> {
-        self.shared.serve_remote(request)
-    }
-
     /// Events pushed into the dataflow so far.
     pub fn events_in(&self) -> u64 {
         self.progress.events.load(Ordering::Relaxed)
@@ -362,18 +355,23 @@ impl Drop for Engine {
 }
 
 /// Writes the dataflow's changelog streams to `sink` as their times complete.
-fn attach_changelog(out: &Outputs<'_>, sink: Arc<dyn ChangelogSink>, index: Arc<DistrictIndex>) {
-    let streams = changelogs(out);
+fn attach_changelog(
+    streams: &Changelogs<'_>,
+    sink: Arc<dyn ChangelogSink>,
+    index: Arc<DistrictIndex>,
+) {
     let (s, i) = (sink.clone(), index.clone());
     // Pipeline: the changelog streams are already partitioned by key, so each key is written by
     // one worker, in time order.
     streams
         .districts
+        .clone()
         .sink(Pipeline, "Sink: DistrictChangelog", move |(input, _)| {
             input.for_each(|_, changes| write_districts(&*s, &i, changes));
         });
     streams
         .riders
+        .clone()
         .sink(Pipeline, "Sink: RiderChangelog", move |(input, _)| {
             input.for_each(|_, changes| write_riders(&*sink, &index, changes));
         });
@@ -397,7 +395,6 @@ struct WorkerLoop {
     snapshots: SnapshotTrace,
     positions: PositionTrace,
     counts: CountsTrace,
-    by_district: RidersByDistrictTrace,
     state: WorkerState,
     shared: Arc<Shared>,
     progress: Arc<InputProgress>,
@@ -426,6 +423,7 @@ impl WorkerLoop {
         shared: Arc<Shared>,
         progress: Arc<InputProgress>,
         counters: &DataflowCounters,
+        view: Arc<ServingView>,
     ) -> Self {
         let mut riders_in = InputHandle::new();
         let mut deliveries_in = InputHandle::new();
@@ -448,24 +446,22 @@ impl WorkerLoop {
                 .restore(&restored.deliveries, at, mine);
         }
         let districts = config.districts.clone();
-        let (snapshots, positions, counts, by_district) = worker.dataflow::<Time, _, _>(|scope| {
+        let applies_view = global_index.is_multiple_of(config.workers);
+        let (snapshots, positions, counts) = worker.dataflow::<Time, _, _>(|scope| {
             let riders = scope.input_from(&mut riders_in);
             let deliveries = scope.input_from(&mut deliveries_in);
             let out = build(riders, deliveries, districts.clone(), &state, counters);
+            let streams = changelogs(&out);
             if let Some(sink) = &config.changelog {
-                attach_changelog(&out, sink.clone(), districts);
+                attach_changelog(&streams, sink.clone(), districts);
             }
+            // The first worker of each process applies the view; every worker builds the feed.
+            attach_view(&streams, view, applies_view);
             // One probe behind every queried arrangement: its frontier says which times are complete.
             out.snapshots.stream.clone().probe_with(&probe);
             out.positions.stream.clone().probe_with(&probe);
             out.counts.stream.clone().probe_with(&probe);
-            out.riders_by_district.stream.clone().probe_with(&probe);
-            (
-                out.snapshots.trace,
-                out.positions.trace,
-                out.counts.trace,
-                out.riders_by_district.trace,
-            )
+            (out.snapshots.trace, out.positions.trace, out.counts.trace)
         });
         let index = worker.index() % config.workers;
         shared.threads.lock().unwrap_or_else(|e| e.into_inner())[index] =
@@ -479,7 +475,6 @@ impl WorkerLoop {
             snapshots,
             positions,
             counts,
-            by_district,
             state,
             shared,
             progress,
@@ -661,40 +656,22 @@ impl WorkerLoop {
 
     fn answer_peeks(&mut self) {
         while let Ok(request) = self.slot.peeks.try_recv() {
-            let as_of = request.as_of;
-            let result = match request.peek {
-                Peek::Counts(Some(d)) => PeekResult::Counts(
-                    read_key(&mut self.counts, &d, as_of)
-                        .into_iter()
-                        .map(|c| (d, c))
-                        .collect(),
-                ),
-                Peek::Counts(None) => PeekResult::Counts(read_all(&mut self.counts, as_of)),
-                Peek::Snapshots(ids) => {
-                    let cores = read_keys(&mut self.snapshots, &ids, as_of);
-                    let positions = read_keys(&mut self.positions, &ids, as_of);
-                    PeekResult::Snapshots(cores, positions)
-                }
-                Peek::RiderIds(d) => {
-                    PeekResult::RiderIds(read_key(&mut self.by_district, &d, as_of))
-                }
-                Peek::Sizes => PeekResult::Sizes(StateSizes {
-                    riders: self.state.riders.borrow().len(),
-                    deliveries: self.state.deliveries.borrow().len(),
-                    snapshot_updates: trace_len(&self.snapshots),
-                    position_updates: trace_len(&self.positions),
-                    count_updates: trace_len(&self.counts),
-                    by_district_updates: trace_len(&self.by_district),
-                }),
+            let sizes = StateSizes {
+                riders: self.state.riders.borrow().len(),
+                deliveries: self.state.deliveries.borrow().len(),
+                snapshot_updates: trace_len(&self.snapshots),
+                position_updates: trace_len(&self.positions),
+                count_updates: trace_len(&self.counts),
             };
-            // The query may have timed out and gone; nothing to do then.
-            let _ = request.reply.send(result);
+            // The asker may have timed out and gone; nothing to do then.
+            let _ = request.reply.send(sizes);
         }
     }
 
     /// Lets the traces forget history no query can ask for any more, so memory stays bounded.
     fn compact(&mut self) {
-        let frontier = self.shared.compaction_frontier();
+        // Nothing reads the traces at an older time: answers come from the serving view.
+        let frontier = self.shared.as_of();
         if frontier > self.compacted {
             self.compacted = frontier;
             let f = [frontier];
@@ -707,8 +684,6 @@ impl WorkerLoop {
             self.positions.set_physical_compaction(f);
             self.counts.set_logical_compaction(f);
             self.counts.set_physical_compaction(f);
-            self.by_district.set_logical_compaction(f);
-            self.by_district.set_physical_compaction(f);
         }
     }
 }

@@ -16,6 +16,7 @@ use dongflow_connectors::kafka::{KafkaMetrics, OutputKind};
 use dongflow_dataflow::types::DistrictCounts;
 
 use crate::backup::BackupView;
+use crate::view::ServingView;
 use dongflow_dataflow::districts::DistrictIndex;
 use http_body_util::Full;
 use hyper::body::Incoming;
@@ -52,6 +53,7 @@ pub struct App {
     metrics: HttpMetrics,
     kafka: Option<Arc<KafkaMetrics>>,
     backup: Option<Arc<BackupView>>,
+    checkpoint_view: Option<Arc<ServingView>>,
 }
 
 impl std::fmt::Debug for App {
@@ -71,17 +73,20 @@ impl App {
             metrics: HttpMetrics::default(),
             kafka: None,
             backup: None,
+            checkpoint_view: None,
         })
     }
 
     /// The HTTP application of an engine that reads from and writes to Kafka: `/metrics` also
     /// shows the Kafka counters and consumer lag, and until the live state is ready, answers come
-    /// from `backup` (the changelog read back) with `"stale": true`.
+    /// with `"stale": true` from `checkpoint_view` (the restored checkpoint, ready within a second)
+    /// or from `backup` (the changelog read back), whichever is newer.
     pub fn with_kafka(
         engine: EngineHandle,
         index: Arc<DistrictIndex>,
         kafka: Arc<KafkaMetrics>,
         backup: Option<Arc<BackupView>>,
+        checkpoint_view: Option<Arc<ServingView>>,
     ) -> Arc<Self> {
         let geojson = Bytes::from(index.to_geojson().to_string());
         Arc::new(Self {
@@ -91,6 +96,7 @@ impl App {
             metrics: HttpMetrics::default(),
             kafka: Some(kafka),
             backup,
+            checkpoint_view,
         })
     }
 }
@@ -135,11 +141,7 @@ async fn handle(
     req: Request<Incoming>,
 ) -> Result<Response<Full<Bytes>>, Infallible> {
     let started = Instant::now();
-    let (route, response) = if req.uri().path() == routes::PEEK {
-        (routes::PEEK, peek(&app, req).await)
-    } else {
-        route(&app, &req).await
-    };
+    let (route, response) = route(&app, &req).await;
     app.metrics
         .observe(route, response.status(), started.elapsed());
     Ok(response)
@@ -190,10 +192,8 @@ mod routes {
     pub const READYZ: &str = "/readyz";
     pub const OPENAPI: &str = "/openapi.json";
     pub const INDEX: &str = "/";
-    pub const PEEK: &str = "/internal/v1/peek";
     pub const OTHER: &str = "other";
-    pub const ALL: [&str; 12] = [
-        PEEK,
+    pub const ALL: [&str; 11] = [
         DISTRICTS,
         DISTRICT,
         DISTRICT_RIDERS,
@@ -283,49 +283,22 @@ async fn route(app: &Arc<App>, req: &Request<Incoming>) -> (&'static str, Respon
     (route, response)
 }
 
-/// The largest internal request body: a list of rider ids.
-const MAX_PEEK_BODY: usize = 16 << 20;
-
-/// `POST /internal/v1/peek`: this process's part of an answer gathered by another process.
-async fn peek(app: &Arc<App>, req: Request<Incoming>) -> Response<Full<Bytes>> {
-    use http_body_util::BodyExt;
-    if req.method() != Method::POST {
-        return error(StatusCode::METHOD_NOT_ALLOWED, "only POST is supported");
-    }
-    let body = match http_body_util::Limited::new(req.into_body(), MAX_PEEK_BODY)
-        .collect()
-        .await
-    {
-        Ok(body) => body.to_bytes(),
-        Err(e) => return error(StatusCode::BAD_REQUEST, &format!("cannot read body: {e}")),
-    };
-    let request: crate::query::RemotePeek = match serde_json::from_slice(&body) {
-        Ok(r) => r,
-        Err(e) => return error(StatusCode::BAD_REQUEST, &format!("bad peek: {e}")),
-    };
-    let engine = app.engine.clone();
-    match tokio::task::spawn_blocking(move || engine.serve_remote(request)).await {
-        Ok(Ok(part)) => json(StatusCode::OK, &part),
-        Ok(Err(QueryError::TooOld(t))) => error(
-            StatusCode::CONFLICT,
-            &format!("as_of {t} is older than what is kept"),
-        ),
-        Ok(Err(e)) => query_error(e),
-        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, &e.to_string()),
-    }
-}
-
 /// At most 100 characters of a path, for error messages.
 fn short(path: &str) -> String {
     path.chars().take(100).collect()
 }
 
-/// Runs a query on the blocking pool.
+/// Answers a query from the serving view (or, while the live state is not ready, from the
+/// restored checkpoint's view): a read of in-memory maps under a lock held for microseconds, done
+/// right here on the connection's task.
 async fn ask(app: &Arc<App>, query: Query) -> Result<Answer, QueryError> {
-    let engine = app.engine.clone();
-    tokio::task::spawn_blocking(move || engine.query(&query))
-        .await
-        .unwrap_or(Err(QueryError::ShutDown))
+    if let Some(answer) = stale_source(app)
+        .and_then(|s| s.checkpoint)
+        .and_then(|v| v.answer(&query))
+    {
+        return Ok(answer);
+    }
+    app.engine.query(&query)
 }
 
 /// The 404 answer for a district code the map does not have.
@@ -354,15 +327,47 @@ fn live_ready(app: &App) -> bool {
     app.engine.as_of() > 0 && app.engine.caught_up()
 }
 
-/// The backup view, while it should answer: the live state is not ready and the changelog has
-/// given something. Once the live state is ready the view is let go for good.
-fn backup(app: &App) -> Option<&BackupView> {
-    let b = app.backup.as_deref()?;
+/// Where stale answers come from while the live state is not ready: exactly one of the two.
+struct StaleSource<'a> {
+    changelog: Option<&'a BackupView>,
+    checkpoint: Option<&'a ServingView>,
+}
+
+/// The stale view that should answer, if any: none once the live state is ready (both are then
+/// let go for good); otherwise the changelog's view when it has loaded what the changelog held at
+/// start and that is at least as new as the checkpoint, else the checkpoint's once it is filled.
+/// `as_of` so never goes back, and a checkpoint is not swapped for a changelog still being written.
+fn stale_source(app: &App) -> Option<StaleSource<'_>> {
+    let changelog = app.backup.as_deref();
+    let checkpoint = app.checkpoint_view.as_deref();
     if live_ready(app) {
-        b.release();
+        changelog.map(BackupView::release);
+        if let Some(c) = checkpoint.filter(|c| c.as_of() > 0) {
+            c.clear();
+            tracing::info!("live state ready: the checkpoint's view is let go");
+        }
         return None;
     }
-    b.ready().then_some(b)
+    let checkpoint = checkpoint.filter(|c| c.as_of() > 0);
+    let changelog = changelog
+        .filter(|b| b.ready())
+        .filter(|b| checkpoint.is_none_or(|c| b.loaded_as_of() >= c.as_of()));
+    match (changelog, checkpoint) {
+        (Some(b), _) => Some(StaleSource {
+            changelog: Some(b),
+            checkpoint: None,
+        }),
+        (None, Some(c)) => Some(StaleSource {
+            changelog: None,
+            checkpoint: Some(c),
+        }),
+        (None, None) => None,
+    }
+}
+
+/// The changelog's view, when it is the one that should answer.
+fn backup(app: &App) -> Option<&BackupView> {
+    stale_source(app)?.changelog
 }
 
 async fn districts(app: &Arc<App>) -> Response<Full<Bytes>> {
@@ -372,7 +377,7 @@ async fn districts(app: &Arc<App>) -> Response<Full<Bytes>> {
     answered(app, Query::Districts, |a| match a.body {
         AnswerBody::Districts(counts) => Some(json(
             StatusCode::OK,
-            &DistrictsView::new(&app.index, a.as_of, false, &counts),
+            &DistrictsView::new(&app.index, a.as_of, a.stale, &counts),
         )),
         _ => None,
     })
@@ -402,7 +407,7 @@ async fn district(app: &Arc<App>, code: &str) -> Response<Full<Bytes>> {
                 &Stamped {
                     value,
                     as_of: a.as_of,
-                    stale: false,
+                    stale: a.stale,
                 },
             ))
         }
@@ -428,7 +433,7 @@ async fn district_riders(app: &Arc<App>, code: &str) -> Response<Full<Bytes>> {
                 StatusCode::OK,
                 &RidersView {
                     as_of: a.as_of,
-                    stale: false,
+                    stale: a.stale,
                     riders,
                 },
             ))
@@ -456,7 +461,7 @@ async fn rider(app: &Arc<App>, id: &str) -> Response<Full<Bytes>> {
                 &Stamped {
                     value,
                     as_of: a.as_of,
-                    stale: false,
+                    stale: a.stale,
                 },
             ))
         }
@@ -610,7 +615,7 @@ fn metrics_text(app: &App) -> String {
             &mut out,
             "dongflow_arrangement_updates",
             "gauge",
-            "Updates held in each queried arrangement.",
+            "Updates held in each arrangement that feeds the serving view.",
             &[
                 (
                     "{arrangement=\"snapshots\"}".into(),
@@ -623,10 +628,6 @@ fn metrics_text(app: &App) -> String {
                 (
                     "{arrangement=\"counts\"}".into(),
                     sizes.count_updates.to_string(),
-                ),
-                (
-                    "{arrangement=\"riders_by_district\"}".into(),
-                    sizes.by_district_updates.to_string(),
                 ),
             ],
         );

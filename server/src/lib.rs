@@ -1,7 +1,9 @@
 //! The dongflow engine and server: the worker loop, queries, HTTP and metrics.
 //!
 //! - [`engine`]: starts the timely workers, feeds them from their sources, answers peeks, compacts.
-//! - [`query`]: typed queries, answered at one consistent `as_of` across workers.
+//! - [`view`]: the serving view every process keeps, fed by the dataflow one complete time at a time;
+//!   HTTP answers are reads of it.
+//! - [`query`]: typed queries and answers; peeks of the workers' arrangements (state sizes).
 //! - [`checkpoint`]: checkpoint files: writing them atomically, finding the newest usable one.
 //! - [`backup`]: the changelog read back, answering with `stale: true` until the live state is ready.
 //! - [`changelog`]: the changelog topics of CONTRACT section 5, written as times complete.
@@ -21,6 +23,7 @@ pub mod http;
 pub mod pipeline;
 pub mod query;
 pub mod render;
+pub mod view;
 
 pub use engine::{Engine, EngineConfig, EngineHandle};
 pub use query::{Answer, AnswerBody, Query, QueryError, StateSizes};

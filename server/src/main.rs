@@ -125,10 +125,12 @@ fn cluster_spec(cluster: &ClusterArgs) -> Result<Option<ClusterSpec>, Failure> {
     }))
 }
 
-/// The other processes' HTTP base URLs, from `--http-peers` (every process, in process order).
-fn peer_urls(peers: &[String], cluster: &Option<ClusterSpec>) -> Result<Vec<String>, Failure> {
+/// Checks `--http-peers` (every process's HTTP base URL, in process order). Every process holds
+/// the whole serving view and answers every key itself, so the URLs are only checked for being
+/// one per process.
+fn check_peer_urls(peers: &[String], cluster: &Option<ClusterSpec>) -> Result<(), Failure> {
     let Some(c) = cluster else {
-        return Ok(Vec::new());
+        return Ok(());
     };
     if peers.len() != c.addresses.len() {
         return Err(bad_argument(anyhow::anyhow!(
@@ -137,12 +139,7 @@ fn peer_urls(peers: &[String], cluster: &Option<ClusterSpec>) -> Result<Vec<Stri
             c.addresses.len()
         )));
     }
-    Ok(peers
-        .iter()
-        .enumerate()
-        .filter(|(i, _)| *i != c.process)
-        .map(|(_, u)| u.trim_end_matches('/').to_owned())
-        .collect())
+    Ok(())
 }
 
 /// Serves the HTTP API of a pipeline on `addr`, with its Kafka metrics and its backup view.
@@ -156,6 +153,7 @@ fn serve(
         index.clone(),
         pipeline.kafka_metrics(),
         Some(pipeline.backup_view()),
+        pipeline.checkpoint_view(),
     );
     Ok(HttpServer::start(addr, app, 2).with_context(|| format!("cannot listen on {addr}"))?)
 }
@@ -177,7 +175,7 @@ const EMBEDDED_PARTITIONS: i32 = 4;
 fn run(args: RunArgs) -> Result<(), Failure> {
     let index = load_map(&args.map)?;
     let cluster = cluster_spec(&args.cluster)?;
-    let peers = peer_urls(&args.http_peers, &cluster)?;
+    check_peer_urls(&args.http_peers, &cluster)?;
     let (start, restore) = match args.start_from {
         StartFrom::Latest => (StartAt::Latest, None),
         StartFrom::Earliest => (StartAt::Earliest, None),
@@ -216,10 +214,6 @@ fn run(args: RunArgs) -> Result<(), Failure> {
     let stop = stop_on_signal();
     let workers = args.cluster.workers as usize;
     let mut engine = EngineConfig::new(workers, index.clone());
-    if cluster.is_some() {
-        // Other processes read a cut up to a second old while this one moves on.
-        engine.retain_ms = 1_000;
-    }
     engine.cluster = cluster;
     let config = PipelineConfig {
         engine,
@@ -232,9 +226,6 @@ fn run(args: RunArgs) -> Result<(), Failure> {
         restore,
     };
     let pipeline = Pipeline::start(config).context("starting the engine")?;
-    if !peers.is_empty() {
-        pipeline.set_peers(peers);
-    }
     let server = serve(&pipeline, &index, &args.http)?;
     let which = if embedded.is_some() {
         " (embedded)"

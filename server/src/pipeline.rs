@@ -15,6 +15,7 @@ use crate::backup::BackupView;
 use crate::changelog::KafkaChangelog;
 use crate::checkpoint::{CheckpointError, Restored, WriteReport, Writer};
 use crate::engine::{CheckpointSettings, Engine, EngineConfig, EngineError};
+use crate::view::ServingView;
 
 /// Partitions of output topics the pipeline creates when they are missing.
 pub const OUTPUT_PARTITIONS: i32 = 4;
@@ -63,6 +64,7 @@ pub struct Pipeline {
     metrics: Arc<KafkaMetrics>,
     writer: Option<Writer>,
     backup: Arc<BackupView>,
+    checkpoint_view: Option<Arc<ServingView>>,
 }
 
 impl std::ops::Deref for Pipeline {
@@ -129,6 +131,28 @@ impl Pipeline {
             &config.district_changelog_topic,
             &config.rider_changelog_topic,
         )?;
+        // The restored state answers (stale) as soon as it is computed, while the dataflow takes
+        // the same state in, which takes several times longer.
+        let checkpoint_view = config.restore.as_ref().map(|restored| {
+            let view = ServingView::for_checkpoint();
+            let (v, r) = (view.clone(), restored.clone());
+            let spawned = std::thread::Builder::new()
+                .name("dongflow-checkpoint-view".into())
+                .spawn(move || {
+                    let started = std::time::Instant::now();
+                    v.fill_from_checkpoint(&r);
+                    tracing::info!(
+                        "checkpoint {}: {} riders on shift answer (stale) after {:?}",
+                        r.time,
+                        v.riders(),
+                        started.elapsed()
+                    );
+                });
+            if let Err(e) = spawned {
+                tracing::warn!("no stale answers from the checkpoint: {e}");
+            }
+            view
+        });
         let engine = Engine::start(engine_config, sources)?;
         Ok(Pipeline {
             engine: Some(engine),
@@ -137,12 +161,19 @@ impl Pipeline {
             metrics,
             writer,
             backup,
+            checkpoint_view,
         })
     }
 
     /// The changelog-backed view that answers while the live state is not ready.
     pub fn backup_view(&self) -> Arc<BackupView> {
         self.backup.clone()
+    }
+
+    /// The restored checkpoint's view, answering (stale) until the live state is ready; `None`
+    /// when the pipeline did not start from a checkpoint.
+    pub fn checkpoint_view(&self) -> Option<Arc<ServingView>> {
+        self.checkpoint_view.clone()
     }
 
     /// The last checkpoint this process wrote.

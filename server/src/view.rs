@@ -1,0 +1,473 @@
+//! The serving view: every process keeps the latest district counts and rider snapshots in plain
+//! maps, applied one complete dataflow time at a time, so that HTTP answers are map reads on the
+//! request's own thread, never a round trip to the workers.
+//!
+//! - **Fed by the dataflow.** The per-time changes that also go to the changelog (one final value or
+//!   removal per key and time, see `stages::changes_per_time`) are broadcast to every worker; the
+//!   first worker of each process applies them. Every process thus holds all keys, and answers any
+//!   key without asking another process.
+//! - **Consistent.** Changes are buffered until the feed's frontier passes their time, so the view
+//!   moves from one complete time to the next under a write lock: every read sees exactly the input
+//!   up to one `as_of`, which never goes back.
+//! - **Seeded from a checkpoint.** [`ServingView::fill_from_checkpoint`] computes the same maps from a
+//!   checkpoint's upsert state, so a restarting process answers (`stale`) as soon as it has loaded
+//!   its checkpoint, before the dataflow has taken the state in.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::{Arc, RwLock, RwLockReadGuard};
+
+use dongflow_connectors::Id;
+use dongflow_dataflow::build::Changelogs;
+use dongflow_dataflow::districts::DistrictId;
+use dongflow_dataflow::stages::DeliveryState;
+use dongflow_dataflow::types::{Change, DeliveryBrief, DistrictCounts, Snapshot, Time};
+use serde::{Deserialize, Serialize};
+use timely::dataflow::channels::pact::Pipeline;
+use timely::dataflow::operators::generic::operator::Operator;
+use timely::dataflow::operators::vec::{Broadcast, Map};
+use timely::dataflow::operators::Concat;
+
+use crate::checkpoint::Restored;
+use crate::query::{Answer, AnswerBody, Query};
+
+/// One change to the view: a district's counts or a rider's snapshot at a time.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, PartialOrd)]
+pub enum ViewChange {
+    /// A district's counts (`None`: all zero).
+    District(Change<DistrictId, DistrictCounts>),
+    /// A rider's snapshot (`None`: off shift).
+    Rider(Change<Id, Snapshot>),
+}
+
+impl ViewChange {
+    /// The dataflow time of the change.
+    pub fn time(&self) -> Time {
+        match self {
+            ViewChange::District(c) => c.time,
+            ViewChange::Rider(c) => c.time,
+        }
+    }
+}
+
+#[derive(Debug, Default)]
+struct Maps {
+    /// The dataflow time the maps reflect exactly; 0 before the first complete time.
+    as_of: Time,
+    /// Districts with any nonzero count.
+    districts: BTreeMap<DistrictId, DistrictCounts>,
+    /// Riders on shift.
+    riders: HashMap<Id, Arc<Snapshot>>,
+    /// Riders on shift by district, sorted by id.
+    by_district: HashMap<DistrictId, BTreeSet<Id>>,
+}
+
+impl Maps {
+    fn apply(&mut self, change: ViewChange) {
+        match change {
+            ViewChange::District(c) => match c.value {
+                Some(counts) => {
+                    self.districts.insert(c.key, counts);
+                }
+                None => {
+                    self.districts.remove(&c.key);
+                }
+            },
+            ViewChange::Rider(c) => {
+                if let Some(old) = self.riders.remove(&c.key) {
+                    if let Some(set) = self.by_district.get_mut(&old.rider.district) {
+                        set.remove(&c.key);
+                        if set.is_empty() {
+                            self.by_district.remove(&old.rider.district);
+                        }
+                    }
+                }
+                if let Some(snapshot) = c.value {
+                    self.by_district
+                        .entry(snapshot.rider.district)
+                        .or_default()
+                        .insert(c.key.clone());
+                    self.riders.insert(c.key, Arc::new(snapshot));
+                }
+            }
+        }
+    }
+}
+
+/// The latest complete state, shared by the worker that applies it and the threads that read it.
+#[derive(Debug, Default)]
+pub struct ServingView {
+    maps: RwLock<Maps>,
+    /// Whether the answers are `stale`: true for a view of a checkpoint.
+    stale: bool,
+}
+
+impl ServingView {
+    /// An empty live view (no state yet).
+    pub fn new() -> Arc<Self> {
+        Arc::new(Self::default())
+    }
+
+    /// An empty view for a checkpoint's state, answering `stale` once filled by
+    /// [`ServingView::fill_from_checkpoint`].
+    pub fn for_checkpoint() -> Arc<Self> {
+        Arc::new(Self {
+            maps: RwLock::default(),
+            stale: true,
+        })
+    }
+
+    /// Empties the view (the live state has taken over), freeing its memory.
+    pub fn clear(&self) {
+        *self.maps.write().unwrap_or_else(|e| e.into_inner()) = Maps::default();
+    }
+
+    fn read(&self) -> RwLockReadGuard<'_, Maps> {
+        self.maps.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The dataflow time the view reflects; 0 before the first complete time.
+    pub fn as_of(&self) -> Time {
+        self.read().as_of
+    }
+
+    /// Riders on shift in the view.
+    pub fn riders(&self) -> usize {
+        self.read().riders.len()
+    }
+
+    /// Applies every change of the times up to `as_of` (all of them complete) and moves to `as_of`.
+    /// An `as_of` behind the view's is ignored, so the view never goes back.
+    pub fn advance(&self, changes: impl IntoIterator<Item = ViewChange>, as_of: Time) {
+        let mut maps = self.maps.write().unwrap_or_else(|e| e.into_inner());
+        if as_of < maps.as_of {
+            return;
+        }
+        for change in changes {
+            maps.apply(change);
+        }
+        maps.as_of = as_of;
+    }
+
+    /// The answer to `query` at the view's `as_of`; `None` before the first complete time.
+    pub fn answer(&self, query: &Query) -> Option<Answer> {
+        let maps = self.read();
+        if maps.as_of == 0 {
+            return None;
+        }
+        let body = match query {
+            Query::District(d) => {
+                AnswerBody::District(maps.districts.get(d).copied().unwrap_or_default())
+            }
+            Query::Districts => {
+                AnswerBody::Districts(maps.districts.iter().map(|(d, c)| (*d, *c)).collect())
+            }
+            Query::Rider(id) => AnswerBody::Rider(maps.riders.get(id).map(|s| (**s).clone())),
+            Query::RidersOf(d) => AnswerBody::Riders(
+                maps.by_district
+                    .get(d)
+                    .into_iter()
+                    .flatten()
+                    .filter_map(|id| Some((id.clone(), (**maps.riders.get(id)?).clone())))
+                    .collect(),
+            ),
+        };
+        Some(Answer {
+            as_of: maps.as_of,
+            stale: self.stale,
+            body,
+        })
+    }
+
+    /// Fills the view with a checkpoint's state at its time: the snapshots and counts the dataflow
+    /// will compute from the same state (CONTRACT section 3), computed directly.
+    pub fn fill_from_checkpoint(&self, restored: &Restored) {
+        let mut maps = Maps {
+            as_of: restored.time,
+            ..Maps::default()
+        };
+        let mut deliveries: HashMap<&Id, Vec<DeliveryBrief>> = HashMap::new();
+        for (id, state) in &restored.deliveries.entries {
+            let DeliveryState::Live(row) = state else {
+                continue;
+            };
+            if row.is_waiting() {
+                maps.districts
+                    .entry(row.pickup_district)
+                    .or_default()
+                    .waiting_deliveries += 1;
+            }
+            if let (true, Some(rider)) = (row.is_active(), &row.rider_id) {
+                deliveries.entry(rider).or_default().push(DeliveryBrief {
+                    delivery_id: id.clone(),
+                    status: row.status,
+                    vehicle: row.vehicle.clone(),
+                    ts: row.ts,
+                });
+            }
+        }
+        for (id, row) in &restored.riders.entries {
+            if !row.status.on_shift() {
+                continue;
+            }
+            let mut active = deliveries.remove(id).unwrap_or_default();
+            active.sort_by(|a, b| a.delivery_id.cmp(&b.delivery_id));
+            let counts = maps.districts.entry(row.district).or_default();
+            counts.riders_on_shift += 1;
+            counts.active_deliveries += active.len() as u64;
+            if !active.is_empty() {
+                counts.riders_delivering += 1;
+            }
+            maps.by_district
+                .entry(row.district)
+                .or_default()
+                .insert(id.clone());
+            let snapshot = Snapshot {
+                rider: row.clone(),
+                deliveries: active,
+            };
+            maps.riders.insert(id.clone(), Arc::new(snapshot));
+        }
+        maps.districts.retain(|_, c| !c.is_zero());
+        *self.maps.write().unwrap_or_else(|e| e.into_inner()) = maps;
+    }
+}
+
+/// Feeds `view` from the dataflow's per-time changes: broadcast to every worker, applied by the
+/// first worker of each process (`applies`) once their time is complete; the other workers drop
+/// their copies. Every worker builds the same operators, as timely requires.
+pub fn attach_view(streams: &Changelogs<'_>, view: Arc<ServingView>, applies: bool) {
+    let districts = streams.districts.clone().map(ViewChange::District);
+    let riders = streams.riders.clone().map(ViewChange::Rider);
+    let mut pending: BTreeMap<Time, Vec<ViewChange>> = BTreeMap::new();
+    districts
+        .concat(riders)
+        .broadcast()
+        .sink(Pipeline, "Serve: View", move |(input, frontier)| {
+            input.for_each(|_, changes| {
+                if applies {
+                    for change in changes.drain(..) {
+                        pending.entry(change.time()).or_default().push(change);
+                    }
+                }
+            });
+            if !applies {
+                return;
+            }
+            // Every time before the frontier is complete: no change for it is still on its way.
+            // An empty frontier (the dataflow has finished) completes every time.
+            let (complete, as_of) = match frontier.frontier().first() {
+                Some(&next) => (pending.split_off(&next), next.saturating_sub(1)),
+                None => {
+                    let last = pending.keys().next_back().copied().unwrap_or(0);
+                    (BTreeMap::new(), last.max(view.as_of()))
+                }
+            };
+            // `split_off` left the complete times in `pending` and returned the rest.
+            let done = std::mem::replace(&mut pending, complete);
+            view.advance(done.into_values().flatten(), as_of);
+        });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use dongflow_connectors::{Coord, DeliveryStatus, RiderStatus};
+    use dongflow_dataflow::types::{DeliveryRow, RiderRow};
+    use dongflow_dataflow::upsert::StateSnapshot;
+
+    fn rider(status: RiderStatus, district: DistrictId, ts: u64) -> RiderRow {
+        RiderRow {
+            status,
+            rider_type: None,
+            location: Some(Coord {
+                lat: 37.5,
+                lon: 127.0,
+            }),
+            district,
+            ts,
+        }
+    }
+
+    fn delivery(status: DeliveryStatus, rider: Option<&str>, pickup: DistrictId) -> DeliveryState {
+        DeliveryState::Live(DeliveryRow {
+            status,
+            delivery_type: None,
+            pickup: None,
+            pickup_district: pickup,
+            dropoff: None,
+            rider_id: rider.map(Id::from),
+            vehicle: None,
+            ts: 5,
+        })
+    }
+
+    fn snapshot(district: DistrictId, deliveries: &[&str]) -> Snapshot {
+        Snapshot {
+            rider: rider(RiderStatus::OnShift, district, 1),
+            deliveries: deliveries
+                .iter()
+                .map(|d| DeliveryBrief {
+                    delivery_id: Id::from(*d),
+                    status: DeliveryStatus::Assigned,
+                    vehicle: None,
+                    ts: 5,
+                })
+                .collect(),
+        }
+    }
+
+    fn rider_change(id: &str, value: Option<Snapshot>, time: Time) -> ViewChange {
+        ViewChange::Rider(Change {
+            key: Id::from(id),
+            value,
+            time,
+        })
+    }
+
+    fn ids(answer: Option<Answer>) -> Vec<String> {
+        match answer.map(|a| a.body) {
+            Some(AnswerBody::Riders(r)) => r.into_iter().map(|(id, _)| id.to_string()).collect(),
+            other => panic!("not a rider list: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn the_view_moves_one_complete_time_at_a_time_and_never_back() {
+        let view = ServingView::new();
+        assert_eq!(
+            view.answer(&Query::Districts),
+            None,
+            "no state before the first time"
+        );
+        view.advance(
+            [
+                rider_change("r-2", Some(snapshot(3, &[])), 10),
+                rider_change("r-1", Some(snapshot(3, &["d-1"])), 10),
+                ViewChange::District(Change {
+                    key: 3,
+                    value: Some(DistrictCounts {
+                        riders_on_shift: 2,
+                        ..DistrictCounts::default()
+                    }),
+                    time: 10,
+                }),
+            ],
+            12,
+        );
+        let a = view.answer(&Query::Districts).expect("state");
+        assert_eq!((a.as_of, a.stale), (12, false));
+        assert_eq!(ids(view.answer(&Query::RidersOf(3))), ["r-1", "r-2"]);
+        // r-1 moves to district 4, r-2 ends its shift, district 3 empties.
+        view.advance(
+            [
+                rider_change("r-1", Some(snapshot(4, &[])), 13),
+                rider_change("r-2", None, 14),
+                ViewChange::District(Change {
+                    key: 3,
+                    value: None,
+                    time: 14,
+                }),
+            ],
+            14,
+        );
+        assert_eq!(ids(view.answer(&Query::RidersOf(3))), Vec::<String>::new());
+        assert_eq!(ids(view.answer(&Query::RidersOf(4))), ["r-1"]);
+        assert_eq!(
+            view.answer(&Query::Rider("r-2".into())).map(|a| a.body),
+            Some(AnswerBody::Rider(None))
+        );
+        assert_eq!(
+            view.answer(&Query::District(3)).map(|a| a.body),
+            Some(AnswerBody::District(DistrictCounts::default()))
+        );
+        // An older time is ignored: as_of never goes back.
+        view.advance([rider_change("r-9", Some(snapshot(4, &[])), 11)], 11);
+        assert_eq!(view.as_of(), 14);
+        assert_eq!(view.riders(), 1);
+    }
+
+    #[test]
+    fn a_checkpoint_view_computes_snapshots_and_counts_from_the_upsert_state() {
+        let riders = vec![
+            (Id::from("r-1"), rider(RiderStatus::OnShift, 1, 7)),
+            (Id::from("r-2"), rider(RiderStatus::ShiftStarted, 1, 7)),
+            (Id::from("r-3"), rider(RiderStatus::ShiftEnded, 2, 7)),
+            (Id::from("r-4"), rider(RiderStatus::OnShift, 2, 7)),
+        ];
+        let deliveries = vec![
+            // Two active deliveries of r-1, listed out of order.
+            (
+                Id::from("d-2"),
+                delivery(DeliveryStatus::PickedUp, Some("r-1"), 9),
+            ),
+            (
+                Id::from("d-1"),
+                delivery(DeliveryStatus::Assigned, Some("r-1"), 9),
+            ),
+            // Active, but its rider is off shift: counted nowhere.
+            (
+                Id::from("d-3"),
+                delivery(DeliveryStatus::Assigned, Some("r-3"), 9),
+            ),
+            // Waiting deliveries count where they are picked up.
+            (Id::from("d-4"), delivery(DeliveryStatus::Created, None, 2)),
+            (
+                Id::from("d-5"),
+                delivery(DeliveryStatus::Waiting, Some("r-4"), 2),
+            ),
+            // Ended: nothing.
+            (Id::from("d-6"), DeliveryState::Ended { ts: 3 }),
+        ];
+        let restored = Restored {
+            time: 500,
+            riders: StateSnapshot {
+                time: 500,
+                entries: riders,
+                expiry: Vec::new(),
+            },
+            deliveries: StateSnapshot {
+                time: 500,
+                entries: deliveries,
+                expiry: Vec::new(),
+            },
+            offsets: Default::default(),
+        };
+        let view = ServingView::for_checkpoint();
+        assert_eq!(
+            view.answer(&Query::Districts),
+            None,
+            "nothing before it is filled"
+        );
+        view.fill_from_checkpoint(&restored);
+        let all = view.answer(&Query::Districts).expect("filled");
+        assert_eq!((all.as_of, all.stale), (500, true));
+        let counts = |on, delivering, active, waiting| DistrictCounts {
+            riders_on_shift: on,
+            riders_delivering: delivering,
+            active_deliveries: active,
+            waiting_deliveries: waiting,
+        };
+        assert_eq!(
+            all.body,
+            AnswerBody::Districts(vec![(1, counts(2, 1, 2, 0)), (2, counts(1, 0, 0, 2))])
+        );
+        let Some(AnswerBody::Rider(Some(r1))) =
+            view.answer(&Query::Rider("r-1".into())).map(|a| a.body)
+        else {
+            panic!("r-1 is on shift");
+        };
+        let listed: Vec<&str> = r1
+            .deliveries
+            .iter()
+            .map(|d| d.delivery_id.as_str())
+            .collect();
+        assert_eq!(listed, ["d-1", "d-2"]);
+        assert_eq!(
+            view.answer(&Query::Rider("r-3".into())).map(|a| a.body),
+            Some(AnswerBody::Rider(None))
+        );
+        assert_eq!(ids(view.answer(&Query::RidersOf(1))), ["r-1", "r-2"]);
+        view.clear();
+        assert_eq!(view.answer(&Query::Districts), None);
+    }
+}
