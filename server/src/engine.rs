@@ -29,7 +29,7 @@ use timely::WorkerConfig;
 use crate::changelog::{write_districts, write_riders, ChangelogSink};
 use crate::checkpoint::{Restored, WorkerPart};
 use crate::query::{Answer, PeekRequest, Query, QueryError, Shared, StateSizes};
-use crate::view::{attach_view, ServingView};
+use crate::view::{attach_view, ServingView, ViewApplier, ViewFeed};
 
 /// How the engine runs.
 #[derive(Clone, Debug)]
@@ -110,6 +110,9 @@ pub enum EngineError {
     /// Timely could not start its workers.
     #[error("cannot start workers: {0}")]
     Timely(String),
+    /// A thread of the engine could not start.
+    #[error("cannot start a thread: {0}")]
+    Thread(#[from] std::io::Error),
 }
 
 /// Progress of the inputs, for waiting until everything fed has been processed.
@@ -151,6 +154,7 @@ impl std::fmt::Debug for EngineHandle {
 pub struct Engine {
     handle: EngineHandle,
     guards: Option<timely::communication::WorkerGuards<()>>,
+    applier: Option<ViewApplier>,
 }
 
 impl std::ops::Deref for Engine {
@@ -217,13 +221,19 @@ impl Engine {
             worker: WorkerConfig::default(),
         };
         let view = ServingView::new();
+        let mut applier = ViewApplier::start(view.clone())?;
+        // The first worker of this process feeds the view.
+        let feed = Mutex::new(applier.take_feed());
         let (shared2, progress2, counters2) = (shared.clone(), progress.clone(), counters.clone());
-        let view2 = view.clone();
         let guards = timely::execute(timely_config, move |worker| {
             // Global worker index = process * workers + local index.
             let index = worker.index() % workers;
             let slot = slots.lock().unwrap_or_else(|e| e.into_inner())[index].take();
             let Some(slot) = slot else { return };
+            let feed = match index {
+                0 => feed.lock().unwrap_or_else(|e| e.into_inner()).take(),
+                _ => None,
+            };
             let mut w = WorkerLoop::new(
                 worker,
                 slot,
@@ -231,7 +241,7 @@ impl Engine {
                 shared2.clone(),
                 progress2.clone(),
                 &counters2,
-                view2.clone(),
+                feed,
             );
             w.run(worker);
         })
@@ -244,6 +254,7 @@ impl Engine {
                 counters,
             },
             guards: Some(guards),
+            applier: Some(applier),
         })
     }
 
@@ -266,6 +277,10 @@ impl Engine {
                     tracing::error!("worker failed: {e}");
                 }
             }
+        }
+        // The workers are gone, and with them the feed: the view applies what is left.
+        if let Some(applier) = self.applier.take() {
+            applier.join();
         }
     }
 }
@@ -423,7 +438,7 @@ impl WorkerLoop {
         shared: Arc<Shared>,
         progress: Arc<InputProgress>,
         counters: &DataflowCounters,
-        view: Arc<ServingView>,
+        view_feed: Option<ViewFeed>,
     ) -> Self {
         let mut riders_in = InputHandle::new();
         let mut deliveries_in = InputHandle::new();
@@ -446,7 +461,6 @@ impl WorkerLoop {
                 .restore(&restored.deliveries, at, mine);
         }
         let districts = config.districts.clone();
-        let applies_view = global_index.is_multiple_of(config.workers);
         let (snapshots, positions, counts) = worker.dataflow::<Time, _, _>(|scope| {
             let riders = scope.input_from(&mut riders_in);
             let deliveries = scope.input_from(&mut deliveries_in);
@@ -455,8 +469,8 @@ impl WorkerLoop {
             if let Some(sink) = &config.changelog {
                 attach_changelog(&streams, sink.clone(), districts);
             }
-            // The first worker of each process applies the view; every worker builds the feed.
-            attach_view(&streams, view, applies_view);
+            // Every worker builds the view's feed; the first of each process holds its end.
+            attach_view(&streams, view_feed, config.workers, processes);
             // One probe behind every queried arrangement: its frontier says which times are complete.
             out.snapshots.stream.clone().probe_with(&probe);
             out.positions.stream.clone().probe_with(&probe);

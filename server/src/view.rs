@@ -3,18 +3,21 @@
 //! request's own thread, never a round trip to the workers.
 //!
 //! - **Fed by the dataflow.** The per-time changes that also go to the changelog (one final value or
-//!   removal per key and time, see `stages::changes_per_time`) are broadcast to every worker; the
-//!   first worker of each process applies them. Every process thus holds all keys, and answers any
-//!   key without asking another process.
-//! - **Consistent.** Changes are buffered until the feed's frontier passes their time, so the view
-//!   moves from one complete time to the next under a write lock: every read sees exactly the input
-//!   up to one `as_of`, which never goes back.
+//!   removal per key and time, see `stages::changes_per_time`) are sent to the first worker of
+//!   every process, which hands each complete time to the process's [`ViewApplier`] thread. Every
+//!   process thus holds all keys, and answers any key without asking another process.
+//! - **Consistent.** Changes are buffered until the feed's frontier passes their time; each
+//!   frontier step makes one new version of the maps (persistent maps: O(changes), the old version
+//!   untouched) and publishes it with one atomic store. A read loads one version: exactly the input
+//!   up to one `as_of`, which never goes back, and it never waits.
 //! - **Seeded from a checkpoint.** [`ServingView::fill_from_checkpoint`] computes the same maps from a
 //!   checkpoint's upsert state, so a restarting process answers (`stale`) as soon as it has loaded
 //!   its checkpoint, before the dataflow has taken the state in.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::sync::{Arc, RwLock, RwLockReadGuard};
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use arc_swap::ArcSwap;
 
 use dongflow_connectors::Id;
 use dongflow_dataflow::build::Changelogs;
@@ -22,9 +25,9 @@ use dongflow_dataflow::districts::DistrictId;
 use dongflow_dataflow::stages::DeliveryState;
 use dongflow_dataflow::types::{Change, DeliveryBrief, DistrictCounts, Snapshot, Time};
 use serde::{Deserialize, Serialize};
-use timely::dataflow::channels::pact::Pipeline;
+use timely::dataflow::channels::pact::Exchange;
 use timely::dataflow::operators::generic::operator::Operator;
-use timely::dataflow::operators::vec::{Broadcast, Map};
+use timely::dataflow::operators::vec::Map;
 use timely::dataflow::operators::Concat;
 
 use crate::checkpoint::Restored;
@@ -49,16 +52,18 @@ impl ViewChange {
     }
 }
 
-#[derive(Debug, Default)]
+/// One version of the view: everything at one `as_of`. Cloning is O(1) (persistent maps share
+/// their structure), so each complete time makes a new version without copying the old one.
+#[derive(Clone, Debug, Default)]
 struct Maps {
     /// The dataflow time the maps reflect exactly; 0 before the first complete time.
     as_of: Time,
     /// Districts with any nonzero count.
-    districts: BTreeMap<DistrictId, DistrictCounts>,
+    districts: imbl::OrdMap<DistrictId, DistrictCounts>,
     /// Riders on shift.
-    riders: HashMap<Id, Arc<Snapshot>>,
+    riders: imbl::HashMap<Id, Arc<Snapshot>>,
     /// Riders on shift by district, sorted by id.
-    by_district: HashMap<DistrictId, BTreeSet<Id>>,
+    by_district: imbl::HashMap<DistrictId, imbl::OrdSet<Id>>,
 }
 
 impl Maps {
@@ -73,20 +78,26 @@ impl Maps {
                 }
             },
             ViewChange::Rider(c) => {
-                if let Some(old) = self.riders.remove(&c.key) {
-                    if let Some(set) = self.by_district.get_mut(&old.rider.district) {
+                let new_district = c.value.as_ref().map(|s| s.rider.district);
+                let old = match c.value {
+                    Some(snapshot) => self.riders.insert(c.key.clone(), Arc::new(snapshot)),
+                    None => self.riders.remove(&c.key),
+                };
+                let old_district = old.map(|s| s.rider.district);
+                // Most changes are pings within a district: the district's list stays as it is.
+                if old_district == new_district {
+                    return;
+                }
+                if let Some(district) = old_district {
+                    if let Some(set) = self.by_district.get_mut(&district) {
                         set.remove(&c.key);
                         if set.is_empty() {
-                            self.by_district.remove(&old.rider.district);
+                            self.by_district.remove(&district);
                         }
                     }
                 }
-                if let Some(snapshot) = c.value {
-                    self.by_district
-                        .entry(snapshot.rider.district)
-                        .or_default()
-                        .insert(c.key.clone());
-                    self.riders.insert(c.key, Arc::new(snapshot));
+                if let Some(district) = new_district {
+                    self.by_district.entry(district).or_default().insert(c.key);
                 }
             }
         }
@@ -94,9 +105,15 @@ impl Maps {
 }
 
 /// The latest complete state, shared by the worker that applies it and the threads that read it.
+///
+/// Readers load the current version with one atomic operation and never wait: not for the writer,
+/// and not for another reader that the scheduler has paused (which, with a reader-writer lock,
+/// would hold up the writer and so every reader queued behind it).
 #[derive(Debug, Default)]
 pub struct ServingView {
-    maps: RwLock<Maps>,
+    maps: ArcSwap<Maps>,
+    /// Serialises writers (the applying worker; the thread that fills or clears a checkpoint's view).
+    writer: Mutex<()>,
     /// Whether the answers are `stale`: true for a view of a checkpoint.
     stale: bool,
 }
@@ -111,46 +128,50 @@ impl ServingView {
     /// [`ServingView::fill_from_checkpoint`].
     pub fn for_checkpoint() -> Arc<Self> {
         Arc::new(Self {
-            maps: RwLock::default(),
             stale: true,
+            ..Self::default()
         })
+    }
+
+    fn write(&self) -> MutexGuard<'_, ()> {
+        self.writer.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Empties the view (the live state has taken over), freeing its memory.
     pub fn clear(&self) {
-        *self.maps.write().unwrap_or_else(|e| e.into_inner()) = Maps::default();
-    }
-
-    fn read(&self) -> RwLockReadGuard<'_, Maps> {
-        self.maps.read().unwrap_or_else(|e| e.into_inner())
+        let _writing = self.write();
+        self.maps.store(Arc::default());
     }
 
     /// The dataflow time the view reflects; 0 before the first complete time.
     pub fn as_of(&self) -> Time {
-        self.read().as_of
+        self.maps.load().as_of
     }
 
     /// Riders on shift in the view.
     pub fn riders(&self) -> usize {
-        self.read().riders.len()
+        self.maps.load().riders.len()
     }
 
-    /// Applies every change of the times up to `as_of` (all of them complete) and moves to `as_of`.
-    /// An `as_of` behind the view's is ignored, so the view never goes back.
+    /// Applies every change of the times up to `as_of` (all of them complete) and moves to `as_of`,
+    /// as one new version. An `as_of` behind the view's is ignored, so the view never goes back.
     pub fn advance(&self, changes: impl IntoIterator<Item = ViewChange>, as_of: Time) {
-        let mut maps = self.maps.write().unwrap_or_else(|e| e.into_inner());
-        if as_of < maps.as_of {
+        let _writing = self.write();
+        let current = self.maps.load_full();
+        if as_of < current.as_of {
             return;
         }
+        let mut next = Maps::clone(&current);
         for change in changes {
-            maps.apply(change);
+            next.apply(change);
         }
-        maps.as_of = as_of;
+        next.as_of = as_of;
+        self.maps.store(Arc::new(next));
     }
 
     /// The answer to `query` at the view's `as_of`; `None` before the first complete time.
     pub fn answer(&self, query: &Query) -> Option<Answer> {
-        let maps = self.read();
+        let maps = self.maps.load();
         if maps.as_of == 0 {
             return None;
         }
@@ -227,45 +248,123 @@ impl ServingView {
             };
             maps.riders.insert(id.clone(), Arc::new(snapshot));
         }
-        maps.districts.retain(|_, c| !c.is_zero());
-        *self.maps.write().unwrap_or_else(|e| e.into_inner()) = maps;
+        // Every district entry was made by counting something: none is all zero.
+        let _writing = self.write();
+        self.maps.store(Arc::new(maps));
     }
 }
 
-/// Feeds `view` from the dataflow's per-time changes: broadcast to every worker, applied by the
-/// first worker of each process (`applies`) once their time is complete; the other workers drop
-/// their copies. Every worker builds the same operators, as timely requires.
-pub fn attach_view(streams: &Changelogs<'_>, view: Arc<ServingView>, applies: bool) {
+/// Complete times handed to the thread that applies them: their changes, and the `as_of` they
+/// complete.
+type Completed = (Vec<ViewChange>, Time);
+
+/// The thread of a process that applies complete times to its serving view, off the workers: a
+/// worker only hands over what it received, so applying never holds up the dataflow. It ends
+/// once every [`ViewFeed`] is dropped (the workers have stopped).
+#[derive(Debug)]
+pub struct ViewApplier {
+    feed: Option<ViewFeed>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+/// Where a process's leading worker sends complete times.
+#[derive(Clone, Debug)]
+pub struct ViewFeed(crossbeam_channel::Sender<Completed>);
+
+impl ViewApplier {
+    /// Starts the thread that applies to `view`.
+    pub fn start(view: Arc<ServingView>) -> std::io::Result<Self> {
+        let (tx, rx) = crossbeam_channel::unbounded::<Completed>();
+        let thread = std::thread::Builder::new()
+            .name("dongflow-view".into())
+            .spawn(move || {
+                while let Ok((mut changes, mut as_of)) = rx.recv() {
+                    // Whatever queued up meanwhile becomes one version: fewer, larger steps.
+                    while let Ok((more, later)) = rx.try_recv() {
+                        changes.extend(more);
+                        as_of = later;
+                    }
+                    view.advance(changes, as_of);
+                }
+            })?;
+        Ok(Self {
+            feed: Some(ViewFeed(tx)),
+            thread: Some(thread),
+        })
+    }
+
+    /// The feed for the leading worker (the thread ends once every copy is dropped).
+    pub fn take_feed(&mut self) -> Option<ViewFeed> {
+        self.feed.take()
+    }
+
+    /// Waits until everything fed has been applied.
+    pub fn join(mut self) {
+        self.feed = None;
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+/// Feeds a process's serving view from the dataflow's per-time changes: every change goes to the
+/// first worker of every process (one copy per process, moved, not cloned, within one), which
+/// hands the changes of each complete time to the process's [`ViewApplier`]. Every worker builds the
+/// same operators, as timely requires; only leaders hold a `feed`.
+pub fn attach_view(
+    streams: &Changelogs<'_>,
+    feed: Option<ViewFeed>,
+    workers: usize,
+    processes: usize,
+) {
     let districts = streams.districts.clone().map(ViewChange::District);
     let riders = streams.riders.clone().map(ViewChange::Rider);
+    let leader = move |process: usize| (process * workers) as u64;
+    let to_leaders = districts.concat(riders).flat_map(move |change| {
+        // One copy per process; the last one is the change itself.
+        let copies = (1..processes).map({
+            let change = change.clone();
+            move |p| (p, change.clone())
+        });
+        copies.chain(std::iter::once((0, change)))
+    });
     let mut pending: BTreeMap<Time, Vec<ViewChange>> = BTreeMap::new();
-    districts
-        .concat(riders)
-        .broadcast()
-        .sink(Pipeline, "Serve: View", move |(input, frontier)| {
+    let mut published: Time = 0;
+    to_leaders.sink(
+        Exchange::new(move |(p, _): &(usize, ViewChange)| leader(*p)),
+        "Serve: View",
+        move |(input, frontier)| {
             input.for_each(|_, changes| {
-                if applies {
-                    for change in changes.drain(..) {
-                        pending.entry(change.time()).or_default().push(change);
-                    }
+                for (_, change) in changes.drain(..) {
+                    pending.entry(change.time()).or_default().push(change);
                 }
             });
-            if !applies {
+            let Some(feed) = &feed else {
                 return;
-            }
+            };
             // Every time before the frontier is complete: no change for it is still on its way.
             // An empty frontier (the dataflow has finished) completes every time.
-            let (complete, as_of) = match frontier.frontier().first() {
+            let (rest, as_of) = match frontier.frontier().first() {
                 Some(&next) => (pending.split_off(&next), next.saturating_sub(1)),
-                None => {
-                    let last = pending.keys().next_back().copied().unwrap_or(0);
-                    (BTreeMap::new(), last.max(view.as_of()))
-                }
+                None => (
+                    BTreeMap::new(),
+                    pending
+                        .keys()
+                        .next_back()
+                        .copied()
+                        .unwrap_or(0)
+                        .max(published),
+                ),
             };
             // `split_off` left the complete times in `pending` and returned the rest.
-            let done = std::mem::replace(&mut pending, complete);
-            view.advance(done.into_values().flatten(), as_of);
-        });
+            let done = std::mem::replace(&mut pending, rest);
+            if as_of > published || !done.is_empty() {
+                published = published.max(as_of);
+                // The applier is gone only when the process is stopping.
+                let _ = feed.0.send((done.into_values().flatten().collect(), as_of));
+            }
+        },
+    );
 }
 
 #[cfg(test)]
