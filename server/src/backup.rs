@@ -51,7 +51,6 @@ fn element(v: &Value) -> Value {
 }
 
 /// The view and the thread that fills it.
-#[derive(Debug)]
 pub struct BackupView {
     view: RwLock<View>,
     /// Set once every changelog partition has been read up to the end it had when reading began:
@@ -61,7 +60,19 @@ pub struct BackupView {
     newest: AtomicU64,
     /// The newest `as_of` among the records that were there when reading began.
     loaded_as_of: AtomicU64,
+    /// Says when the live state is ready: the reader then lets the view go by itself, so a view
+    /// nobody asks stops reading too.
+    live: std::sync::OnceLock<Box<dyn Fn() -> bool + Send + Sync>>,
     thread: Background,
+}
+
+impl std::fmt::Debug for BackupView {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BackupView")
+            .field("loaded", &self.loaded)
+            .field("newest", &self.newest)
+            .finish()
+    }
 }
 
 impl BackupView {
@@ -94,6 +105,7 @@ impl BackupView {
             loaded: AtomicBool::new(false),
             newest: AtomicU64::new(0),
             loaded_as_of: AtomicU64::new(0),
+            live: std::sync::OnceLock::new(),
             thread: Background::default(),
         });
         let topics = [district_topic.to_owned(), rider_topic.to_owned()];
@@ -164,6 +176,10 @@ impl BackupView {
         );
         let mut read = 0u64;
         while !self.thread.stopping() {
+            if self.live.get().is_some_and(|live| live()) {
+                self.release();
+                break;
+            }
             let mut idle = true;
             for (i, consumer) in consumers.iter().enumerate() {
                 // Take everything that has arrived, without waiting.
@@ -310,6 +326,11 @@ impl BackupView {
     pub fn rider(&self, id: &str) -> Option<Value> {
         let view = self.view.read().unwrap_or_else(|e| e.into_inner());
         view.riders.get(id).cloned().map(stale)
+    }
+
+    /// Lets the view go as soon as `live` says the live state is ready (checked between reads).
+    pub fn release_when(&self, live: impl Fn() -> bool + Send + Sync + 'static) {
+        let _ = self.live.set(Box::new(live));
     }
 
     /// Stops reading and frees the view (the live state has taken over).

@@ -133,7 +133,13 @@ impl Pipeline {
         )?;
         // The restored state answers (stale) as soon as it is computed, while the dataflow takes
         // the same state in, which takes several times longer.
+        // Filled in once the engine runs; until then the live state is not ready.
+        let engine_handle: Arc<std::sync::OnceLock<crate::EngineHandle>> = Arc::default();
+        let live = engine_handle.clone();
+        let live_ready = move || live.get().is_some_and(|e| e.as_of() > 0 && e.caught_up());
+        backup.release_when(live_ready.clone());
         let checkpoint_view = config.restore.as_ref().map(|restored| {
+            let live_ready = live_ready.clone();
             let view = ServingView::for_checkpoint();
             let (v, r) = (view.clone(), restored.clone());
             let spawned = std::thread::Builder::new()
@@ -147,6 +153,12 @@ impl Pipeline {
                         v.riders(),
                         started.elapsed()
                     );
+                    drop(r);
+                    // Kept until the live state is ready, then freed.
+                    while !(live_ready)() {
+                        std::thread::sleep(Duration::from_millis(50));
+                    }
+                    v.clear();
                 });
             if let Err(e) = spawned {
                 tracing::warn!("no stale answers from the checkpoint: {e}");
@@ -154,6 +166,7 @@ impl Pipeline {
             view
         });
         let engine = Engine::start(engine_config, sources)?;
+        let _ = engine_handle.set(engine.handle());
         Ok(Pipeline {
             engine: Some(engine),
             watch,
