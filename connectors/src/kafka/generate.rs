@@ -81,9 +81,15 @@ pub fn generate(
         && !stop.load(Ordering::Relaxed)
         && config.duration.is_none_or(|d| started.elapsed() < d)
     {
-        if config.rate > 0 && sent as f64 >= started.elapsed().as_secs_f64() * config.rate as f64 {
-            producer.poll(Duration::from_millis(1));
-            continue;
+        if config.rate > 0 {
+            let due = Duration::from_secs_f64(sent as f64 / config.rate as f64);
+            if let Some(early) = due.checked_sub(started.elapsed()) {
+                // Ahead of the rate: serve delivery reports, then sleep until the next event is
+                // due (polling with a timeout would spin through the reports instead).
+                producer.poll(Duration::ZERO);
+                std::thread::sleep(early.min(Duration::from_millis(5)));
+                continue;
+            }
         }
         let event = simulator.next_event();
         let topic = match event {
