@@ -990,3 +990,36 @@ fn scatter(rng: &mut SmallRng, lat: f64, lon: f64, sigma_m: f64) -> (f64, f64) {
     let lon = (lon + radius * cos / M_PER_LON).clamp(LON_MIN, LON_MAX);
     (lat, lon)
 }
+
+/// A fixed state in its shortest history, for measuring memory and restarts: one `SHIFT_STARTED`
+/// per rider (`r-0`, `r-1`, ...), spread over Seoul, then one `ASSIGNED` per delivery (`d-0`, ...),
+/// every fifth rider taking one (round robin). `riders` riders end up on shift with `deliveries`
+/// active deliveries among them.
+pub fn fixed_state(riders: usize, deliveries: usize) -> impl Iterator<Item = SimEvent> + Send {
+    const START: Millis = 1_764_000_000_000;
+    let n = riders.max(1);
+    let shifts = (0..riders).map(move |i| {
+        let f = i as f64 / n as f64;
+        SimEvent::Rider(RiderEvent {
+            rider_id: compact_str::format_compact!("r-{i}"),
+            status: RiderStatus::ShiftStarted,
+            rider_type: Some("CONNECT".into()),
+            location: Some(Coord {
+                lat: 37.45 + 0.2 * f,
+                lon: 126.85 + 0.3 * ((i * 7919) % n) as f64 / n as f64,
+            }),
+            ts: START + i as Millis,
+        })
+    });
+    let assigned = (0..deliveries).map(move |i| {
+        let mut d = DeliveryEvent::bare(
+            compact_str::format_compact!("d-{i}"),
+            DeliveryStatus::Assigned,
+            START + i as Millis,
+        );
+        d.rider_id = Some(compact_str::format_compact!("r-{}", (i * 5) % n));
+        d.vehicle = Some("MOTORCYCLE".into());
+        SimEvent::Delivery(d)
+    });
+    shifts.chain(assigned)
+}
