@@ -1,0 +1,187 @@
+//! In-memory figures: the engine fed straight from memory (no broker) on 1 and 2 workers, the
+//! single-threaded `HashMap` baseline on the same events, and the engine's memory per live rider
+//! and per active delivery.
+
+use std::alloc::System;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use dongflow::demo::{partition, partition_of};
+use dongflow::{AnswerBody, Engine, EngineConfig, Query};
+use dongflow_connectors::simulator::{fixed_state, SimConfig, SimEvent, Simulator};
+use dongflow_connectors::source::{EventSource, Polled, VecSource};
+use dongflow_connectors::{DeliveryEvent, Id, RiderEvent};
+use dongflow_dataflow::districts::DistrictIndex;
+use dongflow_dataflow::types::{DistrictCounts, Snapshot};
+use stats_alloc::{Region, StatsAlloc, INSTRUMENTED_SYSTEM};
+
+use crate::baseline::Baseline;
+
+#[global_allocator]
+static GLOBAL: &StatsAlloc<System> = &INSTRUMENTED_SYSTEM;
+
+/// The simulator's events for `riders` riders (seed 42), the first `n` of them.
+pub fn simulator_events(riders: usize, n: usize) -> Vec<SimEvent> {
+    Simulator::new(SimConfig {
+        riders,
+        seed: 42,
+        start_ts: 1_764_000_000_000,
+    })
+    .take(n)
+    .collect()
+}
+
+fn districts_of(engine: &Engine) -> Vec<(u32, DistrictCounts)> {
+    match engine.query(&Query::Districts).map(|a| a.body) {
+        Ok(AnswerBody::Districts(d)) => d,
+        other => panic!("no districts answer: {other:?}"),
+    }
+}
+
+/// Riders compared between the engine and the baseline: `r-1` to `r-SAMPLE`.
+const SAMPLE: usize = 2_000;
+
+/// What a run ends with: every district's counts, and the snapshots of the sampled riders.
+#[derive(Debug, PartialEq)]
+pub struct Outcome {
+    pub districts: Vec<(u32, DistrictCounts)>,
+    pub snapshots: Vec<Option<Snapshot>>,
+}
+
+fn sample_ids() -> impl Iterator<Item = Id> {
+    (1..=SAMPLE).map(|i| Id::from(format!("r-{i}")))
+}
+
+/// Runs `events` through a fresh engine of `workers` workers until every district count is
+/// complete; returns events/s and what the engine answers then.
+pub fn engine_run(
+    events: &[SimEvent],
+    workers: usize,
+    index: &Arc<DistrictIndex>,
+) -> (f64, Outcome) {
+    let sources: Vec<Box<dyn EventSource>> = partition(events.iter().cloned(), workers)
+        .into_iter()
+        .map(|p| Box::new(VecSource::new(p)) as Box<dyn EventSource>)
+        .collect();
+    let started = Instant::now();
+    let engine =
+        Engine::start(EngineConfig::new(workers, index.clone()), sources).expect("engine starts");
+    while !engine.drained() {
+        std::thread::sleep(Duration::from_micros(200));
+    }
+    let rate = events.len() as f64 / started.elapsed().as_secs_f64();
+    let outcome = Outcome {
+        districts: districts_of(&engine),
+        snapshots: sample_ids()
+            .map(|id| match engine.query(&Query::Rider(id)).map(|a| a.body) {
+                Ok(AnswerBody::Rider(s)) => s,
+                other => panic!("no rider answer: {other:?}"),
+            })
+            .collect(),
+    };
+    engine.stop();
+    (rate, outcome)
+}
+
+/// Runs `events` through the baseline; returns events/s and what it holds then.
+pub fn baseline_run(events: &[SimEvent], index: &Arc<DistrictIndex>) -> (f64, Outcome) {
+    let started = Instant::now();
+    let mut baseline = Baseline::new(index.clone());
+    for e in events {
+        baseline.apply(e);
+    }
+    let rate = events.len() as f64 / started.elapsed().as_secs_f64();
+    let outcome = Outcome {
+        districts: baseline.districts(),
+        snapshots: sample_ids().map(|id| baseline.snapshot(&id)).collect(),
+    };
+    (rate, outcome)
+}
+
+/// A source that makes its events as it is polled (so that the input never sits in memory): the
+/// worker's share (by [`partition_of`]) of `riders` riders on shift, then `deliveries` active
+/// deliveries, one event each.
+struct MadeSource {
+    next: Box<dyn Iterator<Item = SimEvent> + Send>,
+}
+
+impl EventSource for MadeSource {
+    fn poll(
+        &mut self,
+        max: usize,
+        riders: &mut Vec<RiderEvent>,
+        deliveries: &mut Vec<DeliveryEvent>,
+    ) -> Polled {
+        let mut any = false;
+        for e in self.next.by_ref().take(max) {
+            any = true;
+            match e {
+                SimEvent::Rider(r) => riders.push(r),
+                SimEvent::Delivery(d) => deliveries.push(d),
+            }
+        }
+        if any {
+            Polled::Data
+        } else {
+            Polled::Ended
+        }
+    }
+}
+
+/// What one memory measurement found (run in a process of its own).
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+pub struct MemoryPoint {
+    pub riders: usize,
+    pub deliveries: usize,
+    /// Heap the engine holds once the state is complete.
+    pub heap_bytes: i64,
+    /// Peak resident memory of the whole process.
+    pub peak_rss_bytes: u64,
+    pub riders_on_shift: u64,
+    pub active_deliveries: u64,
+}
+
+/// Peak resident memory of this process so far (`VmHWM`).
+pub fn peak_rss() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            let line = s.lines().find(|l| l.starts_with("VmHWM:"))?.to_owned();
+            line.split_whitespace().nth(1)?.parse::<u64>().ok()
+        })
+        .map_or(0, |kb| kb * 1024)
+}
+
+/// Builds a state of `riders` riders on shift and `deliveries` active deliveries in a 2-worker
+/// engine and measures the heap it holds and the process's peak RSS.
+pub fn memory_point(riders: usize, deliveries: usize, index: &Arc<DistrictIndex>) -> MemoryPoint {
+    let workers = 2;
+    let sources: Vec<Box<dyn EventSource>> = (0..workers)
+        .map(|w| {
+            let mine =
+                fixed_state(riders, deliveries).filter(move |e| partition_of(e, workers) == w);
+            Box::new(MadeSource {
+                next: Box::new(mine),
+            }) as Box<dyn EventSource>
+        })
+        .collect();
+    let region = Region::new(GLOBAL);
+    let engine =
+        Engine::start(EngineConfig::new(workers, index.clone()), sources).expect("engine starts");
+    while !engine.drained() {
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    let change = region.change();
+    let heap_bytes = change.bytes_allocated as i64 - change.bytes_deallocated as i64;
+    let counts = districts_of(&engine);
+    let point = MemoryPoint {
+        riders,
+        deliveries,
+        heap_bytes,
+        peak_rss_bytes: peak_rss(),
+        riders_on_shift: counts.iter().map(|(_, c)| c.riders_on_shift).sum(),
+        active_deliveries: counts.iter().map(|(_, c)| c.active_deliveries).sum(),
+    };
+    engine.stop();
+    point
+}
