@@ -119,7 +119,7 @@ fn memory(index: &std::sync::Arc<DistrictIndex>, fleets: [usize; 2], events_per_
                 "deliveries_known": sizes.deliveries,
                 "trace_updates": {
                     "snapshots": sizes.snapshot_updates,
-                    "positions": sizes.position_updates,
+                    "changelog_riders": sizes.changelog_riders,
                     "counts": sizes.count_updates,
                 },
                 "engine_heap_bytes": held,

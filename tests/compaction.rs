@@ -46,9 +46,9 @@ fn steady_riders_keep_traces_bounded() {
             s.snapshot_updates
         );
         assert!(
-            s.position_updates <= 6 * riders,
-            "round {round}: positions hold {}",
-            s.position_updates
+            s.changelog_riders <= riders,
+            "round {round}: the rider changelog stage holds {} riders",
+            s.changelog_riders
         );
         assert!(
             s.count_updates <= 8 * points.len(),

@@ -1,6 +1,6 @@
 //! The one place where the stages are wired into the dataflow.
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::rc::Rc;
 use std::sync::Arc;
 
@@ -11,9 +11,9 @@ use timely::dataflow::Stream;
 use crate::districts::DistrictId;
 use crate::districts::DistrictIndex;
 use crate::stages::{
-    arrange_positions, changes_per_time, contributions, count_by_district, enrich_with_district,
-    full_snapshots, join_inputs, join_riders_deliveries, split_riders, CountsTrace, DeliveryRule,
-    DeliveryState, PositionTrace, RiderRule, SnapshotTrace,
+    changes_per_time, contributions, count_by_district, enrich_with_district, join_inputs,
+    join_riders_deliveries, rider_changes, split_riders, CountsTrace, DeliveryRule, DeliveryState,
+    RiderPositions, RiderRule, SnapshotTrace,
 };
 use crate::types::{Change, DistrictCounts, RiderRow, Snapshot, Time};
 use crate::upsert::{upsert, SnapshotSlot, UpsertCounters, UpsertState};
@@ -60,8 +60,8 @@ pub struct DataflowCounters {
 pub struct Outputs<'s> {
     /// Rider snapshots without positions, by rider id.
     pub snapshots: Arranged<'s, SnapshotTrace>,
-    /// Rider positions, by rider id.
-    pub positions: Arranged<'s, PositionTrace>,
+    /// Changes of rider positions, partitioned by rider id (not arranged).
+    pub positions: RiderPositions<'s>,
     /// District counts by district.
     pub counts: Arranged<'s, CountsTrace>,
 }
@@ -119,7 +119,6 @@ pub fn build<'s>(
         state.delivery_snapshots.clone(),
     );
     let (cores, positions) = split_riders(riders);
-    let positions = arrange_positions(positions);
     let snapshots = join_riders_deliveries(join_inputs(cores, deliveries.clone()));
     let counts = count_by_district(contributions(snapshots.clone(), deliveries));
     Outputs {
@@ -137,15 +136,15 @@ pub struct Changelogs<'s> {
     pub riders: Stream<'s, Time, Vec<Change<Id, Snapshot>>>,
 }
 
-/// Wires the changelog streams onto the outputs of [`build`].
-pub fn changelogs<'s>(outputs: &Outputs<'s>) -> Changelogs<'s> {
+/// Wires the changelog streams onto the outputs of [`build`]; `held` reports how many riders the
+/// rider changelog stage holds.
+pub fn changelogs<'s>(outputs: &Outputs<'s>, held: Rc<Cell<usize>>) -> Changelogs<'s> {
     let counts = outputs
         .counts
         .clone()
         .as_collection(|district, counts| (*district, *counts));
-    let snapshots = full_snapshots(outputs.snapshots.clone(), outputs.positions.clone());
     Changelogs {
         districts: changes_per_time(counts, "Changelog: Districts"),
-        riders: changes_per_time(snapshots, "Changelog: Riders"),
+        riders: rider_changes(outputs.snapshots.clone(), outputs.positions.clone(), held),
     }
 }

@@ -7,16 +7,18 @@
 //! - [`districts`]: the district index (GeoJSON, R-tree, exact point-in-polygon).
 //! - [`builtin_map`]: the built-in coarse map of Seoul's 25 gu.
 //! - [`upsert`]: the upsert operator that applies events per id in `ts` order.
-//! - [`stages`]: one function per stage (enrich, upsert rules, join, count, changes per time).
+//! - [`stages`]: one function per stage (enrich, upsert rules, join, count, changes per time,
+//!   rider changes).
 //! - [`build`](mod@build): the one place that wires the stages.
 //! - [`peek`]: reading an arrangement at one `as_of` time.
 //! - [`error`]: this crate's errors.
 //!
 //! ```text
-//! riders ─► enrich ─► upsert ─┬─► positions ─────────────────────────────┐
-//!                             ├─► join (reduce by rider) ─► snapshots ─┴─► full snapshots ─► changes per time
-//! deliveries ─► enrich ─► upsert ─┘                        └─► contributions ─► counts by district ─► changes per time
-//!                    └──────────── waiting deliveries ───────────────────────┘
+//! riders ─► enrich ─► upsert ─┬─► positions ───────────────────────────────────┐
+//!                             └─► cores ─┐                                      ▼
+//!                                        ├─► join (reduce by rider) ─► snapshots ─► rider changes per time
+//! deliveries ─► enrich ─► upsert ─┬──────┘                   └─► contributions ─► counts by district ─► changes per time
+//!                                 └──────────── waiting deliveries ───────────────┘
 //! ```
 //!
 //! The per-time changes feed the changelog topics and each process's serving view.

@@ -1,17 +1,20 @@
 //! One small function per dataflow stage. [`crate::build`] is the only place that wires them.
 
+use std::cell::Cell;
 use std::collections::BTreeMap;
+use std::rc::Rc;
 use std::sync::Arc;
 
 use differential_dataflow::operators::arrange::{Arranged, TraceAgent};
 use differential_dataflow::trace::implementations::{ValBuilder, ValSpine};
 use differential_dataflow::VecCollection;
 use dongflow_connectors::{Coord, DeliveryEvent, Id, Millis, RiderEvent};
+use rustc_hash::FxHashMap;
 use serde::{Deserialize, Serialize};
 use timely::dataflow::channels::pact::Pipeline;
 use timely::dataflow::operators::generic::operator::Operator;
 use timely::dataflow::operators::vec::Map;
-use timely::dataflow::operators::Capability;
+use timely::dataflow::operators::{Capability, InputCapability};
 use timely::dataflow::Stream;
 
 use crate::districts::{DistrictId, DistrictIndex, UNASSIGNED};
@@ -23,8 +26,6 @@ use crate::upsert::{Ignored, UpsertRule};
 
 /// Rider snapshots without positions (the join's output), arranged by rider id.
 pub type SnapshotTrace = TraceAgent<ValSpine<Id, SnapshotCore, Time, Diff>>;
-/// Rider positions, arranged by rider id.
-pub type PositionTrace = TraceAgent<ValSpine<Id, RiderPosition, Time, Diff>>;
 /// District counts, arranged by district.
 pub type CountsTrace = TraceAgent<ValSpine<DistrictId, DistrictCounts, Time, Diff>>;
 
@@ -250,34 +251,6 @@ pub fn split_riders<'s>(
     (cores, positions)
 }
 
-/// Rider positions, arranged by rider id (read beside the snapshot cores to answer queries).
-///
-/// ```
-/// use dongflow_dataflow::{peek::read_key, stages::arrange_positions, types::RiderPosition};
-/// use dongflow_connectors::Id;
-/// use differential_dataflow::input::Input;
-/// use timely::dataflow::operators::Probe;
-///
-/// timely::execute_directly(|worker| {
-///     let (mut input, mut trace, probe) = worker.dataflow::<u64, _, _>(|scope| {
-///         let (input, positions) = scope.new_collection::<(Id, RiderPosition), isize>();
-///         let arranged = arrange_positions(positions);
-///         let (probe, _) = arranged.stream.clone().probe();
-///         (input, arranged.trace, probe)
-///     });
-///     input.insert(("r-1".into(), RiderPosition { location: None, ts: 3 }));
-///     input.advance_to(1);
-///     input.flush();
-///     worker.step_while(|| probe.less_than(&1));
-///     assert_eq!(read_key(&mut trace, &"r-1".into(), 0).len(), 1);
-/// });
-/// ```
-pub fn arrange_positions<'s>(
-    positions: VecCollection<'s, Time, (Id, RiderPosition), Diff>,
-) -> Arranged<'s, PositionTrace> {
-    positions.arrange_by_key_named("Arrange: PositionsByRider")
-}
-
 /// The join input: riders on shift and active deliveries, both keyed by rider id.
 ///
 /// ```
@@ -475,11 +448,17 @@ pub fn count_by_district<'s>(
         )
 }
 
-/// Full rider snapshots (core joined with position), for the rider changelog. Only changes flow:
-/// a ping yields the rider's old snapshot retracted and its new one added.
+/// The rider changelog: for every complete time, each rider whose snapshot changed, with its full
+/// snapshot (the join's output joined with the rider's position), or `None` once it is off shift.
+///
+/// Positions change with nearly every event and never touch the join or the counts, so they are not
+/// arranged: this stage keeps, per rider on shift, its latest snapshot core and position, and a ping
+/// costs one map update and one output record. Both inputs are partitioned by rider id with the
+/// same hash (the upsert's exchange, the join's arrangement), so each rider's parts meet on the
+/// worker that owns it without another exchange. `held` reports how many riders the stage holds.
 ///
 /// ```
-/// use dongflow_dataflow::stages::{arrange_positions, full_snapshots, join_inputs, join_riders_deliveries};
+/// use dongflow_dataflow::stages::{join_inputs, join_riders_deliveries, rider_changes};
 /// use dongflow_dataflow::types::{DeliveryRow, RiderCore, RiderPosition};
 /// use dongflow_connectors::{Id, RiderStatus};
 /// use differential_dataflow::input::Input;
@@ -491,19 +470,140 @@ pub fn count_by_district<'s>(
 ///     let deliveries = scope.new_collection_from(Vec::<(Id, DeliveryRow)>::new()).1;
 ///     let positions = scope.new_collection_from(vec![(Id::from("r-1"), RiderPosition { location: None, ts: 5 })]).1;
 ///     let snapshots = join_riders_deliveries(join_inputs(cores, deliveries));
-///     full_snapshots(snapshots, arrange_positions(positions)).inner.capture()
+///     rider_changes(snapshots, positions, Default::default()).capture()
 /// });
 /// let out: Vec<_> = rx.extract().into_iter().flat_map(|(_, v)| v).collect();
 /// assert_eq!(out.len(), 1);
-/// assert_eq!((out[0].0 .1.rider.district, out[0].0 .1.rider.ts), (3, 5));
+/// let snapshot = out[0].value.as_ref().expect("on shift");
+/// assert_eq!((snapshot.rider.district, snapshot.rider.ts), (3, 5));
 /// ```
-pub fn full_snapshots<'s>(
+pub fn rider_changes<'s>(
     snapshots: Arranged<'s, SnapshotTrace>,
-    positions: Arranged<'s, PositionTrace>,
-) -> VecCollection<'s, Time, (Id, Snapshot), Diff> {
-    snapshots.join_core(positions, |id, core, position| {
-        Some((id.clone(), Snapshot::compose(core.clone(), *position)))
-    })
+    positions: RiderPositions<'s>,
+    held: Rc<Cell<usize>>,
+) -> Stream<'s, Time, Vec<Change<Id, Snapshot>>> {
+    /// A time's updates to the two parts, with a capability for its output.
+    struct Pending {
+        cap: Capability<Time>,
+        cores: Vec<((Id, SnapshotCore), Diff)>,
+        positions: Vec<((Id, RiderPosition), Diff)>,
+    }
+    /// What the stage holds of one rider.
+    struct Parts {
+        core: Option<SnapshotCore>,
+        position: Option<RiderPosition>,
+        /// The last time that changed it, so that it is output once per time.
+        touched_at: Time,
+    }
+    /// The rider's parts, noting `id` in `touched` the first time it changes at `time`.
+    fn parts<'a>(
+        riders: &'a mut FxHashMap<Id, Parts>,
+        touched: &mut Vec<Id>,
+        id: Id,
+        time: Time,
+    ) -> &'a mut Parts {
+        let parts = riders.entry(id.clone()).or_insert(Parts {
+            core: None,
+            position: None,
+            touched_at: Time::MAX,
+        });
+        if parts.touched_at != time {
+            parts.touched_at = time;
+            touched.push(id);
+        }
+        parts
+    }
+    let cores = snapshots.as_collection(|id, core| (id.clone(), core.clone()));
+    // Pipeline on both inputs: they are already partitioned by rider id (see above).
+    cores.inner.binary_frontier(
+        positions.inner,
+        Pipeline,
+        Pipeline,
+        "Changelog: Riders",
+        move |_, _| {
+            let mut pending: BTreeMap<Time, Pending> = BTreeMap::new();
+            let mut riders: FxHashMap<Id, Parts> = FxHashMap::default();
+            let mut touched: Vec<Id> = Vec::new();
+            move |(cores, cores_frontier), (positions, positions_frontier), output| {
+                fn entry<'a>(
+                    pending: &'a mut BTreeMap<Time, Pending>,
+                    cap: &InputCapability<Time>,
+                    time: Time,
+                ) -> &'a mut Pending {
+                    pending.entry(time).or_insert_with(|| Pending {
+                        cap: cap.delayed(&time, 0),
+                        cores: Vec::new(),
+                        positions: Vec::new(),
+                    })
+                }
+                cores.for_each(|cap, data| {
+                    for (update, time, diff) in data.drain(..) {
+                        entry(&mut pending, &cap, time).cores.push((update, diff));
+                    }
+                });
+                positions.for_each(|cap, data| {
+                    for (update, time, diff) in data.drain(..) {
+                        entry(&mut pending, &cap, time)
+                            .positions
+                            .push((update, diff));
+                    }
+                });
+                while let Some(first) = pending.first_entry() {
+                    let time = *first.key();
+                    if cores_frontier.less_equal(&time) || positions_frontier.less_equal(&time) {
+                        break;
+                    }
+                    let Pending {
+                        cap,
+                        cores,
+                        positions,
+                    } = first.remove();
+                    // Retractions (of the value held) before insertions, so that a replaced
+                    // value is not lost.
+                    for ((id, core), _) in cores.iter().filter(|(_, d)| *d < 0) {
+                        let p = parts(&mut riders, &mut touched, id.clone(), time);
+                        p.core = p.core.take().filter(|held| held != core);
+                    }
+                    for ((id, position), _) in positions.iter().filter(|(_, d)| *d < 0) {
+                        let p = parts(&mut riders, &mut touched, id.clone(), time);
+                        p.position = p.position.take().filter(|held| held != position);
+                    }
+                    for ((id, core), _) in cores.into_iter().filter(|(_, d)| *d > 0) {
+                        parts(&mut riders, &mut touched, id, time).core = Some(core);
+                    }
+                    for ((id, position), _) in positions.into_iter().filter(|(_, d)| *d > 0) {
+                        parts(&mut riders, &mut touched, id, time).position = Some(position);
+                    }
+                    let mut changes: Vec<Change<Id, Snapshot>> = Vec::with_capacity(touched.len());
+                    for id in touched.drain(..) {
+                        let value = match riders.get(&id) {
+                            Some(Parts {
+                                core: Some(core),
+                                position: Some(position),
+                                ..
+                            }) => Some(Snapshot::compose(core.clone(), *position)),
+                            Some(Parts {
+                                core: None,
+                                position: None,
+                                ..
+                            }) => {
+                                riders.remove(&id);
+                                None
+                            }
+                            _ => None,
+                        };
+                        changes.push(Change {
+                            key: id,
+                            value,
+                            time,
+                        });
+                    }
+                    output.session(&cap).give_container(&mut changes);
+                }
+                held.set(riders.len());
+            }
+        },
+    )
 }
 
 /// The changelog of a collection that holds at most one value per key: for every complete time,

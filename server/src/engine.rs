@@ -1,7 +1,9 @@
 //! The engine: timely workers running the dataflow, each fed by its own source, answering peeks
 //! from its arrangements between steps and compacting its traces as time moves on.
 
+use std::cell::Cell;
 use std::collections::VecDeque;
+use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -12,7 +14,7 @@ use dongflow_connectors::source::{EventSource, Polled};
 use dongflow_dataflow::build::{changelogs, Changelogs};
 use dongflow_dataflow::districts::DistrictIndex;
 use dongflow_dataflow::peek::trace_len;
-use dongflow_dataflow::stages::{CountsTrace, PositionTrace, SnapshotTrace};
+use dongflow_dataflow::stages::{CountsTrace, SnapshotTrace};
 use dongflow_dataflow::types::Time;
 use dongflow_dataflow::upsert::owner;
 use dongflow_dataflow::{build, DataflowCounters, WorkerState};
@@ -408,7 +410,8 @@ struct WorkerLoop {
     deliveries_in: InputHandle<Time, dongflow_connectors::DeliveryEvent>,
     probe: ProbeHandle<Time>,
     snapshots: SnapshotTrace,
-    positions: PositionTrace,
+    /// How many riders the rider changelog stage holds.
+    changelog_riders: Rc<Cell<usize>>,
     counts: CountsTrace,
     state: WorkerState,
     shared: Arc<Shared>,
@@ -461,11 +464,12 @@ impl WorkerLoop {
                 .restore(&restored.deliveries, at, mine);
         }
         let districts = config.districts.clone();
-        let (snapshots, positions, counts) = worker.dataflow::<Time, _, _>(|scope| {
+        let changelog_riders: Rc<Cell<usize>> = Rc::default();
+        let (snapshots, counts) = worker.dataflow::<Time, _, _>(|scope| {
             let riders = scope.input_from(&mut riders_in);
             let deliveries = scope.input_from(&mut deliveries_in);
             let out = build(riders, deliveries, districts.clone(), &state, counters);
-            let streams = changelogs(&out);
+            let streams = changelogs(&out, changelog_riders.clone());
             if let Some(sink) = &config.changelog {
                 attach_changelog(&streams, sink.clone(), districts);
             }
@@ -473,9 +477,9 @@ impl WorkerLoop {
             attach_view(&streams, view_feed, config.workers, processes);
             // One probe behind every queried arrangement: its frontier says which times are complete.
             out.snapshots.stream.clone().probe_with(&probe);
-            out.positions.stream.clone().probe_with(&probe);
+            out.positions.inner.clone().probe_with(&probe);
             out.counts.stream.clone().probe_with(&probe);
-            (out.snapshots.trace, out.positions.trace, out.counts.trace)
+            (out.snapshots.trace, out.counts.trace)
         });
         let index = worker.index() % config.workers;
         shared.threads.lock().unwrap_or_else(|e| e.into_inner())[index] =
@@ -487,7 +491,7 @@ impl WorkerLoop {
             deliveries_in,
             probe,
             snapshots,
-            positions,
+            changelog_riders,
             counts,
             state,
             shared,
@@ -674,7 +678,7 @@ impl WorkerLoop {
                 riders: self.state.riders.borrow().len(),
                 deliveries: self.state.deliveries.borrow().len(),
                 snapshot_updates: trace_len(&self.snapshots),
-                position_updates: trace_len(&self.positions),
+                changelog_riders: self.changelog_riders.get(),
                 count_updates: trace_len(&self.counts),
             };
             // The asker may have timed out and gone; nothing to do then.
@@ -694,8 +698,6 @@ impl WorkerLoop {
             // Physical: batches may be merged across those times, so the spine stays small.
             self.snapshots.set_logical_compaction(f);
             self.snapshots.set_physical_compaction(f);
-            self.positions.set_logical_compaction(f);
-            self.positions.set_physical_compaction(f);
             self.counts.set_logical_compaction(f);
             self.counts.set_physical_compaction(f);
         }

@@ -602,12 +602,16 @@ fn metrics_text(app: &App) -> String {
             &mut out,
             "dongflow_state_entries",
             "gauge",
-            "Ids held in the upsert state (ended deliveries included until they expire).",
+            "Ids held in the upsert state (ended deliveries included until they expire), and riders held by the rider changelog stage.",
             &[
                 ("{state=\"riders\"}".into(), sizes.riders.to_string()),
                 (
                     "{state=\"deliveries\"}".into(),
                     sizes.deliveries.to_string(),
+                ),
+                (
+                    "{state=\"changelog_riders\"}".into(),
+                    sizes.changelog_riders.to_string(),
                 ),
             ],
         );
@@ -620,10 +624,6 @@ fn metrics_text(app: &App) -> String {
                 (
                     "{arrangement=\"snapshots\"}".into(),
                     sizes.snapshot_updates.to_string(),
-                ),
-                (
-                    "{arrangement=\"positions\"}".into(),
-                    sizes.position_updates.to_string(),
                 ),
                 (
                     "{arrangement=\"counts\"}".into(),

@@ -74,8 +74,8 @@ pub struct StateSizes {
     pub deliveries: usize,
     /// Updates held in the snapshot arrangement.
     pub snapshot_updates: usize,
-    /// Updates held in the rider positions arrangement.
-    pub position_updates: usize,
+    /// Riders (snapshot core and position) held by the rider changelog stage.
+    pub changelog_riders: usize,
     /// Updates held in the district counts arrangement.
     pub count_updates: usize,
 }
@@ -85,7 +85,7 @@ impl std::ops::AddAssign for StateSizes {
         self.riders += o.riders;
         self.deliveries += o.deliveries;
         self.snapshot_updates += o.snapshot_updates;
-        self.position_updates += o.position_updates;
+        self.changelog_riders += o.changelog_riders;
         self.count_updates += o.count_updates;
     }
 }
