@@ -84,6 +84,11 @@ impl KafkaSource {
             )
             // End of partition is not an event here; readiness uses the watch's end offsets.
             .set("enable.partition.eof", "false")
+            // A caught-up fetch waits at most this long for new records. Some brokers answer an
+            // empty fetch only at its deadline (librdkafka's mock cluster does), which with the
+            // default 500 ms would hold a new record back that long; an idle consumer pays with
+            // about 100 empty fetches a second per broker.
+            .set("fetch.wait.max.ms", "10")
             .create_with_context(Quiet::default())?;
         Ok(Self {
             consumer,
