@@ -317,7 +317,9 @@ pub fn upsert<'s, U: UpsertRule>(
             name,
             move |initial, _| {
                 let mut initial = Some(initial);
-                let mut stash: BTreeMap<Time, (Capability<Time>, Vec<U::Event>)> = BTreeMap::new();
+                // Received containers are kept as they came, not copied into one.
+                let mut stash: BTreeMap<Time, (Capability<Time>, Vec<Vec<U::Event>>)> =
+                    BTreeMap::new();
                 let mut touched: Vec<(Id, Option<U::State>)> = Vec::new();
                 let (mut old_rows, mut new_rows) = (Vec::new(), Vec::new());
                 move |(input, frontier), output| {
@@ -341,7 +343,7 @@ pub fn upsert<'s, U: UpsertRule>(
                             .entry(time)
                             .or_insert_with(|| (retained, Vec::new()))
                             .1
-                            .append(data);
+                            .push(std::mem::take(data));
                     });
                     // Apply complete times in time order: no event of an earlier time can still arrive.
                     while let Some(entry) = stash.first_entry() {
@@ -389,7 +391,7 @@ pub fn upsert<'s, U: UpsertRule>(
 fn apply_time<U: UpsertRule>(
     state: &mut UpsertState<U::State>,
     time: Time,
-    events: Vec<U::Event>,
+    events: Vec<Vec<U::Event>>,
     touched: &mut Vec<(Id, Option<U::State>)>,
     counters: &UpsertCounters,
 ) {
@@ -404,7 +406,7 @@ fn apply_time<U: UpsertRule>(
         }
     }
     let ttl = state.ttl;
-    for event in events {
+    for event in events.into_iter().flatten() {
         let id = U::id(&event).clone();
         let result = match state.entries.get_mut(&id) {
             Some(slot) => U::apply(Some(&slot.state), event).map(|new| {
