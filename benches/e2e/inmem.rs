@@ -153,7 +153,8 @@ pub fn peak_rss() -> u64 {
 }
 
 /// Builds a state of `riders` riders on shift and `deliveries` active deliveries in a 2-worker
-/// engine and measures the heap it holds and the process's peak RSS.
+/// engine, waits until its arrangements have stopped changing, and measures the heap it holds and
+/// the process's peak RSS.
 pub fn memory_point(riders: usize, deliveries: usize, index: &Arc<DistrictIndex>) -> MemoryPoint {
     let workers = 2;
     let sources: Vec<Box<dyn EventSource>> = (0..workers)
@@ -170,6 +171,15 @@ pub fn memory_point(riders: usize, deliveries: usize, index: &Arc<DistrictIndex>
         Engine::start(EngineConfig::new(workers, index.clone()), sources).expect("engine starts");
     while !engine.drained() {
         std::thread::sleep(Duration::from_millis(1));
+    }
+    // Steady state: the arrangements have finished merging what the burst left.
+    let mut last = engine.sizes().expect("sizes");
+    let mut still = 0;
+    while still < 5 {
+        std::thread::sleep(Duration::from_millis(100));
+        let now = engine.sizes().expect("sizes");
+        still = if now == last { still + 1 } else { 0 };
+        last = now;
     }
     let change = region.change();
     let heap_bytes = change.bytes_allocated as i64 - change.bytes_deallocated as i64;

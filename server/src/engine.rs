@@ -172,6 +172,20 @@ impl std::fmt::Debug for Engine {
     }
 }
 
+/// Records' worth of merging an arrangement does per scheduling when it has nothing else to do.
+const IDLE_MERGE_EFFORT: isize = 1_000;
+
+/// Timely's worker settings: arrangements keep merging while idle (at [`IDLE_MERGE_EFFORT`]), so
+/// that after a burst their batches come together and retracted updates are let go, instead of
+/// waiting for the next input to do that work.
+fn worker_config() -> WorkerConfig {
+    let mut config = WorkerConfig::default();
+    let differential =
+        differential_dataflow::Config::default().idle_merge_effort(Some(IDLE_MERGE_EFFORT));
+    differential_dataflow::configure(&mut config, &differential);
+    config
+}
+
 /// Wall-clock time in ms since the Unix epoch: the ingest time that stamps batches.
 pub fn now_ms() -> Time {
     SystemTime::now()
@@ -220,7 +234,7 @@ impl Engine {
                     zerocopy: false,
                 },
             },
-            worker: WorkerConfig::default(),
+            worker: worker_config(),
         };
         let view = ServingView::new();
         let mut applier = ViewApplier::start(view.clone())?;
