@@ -354,13 +354,16 @@ impl EngineHandle {
     /// Whether every source has caught up with what it had at start, and the dataflow has taken all
     /// of that in: the live state is current.
     pub fn caught_up(&self) -> bool {
-        let marks: Vec<Time> = self
-            .progress
-            .caught_up_at
-            .iter()
-            .map(|t| t.load(Ordering::Acquire))
-            .collect();
-        marks.iter().all(|&t| t > 0) && marks.iter().max().is_some_and(|&t| t <= self.as_of())
+        // Asked on every HTTP request: no allocation.
+        let mut latest = 0;
+        for mark in &self.progress.caught_up_at {
+            let t = mark.load(Ordering::Acquire);
+            if t == 0 {
+                return false;
+            }
+            latest = latest.max(t);
+        }
+        latest <= self.as_of()
     }
 
     /// Events pushed into the dataflow so far.
@@ -476,6 +479,9 @@ impl WorkerLoop {
                 .deliveries
                 .borrow_mut()
                 .restore(&restored.deliveries, at, mine);
+            // The restored state goes in at `at`, like input pushed then: neither caught up nor
+            // drained before the view has passed it.
+            progress.pushed[worker.index() % config.workers].fetch_max(at, Ordering::Release);
         }
         let districts = config.districts.clone();
         let changelog_riders: Rc<Cell<usize>> = Rc::default();
