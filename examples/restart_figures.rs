@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use dongflow::checkpoint::{load_latest, Writer};
 use dongflow::demo::partition;
 use dongflow::engine::CheckpointSettings;
-use dongflow::view::ServingView;
+use dongflow::view::CheckpointView;
 use dongflow::{Engine, EngineConfig, Query};
 use dongflow_connectors::simulator::{fixed_state, SimEvent};
 use dongflow_connectors::source::{EventSource, VecSource};
@@ -71,11 +71,11 @@ fn main() {
 
     // 2. Back from the checkpoint.
     let started = Instant::now();
-    let restored = load_latest(&dir).expect("the checkpoint loads");
+    let restored = Arc::new(load_latest(&dir).expect("the checkpoint loads"));
     let load = started.elapsed();
     // What a restarting process answers (stale) first: the checkpoint's own view.
-    let view = ServingView::for_checkpoint();
-    view.fill_from_checkpoint(&restored);
+    let view = CheckpointView::new();
+    view.fill(restored.clone());
     assert_eq!(
         view.riders(),
         riders,
@@ -84,7 +84,7 @@ fn main() {
     let first_stale = started.elapsed();
     drop(view);
     let mut config = EngineConfig::new(WORKERS, index.clone());
-    config.restore = Some(Arc::new(restored));
+    config.restore = Some(restored);
     let engine = Engine::start(config, sources(Vec::new())).expect("engine");
     wait_complete(&engine, riders as u64);
     let restore_total = started.elapsed();

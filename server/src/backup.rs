@@ -76,11 +76,14 @@ impl std::fmt::Debug for BackupView {
 }
 
 impl BackupView {
-    /// Starts reading `district_topic` and `rider_topic` from the beginning.
+    /// Starts reading `district_topic` and `rider_topic` from the beginning, once `begin` says
+    /// so (it is asked every 10 ms): a restart from a checkpoint lets the checkpoint's own view,
+    /// which answers sooner, have the machine first.
     pub fn start(
         brokers: &str,
         district_topic: &str,
         rider_topic: &str,
+        begin: impl Fn() -> bool + Send + 'static,
     ) -> Result<Arc<BackupView>, KafkaError> {
         let consumer = || -> Result<BaseConsumer<Quiet>, KafkaError> {
             Ok(ClientConfig::new()
@@ -110,8 +113,15 @@ impl BackupView {
         });
         let topics = [district_topic.to_owned(), rider_topic.to_owned()];
         let v = view.clone();
-        view.thread
-            .start("dongflow-backup-view", move || v.read(&consumers, &topics))?;
+        view.thread.start("dongflow-backup-view", move || {
+            while !begin() {
+                if v.thread.stopping() {
+                    return;
+                }
+                std::thread::park_timeout(Duration::from_millis(10));
+            }
+            v.read(&consumers, &topics)
+        })?;
         Ok(view)
     }
 

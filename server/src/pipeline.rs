@@ -15,7 +15,7 @@ use crate::backup::BackupView;
 use crate::changelog::KafkaChangelog;
 use crate::checkpoint::{CheckpointError, Restored, WriteReport, Writer};
 use crate::engine::{CheckpointSettings, Engine, EngineConfig, EngineError};
-use crate::view::ServingView;
+use crate::view::CheckpointView;
 
 /// Partitions of output topics the pipeline creates when they are missing.
 pub const OUTPUT_PARTITIONS: i32 = 4;
@@ -64,7 +64,7 @@ pub struct Pipeline {
     metrics: Arc<KafkaMetrics>,
     writer: Option<Writer>,
     backup: Arc<BackupView>,
-    checkpoint_view: Option<Arc<ServingView>>,
+    checkpoint_view: Option<Arc<CheckpointView>>,
 }
 
 impl std::ops::Deref for Pipeline {
@@ -126,45 +126,51 @@ impl Pipeline {
             district_topic: config.district_changelog_topic.clone(),
             rider_topic: config.rider_changelog_topic.clone(),
         }));
-        let backup = BackupView::start(
-            &config.kafka.brokers,
-            &config.district_changelog_topic,
-            &config.rider_changelog_topic,
-        )?;
-        // The restored state answers (stale) as soon as it is computed, while the dataflow takes
-        // the same state in, which takes several times longer.
+        // Stale answers while the live state is not ready: the restored checkpoint's view answers
+        // as soon as it is indexed, while the dataflow takes the same state in (several times
+        // longer); the changelog's view begins reading once that index is there.
         // Filled in once the engine runs; until then the live state is not ready.
         let engine_handle: Arc<std::sync::OnceLock<crate::EngineHandle>> = Arc::default();
         let live = engine_handle.clone();
         let live_ready = move || live.get().is_some_and(|e| e.as_of() > 0 && e.caught_up());
-        backup.release_when(live_ready.clone());
-        let checkpoint_view = config.restore.as_ref().map(|restored| {
+        let checkpoint_view = config.restore.as_ref().and_then(|restored| {
             let live_ready = live_ready.clone();
-            let view = ServingView::for_checkpoint();
+            let view = CheckpointView::new();
             let (v, r) = (view.clone(), restored.clone());
             let spawned = std::thread::Builder::new()
                 .name("dongflow-checkpoint-view".into())
                 .spawn(move || {
                     let started = std::time::Instant::now();
-                    v.fill_from_checkpoint(&r);
+                    let time = r.time;
+                    v.fill(r);
                     tracing::info!(
-                        "checkpoint {}: {} riders on shift answer (stale) after {:?}",
-                        r.time,
+                        "checkpoint {time}: {} riders on shift answer (stale) after {:?}",
                         v.riders(),
                         started.elapsed()
                     );
-                    drop(r);
                     // Kept until the live state is ready, then freed.
                     while !(live_ready)() {
                         std::thread::sleep(Duration::from_millis(50));
                     }
                     v.clear();
                 });
-            if let Err(e) = spawned {
-                tracing::warn!("no stale answers from the checkpoint: {e}");
+            match spawned {
+                Ok(_) => Some(view),
+                Err(e) => {
+                    tracing::warn!("no stale answers from the checkpoint: {e}");
+                    None
+                }
             }
-            view
         });
+        let indexed = checkpoint_view.clone();
+        let backup = BackupView::start(
+            &config.kafka.brokers,
+            &config.district_changelog_topic,
+            &config.rider_changelog_topic,
+            // Without a checkpoint, at once; with one, once it has been indexed.
+            move || indexed.as_ref().is_none_or(|v| v.filled()),
+        )?;
+        backup.release_when(live_ready);
         let engine = Engine::start(engine_config, sources)?;
         let _ = engine_handle.set(engine.handle());
         Ok(Pipeline {
@@ -185,7 +191,7 @@ impl Pipeline {
 
     /// The restored checkpoint's view, answering (stale) until the live state is ready; `None`
     /// when the pipeline did not start from a checkpoint.
-    pub fn checkpoint_view(&self) -> Option<Arc<ServingView>> {
+    pub fn checkpoint_view(&self) -> Option<Arc<CheckpointView>> {
         self.checkpoint_view.clone()
     }
 

@@ -10,20 +10,22 @@
 //!   frontier step makes one new version of the maps (persistent maps: O(changes), the old version
 //!   untouched) and publishes it with one atomic store. A read loads one version: exactly the input
 //!   up to one `as_of`, which never goes back, and it never waits.
-//! - **Seeded from a checkpoint.** [`ServingView::fill_from_checkpoint`] computes the same maps from a
-//!   checkpoint's upsert state, so a restarting process answers (`stale`) as soon as it has loaded
-//!   its checkpoint, before the dataflow has taken the state in.
+//! - **A checkpoint's view.** [`CheckpointView`] indexes a restored checkpoint's upsert state and
+//!   answers from it (`stale`) the snapshots and counts the dataflow will compute from it, so a
+//!   restarting process answers as soon as it has loaded its checkpoint, before the dataflow has
+//!   taken the state in.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use arc_swap::ArcSwap;
+use rustc_hash::FxHashMap;
 
 use dongflow_connectors::Id;
 use dongflow_dataflow::build::Changelogs;
 use dongflow_dataflow::districts::DistrictId;
 use dongflow_dataflow::stages::DeliveryState;
-use dongflow_dataflow::types::{Change, DeliveryBrief, DistrictCounts, Snapshot, Time};
+use dongflow_dataflow::types::{Change, DeliveryBrief, DistrictCounts, RiderRow, Snapshot, Time};
 use serde::{Deserialize, Serialize};
 use timely::dataflow::channels::pact::Exchange;
 use timely::dataflow::operators::generic::operator::Operator;
@@ -112,10 +114,8 @@ impl Maps {
 #[derive(Debug, Default)]
 pub struct ServingView {
     maps: ArcSwap<Maps>,
-    /// Serialises writers (the applying worker; the thread that fills or clears a checkpoint's view).
+    /// Serialises writers.
     writer: Mutex<()>,
-    /// Whether the answers are `stale`: true for a view of a checkpoint.
-    stale: bool,
 }
 
 impl ServingView {
@@ -124,23 +124,8 @@ impl ServingView {
         Arc::new(Self::default())
     }
 
-    /// An empty view for a checkpoint's state, answering `stale` once filled by
-    /// [`ServingView::fill_from_checkpoint`].
-    pub fn for_checkpoint() -> Arc<Self> {
-        Arc::new(Self {
-            stale: true,
-            ..Self::default()
-        })
-    }
-
     fn write(&self) -> MutexGuard<'_, ()> {
         self.writer.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    /// Empties the view (the live state has taken over), freeing its memory.
-    pub fn clear(&self) {
-        let _writing = self.write();
-        self.maps.store(Arc::default());
     }
 
     /// The dataflow time the view reflects; 0 before the first complete time.
@@ -194,63 +179,179 @@ impl ServingView {
         };
         Some(Answer {
             as_of: maps.as_of,
-            stale: self.stale,
+            stale: false,
             body,
         })
     }
+}
 
-    /// Fills the view with a checkpoint's state at its time: the snapshots and counts the dataflow
-    /// will compute from the same state (CONTRACT section 3), computed directly.
-    pub fn fill_from_checkpoint(&self, restored: &Restored) {
-        let mut maps = Maps {
-            as_of: restored.time,
-            ..Maps::default()
-        };
-        let mut deliveries: HashMap<&Id, Vec<DeliveryBrief>> = HashMap::new();
+/// A restored checkpoint's state, indexed to answer queries (`stale`) while the dataflow takes the
+/// same state in: the snapshots and counts the dataflow will compute from it (CONTRACT section 3),
+/// computed directly. Nothing changes it after it is built, so it needs no persistent maps: plain
+/// indexes over the checkpoint's own rows, and snapshots made when asked.
+#[derive(Debug)]
+struct Frozen {
+    restored: Arc<Restored>,
+    /// Districts with any nonzero count.
+    districts: BTreeMap<DistrictId, DistrictCounts>,
+    /// Riders on shift: where each is in `restored.riders.entries`.
+    riders: FxHashMap<Id, usize>,
+    /// Active deliveries per rider on shift, sorted by id.
+    active: HashMap<Id, Vec<DeliveryBrief>>,
+    /// Riders on shift by district: positions in `restored.riders.entries`, sorted by id.
+    by_district: HashMap<DistrictId, Vec<usize>>,
+}
+
+impl Frozen {
+    fn build(restored: Arc<Restored>) -> Frozen {
+        let mut districts: BTreeMap<DistrictId, DistrictCounts> = BTreeMap::new();
+        let mut active: HashMap<Id, Vec<DeliveryBrief>> = HashMap::new();
         for (id, state) in &restored.deliveries.entries {
             let DeliveryState::Live(row) = state else {
                 continue;
             };
             if row.is_waiting() {
-                maps.districts
+                districts
                     .entry(row.pickup_district)
                     .or_default()
                     .waiting_deliveries += 1;
             }
             if let (true, Some(rider)) = (row.is_active(), &row.rider_id) {
-                deliveries.entry(rider).or_default().push(DeliveryBrief {
-                    delivery_id: id.clone(),
-                    status: row.status,
-                    vehicle: row.vehicle.clone(),
-                    ts: row.ts,
+                active
+                    .entry(rider.clone())
+                    .or_default()
+                    .push(DeliveryBrief {
+                        delivery_id: id.clone(),
+                        status: row.status,
+                        vehicle: row.vehicle.clone(),
+                        ts: row.ts,
+                    });
+            }
+        }
+        let entries = &restored.riders.entries;
+        let on_shift = |(_, (_, row)): &(usize, &(Id, RiderRow))| row.status.on_shift();
+        // Two independent passes over the riders, one per core: the index by id, and the counts
+        // with the riders of each district.
+        let (riders, by_district) = std::thread::scope(|scope| {
+            let index = scope.spawn(|| {
+                let mut riders = FxHashMap::default();
+                riders.reserve(entries.len());
+                for (i, (id, _)) in entries.iter().enumerate().filter(on_shift) {
+                    riders.insert(id.clone(), i);
+                }
+                riders
+            });
+            let mut by_district: HashMap<DistrictId, Vec<usize>> = HashMap::new();
+            for (i, (id, row)) in entries.iter().enumerate().filter(on_shift) {
+                let n = active.get_mut(id).map_or(0, |list| {
+                    list.sort_by(|a, b| a.delivery_id.cmp(&b.delivery_id));
+                    list.len() as u64
                 });
+                let counts = districts.entry(row.district).or_default();
+                counts.riders_on_shift += 1;
+                counts.active_deliveries += n;
+                counts.riders_delivering += u64::from(n > 0);
+                by_district.entry(row.district).or_default().push(i);
             }
-        }
-        for (id, row) in &restored.riders.entries {
-            if !row.status.on_shift() {
-                continue;
+            for list in by_district.values_mut() {
+                list.sort_unstable_by(|&a, &b| entries[a].0.cmp(&entries[b].0));
             }
-            let mut active = deliveries.remove(id).unwrap_or_default();
-            active.sort_by(|a, b| a.delivery_id.cmp(&b.delivery_id));
-            let counts = maps.districts.entry(row.district).or_default();
-            counts.riders_on_shift += 1;
-            counts.active_deliveries += active.len() as u64;
-            if !active.is_empty() {
-                counts.riders_delivering += 1;
-            }
-            maps.by_district
-                .entry(row.district)
-                .or_default()
-                .insert(id.clone());
-            let snapshot = Snapshot {
-                rider: row.clone(),
-                deliveries: active,
-            };
-            maps.riders.insert(id.clone(), Arc::new(snapshot));
-        }
+            let riders = index
+                .join()
+                .unwrap_or_else(|e| std::panic::resume_unwind(e));
+            (riders, by_district)
+        });
+        // Deliveries of riders who are not on shift count nowhere.
+        active.retain(|rider, _| riders.contains_key(rider));
         // Every district entry was made by counting something: none is all zero.
-        let _writing = self.write();
-        self.maps.store(Arc::new(maps));
+        Frozen {
+            restored,
+            districts,
+            riders,
+            active,
+            by_district,
+        }
+    }
+
+    fn snapshot(&self, i: usize) -> (Id, Snapshot) {
+        let (id, row) = &self.restored.riders.entries[i];
+        let deliveries = self.active.get(id).cloned().unwrap_or_default();
+        let rider = row.clone();
+        (id.clone(), Snapshot { rider, deliveries })
+    }
+
+    fn answer(&self, query: &Query) -> AnswerBody {
+        match query {
+            Query::District(d) => {
+                AnswerBody::District(self.districts.get(d).copied().unwrap_or_default())
+            }
+            Query::Districts => {
+                AnswerBody::Districts(self.districts.iter().map(|(d, c)| (*d, *c)).collect())
+            }
+            Query::Rider(id) => AnswerBody::Rider(self.riders.get(id).map(|&i| self.snapshot(i).1)),
+            Query::RidersOf(d) => AnswerBody::Riders(
+                self.by_district
+                    .get(d)
+                    .into_iter()
+                    .flatten()
+                    .map(|&i| self.snapshot(i))
+                    .collect(),
+            ),
+        }
+    }
+}
+
+/// The view of a restored checkpoint, answering with `stale: true` and the checkpoint's time as
+/// `as_of` once [`CheckpointView::fill`] has indexed it, until the live state takes over and
+/// [`CheckpointView::clear`] lets it go.
+#[derive(Debug, Default)]
+pub struct CheckpointView {
+    frozen: arc_swap::ArcSwapOption<Frozen>,
+    /// Set once filled, and kept after it is let go.
+    filled: std::sync::atomic::AtomicBool,
+}
+
+impl CheckpointView {
+    /// An empty view: it answers nothing until filled.
+    pub fn new() -> Arc<Self> {
+        Arc::new(Self::default())
+    }
+
+    /// Indexes `restored` and answers from it from then on.
+    pub fn fill(&self, restored: Arc<Restored>) {
+        self.frozen.store(Some(Arc::new(Frozen::build(restored))));
+        self.filled
+            .store(true, std::sync::atomic::Ordering::Release);
+    }
+
+    /// Whether it has been filled (it may have been let go since).
+    pub fn filled(&self) -> bool {
+        self.filled.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    /// Lets the checkpoint go (the live state has taken over).
+    pub fn clear(&self) {
+        self.frozen.store(None);
+    }
+
+    /// The checkpoint's time once filled; 0 before (and after it is let go).
+    pub fn as_of(&self) -> Time {
+        self.frozen.load().as_ref().map_or(0, |f| f.restored.time)
+    }
+
+    /// Riders on shift in the view.
+    pub fn riders(&self) -> usize {
+        self.frozen.load().as_ref().map_or(0, |f| f.riders.len())
+    }
+
+    /// The answer to `query` from the checkpoint, `stale`; `None` unless filled.
+    pub fn answer(&self, query: &Query) -> Option<Answer> {
+        let frozen = self.frozen.load_full()?;
+        Some(Answer {
+            as_of: frozen.restored.time,
+            stale: true,
+            body: frozen.answer(query),
+        })
     }
 }
 
@@ -531,13 +632,13 @@ mod tests {
             },
             offsets: Default::default(),
         };
-        let view = ServingView::for_checkpoint();
+        let view = CheckpointView::new();
         assert_eq!(
             view.answer(&Query::Districts),
             None,
             "nothing before it is filled"
         );
-        view.fill_from_checkpoint(&restored);
+        view.fill(Arc::new(restored));
         let all = view.answer(&Query::Districts).expect("filled");
         assert_eq!((all.as_of, all.stale), (500, true));
         let counts = |on, delivering, active, waiting| DistrictCounts {
