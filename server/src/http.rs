@@ -1,9 +1,9 @@
 //! The HTTP API of CONTRACT section 6, served with hyper.
 //!
-//! Every request is answered from the engine at one consistent `as_of` (see [`crate::query`]). Queries
-//! block on the workers' replies, so they run on tokio's blocking pool: a slow query never holds an
-//! async worker, and a slow or vanished client never holds worker state (the workers reply into a
-//! channel and forget the request). Request bodies are never read.
+//! Every request is answered at one consistent `as_of` from the process's serving view
+//! ([`crate::view`]): a read of the version of the maps current when the request came, on the
+//! connection's own task. A query never waits for the workers or stalls them, and a slow or
+//! vanished client holds nothing but its own copy of that version. Request bodies are never read.
 
 use std::collections::BTreeMap;
 use std::convert::Infallible;
@@ -13,10 +13,11 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use dongflow_connectors::kafka::{KafkaMetrics, OutputKind};
-use dongflow_dataflow::types::DistrictCounts;
+use dongflow_dataflow::districts::DistrictId;
+use dongflow_dataflow::types::{DistrictCounts, Time};
 
 use crate::backup::BackupView;
-use crate::view::ServingView;
+use crate::view::CheckpointView;
 use dongflow_dataflow::districts::DistrictIndex;
 use http_body_util::Full;
 use hyper::body::Incoming;
@@ -50,10 +51,13 @@ pub struct App {
     engine: EngineHandle,
     index: Arc<DistrictIndex>,
     geojson: Bytes,
+    /// The last all-districts answer rendered, by `(as_of, stale)`: one version of the view has
+    /// one answer, so it is rendered once however many ask for it.
+    districts_body: Mutex<Option<(Time, bool, Bytes)>>,
     metrics: HttpMetrics,
     kafka: Option<Arc<KafkaMetrics>>,
     backup: Option<Arc<BackupView>>,
-    checkpoint_view: Option<Arc<ServingView>>,
+    checkpoint_view: Option<Arc<CheckpointView>>,
 }
 
 impl std::fmt::Debug for App {
@@ -70,6 +74,7 @@ impl App {
             engine,
             index,
             geojson,
+            districts_body: Mutex::default(),
             metrics: HttpMetrics::default(),
             kafka: None,
             backup: None,
@@ -86,13 +91,14 @@ impl App {
         index: Arc<DistrictIndex>,
         kafka: Arc<KafkaMetrics>,
         backup: Option<Arc<BackupView>>,
-        checkpoint_view: Option<Arc<ServingView>>,
+        checkpoint_view: Option<Arc<CheckpointView>>,
     ) -> Arc<Self> {
         let geojson = Bytes::from(index.to_geojson().to_string());
         Arc::new(Self {
             engine,
             index,
             geojson,
+            districts_body: Mutex::default(),
             metrics: HttpMetrics::default(),
             kafka: Some(kafka),
             backup,
@@ -289,8 +295,8 @@ fn short(path: &str) -> String {
 }
 
 /// Answers a query from the serving view (or, while the live state is not ready, from the
-/// restored checkpoint's view): a read of in-memory maps under a lock held for microseconds, done
-/// right here on the connection's task.
+/// restored checkpoint's view): a read of one version of in-memory maps, done right here on the
+/// connection's task.
 async fn ask(app: &Arc<App>, query: Query) -> Result<Answer, QueryError> {
     if let Some(answer) = stale_source(app)
         .and_then(|s| s.checkpoint)
@@ -330,7 +336,7 @@ fn live_ready(app: &App) -> bool {
 /// Where stale answers come from while the live state is not ready: exactly one of the two.
 struct StaleSource<'a> {
     changelog: Option<&'a BackupView>,
-    checkpoint: Option<&'a ServingView>,
+    checkpoint: Option<&'a CheckpointView>,
 }
 
 /// The stale view that should answer, if any: none once the live state is ready (both are then
@@ -375,13 +381,41 @@ async fn districts(app: &Arc<App>) -> Response<Full<Bytes>> {
         return json(StatusCode::OK, &b.districts());
     }
     answered(app, Query::Districts, |a| match a.body {
-        AnswerBody::Districts(counts) => Some(json(
-            StatusCode::OK,
-            &DistrictsView::new(&app.index, a.as_of, a.stale, &counts),
-        )),
+        AnswerBody::Districts(counts) => Some(districts_body(app, a.as_of, a.stale, &counts)),
         _ => None,
     })
     .await
+}
+
+/// The all-districts answer of one version of the view, rendered once per version.
+fn districts_body(
+    app: &App,
+    as_of: Time,
+    stale: bool,
+    counts: &[(DistrictId, DistrictCounts)],
+) -> Response<Full<Bytes>> {
+    let cached = app
+        .districts_body
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .as_ref()
+        .filter(|(t, s, _)| (*t, *s) == (as_of, stale))
+        .map(|(_, _, body)| body.clone());
+    if let Some(body) = cached {
+        return respond(StatusCode::OK, JSON, body);
+    }
+    match serde_json::to_vec(&DistrictsView::new(&app.index, as_of, stale, counts)) {
+        Ok(body) => {
+            let body = Bytes::from(body);
+            *app.districts_body.lock().unwrap_or_else(|e| e.into_inner()) =
+                Some((as_of, stale, body.clone()));
+            respond(StatusCode::OK, JSON, body)
+        }
+        Err(e) => error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            &format!("cannot encode answer: {e}"),
+        ),
+    }
 }
 
 async fn district(app: &Arc<App>, code: &str) -> Response<Full<Bytes>> {
