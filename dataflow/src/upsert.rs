@@ -279,6 +279,9 @@ impl UpsertCounters {
 
 type Update<R> = ((Id, R), Time, Diff);
 
+/// Events waiting for their time to complete, as received, with a capability for each time.
+type Stash<E> = BTreeMap<Time, (Capability<Time>, Vec<Vec<E>>)>;
+
 /// Applies `events` to `state` by the rule `U`, and returns the changes of the visible rows.
 ///
 /// ```
@@ -318,8 +321,7 @@ pub fn upsert<'s, U: UpsertRule>(
             move |initial, _| {
                 let mut initial = Some(initial);
                 // Received containers are kept as they came, not copied into one.
-                let mut stash: BTreeMap<Time, (Capability<Time>, Vec<Vec<U::Event>>)> =
-                    BTreeMap::new();
+                let mut stash: Stash<U::Event> = BTreeMap::new();
                 let mut touched: Vec<(Id, Option<U::State>)> = Vec::new();
                 let (mut old_rows, mut new_rows) = (Vec::new(), Vec::new());
                 move |(input, frontier), output| {
