@@ -12,7 +12,6 @@
 //!
 //! Prints JSON: checkpoint size, medians (min, max), peak RSS of the processes.
 
-use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -76,6 +75,8 @@ fn free_port() -> u16 {
 
 struct Run {
     child: Child,
+    /// The process's log, each line with the seconds since it started.
+    log: std::sync::Arc<std::sync::Mutex<String>>,
     http: String,
     started: Instant,
     agent: ureq::Agent,
@@ -113,12 +114,24 @@ impl Run {
             &http,
         ];
         let started = Instant::now();
-        let child = Command::new(bin)
+        let mut child = Command::new(bin)
             .args(args)
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()
             .expect("dongflow starts");
+        // Read as it comes, so that a full pipe never holds the process up.
+        let log = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+        let (err, sink) = (child.stderr.take().expect("stderr"), log.clone());
+        std::thread::spawn(move || {
+            use std::io::BufRead;
+            for line in std::io::BufReader::new(err).lines().map_while(Result::ok) {
+                let stamped = format!("{:8.3} {line}\n", started.elapsed().as_secs_f64());
+                sink.lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .push_str(&stamped);
+            }
+        });
         let agent = ureq::Agent::config_builder()
             .http_status_as_error(false)
             .timeout_global(Some(Duration::from_secs(5)))
@@ -126,6 +139,7 @@ impl Run {
             .into();
         Run {
             child,
+            log,
             http,
             started,
             agent,
@@ -185,10 +199,7 @@ impl Run {
             .args(["-TERM", &self.child.id().to_string()])
             .status();
         let status = self.child.wait().expect("exit");
-        let mut log = String::new();
-        if let Some(mut e) = self.child.stderr.take() {
-            let _ = e.read_to_string(&mut log);
-        }
+        let log = self.log.lock().unwrap_or_else(|e| e.into_inner()).clone();
         assert!(status.success(), "dongflow exited with {status}:\n{log}");
         log
     }
@@ -295,8 +306,16 @@ fn main() {
         });
         first_answer_stale &= stale;
         let ready_after = run.until("ready after the restore", long, ready);
+        eprintln!(
+            "restore {i}: at ready, producer queue-full waits {}, changelog records written {}",
+            run.metric("dongflow_producer_queue_full_waits_total"),
+            run.metric("dongflow_output_records_written_total{output=\"rider_changelog\"}")
+        );
         peak_rss = peak_rss.max(run.peak_rss());
-        run.terminate();
+        let log = run.terminate();
+        if std::env::var_os("KAFKA_RESTART_LOG").is_some() {
+            eprintln!("{log}");
+        }
         eprintln!("restore {i}: first answer {answered:?} (stale {stale}), ready {ready_after:?}");
         first_answer.push(answered.as_secs_f64());
         restore_ready.push(ready_after.as_secs_f64());
