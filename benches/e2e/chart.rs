@@ -12,6 +12,16 @@ pub struct Bar {
     pub colour: &'static str,
 }
 
+impl Bar {
+    pub fn new(label: impl Into<String>, stats: Stats, colour: &'static str) -> Bar {
+        Bar {
+            label: label.into(),
+            stats,
+            colour,
+        }
+    }
+}
+
 /// One panel of bars.
 pub struct Panel {
     pub title: String,
@@ -80,8 +90,13 @@ impl Scale {
                 .copied()
                 .filter(|v| *v > 0.0)
                 .fold(max, f64::min);
+            // A decade below the smallest figure when it sits right on a decade line.
+            let mut lo = 10f64.powf(min.log10().floor());
+            if min / lo < 1.5 {
+                lo /= 10.0;
+            }
             Scale {
-                lo: 10f64.powf(min.log10().floor()),
+                lo,
                 hi: 10f64.powf(max.log10().ceil()),
                 log: true,
                 height,
@@ -212,13 +227,14 @@ fn panel_svg(out: &mut String, panel: &Panel, x0: f64, y0: f64) {
     }
     if let Some((value, label)) = &panel.target {
         let y = base - scale.y(*value);
+        // A white halo keeps the label readable where it crosses a bar.
         let _ = writeln!(
             out,
-            r##"<line x1="{:.1}" y1="{y:.1}" x2="{:.1}" y2="{y:.1}" stroke="#c0392b" stroke-dasharray="5 4"/><text x="{:.1}" y="{:.1}" font-size="10" fill="#c0392b" text-anchor="end">{}</text>"##,
+            r##"<line x1="{:.1}" y1="{y:.1}" x2="{:.1}" y2="{y:.1}" stroke="#c0392b" stroke-dasharray="5 4"/><text x="{:.1}" y="{:.1}" font-size="10" fill="#c0392b" stroke="white" stroke-width="3" paint-order="stroke">{}</text>"##,
             x0 + left,
             x0 + left + plot_w,
-            x0 + left + plot_w,
-            y - 3.0,
+            x0 + left + 4.0,
+            y - 4.0,
             escape(label)
         );
     }

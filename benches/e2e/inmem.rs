@@ -9,8 +9,8 @@ use std::time::{Duration, Instant};
 use dongflow::demo::{partition, partition_of};
 use dongflow::{AnswerBody, Engine, EngineConfig, Query};
 use dongflow_connectors::simulator::{fixed_state, SimConfig, SimEvent, Simulator};
-use dongflow_connectors::source::{EventSource, Polled, VecSource};
-use dongflow_connectors::{DeliveryEvent, Id, RiderEvent};
+use dongflow_connectors::source::{EventSource, VecSource};
+use dongflow_connectors::Id;
 use dongflow_dataflow::districts::DistrictIndex;
 use dongflow_dataflow::types::{DistrictCounts, Snapshot};
 use stats_alloc::{Region, StatsAlloc, INSTRUMENTED_SYSTEM};
@@ -98,36 +98,6 @@ pub fn baseline_run(events: &[SimEvent], index: &Arc<DistrictIndex>) -> (f64, Ou
     (rate, outcome)
 }
 
-/// A source that makes its events as it is polled (so that the input never sits in memory): the
-/// worker's share (by [`partition_of`]) of `riders` riders on shift, then `deliveries` active
-/// deliveries, one event each.
-struct MadeSource {
-    next: Box<dyn Iterator<Item = SimEvent> + Send>,
-}
-
-impl EventSource for MadeSource {
-    fn poll(
-        &mut self,
-        max: usize,
-        riders: &mut Vec<RiderEvent>,
-        deliveries: &mut Vec<DeliveryEvent>,
-    ) -> Polled {
-        let mut any = false;
-        for e in self.next.by_ref().take(max) {
-            any = true;
-            match e {
-                SimEvent::Rider(r) => riders.push(r),
-                SimEvent::Delivery(d) => deliveries.push(d),
-            }
-        }
-        if any {
-            Polled::Data
-        } else {
-            Polled::Ended
-        }
-    }
-}
-
 /// What one memory measurement found (run in a process of its own).
 #[derive(Debug, serde::Serialize, serde::Deserialize)]
 pub struct MemoryPoint {
@@ -159,11 +129,10 @@ pub fn memory_point(riders: usize, deliveries: usize, index: &Arc<DistrictIndex>
     let workers = 2;
     let sources: Vec<Box<dyn EventSource>> = (0..workers)
         .map(|w| {
+            // Made as they are taken: the input never sits in memory.
             let mine =
                 fixed_state(riders, deliveries).filter(move |e| partition_of(e, workers) == w);
-            Box::new(MadeSource {
-                next: Box::new(mine),
-            }) as Box<dyn EventSource>
+            Box::new(VecSource::from_events(mine)) as Box<dyn EventSource>
         })
         .collect();
     let region = Region::new(GLOBAL);

@@ -71,6 +71,19 @@ impl Progress {
         let _ = std::io::stderr().flush();
     }
 
+    /// Runs `f` as the next step, ending it with what `result` says of its value.
+    pub fn timed<T>(
+        &self,
+        label: &str,
+        f: impl FnOnce() -> T,
+        result: impl FnOnce(&T) -> String,
+    ) -> T {
+        self.step(label);
+        let value = f();
+        self.done(&result(&value));
+        value
+    }
+
     /// Ends the running step with its result.
     pub fn done(&self, result: &str) {
         let s = self.state();

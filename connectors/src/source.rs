@@ -40,17 +40,34 @@ pub trait EventSource: Send {
     }
 }
 
-/// Events held in memory, handed out in order (benchmarks and tests).
-#[derive(Debug, Default)]
+/// Events held in memory (or made as they are taken), handed out in order (benchmarks and tests).
 pub struct VecSource {
-    events: std::vec::IntoIter<SimEvent>,
+    events: Box<dyn Iterator<Item = SimEvent> + Send>,
+}
+
+impl std::fmt::Debug for VecSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("VecSource").finish_non_exhaustive()
+    }
+}
+
+impl Default for VecSource {
+    fn default() -> Self {
+        Self::new(Vec::new())
+    }
 }
 
 impl VecSource {
     /// A source that hands out `events` in order.
     pub fn new(events: Vec<SimEvent>) -> Self {
+        Self::from_events(events.into_iter())
+    }
+
+    /// A source that hands out what `events` yields, made as it is taken, so that the input
+    /// need not sit in memory.
+    pub fn from_events(events: impl Iterator<Item = SimEvent> + Send + 'static) -> Self {
         Self {
-            events: events.into_iter(),
+            events: Box::new(events),
         }
     }
 }
