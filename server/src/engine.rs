@@ -366,6 +366,12 @@ impl EngineHandle {
         latest <= self.as_of()
     }
 
+    /// Whether the live state is ready (`/readyz`): it exists, and it has taken in what the sources
+    /// had when they started.
+    pub fn ready(&self) -> bool {
+        self.as_of() > 0 && self.caught_up()
+    }
+
     /// Events pushed into the dataflow so far.
     pub fn events_in(&self) -> u64 {
         self.progress.events.load(Ordering::Relaxed)

@@ -330,7 +330,7 @@ async fn answered(
 
 /// Whether the live state has caught up with the inputs it found at start (as `/readyz` says).
 fn live_ready(app: &App) -> bool {
-    app.engine.as_of() > 0 && app.engine.caught_up()
+    app.engine.ready()
 }
 
 /// Where stale answers come from while the live state is not ready: exactly one of the two.
@@ -511,7 +511,7 @@ async fn rider(app: &Arc<App>, id: &str) -> Response<Full<Bytes>> {
 /// Ready once the live state exists and has taken in what its sources had when they started.
 fn readyz(app: &Arc<App>) -> Response<Full<Bytes>> {
     let as_of = app.engine.as_of();
-    if as_of > 0 && app.engine.caught_up() {
+    if app.engine.ready() {
         json(
             StatusCode::OK,
             &serde_json::json!({"status": "ready", "as_of": as_of}),

@@ -132,7 +132,7 @@ impl Pipeline {
         // Filled in once the engine runs; until then the live state is not ready.
         let engine_handle: Arc<std::sync::OnceLock<crate::EngineHandle>> = Arc::default();
         let live = engine_handle.clone();
-        let live_ready = move || live.get().is_some_and(|e| e.as_of() > 0 && e.caught_up());
+        let live_ready = move || live.get().is_some_and(crate::EngineHandle::ready);
         let checkpoint_view = config.restore.as_ref().and_then(|restored| {
             let live_ready = live_ready.clone();
             let view = CheckpointView::new();
