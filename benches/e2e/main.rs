@@ -554,10 +554,8 @@ fn freshness(
                 chart::short(rate as f64)
             ),
             format!(
-                "{:.1} / {} / {:.1} ms",
-                s50.median,
-                s99.text(" ms"),
-                smax.median
+                "{:.1} / {:.1} ({:.1}–{:.1}) / {:.1} ms",
+                s50.median, s99.median, s99.min, s99.max, smax.median
             ),
             target,
         ]);
