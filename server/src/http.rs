@@ -170,11 +170,16 @@ fn respond(
 fn json(status: StatusCode, value: &impl Serialize) -> Response<Full<Bytes>> {
     match serde_json::to_vec(value) {
         Ok(body) => respond(status, JSON, body),
-        Err(e) => error(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            &format!("cannot encode answer: {e}"),
-        ),
+        Err(e) => cannot_encode(&e),
     }
+}
+
+/// The 500 answer for an answer that cannot be encoded.
+fn cannot_encode(e: &serde_json::Error) -> Response<Full<Bytes>> {
+    error(
+        StatusCode::INTERNAL_SERVER_ERROR,
+        &format!("cannot encode answer: {e}"),
+    )
 }
 
 fn error(status: StatusCode, message: &str) -> Response<Full<Bytes>> {
@@ -411,10 +416,7 @@ fn districts_body(
                 Some((as_of, stale, body.clone()));
             respond(StatusCode::OK, JSON, body)
         }
-        Err(e) => error(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            &format!("cannot encode answer: {e}"),
-        ),
+        Err(e) => cannot_encode(&e),
     }
 }
 
