@@ -111,9 +111,9 @@ pub struct MemoryPoint {
     pub active_deliveries: u64,
 }
 
-/// Peak resident memory of this process so far (`VmHWM`).
-pub fn peak_rss() -> u64 {
-    std::fs::read_to_string("/proc/self/status")
+/// Peak resident memory so far (`VmHWM`) of process `pid` (`"self"`: this one).
+pub fn peak_rss(pid: &str) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
         .ok()
         .and_then(|s| {
             let line = s.lines().find(|l| l.starts_with("VmHWM:"))?.to_owned();
@@ -157,7 +157,7 @@ pub fn memory_point(riders: usize, deliveries: usize, index: &Arc<DistrictIndex>
         riders,
         deliveries,
         heap_bytes,
-        peak_rss_bytes: peak_rss(),
+        peak_rss_bytes: peak_rss("self"),
         riders_on_shift: counts.iter().map(|(_, c)| c.riders_on_shift).sum(),
         active_deliveries: counts.iter().map(|(_, c)| c.active_deliveries).sum(),
     };

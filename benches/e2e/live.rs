@@ -164,13 +164,7 @@ impl Live {
 
     /// Peak resident memory of the engine process so far.
     pub fn peak_rss(&self) -> u64 {
-        std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))
-            .ok()
-            .and_then(|s| {
-                let line = s.lines().find(|l| l.starts_with("VmHWM:"))?.to_owned();
-                line.split_whitespace().nth(1)?.parse::<u64>().ok()
-            })
-            .map_or(0, |kb| kb * 1024)
+        crate::inmem::peak_rss(&self.child.id().to_string())
     }
 
     /// Stops producing; returns how many events were produced.
