@@ -522,6 +522,31 @@ fn has_checkpoint(dir: &str) -> bool {
         })
 }
 
+/// Whether a checkpoint in `dir` is marked as published by a clean stop.
+fn has_changelog_mark(dir: &str) -> bool {
+    std::fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .any(|e| {
+            std::fs::read_dir(e.path())
+                .into_iter()
+                .flatten()
+                .flatten()
+                .any(|f| f.file_name().to_string_lossy().ends_with(".published.json"))
+        })
+}
+
+/// Rider changelog records this run has had acknowledged.
+fn rider_records_written(http: &str) -> f64 {
+    let (_, _, text) = common::Client::at(http.to_owned()).get("/metrics");
+    common::sample(
+        &text,
+        "dongflow_output_records_written_total{output=\"rider_changelog\"}",
+    )
+    .unwrap_or(-1.0)
+}
+
 fn records_read(http: &str) -> f64 {
     let (_, _, text) = common::Client::at(http.to_owned()).get("/metrics");
     common::sample(&text, "dongflow_kafka_records_read_total").unwrap_or(-1.0)
@@ -559,6 +584,10 @@ fn restarts_resume_from_the_checkpoint_with_other_worker_counts() {
         has_checkpoint(&state),
         "a clean stop leaves a checkpoint in {state}"
     );
+    assert!(
+        has_changelog_mark(&state),
+        "a clean stop marks its checkpoint's changelog as published"
+    );
 
     produce(&bootstrap, second);
     let mut args = t.args_with(&bootstrap, &state, "1");
@@ -571,6 +600,11 @@ fn restarts_resume_from_the_checkpoint_with_other_worker_counts() {
         run.log().contains("restoring checkpoint"),
         "the restart says where it resumes"
     );
+    assert!(
+        run.log().contains("not published again"),
+        "the changelog of a clean stop is not published again: {}",
+        run.log()
+    );
     assert_eq!(
         records_read(&run.http),
         second.len() as f64,
@@ -579,12 +613,79 @@ fn restarts_resume_from_the_checkpoint_with_other_worker_counts() {
     check_http_matches(&run.http, &outputs);
     assert_eq!(run.terminate(), Some(0));
 
-    // And back to two workers, with nothing new: the state alone gives the same answers.
+    // And back to two workers, with nothing new: the state alone gives the same answers, and
+    // nothing is published (the changelog holds it all already).
     let args = t.resume_args(&bootstrap, &state, "2");
     let run = Dongflow::run(&args);
     ready(&run.http);
     assert_eq!(records_read(&run.http), 0.0);
     check_http_matches(&run.http, &outputs);
+    check_http_equals_model(&run.http, &input);
+    assert_eq!(rider_records_written(&run.http), 0.0);
+    assert_eq!(run.terminate(), Some(0));
+    outputs.read_to_end(&bootstrap);
+    assert_eq!(
+        without_as_of(outputs.riders.latest()),
+        input.expected_riders
+    );
+    assert_eq!(
+        without_as_of(outputs.districts.latest()),
+        input.expected_districts
+    );
+}
+
+/// A run that restores a clean stop's checkpoint retracts its mark before it publishes: killed
+/// after publishing, it leaves a changelog that may hold more than the checkpoint, so the next
+/// restart from that checkpoint publishes the restored state again, and ends equal to the model.
+#[test]
+fn a_run_killed_after_a_clean_stop_publishes_the_restored_state_again() {
+    let Fixture {
+        broker: _broker,
+        t,
+        input,
+        bootstrap,
+        state,
+    } = Fixture::embedded("remark", 41, 4_000);
+    let (first, second) = input.records.split_at(input.records.len() / 2);
+    produce(&bootstrap, first);
+    // One checkpoint an hour: every restart below restores the clean stop's checkpoint.
+    let mut args = t.resume_args(&bootstrap, &state, "2");
+    args.extend(["--checkpoint-interval", "1h"]);
+    let run = Dongflow::run(&args);
+    ready(&run.http);
+    assert_eq!(run.terminate(), Some(0));
+    assert!(has_changelog_mark(&state), "marked at the clean stop");
+
+    produce(&bootstrap, second);
+    let run = Dongflow::run(&args);
+    ready(&run.http);
+    assert!(run.log().contains("not published again"), "{}", run.log());
+    assert!(
+        !has_changelog_mark(&state),
+        "the mark goes before publishing"
+    );
+    assert_eq!(records_read(&run.http), second.len() as f64);
+    let client = common::Client::at(run.http.clone());
+    eventually(Duration::from_secs(60), "the second half published", || {
+        let _ = client.json("/readyz");
+        (rider_records_written(&run.http) > 0.0).then_some(())
+    });
+    drop(run); // kill -9: no clean stop, no mark
+
+    let run = Dongflow::run(&args);
+    let mut outputs = Outputs::new(&bootstrap, &t);
+    outputs.wait_for(&input);
+    assert!(
+        run.log().contains("its state is republished"),
+        "the restored state is published again: {}",
+        run.log()
+    );
+    let riders = input.expected_riders.len() as f64;
+    eventually(
+        Duration::from_secs(60),
+        "every rider published again",
+        || (rider_records_written(&run.http) >= riders).then_some(()),
+    );
     check_http_equals_model(&run.http, &input);
     assert_eq!(run.terminate(), Some(0));
 }
@@ -805,8 +906,25 @@ fn stale_until_ready(name: &str, seed: u64, from: StaleFrom) {
         // whose whole shift fell in the first part): its changelog keeps their old records, and
         // only the live answers are compared with the model (see the README, "Checkpoints").
         StaleFrom::Changelog => check_http_equals_model(&run.http, &input),
-        // The new changelog topics hold only what this run published: the same check.
-        StaleFrom::Checkpoint => check_http_equals_model(&run.http, &input),
+        // The new changelog topics are not the ones the checkpoint's changelog went to: the
+        // restored state is published to them again, and they end equal to the model.
+        StaleFrom::Checkpoint => {
+            check_http_equals_model(&run.http, &input);
+            assert!(
+                run.log().contains("its state is republished"),
+                "other changelog topics: {}",
+                run.log()
+            );
+            let mut riders = Reader::new(&bootstrap, &fresh.1, PARTITIONS);
+            let mut districts = Reader::new(&bootstrap, &fresh.0, PARTITIONS);
+            eventually(Duration::from_secs(60), "the new changelog", || {
+                riders.poll(Duration::from_millis(50));
+                districts.poll(Duration::from_millis(50));
+                (without_as_of(riders.latest()) == input.expected_riders
+                    && without_as_of(districts.latest()) == input.expected_districts)
+                    .then_some(())
+            });
+        }
     }
     assert_eq!(client.json("/v1/districts").1["stale"], Value::Bool(false));
     assert_eq!(run.terminate(), Some(0));

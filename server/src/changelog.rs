@@ -70,13 +70,14 @@ fn to_json<T: Serialize>(value: T, as_of: Time) -> Option<Vec<u8>> {
     }
 }
 
-/// Writes district changes.
+/// Writes district changes, but for those at or before `published` (already in the changelog).
 pub fn write_districts(
     sink: &dyn ChangelogSink,
     index: &DistrictIndex,
     changes: &[Change<DistrictId, DistrictCounts>],
+    published: Time,
 ) {
-    for change in changes {
+    for change in changes.iter().filter(|c| c.time > published) {
         let value = change
             .value
             .as_ref()
@@ -85,13 +86,14 @@ pub fn write_districts(
     }
 }
 
-/// Writes rider changes.
+/// Writes rider changes, but for those at or before `published` (already in the changelog).
 pub fn write_riders(
     sink: &dyn ChangelogSink,
     index: &DistrictIndex,
     changes: &[Change<Id, Snapshot>],
+    published: Time,
 ) {
-    for change in changes {
+    for change in changes.iter().filter(|c| c.time > published) {
         let value = change
             .value
             .as_ref()

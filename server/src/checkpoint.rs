@@ -56,6 +56,27 @@ pub struct Restored {
     pub deliveries: StateSnapshot<DeliveryState>,
     /// Next offset per `(topic, partition)`.
     pub offsets: HashMap<(String, i32), i64>,
+    /// Where the changelog of every change through `time` was published and acknowledged, when
+    /// every process that wrote the checkpoint stopped cleanly at it and no run has published
+    /// since (see [`mark_published`]).
+    pub published: Option<Published>,
+}
+
+/// A clean stop's changelog: every change through a checkpoint's time acknowledged by these
+/// brokers, on these topics, which then ended at these offsets. Kept beside the checkpoint as
+/// `process-<p>.published.json`; any run that publishes deletes it first ([`retract_published`]),
+/// so it is only ever found when the changelog holds the checkpoint's state and nothing newer.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Published {
+    /// The brokers' bootstrap list.
+    pub brokers: String,
+    /// The district changelog topic.
+    pub district_topic: String,
+    /// The rider changelog topic.
+    pub rider_topic: String,
+    /// The end offset (high watermark) of every changelog partition once everything was
+    /// acknowledged: a topic deleted and created again since has ended lower.
+    pub ends: Vec<(String, i32, i64)>,
 }
 
 /// Why a checkpoint cannot be used.
@@ -307,15 +328,96 @@ pub fn write(
     })?;
     write_atomic(&path, &json)?;
     // The renames are durable once the directory itself is synced.
-    if let Ok(d) = fs::File::open(&dir) {
-        let _ = d.sync_all();
-    }
+    sync_dir(&dir);
     Ok(WriteReport {
         time,
         bytes: total,
         write: started.elapsed(),
         pause: parts.iter().map(|p| p.pause).max().unwrap_or_default(),
     })
+}
+
+/// The suffix of the files that say a checkpoint's changelog was published ([`Published`]).
+const PUBLISHED: &str = ".published.json";
+
+/// Records that process `process` stopped cleanly at checkpoint `time` of `state_dir` with every
+/// change through it acknowledged as `published` says.
+pub fn mark_published(
+    state_dir: &Path,
+    time: Time,
+    process: usize,
+    published: &Published,
+) -> Result<(), CheckpointError> {
+    let dir = dir_of(state_dir, time);
+    let path = dir.join(format!("process-{process}{PUBLISHED}"));
+    let json = serde_json::to_vec_pretty(published).map_err(|e| CheckpointError::Manifest {
+        path: path.clone(),
+        reason: e.to_string(),
+    })?;
+    write_atomic(&path, &json)?;
+    sync_dir(&dir);
+    Ok(())
+}
+
+/// Deletes every changelog mark in `state_dir`: called before a run publishes anything, so that a
+/// checkpoint is never taken for published once the changelog may hold something newer.
+/// Returns how many were deleted.
+pub fn retract_published(state_dir: &Path) -> Result<usize, CheckpointError> {
+    let mut deleted = 0;
+    for (_, dir) in checkpoints(state_dir) {
+        let entries = fs::read_dir(&dir).map_err(io(&dir))?;
+        for entry in entries.flatten() {
+            if entry.file_name().to_string_lossy().ends_with(PUBLISHED) {
+                let path = entry.path();
+                fs::remove_file(&path).map_err(io(&path))?;
+                deleted += 1;
+            }
+        }
+        sync_dir(&dir);
+    }
+    Ok(deleted)
+}
+
+/// Makes renames and deletions in `dir` durable.
+fn sync_dir(dir: &Path) {
+    if let Ok(d) = fs::File::open(dir) {
+        let _ = d.sync_all();
+    }
+}
+
+/// The checkpoint's changelog marks, one per process, merged: `None` unless every process of
+/// `processes` has one and they name the same brokers and topics.
+fn load_published(dir: &Path, processes: &[usize]) -> Option<Published> {
+    let mut merged: Option<Published> = None;
+    for process in processes {
+        let path = dir.join(format!("process-{process}{PUBLISHED}"));
+        let bytes = fs::read(&path).ok()?;
+        let mark: Published = match serde_json::from_slice(&bytes) {
+            Ok(m) => m,
+            Err(e) => {
+                tracing::warn!("{}: unreadable changelog mark: {e}", path.display());
+                return None;
+            }
+        };
+        match &mut merged {
+            None => merged = Some(mark),
+            Some(m) => {
+                if (&m.brokers, &m.district_topic, &m.rider_topic)
+                    != (&mark.brokers, &mark.district_topic, &mark.rider_topic)
+                {
+                    return None;
+                }
+                // Each process saw the ends at its own stop: the highest is the end.
+                for end in mark.ends {
+                    match m.ends.iter_mut().find(|e| (&e.0, e.1) == (&end.0, end.1)) {
+                        Some(e) => e.2 = e.2.max(end.2),
+                        None => m.ends.push(end),
+                    }
+                }
+            }
+        }
+    }
+    merged
 }
 
 /// Checkpoint directories with their times, newest first.
@@ -424,6 +526,8 @@ fn load_dir(dir: &Path) -> Result<Restored, CheckpointError> {
     }
     restored.riders.time = restored.time;
     restored.deliveries.time = restored.time;
+    let processes: Vec<usize> = processes.into_iter().collect();
+    restored.published = load_published(dir, &processes);
     Ok(restored)
 }
 
@@ -433,10 +537,15 @@ pub fn load_latest(state_dir: &Path) -> Option<Restored> {
         match load_dir(&dir) {
             Ok(r) => {
                 tracing::info!(
-                    "restoring checkpoint {time}: {} riders, {} deliveries, {} partition offsets",
+                    "restoring checkpoint {time}: {} riders, {} deliveries, {} partition offsets{}",
                     r.riders.entries.len(),
                     r.deliveries.entries.len(),
-                    r.offsets.len()
+                    r.offsets.len(),
+                    if r.published.is_some() {
+                        "; written at a clean stop with its changelog published"
+                    } else {
+                        ""
+                    }
                 );
                 return Some(r);
             }
@@ -527,6 +636,48 @@ mod tests {
             "{error}"
         );
         assert!(load_latest(&dir).is_none());
+    }
+
+    fn mark(topic: &str, end: i64) -> Published {
+        Published {
+            brokers: "127.0.0.1:9092".into(),
+            district_topic: "district-changelog".into(),
+            rider_topic: topic.into(),
+            ends: vec![(topic.into(), 0, end)],
+        }
+    }
+
+    #[test]
+    fn a_changelog_mark_is_loaded_with_its_checkpoint_until_retracted() {
+        let dir = temp("published");
+        written(&dir, 100);
+        written(&dir, 200);
+        assert_eq!(load_latest(&dir).and_then(|r| r.published), None);
+        mark_published(&dir, 200, 0, &mark("rider-changelog", 7)).expect("marked");
+        let r = load_latest(&dir).expect("a checkpoint");
+        assert_eq!(r.published, Some(mark("rider-changelog", 7)));
+        assert_eq!(retract_published(&dir).expect("retracted"), 1);
+        assert_eq!(load_latest(&dir).and_then(|r| r.published), None);
+        assert_eq!(retract_published(&dir).expect("nothing left"), 0);
+    }
+
+    #[test]
+    fn a_cluster_checkpoint_is_published_only_when_every_process_says_so() {
+        let dir = temp("published-cluster");
+        write(&dir, 0, 2, &[part(300, 0, 5)]).expect("written");
+        write(&dir, 1, 2, &[part(300, 1, 6)]).expect("written");
+        mark_published(&dir, 300, 0, &mark("rider-changelog", 7)).expect("marked");
+        assert_eq!(load_latest(&dir).and_then(|r| r.published), None);
+        // Processes that published to different topics: not one changelog.
+        mark_published(&dir, 300, 1, &mark("other-changelog", 9)).expect("marked");
+        assert_eq!(load_latest(&dir).and_then(|r| r.published), None);
+        mark_published(&dir, 300, 1, &mark("rider-changelog", 9)).expect("marked");
+        let published = load_latest(&dir).and_then(|r| r.published);
+        assert_eq!(
+            published,
+            Some(mark("rider-changelog", 9)),
+            "the highest end"
+        );
     }
 
     #[test]

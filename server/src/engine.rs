@@ -29,7 +29,7 @@ use timely::progress::frontier::AntichainRef;
 use timely::WorkerConfig;
 
 use crate::changelog::{write_districts, write_riders, ChangelogSink};
-use crate::checkpoint::{Restored, WorkerPart};
+use crate::checkpoint::{retract_published, Restored, WorkerPart};
 use crate::query::{Answer, PeekRequest, Query, QueryError, Shared, StateSizes};
 use crate::view::{attach_view, ServingView, ViewApplier, ViewFeed};
 
@@ -59,6 +59,11 @@ pub struct EngineConfig {
     pub checkpoint: Option<CheckpointSettings>,
     /// A checkpoint to start from: each worker seeds the ids it owns.
     pub restore: Option<Arc<Restored>>,
+    /// Whether the changelog already holds the restored state (a clean stop published it, and
+    /// nothing since; see [`Restored::published`]). It is then shown downstream at the
+    /// checkpoint's own time and not published again; otherwise it is published again, at the
+    /// restart's time, so that a changelog that lost records in a crash is made whole.
+    pub restore_published: bool,
 }
 
 /// How often checkpoints are taken and where their parts go.
@@ -68,6 +73,8 @@ pub struct CheckpointSettings {
     pub interval: Time,
     /// The writer's inbox.
     pub parts: crossbeam_channel::Sender<WorkerPart>,
+    /// The state dir: its changelog marks are retracted before anything is published.
+    pub state_dir: std::path::PathBuf,
 }
 
 /// A timely cluster of several processes with the same number of workers each.
@@ -94,6 +101,7 @@ impl EngineConfig {
             changelog: None,
             checkpoint: None,
             restore: None,
+            restore_published: false,
         }
     }
 }
@@ -241,9 +249,19 @@ impl Engine {
         // The first worker of this process feeds the view.
         let feed = Mutex::new(applier.take_feed());
         let (shared2, progress2, counters2) = (shared.clone(), progress.clone(), counters.clone());
+        let retracted = std::sync::Barrier::new(workers);
         let guards = timely::execute(timely_config, move |worker| {
             // Global worker index = process * workers + local index.
             let index = worker.index() % workers;
+            // Workers run once every process of the cluster is connected, so every process has
+            // loaded its checkpoint (and seen its marks) by now. Before any worker here can
+            // publish, the marks go: from now on the changelog may hold more than a checkpoint.
+            if index == 0 {
+                if let Some(settings) = &config.checkpoint {
+                    retract_marks(&settings.state_dir);
+                }
+            }
+            retracted.wait();
             let slot = slots.lock().unwrap_or_else(|e| e.into_inner())[index].take();
             let Some(slot) = slot else { return };
             let feed = match index {
@@ -281,16 +299,20 @@ impl Engine {
 
     /// Stops the workers and waits for them. In a cluster, every process must be asked to stop
     /// (see [`EngineHandle::request_stop`]): workers finish only when all inputs everywhere close.
-    pub fn stop(mut self) {
-        self.shutdown();
+    /// Returns whether every worker ended normally (then everything pushed went through the
+    /// dataflow, into the changelog sink and the view).
+    pub fn stop(mut self) -> bool {
+        self.shutdown()
     }
 
-    fn shutdown(&mut self) {
+    fn shutdown(&mut self) -> bool {
         self.handle.request_stop();
+        let mut clean = true;
         if let Some(guards) = self.guards.take() {
             for result in guards.join() {
                 if let Err(e) = result {
                     tracing::error!("worker failed: {e}");
+                    clean = false;
                 }
             }
         }
@@ -298,6 +320,7 @@ impl Engine {
         if let Some(applier) = self.applier.take() {
             applier.join();
         }
+        clean
     }
 }
 
@@ -372,6 +395,11 @@ impl EngineHandle {
         self.as_of() > 0 && self.caught_up()
     }
 
+    /// The time of the checkpoint taken at a clean stop (0: not stopping).
+    pub fn final_checkpoint_at(&self) -> Time {
+        self.progress.final_at.load(Ordering::Acquire)
+    }
+
     /// Events pushed into the dataflow so far.
     pub fn events_in(&self) -> u64 {
         self.progress.events.load(Ordering::Relaxed)
@@ -390,15 +418,29 @@ impl EngineHandle {
 
 impl Drop for Engine {
     fn drop(&mut self) {
-        self.shutdown();
+        let _ = self.shutdown();
     }
 }
 
-/// Writes the dataflow's changelog streams to `sink` as their times complete.
+/// Deletes the state dir's changelog marks, saying so.
+fn retract_marks(state_dir: &std::path::Path) {
+    match retract_published(state_dir) {
+        Ok(0) => {}
+        Ok(n) => tracing::info!("{n} changelog mark(s) retracted: this run publishes on"),
+        Err(e) => tracing::error!(
+            "cannot retract a changelog mark ({e}): a restart from that checkpoint would not \
+             publish its state again; delete it by hand"
+        ),
+    }
+}
+
+/// Writes the dataflow's changelog streams to `sink` as their times complete, but for the changes
+/// at or before `published` (the restored state, when the changelog holds it already).
 fn attach_changelog(
     streams: &Changelogs<'_>,
     sink: Arc<dyn ChangelogSink>,
     index: Arc<DistrictIndex>,
+    published: Time,
 ) {
     let (s, i) = (sink.clone(), index.clone());
     // Pipeline: the changelog streams are already partitioned by key, so each key is written by
@@ -407,13 +449,13 @@ fn attach_changelog(
         .districts
         .clone()
         .sink(Pipeline, "Sink: DistrictChangelog", move |(input, _)| {
-            input.for_each(|_, changes| write_districts(&*s, &i, changes));
+            input.for_each(|_, changes| write_districts(&*s, &i, changes, published));
         });
     streams
         .riders
         .clone()
         .sink(Pipeline, "Sink: RiderChangelog", move |(input, _)| {
-            input.for_each(|_, changes| write_riders(&*sink, &index, changes));
+            input.for_each(|_, changes| write_riders(&*sink, &index, changes, published));
         });
 }
 
@@ -473,10 +515,19 @@ impl WorkerLoop {
         let processes = config.cluster.as_ref().map_or(1, |c| c.addresses.len());
         let total = config.workers * processes;
         let global_index = worker.index();
-        if let Some(restored) = &config.restore {
+        // The time the restored state is shown at: the checkpoint's own when the changelog holds
+        // it already (so it is not published again), else now (so that the changelog's `as_of`
+        // never goes back behind records a crashed run published after the checkpoint).
+        let seeded_at = config
+            .restore
+            .as_ref()
+            .map(|restored| match config.restore_published {
+                true => restored.time,
+                false => now_ms(),
+            });
+        if let (Some(restored), Some(at)) = (&config.restore, seeded_at) {
             // Each worker seeds the ids whose events the upserts' exchange sends to it.
             let mine = |id: &dongflow_connectors::Id| owner(id, total) == global_index;
-            let at = now_ms();
             state
                 .riders
                 .borrow_mut()
@@ -497,7 +548,11 @@ impl WorkerLoop {
             let out = build(riders, deliveries, districts.clone(), &state, counters);
             let streams = changelogs(&out, changelog_riders.clone());
             if let Some(sink) = &config.changelog {
-                attach_changelog(&streams, sink.clone(), districts);
+                let published = match config.restore_published {
+                    true => seeded_at.unwrap_or(0),
+                    false => 0,
+                };
+                attach_changelog(&streams, sink.clone(), districts, published);
             }
             // Every worker builds the view's feed; the first of each process holds its end.
             attach_view(&streams, view_feed, config.workers, processes);
@@ -507,6 +562,12 @@ impl WorkerLoop {
             out.counts.stream.clone().probe_with(&probe);
             (out.snapshots.trace, out.counts.trace)
         });
+        if let Some(at) = seeded_at {
+            // Input goes in after the restored state, never at its time: the changes at that time
+            // are the restored state alone.
+            riders_in.advance_to(at + 1);
+            deliveries_in.advance_to(at + 1);
+        }
         let index = worker.index() % config.workers;
         shared.threads.lock().unwrap_or_else(|e| e.into_inner())[index] =
             Some(std::thread::current());

@@ -152,7 +152,7 @@ fn serve(
         pipeline.handle(),
         index.clone(),
         pipeline.kafka_metrics(),
-        Some(pipeline.backup_view()),
+        pipeline.backup_view(),
         pipeline.checkpoint_view(),
     );
     Ok(HttpServer::start(addr, app, 2).with_context(|| format!("cannot listen on {addr}"))?)

@@ -2,18 +2,21 @@
 //! letters and changelogs. `dongflow run` and `dongflow demo` both start one.
 
 use std::path::PathBuf;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
 use dongflow_connectors::kafka::{
-    KafkaConfig, KafkaError, KafkaMetrics, KafkaSource, Producer, TopicSpec, TopicWatch,
+    KafkaConfig, KafkaError, KafkaMetrics, KafkaSource, OutputKind, Producer, TopicSpec, TopicWatch,
 };
 use dongflow_connectors::source::EventSource;
 use thiserror::Error;
 
 use crate::backup::BackupView;
 use crate::changelog::KafkaChangelog;
-use crate::checkpoint::{CheckpointError, Restored, WriteReport, Writer};
+use crate::checkpoint::{
+    mark_published, CheckpointError, Published, Restored, WriteReport, Writer,
+};
 use crate::engine::{CheckpointSettings, Engine, EngineConfig, EngineError};
 use crate::view::CheckpointView;
 
@@ -63,8 +66,12 @@ pub struct Pipeline {
     producer: Arc<Producer>,
     metrics: Arc<KafkaMetrics>,
     writer: Option<Writer>,
-    backup: Arc<BackupView>,
+    /// `None` when the restored checkpoint's view is the changelog's own state.
+    backup: Option<Arc<BackupView>>,
     checkpoint_view: Option<Arc<CheckpointView>>,
+    /// Where a clean stop records that its changelog is complete: the state dir and process, and
+    /// the brokers and topics it was published to.
+    mark: Option<(PathBuf, usize, Published)>,
 }
 
 impl std::ops::Deref for Pipeline {
@@ -115,12 +122,27 @@ impl Pipeline {
             Some(dir) => Some(Writer::start(dir.clone(), process, processes, workers)?),
             None => None,
         };
+        let published_to = Published {
+            brokers: config.kafka.brokers.clone(),
+            district_topic: config.district_changelog_topic.clone(),
+            rider_topic: config.rider_changelog_topic.clone(),
+            ends: Vec::new(),
+        };
+        let restore_published = config
+            .restore
+            .as_ref()
+            .is_some_and(|r| changelog_holds(r, &published_to, &producer));
         let mut engine_config = config.engine;
-        engine_config.checkpoint = writer.as_ref().map(|w| CheckpointSettings {
-            interval: config.checkpoint_interval.as_millis().max(1) as u64,
-            parts: w.sender(),
-        });
+        engine_config.checkpoint = match (&writer, &config.state_dir) {
+            (Some(w), Some(dir)) => Some(CheckpointSettings {
+                interval: config.checkpoint_interval.as_millis().max(1) as u64,
+                parts: w.sender(),
+                state_dir: dir.clone(),
+            }),
+            _ => None,
+        };
         engine_config.restore = config.restore.clone();
+        engine_config.restore_published = restore_published;
         engine_config.changelog = Some(Arc::new(KafkaChangelog {
             producer: producer.clone(),
             district_topic: config.district_changelog_topic.clone(),
@@ -162,15 +184,27 @@ impl Pipeline {
                 }
             }
         });
-        let indexed = checkpoint_view.clone();
-        let backup = BackupView::start(
-            &config.kafka.brokers,
-            &config.district_changelog_topic,
-            &config.rider_changelog_topic,
-            // Without a checkpoint, at once; with one, once it has been indexed.
-            move || indexed.as_ref().is_none_or(|v| v.filled()),
-        )?;
-        backup.release_when(live_ready);
+        // The changelog read back holds nothing the checkpoint's view does not when it was
+        // published at a clean stop: then only the checkpoint's view answers.
+        let backup = match restore_published && checkpoint_view.is_some() {
+            true => None,
+            false => {
+                let indexed = checkpoint_view.clone();
+                let backup = BackupView::start(
+                    &config.kafka.brokers,
+                    &config.district_changelog_topic,
+                    &config.rider_changelog_topic,
+                    // Without a checkpoint, at once; with one, once it has been indexed.
+                    move || indexed.as_ref().is_none_or(|v| v.filled()),
+                )?;
+                backup.release_when(live_ready);
+                Some(backup)
+            }
+        };
+        let mark = config
+            .state_dir
+            .clone()
+            .map(|dir| (dir, process, published_to));
         let engine = Engine::start(engine_config, sources)?;
         let _ = engine_handle.set(engine.handle());
         Ok(Pipeline {
@@ -181,11 +215,13 @@ impl Pipeline {
             writer,
             backup,
             checkpoint_view,
+            mark,
         })
     }
 
-    /// The changelog-backed view that answers while the live state is not ready.
-    pub fn backup_view(&self) -> Arc<BackupView> {
+    /// The changelog-backed view that answers while the live state is not ready; `None` when the
+    /// restored checkpoint's view answers instead (its changelog was published at a clean stop).
+    pub fn backup_view(&self) -> Option<Arc<BackupView>> {
         self.backup.clone()
     }
 
@@ -212,18 +248,120 @@ impl Pipeline {
 
     /// Stops the workers (after a last checkpoint), then waits up to `flush` for the producer to
     /// deliver what they wrote.
+    ///
+    /// When the workers ended normally, the last checkpoint covers everything they took in, and
+    /// every changelog record was acknowledged, that checkpoint is marked as published: a restart
+    /// from it then need not publish its state again.
     pub fn stop(mut self, flush: Duration) {
+        let (mut clean, mut final_at) = (false, 0);
         if let Some(engine) = self.engine.take() {
-            engine.stop();
+            let handle = engine.handle();
+            clean = engine.stop();
+            final_at = handle.final_checkpoint_at();
         }
-        if let Some(writer) = self.writer.take() {
-            writer.finish();
+        let written = self.writer.take().and_then(Writer::finish);
+        if let Some(backup) = &self.backup {
+            backup.stop();
         }
-        self.backup.stop();
         self.watch.stop();
         let left = self.producer.in_flight();
-        if let Err(e) = self.producer.flush(flush) {
-            tracing::error!("{left} records were still undelivered after {flush:?}: {e}");
+        let flushed = match self.producer.flush(flush) {
+            Ok(()) => true,
+            Err(e) => {
+                tracing::error!("{left} records were still undelivered after {flush:?}: {e}");
+                false
+            }
+        };
+        let failed: u64 = [OutputKind::DistrictChangelog, OutputKind::RiderChangelog]
+            .iter()
+            .map(|k| self.metrics.failed[*k as usize].load(Ordering::Relaxed))
+            .sum();
+        let Some((dir, process, mut published)) = self.mark.take() else {
+            return;
+        };
+        let Some(report) = written else {
+            return;
+        };
+        // Every input was taken in before the stop's checkpoint time (`final_at`), and the last
+        // checkpoint is at or after it: it holds everything the changelog was sent.
+        if !(clean && flushed && failed == 0 && final_at > 0 && report.time >= final_at) {
+            tracing::info!(
+                "checkpoint {} not marked as published (clean stop {clean}, flushed {flushed}, \
+                 {failed} changelog records refused): a restart publishes its state again",
+                report.time
+            );
+            return;
+        }
+        for topic in [&published.district_topic, &published.rider_topic] {
+            match self.producer.end_offsets(topic, Duration::from_secs(5)) {
+                Ok(ends) => published.ends.extend(ends),
+                Err(e) => {
+                    tracing::warn!("cannot read the end of {topic} ({e}): checkpoint not marked");
+                    return;
+                }
+            }
+        }
+        match mark_published(&dir, report.time, process, &published) {
+            Ok(()) => tracing::info!(
+                "checkpoint {}: changelog complete and marked; a restart from it will not publish it again",
+                report.time
+            ),
+            Err(e) => tracing::warn!("cannot mark checkpoint {}: {e}", report.time),
         }
     }
+}
+
+/// Whether the changelog holds the state of `restored` as it was published at a clean stop: the
+/// same brokers and topics as now, and none of their partitions ended lower than then (a topic
+/// deleted and created again). Says why not in the log.
+fn changelog_holds(restored: &Restored, now: &Published, producer: &Producer) -> bool {
+    let time = restored.time;
+    let Some(then) = &restored.published else {
+        tracing::info!(
+            "checkpoint {time}: no clean stop marked its changelog; its state is republished"
+        );
+        return false;
+    };
+    if (&then.brokers, &then.district_topic, &then.rider_topic)
+        != (&now.brokers, &now.district_topic, &now.rider_topic)
+    {
+        tracing::info!(
+            "checkpoint {time}: its changelog went to {} ({}, {}), this run's goes to {} ({}, {}); \
+             its state is republished",
+            then.brokers,
+            then.district_topic,
+            then.rider_topic,
+            now.brokers,
+            now.district_topic,
+            now.rider_topic
+        );
+        return false;
+    }
+    let mut ends = Vec::new();
+    for topic in [&now.district_topic, &now.rider_topic] {
+        match producer.end_offsets(topic, Duration::from_secs(5)) {
+            Ok(e) => ends.extend(e),
+            Err(e) => {
+                tracing::info!(
+                    "checkpoint {time}: cannot read the end of {topic} ({e}); its state is republished"
+                );
+                return false;
+            }
+        }
+    }
+    for (topic, partition, end) in &then.ends {
+        let found = ends
+            .iter()
+            .find(|(t, p, _)| (t, p) == (topic, partition))
+            .map(|e| e.2);
+        if found.is_none_or(|now| now < *end) {
+            tracing::info!(
+                "checkpoint {time}: {topic}[{partition}] ended at {end} and now at {found:?} \
+                 (recreated?); its state is republished"
+            );
+            return false;
+        }
+    }
+    tracing::info!("checkpoint {time}: the changelog holds its state (marked at a clean stop); not published again");
+    true
 }

@@ -631,6 +631,7 @@ mod tests {
                 expiry: Vec::new(),
             },
             offsets: Default::default(),
+            published: None,
         };
         let view = CheckpointView::new();
         assert_eq!(

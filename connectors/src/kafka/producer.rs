@@ -240,6 +240,28 @@ impl Producer {
         Ok(())
     }
 
+    /// The end offset (high watermark) of every partition of `topic`, as `(topic, partition,
+    /// end)`.
+    pub fn end_offsets(
+        &self,
+        topic: &str,
+        timeout: Duration,
+    ) -> Result<Vec<(String, i32, i64)>, KafkaError> {
+        let client = self.inner.client();
+        let metadata = client.fetch_metadata(Some(topic), timeout)?;
+        let mut ends = Vec::new();
+        for t in metadata.topics().iter().filter(|t| t.name() == topic) {
+            if let Some(e) = t.error() {
+                return Err(rdkafka::error::KafkaError::MetadataFetch(e.into()).into());
+            }
+            for p in t.partitions() {
+                let (_, high) = client.fetch_watermarks(topic, p.id(), timeout)?;
+                ends.push((topic.to_owned(), p.id(), high));
+            }
+        }
+        Ok(ends)
+    }
+
     /// Records sent but not yet delivered.
     pub fn in_flight(&self) -> i32 {
         self.inner.in_flight_count()
