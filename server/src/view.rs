@@ -19,13 +19,12 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use arc_swap::ArcSwap;
-use rustc_hash::FxHashMap;
 
 use dongflow_connectors::Id;
 use dongflow_dataflow::build::Changelogs;
 use dongflow_dataflow::districts::DistrictId;
 use dongflow_dataflow::stages::DeliveryState;
-use dongflow_dataflow::types::{Change, DeliveryBrief, DistrictCounts, RiderRow, Snapshot, Time};
+use dongflow_dataflow::types::{Change, DeliveryBrief, DistrictCounts, Snapshot, Time};
 use serde::{Deserialize, Serialize};
 use timely::dataflow::channels::pact::Exchange;
 use timely::dataflow::operators::generic::operator::Operator;
@@ -114,8 +113,9 @@ impl Maps {
 #[derive(Debug, Default)]
 pub struct ServingView {
     maps: ArcSwap<Maps>,
-    /// Serialises writers.
-    writer: Mutex<()>,
+    /// Serialises writers, and holds the next version while changes of a time not yet complete
+    /// are applied ahead to it (see [`ServingView::prepare`]).
+    writer: Mutex<Option<Maps>>,
 }
 
 impl ServingView {
@@ -124,7 +124,7 @@ impl ServingView {
         Arc::new(Self::default())
     }
 
-    fn write(&self) -> MutexGuard<'_, ()> {
+    fn write(&self) -> MutexGuard<'_, Option<Maps>> {
         self.writer.lock().unwrap_or_else(|e| e.into_inner())
     }
 
@@ -140,18 +140,32 @@ impl ServingView {
 
     /// Applies every change of the times up to `as_of` (all of them complete) and moves to `as_of`,
     /// as one new version. An `as_of` behind the view's is ignored, so the view never goes back.
+    /// Changes applied ahead with [`ServingView::prepare`] are part of it.
     pub fn advance(&self, changes: impl IntoIterator<Item = ViewChange>, as_of: Time) {
-        let _writing = self.write();
+        let mut writing = self.write();
         let current = self.maps.load_full();
         if as_of < current.as_of {
             return;
         }
-        let mut next = Maps::clone(&current);
+        let mut next = writing.take().unwrap_or_else(|| Maps::clone(&current));
         for change in changes {
             next.apply(change);
         }
         next.as_of = as_of;
         self.maps.store(Arc::new(next));
+    }
+
+    /// Applies changes of the earliest time not yet complete to the next version, without showing
+    /// them: the next [`ServingView::advance`] does, once their time is complete. Every earlier time
+    /// must have been advanced through (each key changes once per time, so the order of changes
+    /// within a time does not matter). A large time, such as a restored checkpoint, is thus applied
+    /// while the dataflow still works on it, instead of after.
+    pub fn prepare(&self, changes: impl IntoIterator<Item = ViewChange>) {
+        let mut writing = self.write();
+        let next = writing.get_or_insert_with(|| Maps::clone(&self.maps.load_full()));
+        for change in changes {
+            next.apply(change);
+        }
     }
 
     /// The answer to `query` at the view's `as_of`; `None` before the first complete time.
@@ -188,21 +202,24 @@ impl ServingView {
 /// A restored checkpoint's state, indexed to answer queries (`stale`) while the dataflow takes the
 /// same state in: the snapshots and counts the dataflow will compute from it (CONTRACT section 3),
 /// computed directly. Nothing changes it after it is built, so it needs no persistent maps: plain
-/// indexes over the checkpoint's own rows, and snapshots made when asked.
+/// indexes over the checkpoint's own rows (its riders are sorted by id, see
+/// [`Restored::riders`]), and snapshots made when asked.
 #[derive(Debug)]
 struct Frozen {
     restored: Arc<Restored>,
     /// Districts with any nonzero count.
     districts: BTreeMap<DistrictId, DistrictCounts>,
-    /// Riders on shift: where each is in `restored.riders.entries`.
-    riders: FxHashMap<Id, usize>,
+    /// Riders on shift.
+    on_shift: usize,
     /// Active deliveries per rider on shift, sorted by id.
     active: HashMap<Id, Vec<DeliveryBrief>>,
-    /// Riders on shift by district: positions in `restored.riders.entries`, sorted by id.
+    /// Riders on shift by district: positions in `restored.riders.entries`, so sorted by id.
     by_district: HashMap<DistrictId, Vec<usize>>,
 }
 
 impl Frozen {
+    /// One pass over the deliveries and one over the riders: the riders are sorted by id already,
+    /// so a rider is found by binary search and each district's list comes out sorted.
     fn build(restored: Arc<Restored>) -> Frozen {
         let mut districts: BTreeMap<DistrictId, DistrictCounts> = BTreeMap::new();
         let mut active: HashMap<Id, Vec<DeliveryBrief>> = HashMap::new();
@@ -229,48 +246,44 @@ impl Frozen {
             }
         }
         let entries = &restored.riders.entries;
-        let on_shift = |(_, (_, row)): &(usize, &(Id, RiderRow))| row.status.on_shift();
-        // Two independent passes over the riders, one per core: the index by id, and the counts
-        // with the riders of each district.
-        let (riders, by_district) = std::thread::scope(|scope| {
-            let index = scope.spawn(|| {
-                let mut riders = FxHashMap::default();
-                riders.reserve(entries.len());
-                for (i, (id, _)) in entries.iter().enumerate().filter(on_shift) {
-                    riders.insert(id.clone(), i);
-                }
-                riders
+        debug_assert!(
+            entries.is_sorted_by(|a, b| a.0 <= b.0),
+            "a restored checkpoint's riders are sorted by id"
+        );
+        let mut by_district: HashMap<DistrictId, Vec<usize>> = HashMap::new();
+        let mut on_shift = 0;
+        for (i, (id, row)) in entries.iter().enumerate() {
+            if !row.status.on_shift() {
+                continue;
+            }
+            on_shift += 1;
+            let n = active.get_mut(id).map_or(0, |list| {
+                list.sort_by(|a, b| a.delivery_id.cmp(&b.delivery_id));
+                list.len() as u64
             });
-            let mut by_district: HashMap<DistrictId, Vec<usize>> = HashMap::new();
-            for (i, (id, row)) in entries.iter().enumerate().filter(on_shift) {
-                let n = active.get_mut(id).map_or(0, |list| {
-                    list.sort_by(|a, b| a.delivery_id.cmp(&b.delivery_id));
-                    list.len() as u64
-                });
-                let counts = districts.entry(row.district).or_default();
-                counts.riders_on_shift += 1;
-                counts.active_deliveries += n;
-                counts.riders_delivering += u64::from(n > 0);
-                by_district.entry(row.district).or_default().push(i);
-            }
-            for list in by_district.values_mut() {
-                list.sort_unstable_by(|&a, &b| entries[a].0.cmp(&entries[b].0));
-            }
-            let riders = index
-                .join()
-                .unwrap_or_else(|e| std::panic::resume_unwind(e));
-            (riders, by_district)
-        });
-        // Deliveries of riders who are not on shift count nowhere.
-        active.retain(|rider, _| riders.contains_key(rider));
+            let counts = districts.entry(row.district).or_default();
+            counts.riders_on_shift += 1;
+            counts.active_deliveries += n;
+            counts.riders_delivering += u64::from(n > 0);
+            by_district.entry(row.district).or_default().push(i);
+        }
+        // Deliveries of riders who are not on shift count nowhere: they are never asked for, as
+        // only riders on shift are found.
         // Every district entry was made by counting something: none is all zero.
         Frozen {
             restored,
             districts,
-            riders,
+            on_shift,
             active,
             by_district,
         }
+    }
+
+    /// Where rider `id` is in the entries, if on shift.
+    fn find(&self, id: &Id) -> Option<usize> {
+        let entries = &self.restored.riders.entries;
+        let i = entries.binary_search_by(|(e, _)| e.cmp(id)).ok()?;
+        entries[i].1.status.on_shift().then_some(i)
     }
 
     fn snapshot(&self, i: usize) -> (Id, Snapshot) {
@@ -288,7 +301,7 @@ impl Frozen {
             Query::Districts => {
                 AnswerBody::Districts(self.districts.iter().map(|(d, c)| (*d, *c)).collect())
             }
-            Query::Rider(id) => AnswerBody::Rider(self.riders.get(id).map(|&i| self.snapshot(i).1)),
+            Query::Rider(id) => AnswerBody::Rider(self.find(id).map(|i| self.snapshot(i).1)),
             Query::RidersOf(d) => AnswerBody::Riders(
                 self.by_district
                     .get(d)
@@ -341,7 +354,7 @@ impl CheckpointView {
 
     /// Riders on shift in the view.
     pub fn riders(&self) -> usize {
-        self.frozen.load().as_ref().map_or(0, |f| f.riders.len())
+        self.frozen.load().as_ref().map_or(0, |f| f.on_shift)
     }
 
     /// The answer to `query` from the checkpoint, `stale`; `None` unless filled.
@@ -355,9 +368,14 @@ impl CheckpointView {
     }
 }
 
-/// Complete times handed to the thread that applies them: their changes, and the `as_of` they
-/// complete.
-type Completed = (Vec<ViewChange>, Time);
+/// What the leading worker hands the thread that applies it.
+#[derive(Debug)]
+enum Fed {
+    /// Changes of the earliest time not yet complete, to apply ahead ([`ServingView::prepare`]).
+    Ahead(Vec<ViewChange>),
+    /// The rest of the changes of the times up to `as_of`, all complete now.
+    Complete(Vec<ViewChange>, Time),
+}
 
 /// The thread of a process that applies complete times to its serving view, off the workers: a
 /// worker only hands over what it received, so applying never holds up the dataflow. It ends
@@ -370,22 +388,37 @@ pub struct ViewApplier {
 
 /// Where a process's leading worker sends complete times.
 #[derive(Clone, Debug)]
-pub struct ViewFeed(crossbeam_channel::Sender<Completed>);
+pub struct ViewFeed(crossbeam_channel::Sender<Fed>);
 
 impl ViewApplier {
     /// Starts the thread that applies to `view`.
     pub fn start(view: Arc<ServingView>) -> std::io::Result<Self> {
-        let (tx, rx) = crossbeam_channel::unbounded::<Completed>();
+        let (tx, rx) = crossbeam_channel::unbounded::<Fed>();
         let thread = std::thread::Builder::new()
             .name("dongflow-view".into())
             .spawn(move || {
-                while let Ok((mut changes, mut as_of)) = rx.recv() {
-                    // Whatever queued up meanwhile becomes one version: fewer, larger steps.
-                    while let Ok((more, later)) = rx.try_recv() {
-                        changes.extend(more);
-                        as_of = later;
+                let mut next: Option<Fed> = None;
+                while let Some(fed) = next.take().or_else(|| rx.recv().ok()) {
+                    match fed {
+                        Fed::Ahead(changes) => view.prepare(changes),
+                        Fed::Complete(mut changes, mut as_of) => {
+                            // Completions queued up meanwhile become one version: fewer, larger
+                            // steps. Changes applied ahead wait for the version before them.
+                            while let Ok(more) = rx.try_recv() {
+                                match more {
+                                    Fed::Complete(more, later) => {
+                                        changes.extend(more);
+                                        as_of = later;
+                                    }
+                                    ahead => {
+                                        next = Some(ahead);
+                                        break;
+                                    }
+                                }
+                            }
+                            view.advance(changes, as_of);
+                        }
                     }
-                    view.advance(changes, as_of);
                 }
             })?;
         Ok(Self {
@@ -462,7 +495,18 @@ pub fn attach_view(
             if as_of > published || !done.is_empty() {
                 published = published.max(as_of);
                 // The applier is gone only when the process is stopping.
-                let _ = feed.0.send((done.into_values().flatten().collect(), as_of));
+                let _ = feed
+                    .0
+                    .send(Fed::Complete(done.into_values().flatten().collect(), as_of));
+            }
+            // Every time before the frontier has gone: the frontier's own changes can be applied
+            // ahead, to be shown when it completes.
+            if let Some(early) = frontier
+                .frontier()
+                .first()
+                .and_then(|next| pending.remove(next))
+            {
+                let _ = feed.0.send(Fed::Ahead(early));
             }
         },
     );
@@ -584,6 +628,24 @@ mod tests {
         view.advance([rider_change("r-9", Some(snapshot(4, &[])), 11)], 11);
         assert_eq!(view.as_of(), 14);
         assert_eq!(view.riders(), 1);
+    }
+
+    #[test]
+    fn changes_applied_ahead_show_only_when_their_time_completes() {
+        let view = ServingView::new();
+        view.advance([rider_change("r-1", Some(snapshot(3, &[])), 10)], 10);
+        view.prepare([rider_change("r-2", Some(snapshot(3, &[])), 11)]);
+        view.prepare([rider_change("r-1", None, 11)]);
+        assert_eq!(view.as_of(), 10);
+        assert_eq!(ids(view.answer(&Query::RidersOf(3))), ["r-1"], "not yet");
+        view.advance([rider_change("r-3", Some(snapshot(4, &[])), 11)], 11);
+        assert_eq!(view.as_of(), 11);
+        assert_eq!(ids(view.answer(&Query::RidersOf(3))), ["r-2"]);
+        assert_eq!(ids(view.answer(&Query::RidersOf(4))), ["r-3"]);
+        assert_eq!(view.riders(), 2);
+        // The next version starts from the one shown.
+        view.advance([], 12);
+        assert_eq!(view.riders(), 2);
     }
 
     #[test]
