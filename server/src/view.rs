@@ -8,8 +8,9 @@
 //!   process thus holds all keys, and answers any key without asking another process.
 //! - **Consistent.** Changes are buffered until the feed's frontier passes their time; each
 //!   frontier step makes one new version of the maps (persistent maps: O(changes), the old version
-//!   untouched) and publishes it with one atomic store. A read loads one version: exactly the input
-//!   up to one `as_of`, which never goes back, and it never waits.
+//!   untouched) and publishes it with one atomic store. Changes at the frontier's own time are
+//!   applied ahead to the next version, unpublished until that time completes. A read loads one
+//!   version: exactly the input up to one `as_of`, which never goes back, and it never waits.
 //! - **A checkpoint's view.** [`CheckpointView`] indexes a restored checkpoint's upsert state and
 //!   answers from it (`stale`) the snapshots and counts the dataflow will compute from it, so a
 //!   restarting process answers as soon as it has loaded its checkpoint, before the dataflow has
