@@ -7,6 +7,10 @@
 //! file matches its manifest; anything else is reported and skipped, never trusted. Files are written
 //! to a temporary name, synced and renamed. After a complete checkpoint, older ones are deleted (at
 //! most two are kept, so disk use stays bounded even when processes do not share a state dir).
+//!
+//! A clean stop whose changelog records were all acknowledged adds
+//! `checkpoint-<T>/process-<p>.published.json` ([`mark_published`]): a restore from `T` then need not
+//! publish its state again. Every run deletes the marks before it publishes ([`retract_published`]).
 
 use std::collections::{BTreeMap, HashMap};
 use std::fs;
