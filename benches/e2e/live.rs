@@ -252,6 +252,21 @@ impl Live {
         samples
     }
 
+    /// Input records not read yet by the engine, over all partitions (its
+    /// `dongflow_consumer_lag_records`): near zero while ingest keeps up with the producer.
+    pub fn consumer_lag(&self) -> Option<f64> {
+        let mut r = Self::agent()
+            .get(&format!("http://{}/metrics", self.http))
+            .call()
+            .ok()?;
+        let text = r.body_mut().read_to_string().ok()?;
+        let lags = text
+            .lines()
+            .filter(|l| l.starts_with("dongflow_consumer_lag_records{"))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok());
+        Some(lags.sum())
+    }
+
     /// Runs the load generator against `paths` for `duration`.
     pub fn load(
         &self,

@@ -589,6 +589,8 @@ struct RouteRuns {
     rate: Vec<f64>,
     /// Share of answers with status 200 (last run).
     ok_share: f64,
+    /// Input records not yet read right after the load.
+    lag: Vec<f64>,
 }
 
 fn queries(
@@ -630,11 +632,14 @@ fn queries(
         for (i, (name, paths)) in routes.iter().enumerate() {
             progress.update(name);
             let r = live.load(paths.clone(), connections, o.load_time);
+            // Whether ingest kept up while queries had the machine: the backlog right after.
+            let lag = live.consumer_lag().unwrap_or(f64::NAN);
             summary.push(format!(
-                "{name} p99 {:.2} ms at {}/s",
+                "{name} p99 {:.2} ms at {}/s, input lag {lag:.0}",
                 r.quantile_ms(0.99),
                 chart::short(r.requests_per_s)
             ));
+            results[i].lag.push(lag);
             let total = (r.ok + r.not_ok).max(1) as f64;
             results[i].p50.push(r.quantile_ms(0.5));
             results[i].p99.push(r.quantile_ms(0.99));
@@ -655,7 +660,8 @@ fn queries(
         );
         out.insert(
             name.to_string(),
-            json!({"p50_ms": s50, "p99_ms": s99, "requests_per_s": srps, "share_200": runs.ok_share}),
+            json!({"p50_ms": s50, "p99_ms": s99, "requests_per_s": srps, "share_200": runs.ok_share,
+                   "input_lag_after_records": Stats::of(&runs.lag)}),
         );
         let target = match *name {
             "all districts" => verdict(s99.median <= 5.0, "p99 ≤ 5 ms"),

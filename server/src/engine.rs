@@ -194,6 +194,28 @@ fn worker_config() -> WorkerConfig {
     config
 }
 
+/// How much lower than the rest of the process the workers run, as a nice value.
+const WORKER_NICE: i32 = 5;
+
+/// Lowers the calling worker thread's scheduling priority by [`WORKER_NICE`]. When every core is
+/// busy, the HTTP threads, the view thread and the Kafka clients then go first and the workers take
+/// the rest: an answer waits less for a core, while the workers, which take larger batches when
+/// they fall behind, catch up in their next step. At 50k events/s under a query load, the point
+/// queries' p99 was 2–3 ms at the same priority and 0.6–1 ms at +5; at +10 the input lagged after a
+/// query load; freshness without queries did not change beyond the noise (README, Performance).
+fn yield_to_queries() {
+    #[cfg(target_os = "linux")]
+    {
+        let tid = rustix::thread::gettid();
+        let result = rustix::process::getpriority_process(Some(tid)).and_then(|nice| {
+            rustix::process::setpriority_process(Some(tid), (nice + WORKER_NICE).min(19))
+        });
+        if let Err(e) = result {
+            tracing::debug!("worker priority unchanged: {e}");
+        }
+    }
+}
+
 /// Wall-clock time in ms since the Unix epoch: the ingest time that stamps batches.
 pub fn now_ms() -> Time {
     SystemTime::now()
@@ -262,6 +284,7 @@ impl Engine {
                 }
             }
             retracted.wait();
+            yield_to_queries();
             let slot = slots.lock().unwrap_or_else(|e| e.into_inner())[index].take();
             let Some(slot) = slot else { return };
             let feed = match index {
