@@ -213,7 +213,11 @@ impl Writer {
         let flag = stop.clone();
         let thread = std::thread::Builder::new()
             .name("dongflow-checkpoint".into())
-            .spawn(move || write_loop(&rx, &flag, &state_dir, process, processes, workers, &report))
+            .spawn(move || {
+                // Writing is background work: answers go first.
+                crate::engine::yield_to_queries();
+                write_loop(&rx, &flag, &state_dir, process, processes, workers, &report)
+            })
             .map_err(io(Path::new("checkpoint thread")))?;
         Ok(Writer {
             parts: Some(tx),
