@@ -4,13 +4,15 @@
 //! - [`view`]: the serving view every process keeps, fed by the dataflow one complete time at a time;
 //!   HTTP answers are reads of it.
 //! - [`query`]: typed queries and answers; peeks of the workers' arrangements (state sizes).
-//! - [`checkpoint`]: checkpoint files: writing them atomically, finding the newest usable one.
+//! - [`checkpoint`]: checkpoint files: writing them atomically, finding the newest usable one, and
+//!   the marks of a clean stop whose changelog is complete.
 //! - [`backup`]: the changelog read back, answering with `stale: true` until the live state is ready.
 //! - [`changelog`]: the changelog topics of CONTRACT section 5, written as times complete.
 //! - [`render`]: the JSON of CONTRACT section 6 (district objects, rider snapshots).
 //! - [`http`]: the HTTP API of CONTRACT section 6 (hyper), metrics, health.
 //! - [`cli`]: the command line of CONTRACT section 1.
-//! - [`pipeline`]: the engine wired to Kafka sources, dead letters and changelogs.
+//! - [`pipeline`]: the engine wired to Kafka sources, dead letters and changelogs; whether a restore
+//!   publishes its state again.
 //! - [`demo`]: simulator settings, the stop signal, and the by-id partitioning rule of in-process feeds.
 
 pub mod backup;
