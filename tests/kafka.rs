@@ -508,7 +508,8 @@ fn state_dir(test: &str) -> String {
     dir.to_string_lossy().into_owned()
 }
 
-fn has_checkpoint(dir: &str) -> bool {
+/// Whether a checkpoint directory in `dir` holds a file whose name ends with `suffix`.
+fn has_checkpoint_file(dir: &str, suffix: &str) -> bool {
     std::fs::read_dir(dir)
         .into_iter()
         .flatten()
@@ -518,23 +519,17 @@ fn has_checkpoint(dir: &str) -> bool {
                 .into_iter()
                 .flatten()
                 .flatten()
-                .any(|f| f.file_name().to_string_lossy().ends_with(".manifest.json"))
+                .any(|f| f.file_name().to_string_lossy().ends_with(suffix))
         })
+}
+
+fn has_checkpoint(dir: &str) -> bool {
+    has_checkpoint_file(dir, ".manifest.json")
 }
 
 /// Whether a checkpoint in `dir` is marked as published by a clean stop.
 fn has_changelog_mark(dir: &str) -> bool {
-    std::fs::read_dir(dir)
-        .into_iter()
-        .flatten()
-        .flatten()
-        .any(|e| {
-            std::fs::read_dir(e.path())
-                .into_iter()
-                .flatten()
-                .flatten()
-                .any(|f| f.file_name().to_string_lossy().ends_with(".published.json"))
-        })
+    has_checkpoint_file(dir, ".published.json")
 }
 
 /// Rider changelog records this run has had acknowledged.
