@@ -200,10 +200,11 @@ const WORKER_NICE: i32 = 5;
 
 /// Lowers the calling thread's scheduling priority by [`WORKER_NICE`]: for the workers and the
 /// checkpoint writer. When every core is busy, the HTTP threads, the view thread and the Kafka
-/// clients then go first and the workers take the rest: an answer waits less for a core, while the workers, which take larger batches when
-/// they fall behind, catch up in their next step. At 50k events/s under a query load, the point
-/// queries' p99 was 2–3 ms at the same priority and 0.6–1 ms at +5; at +10 the input lagged after a
-/// query load; freshness without queries did not change beyond the noise (README, Performance).
+/// clients then go first and the workers take the rest: an answer waits less for a core, while the
+/// workers, which take larger batches when they fall behind, catch up in their next step. At 50k
+/// events/s under a query load, the point queries' p99 was 1.3–2.8 ms at the same priority and
+/// 0.6–1 ms at +5; at +10 the input lagged after a query load; freshness without queries did not
+/// change beyond the noise (README, Performance).
 pub(crate) fn yield_to_queries() {
     #[cfg(target_os = "linux")]
     {
