@@ -277,10 +277,9 @@ fn write_loop(
         if parts.len() < workers {
             continue;
         }
-        let parts = pending.remove(&time).unwrap_or_default();
+        let mut parts = pending.remove(&time).unwrap_or_default();
         // An older time that never completed will not complete any more.
         pending.retain(|t, _| *t > time);
-        let mut parts = parts;
         match write(state_dir, process, processes, &mut parts) {
             Ok(r) => {
                 tracing::info!(
