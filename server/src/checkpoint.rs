@@ -84,6 +84,14 @@ pub struct Published {
     pub ends: Vec<(String, i32, i64)>,
 }
 
+impl Published {
+    /// Whether `other` names the same brokers and changelog topics (its ends aside).
+    pub fn same_changelog(&self, other: &Published) -> bool {
+        (&self.brokers, &self.district_topic, &self.rider_topic)
+            == (&other.brokers, &other.district_topic, &other.rider_topic)
+    }
+}
+
 /// Why a checkpoint cannot be used.
 #[derive(Debug, Error)]
 pub enum CheckpointError {
@@ -413,9 +421,7 @@ fn load_published(dir: &Path, processes: &[usize]) -> Option<Published> {
         match &mut merged {
             None => merged = Some(mark),
             Some(m) => {
-                if (&m.brokers, &m.district_topic, &m.rider_topic)
-                    != (&mark.brokers, &mark.district_topic, &mark.rider_topic)
-                {
+                if !m.same_changelog(&mark) {
                     return None;
                 }
                 // Each process saw the ends at its own stop: the highest is the end.

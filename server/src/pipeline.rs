@@ -292,13 +292,11 @@ impl Pipeline {
             );
             return;
         }
-        for topic in [&published.district_topic, &published.rider_topic] {
-            match self.producer.end_offsets(topic, Duration::from_secs(5)) {
-                Ok(ends) => published.ends.extend(ends),
-                Err(e) => {
-                    tracing::warn!("cannot read the end of {topic} ({e}): checkpoint not marked");
-                    return;
-                }
+        match changelog_ends(&self.producer, &published) {
+            Ok(ends) => published.ends = ends,
+            Err(e) => {
+                tracing::warn!("{e}: checkpoint not marked");
+                return;
             }
         }
         match mark_published(&dir, report.time, process, &published) {
@@ -309,6 +307,19 @@ impl Pipeline {
             Err(e) => tracing::warn!("cannot mark checkpoint {}: {e}", report.time),
         }
     }
+}
+
+/// The end offset of every partition of both changelog topics `of` names; the error says which
+/// topic could not be read.
+fn changelog_ends(producer: &Producer, of: &Published) -> Result<Vec<(String, i32, i64)>, String> {
+    let mut ends = Vec::new();
+    for topic in [&of.district_topic, &of.rider_topic] {
+        let found = producer
+            .end_offsets(topic, Duration::from_secs(5))
+            .map_err(|e| format!("cannot read the end of {topic} ({e})"))?;
+        ends.extend(found);
+    }
+    Ok(ends)
 }
 
 /// Whether the changelog holds the state of `restored` as it was published at a clean stop: the
@@ -322,9 +333,7 @@ fn changelog_holds(restored: &Restored, now: &Published, producer: &Producer) ->
         );
         return false;
     };
-    if (&then.brokers, &then.district_topic, &then.rider_topic)
-        != (&now.brokers, &now.district_topic, &now.rider_topic)
-    {
+    if !then.same_changelog(now) {
         tracing::info!(
             "checkpoint {time}: its changelog went to {} ({}, {}), this run's goes to {} ({}, {}); \
              its state is republished",
@@ -337,18 +346,13 @@ fn changelog_holds(restored: &Restored, now: &Published, producer: &Producer) ->
         );
         return false;
     }
-    let mut ends = Vec::new();
-    for topic in [&now.district_topic, &now.rider_topic] {
-        match producer.end_offsets(topic, Duration::from_secs(5)) {
-            Ok(e) => ends.extend(e),
-            Err(e) => {
-                tracing::info!(
-                    "checkpoint {time}: cannot read the end of {topic} ({e}); its state is republished"
-                );
-                return false;
-            }
+    let ends = match changelog_ends(producer, now) {
+        Ok(ends) => ends,
+        Err(e) => {
+            tracing::info!("checkpoint {time}: {e}; its state is republished");
+            return false;
         }
-    }
+    };
     for (topic, partition, end) in &then.ends {
         let found = ends
             .iter()
