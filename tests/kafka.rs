@@ -685,6 +685,65 @@ fn a_run_killed_after_a_clean_stop_publishes_the_restored_state_again() {
     assert_eq!(run.terminate(), Some(0));
 }
 
+/// A run that publishes its state from scratch (no checkpoint here: the state dir was emptied)
+/// first tombstones what earlier runs left in the changelog and its state lacks. Otherwise a
+/// rider only an earlier or crashed run saw would stay on shift in the changelog for good.
+#[test]
+fn a_run_publishing_from_scratch_clears_what_earlier_runs_left_in_the_changelog() {
+    let Fixture {
+        broker: _broker,
+        t,
+        input,
+        bootstrap,
+        state,
+    } = Fixture::embedded("leftover", 43, 2_000);
+    let index = builtin();
+    let quiet_district = (0..index.len() as u32)
+        .map(|id| index.code(id).to_owned())
+        .find(|code| !input.expected_districts.contains_key(code))
+        .expect("a district the scenario leaves empty");
+    let on_shift = |id: &str| format!(r#"{{"rider_id":"{id}","status":"ON_SHIFT","as_of":1}}"#);
+    let counts = r#"{"riders_on_shift":7,"as_of":1}"#;
+    let leftovers = [
+        (
+            &t.snapshots,
+            "r-left-behind".to_owned(),
+            on_shift("r-left-behind"),
+        ),
+        (
+            &t.snapshots,
+            "r-also-left".to_owned(),
+            on_shift("r-also-left"),
+        ),
+        (&t.districts, quiet_district.clone(), counts.to_owned()),
+        (&t.districts, "0000000000".to_owned(), counts.to_owned()),
+    ];
+    let records: Vec<Record> = leftovers
+        .iter()
+        .map(|(topic, key, value)| Record::new(topic, Some(key.as_bytes()), Some(value.as_bytes())))
+        .collect();
+    produce(&bootstrap, &records);
+    produce(&bootstrap, &input.records);
+
+    let run = Dongflow::run(&t.args(&bootstrap, &state));
+    let mut outputs = Outputs::new(&bootstrap, &t);
+    outputs.wait_for(&input);
+    for (_, key, _) in &leftovers {
+        let tombstoned = outputs
+            .riders
+            .records
+            .iter()
+            .chain(&outputs.districts.records)
+            .any(|r| r.key.as_deref() == Some(key.as_bytes()) && r.value.is_none());
+        assert!(tombstoned, "{key} tombstoned");
+    }
+    assert!(run
+        .log()
+        .contains("the changelog held and the caught-up state lacks"));
+    check_http_equals_model(&run.http, &input);
+    assert_eq!(run.terminate(), Some(0));
+}
+
 /// kill -9 at random moments while events arrive, restarts with the same state dir (and changing
 /// worker counts): nothing lost, nothing counted twice.
 #[test]
@@ -896,31 +955,35 @@ fn stale_until_ready(name: &str, seed: u64, from: StaleFrom) {
         }
     }
     ready(&run.http);
-    match from {
-        // A replay without a checkpoint never retracts keys it does not produce again (riders
-        // whose whole shift fell in the first part): its changelog keeps their old records, and
-        // only the live answers are compared with the model (see the README, "Checkpoints").
-        StaleFrom::Changelog => check_http_equals_model(&run.http, &input),
+    check_http_equals_model(&run.http, &input);
+    let topics = match from {
+        // The replay clears the riders whose whole shift fell in the first part: they are in the
+        // changelog, and the caught-up state lacks them.
+        StaleFrom::Changelog => (t.districts.clone(), t.snapshots.clone()),
         // The new changelog topics are not the ones the checkpoint's changelog went to: the
-        // restored state is published to them again, and they end equal to the model.
+        // restored state is published to them again.
         StaleFrom::Checkpoint => {
-            check_http_equals_model(&run.http, &input);
             assert!(
                 run.log().contains("its state is republished"),
                 "other changelog topics: {}",
                 run.log()
             );
-            let mut riders = Reader::new(&bootstrap, &fresh.1, PARTITIONS);
-            let mut districts = Reader::new(&bootstrap, &fresh.0, PARTITIONS);
-            eventually(Duration::from_secs(60), "the new changelog", || {
-                riders.poll(Duration::from_millis(50));
-                districts.poll(Duration::from_millis(50));
-                (without_as_of(riders.latest()) == input.expected_riders
-                    && without_as_of(districts.latest()) == input.expected_districts)
-                    .then_some(())
-            });
+            fresh.clone()
         }
-    }
+    };
+    let mut riders = Reader::new(&bootstrap, &topics.1, PARTITIONS);
+    let mut districts = Reader::new(&bootstrap, &topics.0, PARTITIONS);
+    eventually(
+        Duration::from_secs(60),
+        "the changelog equal to the model",
+        || {
+            riders.poll(Duration::from_millis(50));
+            districts.poll(Duration::from_millis(50));
+            (without_as_of(riders.latest()) == input.expected_riders
+                && without_as_of(districts.latest()) == input.expected_districts)
+                .then_some(())
+        },
+    );
     assert_eq!(client.json("/v1/districts").1["stale"], Value::Bool(false));
     assert_eq!(run.terminate(), Some(0));
 }

@@ -179,11 +179,12 @@ impl<S: Clone> UpsertState<S> {
     }
 }
 
-/// The worker that owns `id` among `peers` workers: where the upserts' exchange sends its events
-/// (timely masks the hash when `peers` is a power of two, and takes the remainder otherwise).
-pub fn owner(id: &Id, peers: usize) -> usize {
+/// The worker that owns `key` among `peers` workers: where an exchange by the key's hash sends it,
+/// as the upserts' exchange does with ids and the arrangements' with their keys (timely masks the
+/// hash when `peers` is a power of two, and takes the remainder otherwise).
+pub fn owner<K: Hashable<Output = u64>>(key: &K, peers: usize) -> usize {
     let peers = peers.max(1) as u64;
-    let hash = id.hashed();
+    let hash = key.hashed();
     let index = if peers.is_power_of_two() {
         hash & (peers - 1)
     } else {

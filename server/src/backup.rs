@@ -15,6 +15,8 @@ use rdkafka::{Message, Offset, TopicPartitionList};
 
 use serde_json::{Map, Value};
 
+use crate::changelog::HeldKeys;
+
 #[derive(Debug, Default)]
 struct View {
     /// District code → its latest changelog value (with `as_of`).
@@ -63,6 +65,8 @@ pub struct BackupView {
     /// Says when the live state is ready: the reader then lets the view go by itself, so a view
     /// nobody asks stops reading too.
     live: std::sync::OnceLock<Box<dyn Fn() -> bool + Send + Sync>>,
+    /// The keys with a value once the view is loaded: what earlier runs left in the changelog.
+    held: std::sync::OnceLock<Arc<HeldKeys>>,
     thread: Background,
 }
 
@@ -109,6 +113,7 @@ impl BackupView {
             newest: AtomicU64::new(0),
             loaded_as_of: AtomicU64::new(0),
             live: std::sync::OnceLock::new(),
+            held: std::sync::OnceLock::new(),
             thread: Background::default(),
         });
         let topics = [district_topic.to_owned(), rider_topic.to_owned()];
@@ -125,23 +130,25 @@ impl BackupView {
         Ok(view)
     }
 
-    fn read(&self, consumers: &[BaseConsumer<Quiet>; 2], topics: &[String; 2]) {
-        // Wait for both topics to exist, then read every partition from the beginning.
+    /// Assigns every partition of the topics that exist, from the beginning, and returns the
+    /// end of each partition that holds records (at or past which the view is loaded). `None`
+    /// when the broker could not say; the caller tries again.
+    fn begin(
+        &self,
+        consumers: &[BaseConsumer<Quiet>; 2],
+        topics: &[String; 2],
+    ) -> Option<BTreeMap<(usize, i32), i64>> {
+        // A topic the broker does not list holds nothing from earlier runs: it is not waited for
+        // (the changelog writes wait for this view's keys). One listed with an error is asked again.
+        let md = consumers[0]
+            .fetch_metadata(None, Duration::from_secs(5))
+            .ok()?;
         let mut partitions = [0usize; 2];
-        while !self.thread.stopping() {
-            if let Ok(md) = consumers[0].fetch_metadata(None, Duration::from_secs(5)) {
-                for (i, name) in topics.iter().enumerate() {
-                    partitions[i] = md
-                        .topics()
-                        .iter()
-                        .find(|t| t.name() == name && t.error().is_none())
-                        .map_or(0, |t| t.partitions().len());
-                }
-                if partitions.iter().all(|n| *n > 0) {
-                    break;
-                }
+        for (i, name) in topics.iter().enumerate() {
+            if let Some(t) = md.topics().iter().find(|t| t.name() == name) {
+                t.error().is_none().then_some(())?;
+                partitions[i] = t.partitions().len();
             }
-            std::thread::park_timeout(Duration::from_millis(500));
         }
         for (i, consumer) in consumers.iter().enumerate() {
             let mut tpl = TopicPartitionList::new();
@@ -150,7 +157,7 @@ impl BackupView {
             }
             if let Err(e) = consumer.assign(&tpl) {
                 tracing::warn!("backup view: cannot read {}: {e}", topics[i]);
-                return;
+                return None;
             }
         }
         // The end of every partition now: the view answers once it has read at least that far
@@ -158,6 +165,9 @@ impl BackupView {
         let started = std::time::Instant::now();
         let mut ends: BTreeMap<(usize, i32), i64> = BTreeMap::new();
         for (i, consumer) in consumers.iter().enumerate() {
+            if partitions[i] == 0 {
+                continue;
+            }
             // One request for all of a topic's partitions: the timestamp -1 (`Offset::End`) asks
             // for the latest offset.
             let mut ask = TopicPartitionList::new();
@@ -168,7 +178,7 @@ impl BackupView {
                 Ok(tpl) => tpl,
                 Err(e) => {
                     tracing::warn!("backup view: no end offsets for {}: {e}", topics[i]);
-                    return;
+                    return None;
                 }
             };
             for e in latest.elements() {
@@ -184,9 +194,24 @@ impl BackupView {
             ends.len(),
             started.elapsed()
         );
+        Some(ends)
+    }
+
+    fn read(&self, consumers: &[BaseConsumer<Quiet>; 2], topics: &[String; 2]) {
+        let started = std::time::Instant::now();
+        let mut ends = loop {
+            if self.thread.stopping() {
+                return;
+            }
+            match self.begin(consumers, topics) {
+                Some(ends) => break ends,
+                None => std::thread::park_timeout(Duration::from_millis(500)),
+            }
+        };
         let mut read = 0u64;
         while !self.thread.stopping() {
-            if self.live.get().is_some_and(|live| live()) {
+            // Not before it is loaded: the changelog writes wait for its keys.
+            if self.loaded.load(Ordering::Acquire) && self.live.get().is_some_and(|live| live()) {
                 self.release();
                 break;
             }
@@ -202,6 +227,7 @@ impl BackupView {
             if ends.is_empty() && !self.loaded.load(Ordering::Acquire) {
                 self.loaded_as_of
                     .store(self.newest.load(Ordering::Acquire), Ordering::Release);
+                let _ = self.held.set(Arc::new(self.keys()));
                 self.loaded.store(true, Ordering::Release);
                 tracing::info!(
                     "backup view: {read} changelog records loaded in {:?}",
@@ -264,6 +290,20 @@ impl BackupView {
             }
             view.riders.insert(key.to_owned(), v);
         }
+    }
+
+    /// The keys the view holds a value for.
+    fn keys(&self) -> HeldKeys {
+        let view = self.view.read().unwrap_or_else(|e| e.into_inner());
+        HeldKeys {
+            districts: view.districts.keys().cloned().collect(),
+            riders: view.riders.keys().cloned().collect(),
+        }
+    }
+
+    /// The keys the changelog held a value for when reading began, once all of it is read.
+    pub fn held_keys(&self) -> Option<Arc<HeldKeys>> {
+        self.held.get().cloned()
     }
 
     /// Whether the view can answer: it has read the changelog as far as it went at start, and

@@ -1,12 +1,15 @@
 //! The changelog topics of CONTRACT section 5: each changed district and rider, per dataflow
-//! time, rendered exactly as HTTP shows it, with `as_of`.
+//! time, rendered exactly as HTTP shows it, with `as_of`; and the clearing of keys that earlier
+//! runs left there and this run's state lacks ([`Clearing`]).
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use dongflow_connectors::kafka::{OutputKind, Producer};
 use dongflow_connectors::Id;
 use dongflow_dataflow::districts::{DistrictId, DistrictIndex};
 use dongflow_dataflow::types::{Change, DistrictCounts, Snapshot, Time};
+use dongflow_dataflow::upsert::owner;
 use serde::Serialize;
 
 use crate::render::{DistrictView, RiderView};
@@ -99,5 +102,384 @@ pub fn write_riders(
             .as_ref()
             .and_then(|s| to_json(RiderView::new(index, &change.key, s), change.time));
         sink.rider(&change.key, value.as_deref());
+    }
+}
+
+/// The keys the changelog topics held a value for (their latest record not a tombstone) when this
+/// run began reading them: what earlier runs published.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct HeldKeys {
+    /// District codes.
+    pub districts: Vec<String>,
+    /// Rider ids.
+    pub riders: Vec<String>,
+}
+
+/// Says the changelog's [`HeldKeys`] once they are read, `None` until then.
+#[derive(Clone)]
+pub struct HeldKeysSource(pub Arc<dyn Fn() -> Option<Arc<HeldKeys>> + Send + Sync>);
+
+impl HeldKeysSource {
+    /// The held keys, once read.
+    pub fn get(&self) -> Option<Arc<HeldKeys>> {
+        (self.0)()
+    }
+}
+
+impl std::fmt::Debug for HeldKeysSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self.get() {
+            Some(_) => "HeldKeysSource(read)",
+            None => "HeldKeysSource(reading)",
+        })
+    }
+}
+
+/// One changelog topic as a worker's [`Clearing`] sees it.
+pub trait ClearedTopic<K, V> {
+    /// The record key of `key`.
+    fn name<'a>(&self, key: &'a K) -> std::borrow::Cow<'a, str>;
+    /// This topic's part of the held keys.
+    fn held<'a>(&self, keys: &'a HeldKeys) -> &'a [String];
+    /// Whether this worker writes the record key `held` (its owner, by the dataflow's exchange).
+    fn owns(&self, held: &str) -> bool;
+    /// Writes one complete time's changes.
+    fn write(&self, changes: &[Change<K, V>]);
+    /// Writes a tombstone for the record key `held`.
+    fn tombstone(&self, held: &str);
+}
+
+/// One worker's writes to one changelog topic, and the clearing of the keys that earlier runs
+/// left there and this run's state lacks.
+///
+/// A run that does not restore a checkpoint marked at a clean stop publishes its state again. A
+/// key the changelog holds and that state lacks would keep its old value, since the replay may
+/// never change it again. Such a key comes from a run that crashed after the restored checkpoint,
+/// or from a run before the state dir was emptied. So each worker learns the held keys it owns,
+/// notes which of them its writes set, and once the state has caught up with the input (a
+/// complete time that is not a passing one), tombstones those its state lacks then. Writes wait
+/// until the held keys are known, so every write of the run is noted.
+pub struct Clearing<K, V> {
+    stage: Stage<K, V>,
+    /// Workers' topics not cleared yet, in the process: a stop before then is not clean.
+    uncleared: Arc<AtomicU64>,
+}
+
+enum Stage<K, V> {
+    /// Waiting for the held keys, with complete times' changes in time order.
+    Reading(HeldKeysSource, Vec<Vec<Change<K, V>>>),
+    /// The held keys this worker owns, and whether its state holds each now.
+    Noting(std::collections::HashMap<String, bool>),
+    /// Cleared, or nothing to clear: writes go straight through.
+    Done,
+}
+
+impl<K, V> Clearing<K, V> {
+    /// Clears the keys `held` will say; `None` writes at once and clears nothing (the changelog
+    /// holds the restored state).
+    pub fn new(held: Option<HeldKeysSource>, uncleared: Arc<AtomicU64>) -> Self {
+        let stage = match held {
+            Some(source) => {
+                uncleared.fetch_add(1, Ordering::AcqRel);
+                Stage::Reading(source, Vec::new())
+            }
+            None => Stage::Done,
+        };
+        Self { stage, uncleared }
+    }
+
+    /// Takes complete times' changes in time order and writes what may go. `clear_after` is the
+    /// time through which the state must be complete before the held keys it lacks are
+    /// tombstoned (`None`: not known yet); `complete` says whether a time is complete. Returns
+    /// how many keys were tombstoned, once.
+    pub fn offer(
+        &mut self,
+        batches: Vec<Vec<Change<K, V>>>,
+        clear_after: Option<Time>,
+        complete: impl Fn(Time) -> bool,
+        topic: &impl ClearedTopic<K, V>,
+    ) -> Option<usize> {
+        let batches = match &mut self.stage {
+            Stage::Done => {
+                batches.iter().for_each(|b| topic.write(b));
+                return None;
+            }
+            Stage::Reading(source, waiting) => {
+                waiting.extend(batches.into_iter().filter(|b| !b.is_empty()));
+                let keys = source.get()?;
+                let held = topic.held(&keys).iter().filter(|k| topic.owns(k));
+                let noted = held.map(|k| (k.clone(), false)).collect();
+                let waited = std::mem::take(waiting);
+                self.stage = Stage::Noting(noted);
+                waited
+            }
+            Stage::Noting(_) => batches,
+        };
+        let mut cleared = None;
+        for batch in batches {
+            let time = batch.first().map(|c| c.time);
+            if let (Stage::Noting(noted), Some(time)) = (&mut self.stage, time) {
+                if clear_after.is_some_and(|t| time > t) {
+                    cleared = Some(self.clear(topic));
+                } else {
+                    for change in &batch {
+                        if let Some(present) = noted.get_mut(topic.name(&change.key).as_ref()) {
+                            *present = change.value.is_some();
+                        }
+                    }
+                }
+            }
+            topic.write(&batch);
+        }
+        if matches!(self.stage, Stage::Noting(_)) && clear_after.is_some_and(complete) {
+            cleared = Some(self.clear(topic));
+        }
+        cleared
+    }
+
+    /// Tombstones the noted keys the state lacks.
+    fn clear(&mut self, topic: &impl ClearedTopic<K, V>) -> usize {
+        let Stage::Noting(noted) = std::mem::replace(&mut self.stage, Stage::Done) else {
+            return 0;
+        };
+        let mut n = 0;
+        for (key, _) in noted.iter().filter(|(_, present)| !**present) {
+            topic.tombstone(key);
+            n += 1;
+        }
+        self.uncleared.fetch_sub(1, Ordering::AcqRel);
+        n
+    }
+}
+
+/// Which worker of how many writes a key.
+#[derive(Clone, Copy, Debug)]
+pub struct Writer {
+    /// This worker's index in the whole cluster.
+    pub worker: usize,
+    /// Workers in the whole cluster.
+    pub workers: usize,
+}
+
+/// One worker's changelog topics: both the district and the rider topic, told apart by their
+/// keys and values.
+#[derive(Clone, Debug)]
+pub struct WorkerTopics {
+    /// Where records go.
+    pub sink: Arc<dyn ChangelogSink>,
+    /// The map, for codes.
+    pub index: Arc<DistrictIndex>,
+    /// Changes at or before this time are in the changelog already.
+    pub published: Time,
+    /// This worker.
+    pub me: Writer,
+}
+
+impl ClearedTopic<DistrictId, DistrictCounts> for WorkerTopics {
+    fn name<'a>(&self, key: &'a DistrictId) -> std::borrow::Cow<'a, str> {
+        std::borrow::Cow::Owned(self.index.code(*key).to_owned())
+    }
+    fn held<'a>(&self, keys: &'a HeldKeys) -> &'a [String] {
+        &keys.districts
+    }
+    /// A code the map does not know is no one's: worker 0 clears it.
+    fn owns(&self, held: &str) -> bool {
+        match self.index.id_of(held) {
+            Some(id) => owner(&id, self.me.workers) == self.me.worker,
+            None => self.me.worker == 0,
+        }
+    }
+    fn write(&self, changes: &[Change<DistrictId, DistrictCounts>]) {
+        write_districts(&*self.sink, &self.index, changes, self.published);
+    }
+    fn tombstone(&self, held: &str) {
+        self.sink.district(held, None);
+    }
+}
+
+impl ClearedTopic<Id, Snapshot> for WorkerTopics {
+    fn name<'a>(&self, key: &'a Id) -> std::borrow::Cow<'a, str> {
+        std::borrow::Cow::Borrowed(key.as_str())
+    }
+    fn held<'a>(&self, keys: &'a HeldKeys) -> &'a [String] {
+        &keys.riders
+    }
+    fn owns(&self, held: &str) -> bool {
+        owner(&Id::from(held), self.me.workers) == self.me.worker
+    }
+    fn write(&self, changes: &[Change<Id, Snapshot>]) {
+        write_riders(&*self.sink, &self.index, changes, self.published);
+    }
+    fn tombstone(&self, held: &str) {
+        self.sink.rider(held, None);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::cell::RefCell;
+    use std::sync::OnceLock;
+
+    use super::*;
+
+    /// A topic of `u32` keys that logs what is written, owning the even keys.
+    #[derive(Default)]
+    struct Logged(RefCell<Vec<String>>);
+
+    impl ClearedTopic<u32, u64> for Logged {
+        fn name<'a>(&self, key: &'a u32) -> std::borrow::Cow<'a, str> {
+            std::borrow::Cow::Owned(key.to_string())
+        }
+        fn held<'a>(&self, keys: &'a HeldKeys) -> &'a [String] {
+            &keys.riders
+        }
+        fn owns(&self, held: &str) -> bool {
+            held.parse::<u32>().is_ok_and(|k| k % 2 == 0)
+        }
+        fn write(&self, changes: &[Change<u32, u64>]) {
+            for c in changes {
+                let value = c.value.map_or("null".to_owned(), |v| v.to_string());
+                self.0
+                    .borrow_mut()
+                    .push(format!("{}={value}@{}", c.key, c.time));
+            }
+        }
+        fn tombstone(&self, held: &str) {
+            self.0.borrow_mut().push(format!("{held}=null (cleared)"));
+        }
+    }
+
+    impl Logged {
+        fn take(&self) -> Vec<String> {
+            let mut log = self.0.take();
+            // Tombstones of one clearing come in hash order.
+            log.sort_by_key(|l| !l.ends_with("(cleared)"));
+            log
+        }
+    }
+
+    fn change(key: u32, value: Option<u64>, time: Time) -> Change<u32, u64> {
+        Change { key, value, time }
+    }
+
+    /// A source whose keys appear when the test sets them.
+    fn later() -> (HeldKeysSource, Arc<OnceLock<Arc<HeldKeys>>>) {
+        let cell: Arc<OnceLock<Arc<HeldKeys>>> = Arc::default();
+        let c = cell.clone();
+        (HeldKeysSource(Arc::new(move || c.get().cloned())), cell)
+    }
+
+    fn held(keys: &[u32]) -> Arc<HeldKeys> {
+        Arc::new(HeldKeys {
+            districts: Vec::new(),
+            riders: keys.iter().map(u32::to_string).collect(),
+        })
+    }
+
+    #[test]
+    fn without_held_keys_changes_are_written_at_once() {
+        let uncleared = Arc::new(AtomicU64::new(0));
+        let mut clearing = Clearing::new(None, uncleared.clone());
+        let topic = Logged::default();
+        let cleared = clearing.offer(vec![vec![change(1, Some(1), 5)]], None, |_| true, &topic);
+        assert_eq!((cleared, topic.take()), (None, vec!["1=1@5".to_owned()]));
+        assert_eq!(uncleared.load(Ordering::Acquire), 0);
+    }
+
+    #[test]
+    fn held_keys_the_caught_up_state_lacks_are_tombstoned_once_it_is_complete() {
+        let uncleared = Arc::new(AtomicU64::new(0));
+        let (source, cell) = later();
+        let mut clearing = Clearing::new(Some(source), uncleared.clone());
+        assert_eq!(uncleared.load(Ordering::Acquire), 1);
+        let topic = Logged::default();
+        // Writes wait for the held keys.
+        let first = vec![change(2, Some(20), 5), change(4, Some(40), 5)];
+        let cleared = clearing.offer(vec![first], Some(9), |_| true, &topic);
+        assert_eq!((cleared, topic.take()), (None, Vec::<String>::new()));
+
+        // Held: 2 (set, then gone), 4 (set), 6 and 8 (never set); 3 is another worker's.
+        cell.set(held(&[2, 3, 4, 6, 8])).expect("set once");
+        let second = vec![change(2, None, 7), change(8, Some(80), 7)];
+        let cleared = clearing.offer(vec![second], Some(9), |t| t < 7, &topic);
+        assert_eq!(cleared, None, "not before the caught-up time is complete");
+        assert_eq!(topic.take(), ["2=20@5", "4=40@5", "2=null@7", "8=80@7"]);
+
+        // Time 9 completes with no change of this worker's: the state lacks 2 and 6.
+        let cleared = clearing.offer(Vec::new(), Some(9), |t| t <= 9, &topic);
+        assert_eq!(cleared, Some(2));
+        let mut log = topic.take();
+        log.sort();
+        assert_eq!(log, ["2=null (cleared)", "6=null (cleared)"]);
+        assert_eq!(uncleared.load(Ordering::Acquire), 0);
+
+        // From then on, straight through.
+        let cleared = clearing.offer(
+            vec![vec![change(6, Some(6), 10)]],
+            Some(9),
+            |_| true,
+            &topic,
+        );
+        assert_eq!((cleared, topic.take()), (None, vec!["6=6@10".to_owned()]));
+    }
+
+    #[test]
+    fn a_change_after_the_caught_up_time_comes_after_the_clearing() {
+        let (source, cell) = later();
+        cell.set(held(&[2, 4])).expect("set once");
+        let mut clearing = Clearing::new(Some(source), Arc::default());
+        let topic = Logged::default();
+        // The caught-up time is 9; a batch of time 10 arrives before its completion is seen.
+        let batches = vec![vec![change(4, Some(1), 8)], vec![change(2, Some(2), 10)]];
+        let cleared = clearing.offer(batches, Some(9), |_| false, &topic);
+        assert_eq!(cleared, Some(1));
+        // In the order written: the time-8 change, the clearing, then the time-10 change.
+        assert_eq!(topic.0.take(), ["4=1@8", "2=null (cleared)", "2=2@10"]);
+    }
+
+    #[test]
+    fn each_held_rider_has_one_owner_and_unknown_codes_go_to_worker_0() {
+        struct Nowhere;
+        impl std::fmt::Debug for Nowhere {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("Nowhere")
+            }
+        }
+        impl ChangelogSink for Nowhere {
+            fn district(&self, _: &str, _: Option<&[u8]>) {}
+            fn rider(&self, _: &str, _: Option<&[u8]>) {}
+        }
+        let index = Arc::new(DistrictIndex::builtin_seoul());
+        let workers = 3;
+        let topics = |worker| WorkerTopics {
+            sink: Arc::new(Nowhere),
+            index: index.clone(),
+            published: 0,
+            me: Writer { worker, workers },
+        };
+        let rider_owns = |w, id: &str| ClearedTopic::<Id, Snapshot>::owns(&topics(w), id);
+        let district_owns =
+            |w, code: &str| ClearedTopic::<DistrictId, DistrictCounts>::owns(&topics(w), code);
+        let mut riders_per_worker = vec![0; workers];
+        for i in 0..300 {
+            let id = format!("r-{i}");
+            let owners: Vec<usize> = (0..workers).filter(|w| rider_owns(*w, &id)).collect();
+            assert_eq!(owners.len(), 1, "{id}: {owners:?}");
+            assert_eq!(owners[0], owner(&Id::from(id.as_str()), workers));
+            riders_per_worker[owners[0]] += 1;
+        }
+        assert!(
+            riders_per_worker.iter().all(|n| *n > 50),
+            "{riders_per_worker:?}"
+        );
+        for id in 0..index.len() as DistrictId {
+            let code = index.code(id);
+            let owners: Vec<usize> = (0..workers).filter(|w| district_owns(*w, code)).collect();
+            assert_eq!(owners, [owner(&id, workers)], "{code}");
+        }
+        let owners: Vec<usize> = (0..workers)
+            .filter(|w| district_owns(*w, "9999999999"))
+            .collect();
+        assert_eq!(owners, [0], "a code the map does not know");
     }
 }

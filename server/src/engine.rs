@@ -15,7 +15,7 @@ use dongflow_dataflow::build::{changelogs, Changelogs};
 use dongflow_dataflow::districts::DistrictIndex;
 use dongflow_dataflow::peek::trace_len;
 use dongflow_dataflow::stages::{CountsTrace, SnapshotTrace};
-use dongflow_dataflow::types::Time;
+use dongflow_dataflow::types::{Change, Time};
 use dongflow_dataflow::upsert::owner;
 use dongflow_dataflow::{build, DataflowCounters, WorkerState};
 use thiserror::Error;
@@ -25,10 +25,13 @@ use timely::dataflow::operators::probe::Handle as ProbeHandle;
 use timely::dataflow::operators::vec::input::Handle as InputHandle;
 use timely::dataflow::operators::vec::Input;
 use timely::dataflow::operators::Probe;
+use timely::dataflow::Stream;
 use timely::progress::frontier::AntichainRef;
 use timely::WorkerConfig;
 
-use crate::changelog::{write_districts, write_riders, ChangelogSink};
+use crate::changelog::{
+    ChangelogSink, ClearedTopic, Clearing, HeldKeysSource, WorkerTopics, Writer,
+};
 use crate::checkpoint::{retract_published, Restored, WorkerPart};
 use crate::query::{Answer, PeekRequest, Query, QueryError, Shared, StateSizes};
 use crate::view::{attach_view, ServingView, ViewApplier, ViewFeed};
@@ -64,6 +67,11 @@ pub struct EngineConfig {
     /// checkpoint's own time and not published again; otherwise it is published again, at the
     /// restart's time, so that a changelog that lost records in a crash is made whole.
     pub restore_published: bool,
+    /// The keys the changelog held at start, once read: each worker's changelog writes wait for
+    /// them, and once the state has caught up, the held keys it owns and the state lacks are
+    /// tombstoned (see [`Clearing`]). `None` writes at once and clears nothing (the changelog
+    /// holds the restored state).
+    pub changelog_held: Option<HeldKeysSource>,
 }
 
 /// How often checkpoints are taken and where their parts go.
@@ -102,6 +110,7 @@ impl EngineConfig {
             checkpoint: None,
             restore: None,
             restore_published: false,
+            changelog_held: None,
         }
     }
 }
@@ -140,6 +149,24 @@ struct InputProgress {
     final_at: AtomicU64,
     /// Workers done with their part of the final checkpoint.
     final_done: std::sync::atomic::AtomicUsize,
+    /// Workers' changelog topics not cleared yet of what earlier runs left (see [`Clearing`]).
+    changelog_uncleared: Arc<AtomicU64>,
+}
+
+impl InputProgress {
+    /// The latest time pushed when the last source caught up with what it had at start: once
+    /// that time is complete, the state is current. `None` until every source has caught up.
+    fn caught_up_through(&self) -> Option<Time> {
+        let mut latest = 0;
+        for mark in &self.caught_up_at {
+            let t = mark.load(Ordering::Acquire);
+            if t == 0 {
+                return None;
+            }
+            latest = latest.max(t);
+        }
+        Some(latest)
+    }
 }
 
 /// What the rest of the process may hold of a running engine: queries, progress and counters.
@@ -246,6 +273,7 @@ impl Engine {
             caught_up_at: (0..workers).map(|_| AtomicU64::new(0)).collect(),
             final_at: AtomicU64::new(0),
             final_done: std::sync::atomic::AtomicUsize::new(0),
+            changelog_uncleared: Arc::default(),
         });
         let counters = DataflowCounters::default();
         let slots: Mutex<Vec<Option<WorkerSlot>>> = Mutex::new(
@@ -324,8 +352,8 @@ impl Engine {
 
     /// Stops the workers and waits for them. In a cluster, every process must be asked to stop
     /// (see [`EngineHandle::request_stop`]): workers finish only when all inputs everywhere close.
-    /// Returns whether every worker ended normally (then everything pushed went through the
-    /// dataflow, into the changelog sink and the view).
+    /// Returns whether every worker ended normally and wrote all it had to the changelog sink
+    /// (then everything pushed went through the dataflow, into the changelog sink and the view).
     pub fn stop(mut self) -> bool {
         self.shutdown()
     }
@@ -344,6 +372,18 @@ impl Engine {
         // The workers are gone, and with them the feed: the view applies what is left.
         if let Some(applier) = self.applier.take() {
             applier.join();
+        }
+        let uncleared = self
+            .handle
+            .progress
+            .changelog_uncleared
+            .load(Ordering::Acquire);
+        if uncleared > 0 {
+            tracing::warn!(
+                "the changelog was not yet cleared of what earlier runs left ({uncleared} \
+                 worker topics): a restart publishes the state again"
+            );
+            clean = false;
         }
         clean
     }
@@ -403,15 +443,9 @@ impl EngineHandle {
     /// of that in: the live state is current.
     pub fn caught_up(&self) -> bool {
         // Asked on every HTTP request: no allocation.
-        let mut latest = 0;
-        for mark in &self.progress.caught_up_at {
-            let t = mark.load(Ordering::Acquire);
-            if t == 0 {
-                return false;
-            }
-            latest = latest.max(t);
-        }
-        latest <= self.as_of()
+        self.progress
+            .caught_up_through()
+            .is_some_and(|latest| latest <= self.as_of())
     }
 
     /// Whether the live state is ready (`/readyz`): it exists, and it has taken in what the sources
@@ -459,29 +493,76 @@ fn retract_marks(state_dir: &std::path::Path) {
     }
 }
 
-/// Writes the dataflow's changelog streams to `sink` as their times complete, but for the changes
-/// at or before `published` (the restored state, when the changelog holds it already).
+/// Writes the dataflow's changelog streams to `topics` as their times complete, but for the
+/// changes at or before its `published`; once the state has caught up, tombstones the held keys
+/// this worker owns and its state lacks (see [`Clearing`]).
 fn attach_changelog(
     streams: &Changelogs<'_>,
-    sink: Arc<dyn ChangelogSink>,
-    index: Arc<DistrictIndex>,
-    published: Time,
+    topics: WorkerTopics,
+    held: Option<HeldKeysSource>,
+    progress: &Arc<InputProgress>,
 ) {
-    let (s, i) = (sink.clone(), index.clone());
-    // Pipeline: the changelog streams are already partitioned by key, so each key is written by
-    // one worker, in time order.
-    streams
-        .districts
-        .clone()
-        .sink(Pipeline, "Sink: DistrictChangelog", move |(input, _)| {
-            input.for_each(|_, changes| write_districts(&*s, &i, changes, published));
-        });
-    streams
-        .riders
-        .clone()
-        .sink(Pipeline, "Sink: RiderChangelog", move |(input, _)| {
-            input.for_each(|_, changes| write_riders(&*sink, &index, changes, published));
-        });
+    let district_sink = ChangelogSinkOp {
+        topics: topics.clone(),
+        clearing: Clearing::new(held.clone(), progress.changelog_uncleared.clone()),
+        progress: progress.clone(),
+        what: "district(s)",
+    };
+    district_sink.attach(&streams.districts, "Sink: DistrictChangelog");
+    let rider_sink = ChangelogSinkOp {
+        topics,
+        clearing: Clearing::new(held, progress.changelog_uncleared.clone()),
+        progress: progress.clone(),
+        what: "rider(s)",
+    };
+    rider_sink.attach(&streams.riders, "Sink: RiderChangelog");
+}
+
+/// One changelog stream's sink operator.
+struct ChangelogSinkOp<K, V> {
+    topics: WorkerTopics,
+    clearing: Clearing<K, V>,
+    progress: Arc<InputProgress>,
+    what: &'static str,
+}
+
+impl<K, V> ChangelogSinkOp<K, V>
+where
+    K: differential_dataflow::hashable::Hashable<Output = u64> + Clone + 'static,
+    V: Clone + 'static,
+    WorkerTopics: ClearedTopic<K, V>,
+{
+    fn attach(mut self, stream: &Stream<'_, Time, Vec<Change<K, V>>>, name: &str) {
+        let me = self.topics.me;
+        // Pipeline: the changelog streams are already partitioned by key, so each key is written
+        // by one worker, in time order.
+        stream
+            .clone()
+            .sink(Pipeline, name, move |(input, frontier)| {
+                let mut batches = Vec::new();
+                input.for_each(|_, changes| batches.push(std::mem::take(changes)));
+                debug_assert!(batches
+                    .iter()
+                    .flatten()
+                    .all(|c| owner(&c.key, me.workers) == me.worker));
+                let complete = |t: Time| !frontier.less_equal(&t);
+                let through = self.progress.caught_up_through();
+                let cleared = self
+                    .clearing
+                    .offer(batches, through, complete, &self.topics);
+                log_cleared(cleared, self.what, me);
+            });
+    }
+}
+
+fn log_cleared(cleared: Option<usize>, what: &str, me: Writer) {
+    match cleared {
+        Some(0) | None => {}
+        Some(n) => tracing::info!(
+            "worker {}: {n} {what} the changelog held and the caught-up state lacks tombstoned",
+            me.worker
+        ),
+    }
 }
 
 struct WorkerSlot {
@@ -577,7 +658,16 @@ impl WorkerLoop {
                     true => seeded_at.unwrap_or(0),
                     false => 0,
                 };
-                attach_changelog(&streams, sink.clone(), districts, published);
+                let topics = WorkerTopics {
+                    sink: sink.clone(),
+                    index: districts,
+                    published,
+                    me: Writer {
+                        worker: global_index,
+                        workers: total,
+                    },
+                };
+                attach_changelog(&streams, topics, config.changelog_held.clone(), &progress);
             }
             // Every worker builds the view's feed; the first of each process holds its end.
             attach_view(&streams, view_feed, config.workers, processes);

@@ -6,8 +6,10 @@
 //! - [`query`]: typed queries and answers; peeks of the workers' arrangements (state sizes).
 //! - [`checkpoint`]: checkpoint files: writing them atomically, finding the newest usable one, and
 //!   the marks of a clean stop whose changelog is complete.
-//! - [`backup`]: the changelog read back, answering with `stale: true` until the live state is ready.
-//! - [`changelog`]: the changelog topics of CONTRACT section 5, written as times complete.
+//! - [`backup`]: the changelog read back, answering with `stale: true` until the live state is ready,
+//!   and saying which keys earlier runs left there.
+//! - [`changelog`]: the changelog topics of CONTRACT section 5, written as times complete; clearing the
+//!   keys earlier runs left that the caught-up state lacks.
 //! - [`render`]: the JSON of CONTRACT section 6 (district objects, rider snapshots).
 //! - [`http`]: the HTTP API of CONTRACT section 6 (hyper), metrics, health.
 //! - [`cli`]: the command line of CONTRACT section 1.

@@ -13,7 +13,7 @@ use dongflow_connectors::source::EventSource;
 use thiserror::Error;
 
 use crate::backup::BackupView;
-use crate::changelog::KafkaChangelog;
+use crate::changelog::{HeldKeysSource, KafkaChangelog};
 use crate::checkpoint::{
     mark_published, CheckpointError, Published, Restored, WriteReport, Writer,
 };
@@ -201,6 +201,16 @@ impl Pipeline {
                 Some(backup)
             }
         };
+        // A run that publishes its state again first clears what earlier runs left in the
+        // changelog and that state lacks: it needs the changelog's keys, which the backup view reads.
+        engine_config.changelog_held =
+            backup
+                .as_ref()
+                .filter(|_| !restore_published)
+                .map(|backup| {
+                    let backup = backup.clone();
+                    HeldKeysSource(Arc::new(move || backup.held_keys()))
+                });
         let mark = config
             .state_dir
             .clone()
