@@ -8,7 +8,10 @@
 //! - a restart from the checkpoint: time from process start to the first answer for a rider (stale,
 //!   from the checkpoint's view) and to `/readyz` 200;
 //! - a restart with an empty state dir that replays the input topics from the beginning: time to
-//!   `/readyz` 200.
+//!   `/readyz` 200;
+//! - a restart from a copy of the checkpoint without its publishing mark, as after a crash: time to
+//!   the first answer, to `/readyz` 200, and until every rider is published again (the changelog
+//!   read back first, to clear what a crashed run may have left).
 //!
 //! Prints JSON: checkpoint size, medians (min, max), peak RSS of the processes.
 
@@ -233,6 +236,19 @@ fn dir_bytes(dir: &Path) -> u64 {
         .sum()
 }
 
+/// Copies a state dir, but for its publishing marks: a checkpoint as a crash leaves it.
+fn copy_unmarked(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).expect("state dir copy");
+    for e in std::fs::read_dir(from).expect("state dir").flatten() {
+        let (path, name) = (e.path(), e.file_name());
+        if path.is_dir() {
+            copy_unmarked(&path, &to.join(&name));
+        } else if !name.to_string_lossy().ends_with(".published.json") {
+            std::fs::copy(&path, to.join(&name)).expect("checkpoint file copied");
+        }
+    }
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     let bootstrap = args
@@ -294,6 +310,7 @@ fn main() {
 
     let probe = format!("/v1/riders/r-{}", riders / 2);
     let (mut first_answer, mut restore_ready, mut replay_ready) = (vec![], vec![], vec![]);
+    let (mut crash_answer, mut crash_ready, mut crash_published) = (vec![], vec![], vec![]);
     let mut first_answer_stale = true;
     for i in 0..runs {
         let run = Run::start(&bin, bootstrap, &t, &state, "checkpoint");
@@ -327,6 +344,28 @@ fn main() {
         run.terminate();
         eprintln!("replay {i}: ready {ready_after:?}");
         replay_ready.push(ready_after.as_secs_f64());
+
+        let unmarked = root.join(format!("unmarked-{i}"));
+        copy_unmarked(&state, &unmarked);
+        let run = Run::start(&bin, bootstrap, &t, &unmarked, "checkpoint");
+        let answered = run.until("a first answer", long, |r| {
+            r.get(&probe).is_some_and(|(s, _)| s == 200)
+        });
+        let ready_after = run.until("ready after the unmarked restore", long, ready);
+        let published = run.until("every rider published again", long, |r| {
+            r.metric("dongflow_output_records_written_total{output=\"rider_changelog\"}")
+                >= riders as f64
+        });
+        peak_rss = peak_rss.max(run.peak_rss());
+        let log = run.terminate();
+        assert!(log.contains("its state is republished"), "{log}");
+        eprintln!(
+            "unmarked restore {i}: first answer {answered:?}, ready {ready_after:?}, every rider \
+             published again {published:?}"
+        );
+        crash_answer.push(answered.as_secs_f64());
+        crash_ready.push(ready_after.as_secs_f64());
+        crash_published.push(published.as_secs_f64());
     }
     let _ = std::fs::remove_dir_all(&root);
     let out = serde_json::json!({
@@ -342,6 +381,9 @@ fn main() {
         "restore_first_answer_was_stale": first_answer_stale,
         "restore_ready_s": stats(restore_ready),
         "replay_ready_s": stats(replay_ready),
+        "unmarked_restore_first_rider_answer_s": stats(crash_answer),
+        "unmarked_restore_ready_s": stats(crash_ready),
+        "unmarked_restore_republished_s": stats(crash_published),
         "peak_rss_bytes": peak_rss,
     });
     println!("{}", serde_json::to_string_pretty(&out).expect("json"));

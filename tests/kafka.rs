@@ -744,6 +744,47 @@ fn a_run_publishing_from_scratch_clears_what_earlier_runs_left_in_the_changelog(
     assert_eq!(run.terminate(), Some(0));
 }
 
+/// When the live state is ready before the changelog's view has read everything, the view stops
+/// answering and keeping values, and reads on for the keys alone: the clearing still learns every
+/// key the changelog held, tombstones and later records included.
+#[test]
+fn the_changelog_view_reads_on_for_its_keys_once_the_live_state_is_ready() {
+    let broker = Broker::embedded();
+    let t = Topics::new("keysonly");
+    broker.create(&[&t.districts, &t.snapshots], PARTITIONS);
+    let bootstrap = broker.bootstrap();
+    let record = |topic: &str, key: &str, value: Option<&str>| {
+        Record::new(topic, Some(key.as_bytes()), value.map(str::as_bytes))
+    };
+    let value = Some(r#"{"as_of":1}"#);
+    let mut records = Vec::new();
+    for i in 0..2_000 {
+        records.push(record(&t.snapshots, &format!("r-{i}"), value));
+    }
+    for i in 0..1_000 {
+        records.push(record(&t.snapshots, &format!("r-{}", 2 * i), None));
+    }
+    records.push(record(&t.districts, "1111000000", value));
+    records.push(record(&t.districts, "2222000000", value));
+    records.push(record(&t.districts, "2222000000", None));
+    produce(&bootstrap, &records);
+
+    let view = dongflow::backup::BackupView::start(&bootstrap, &t.districts, &t.snapshots, || true)
+        .expect("view starts");
+    // Live from the start: the view never answers, and still says the keys.
+    view.release_when(|| true);
+    let held = eventually(Duration::from_secs(30), "the held keys", || {
+        assert!(!view.ready(), "a view that keeps keys alone never answers");
+        view.held_keys()
+    });
+    let mut expected: Vec<String> = (0..1_000).map(|i| format!("r-{}", 2 * i + 1)).collect();
+    expected.sort();
+    assert_eq!(held.riders, expected);
+    assert_eq!(held.districts, ["1111000000"]);
+    assert!(view.keys_only());
+    view.stop();
+}
+
 /// kill -9 at random moments while events arrive, restarts with the same state dir (and changing
 /// worker counts): nothing lost, nothing counted twice.
 #[test]

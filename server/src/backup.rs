@@ -67,6 +67,8 @@ pub struct BackupView {
     live: std::sync::OnceLock<Box<dyn Fn() -> bool + Send + Sync>>,
     /// The keys with a value once the view is loaded: what earlier runs left in the changelog.
     held: std::sync::OnceLock<Arc<HeldKeys>>,
+    /// Set when the live state is ready before the view is loaded: it then keeps keys alone.
+    keys_only: AtomicBool,
     thread: Background,
 }
 
@@ -114,6 +116,7 @@ impl BackupView {
             loaded_as_of: AtomicU64::new(0),
             live: std::sync::OnceLock::new(),
             held: std::sync::OnceLock::new(),
+            keys_only: AtomicBool::new(false),
             thread: Background::default(),
         });
         let topics = [district_topic.to_owned(), rider_topic.to_owned()];
@@ -210,10 +213,14 @@ impl BackupView {
         };
         let mut read = 0u64;
         while !self.thread.stopping() {
-            // Not before it is loaded: the changelog writes wait for its keys.
-            if self.loaded.load(Ordering::Acquire) && self.live.get().is_some_and(|live| live()) {
-                self.release();
-                break;
+            if self.live.get().is_some_and(|live| live()) {
+                // Not before it is loaded: the changelog's clearing wants its keys. Until then it
+                // reads on for them alone.
+                if self.loaded.load(Ordering::Acquire) {
+                    self.release();
+                    break;
+                }
+                self.keep_keys_only();
             }
             let mut idle = true;
             for (i, consumer) in consumers.iter().enumerate() {
@@ -264,6 +271,18 @@ impl BackupView {
         let Some(key) = m.key().and_then(|k| std::str::from_utf8(k).ok()) else {
             return;
         };
+        if self.keys_only.load(Ordering::Acquire) {
+            let mut view = self.view.write().unwrap_or_else(|e| e.into_inner());
+            let map = match district {
+                true => &mut view.districts,
+                false => &mut view.riders,
+            };
+            match m.payload() {
+                Some(_) => map.insert(key.to_owned(), Value::Null),
+                None => map.remove(key),
+            };
+            return;
+        }
         let value: Option<Value> = m.payload().and_then(|p| serde_json::from_slice(p).ok());
         if let Some(v) = &value {
             self.newest.fetch_max(as_of(v), Ordering::AcqRel);
@@ -306,10 +325,16 @@ impl BackupView {
         self.held.get().cloned()
     }
 
-    /// Whether the view can answer: it has read the changelog as far as it went at start, and
-    /// that held something.
+    /// Whether the view has let its values go and reads on for the keys alone (the live state
+    /// became ready before the view was loaded).
+    pub fn keys_only(&self) -> bool {
+        self.keys_only.load(Ordering::Acquire)
+    }
+
+    /// Whether the view can answer: it has read the changelog as far as it went at start, that
+    /// held something, and it still keeps the values.
     pub fn ready(&self) -> bool {
-        if !self.loaded.load(Ordering::Acquire) {
+        if !self.loaded.load(Ordering::Acquire) || self.keys_only.load(Ordering::Acquire) {
             return false;
         }
         let view = self.view.read().unwrap_or_else(|e| e.into_inner());
@@ -381,6 +406,24 @@ impl BackupView {
     /// Lets the view go as soon as `live` says the live state is ready (checked between reads).
     pub fn release_when(&self, live: impl Fn() -> bool + Send + Sync + 'static) {
         let _ = self.live.set(Box::new(live));
+    }
+
+    /// Drops the values and the riders by district, and from now on reads only which keys have
+    /// a value: the live state answers, and the changelog's clearing wants only the keys.
+    fn keep_keys_only(&self) {
+        if self.keys_only.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let mut guard = self.view.write().unwrap_or_else(|e| e.into_inner());
+        let view = &mut *guard;
+        view.by_district = BTreeMap::new();
+        for value in view.riders.values_mut().chain(view.districts.values_mut()) {
+            *value = Value::Null;
+        }
+        tracing::info!(
+            "live state ready: answers are live from now on; the changelog's view reads on for \
+             its keys alone"
+        );
     }
 
     /// Stops reading and frees the view (the live state has taken over).

@@ -137,10 +137,10 @@ impl std::fmt::Debug for HeldKeysSource {
 
 /// One changelog topic as a worker's [`Clearing`] sees it.
 pub trait ClearedTopic<K, V> {
-    /// The record key of `key`.
-    fn name<'a>(&self, key: &'a K) -> std::borrow::Cow<'a, str>;
     /// This topic's part of the held keys.
     fn held<'a>(&self, keys: &'a HeldKeys) -> &'a [String];
+    /// The dataflow key of the record key `held`; `None` if the state can never hold it.
+    fn key_of(&self, held: &str) -> Option<K>;
     /// Whether this worker writes the record key `held` (its owner, by the dataflow's exchange).
     fn owns(&self, held: &str) -> bool;
     /// Writes one complete time's changes.
@@ -155,43 +155,56 @@ pub trait ClearedTopic<K, V> {
 /// A run that does not restore a checkpoint marked at a clean stop publishes its state again. A
 /// key the changelog holds and that state lacks would keep its old value, since the replay may
 /// never change it again. Such a key comes from a run that crashed after the restored checkpoint,
-/// or from a run before the state dir was emptied. So each worker learns the held keys it owns,
-/// notes which of them its writes set, and once the state has caught up with the input (a
-/// complete time that is not a passing one), tombstones those its state lacks then. Writes wait
-/// until the held keys are known, so every write of the run is noted.
+/// or from a run before the state dir was emptied. So each worker notes which keys its writes
+/// leave present, learns the held keys it owns (once the changelog's view has read them all), and
+/// once the state has caught up with the input (a complete time, not a passing one), tombstones
+/// the held keys absent then. Writes never wait: a key this run wrote and the view read back is
+/// either present (kept) or absent (tombstoned again, which changes nothing).
 pub struct Clearing<K, V> {
-    stage: Stage<K, V>,
+    stage: Stage<K>,
     /// Workers' topics not cleared yet, in the process: a stop before then is not clean.
     uncleared: Arc<AtomicU64>,
+    _values: std::marker::PhantomData<fn(V)>,
 }
 
-enum Stage<K, V> {
-    /// Waiting for the held keys, with complete times' changes in time order.
-    Reading(HeldKeysSource, Vec<Vec<Change<K, V>>>),
-    /// The held keys this worker owns, and whether its state holds each now.
-    Noting(std::collections::HashMap<String, bool>),
+enum Stage<K> {
+    /// Noting the keys present, until the held keys are known and the state has caught up.
+    Noting {
+        present: std::collections::HashSet<K>,
+        source: HeldKeysSource,
+        /// The held keys this worker owns, once known.
+        owned: Option<Vec<String>>,
+    },
     /// Cleared, or nothing to clear: writes go straight through.
     Done,
 }
 
-impl<K, V> Clearing<K, V> {
-    /// Clears the keys `held` will say; `None` writes at once and clears nothing (the changelog
-    /// holds the restored state).
+impl<K: std::hash::Hash + Eq + Clone, V> Clearing<K, V> {
+    /// Clears the keys `held` will say; `None` clears nothing (the changelog holds the restored
+    /// state).
     pub fn new(held: Option<HeldKeysSource>, uncleared: Arc<AtomicU64>) -> Self {
         let stage = match held {
             Some(source) => {
                 uncleared.fetch_add(1, Ordering::AcqRel);
-                Stage::Reading(source, Vec::new())
+                Stage::Noting {
+                    present: Default::default(),
+                    source,
+                    owned: None,
+                }
             }
             None => Stage::Done,
         };
-        Self { stage, uncleared }
+        Self {
+            stage,
+            uncleared,
+            _values: std::marker::PhantomData,
+        }
     }
 
-    /// Takes complete times' changes in time order and writes what may go. `clear_after` is the
-    /// time through which the state must be complete before the held keys it lacks are
-    /// tombstoned (`None`: not known yet); `complete` says whether a time is complete. Returns
-    /// how many keys were tombstoned, once.
+    /// Writes complete times' changes, given in time order. `clear_after` is the time through
+    /// which the state must be complete before the held keys it lacks are tombstoned (`None`:
+    /// not known yet); `complete` says whether a time is complete. Returns how many keys were
+    /// tombstoned, once.
     pub fn offer(
         &mut self,
         batches: Vec<Vec<Change<K, V>>>,
@@ -199,53 +212,64 @@ impl<K, V> Clearing<K, V> {
         complete: impl Fn(Time) -> bool,
         topic: &impl ClearedTopic<K, V>,
     ) -> Option<usize> {
-        let batches = match &mut self.stage {
-            Stage::Done => {
-                batches.iter().for_each(|b| topic.write(b));
-                return None;
-            }
-            Stage::Reading(source, waiting) => {
-                waiting.extend(batches.into_iter().filter(|b| !b.is_empty()));
-                let keys = source.get()?;
-                let held = topic.held(&keys).iter().filter(|k| topic.owns(k));
-                let noted = held.map(|k| (k.clone(), false)).collect();
-                let waited = std::mem::take(waiting);
-                self.stage = Stage::Noting(noted);
-                waited
-            }
-            Stage::Noting(_) => batches,
-        };
         let mut cleared = None;
+        if let Stage::Noting { source, owned, .. } = &mut self.stage {
+            if owned.is_none() {
+                if let Some(keys) = source.get() {
+                    let mine: Vec<String> = topic
+                        .held(&keys)
+                        .iter()
+                        .filter(|k| topic.owns(k))
+                        .cloned()
+                        .collect();
+                    *owned = Some(mine);
+                }
+            }
+            if owned.as_ref().is_some_and(Vec::is_empty) {
+                cleared = Some(self.clear(topic));
+            }
+        }
         for batch in batches {
-            let time = batch.first().map(|c| c.time);
-            if let (Stage::Noting(noted), Some(time)) = (&mut self.stage, time) {
-                if clear_after.is_some_and(|t| time > t) {
+            if let Stage::Noting { present, owned, .. } = &mut self.stage {
+                let time = batch.first().map(|c| c.time);
+                let due = clear_after.is_some_and(|t| time.is_some_and(|time| time > t));
+                if due && owned.is_some() {
                     cleared = Some(self.clear(topic));
                 } else {
                     for change in &batch {
-                        if let Some(present) = noted.get_mut(topic.name(&change.key).as_ref()) {
-                            *present = change.value.is_some();
-                        }
+                        match change.value {
+                            Some(_) => present.insert(change.key.clone()),
+                            None => present.remove(&change.key),
+                        };
                     }
                 }
             }
             topic.write(&batch);
         }
-        if matches!(self.stage, Stage::Noting(_)) && clear_after.is_some_and(complete) {
-            cleared = Some(self.clear(topic));
+        if let Stage::Noting { owned: Some(_), .. } = &self.stage {
+            if clear_after.is_some_and(complete) {
+                cleared = Some(self.clear(topic));
+            }
         }
         cleared
     }
 
-    /// Tombstones the noted keys the state lacks.
+    /// Tombstones the owned held keys the state lacks.
     fn clear(&mut self, topic: &impl ClearedTopic<K, V>) -> usize {
-        let Stage::Noting(noted) = std::mem::replace(&mut self.stage, Stage::Done) else {
+        let Stage::Noting {
+            present,
+            owned: Some(owned),
+            ..
+        } = std::mem::replace(&mut self.stage, Stage::Done)
+        else {
             return 0;
         };
         let mut n = 0;
-        for (key, _) in noted.iter().filter(|(_, present)| !**present) {
-            topic.tombstone(key);
-            n += 1;
+        for key in owned {
+            if topic.key_of(&key).is_none_or(|k| !present.contains(&k)) {
+                topic.tombstone(&key);
+                n += 1;
+            }
         }
         self.uncleared.fetch_sub(1, Ordering::AcqRel);
         n
@@ -276,11 +300,11 @@ pub struct WorkerTopics {
 }
 
 impl ClearedTopic<DistrictId, DistrictCounts> for WorkerTopics {
-    fn name<'a>(&self, key: &'a DistrictId) -> std::borrow::Cow<'a, str> {
-        std::borrow::Cow::Owned(self.index.code(*key).to_owned())
-    }
     fn held<'a>(&self, keys: &'a HeldKeys) -> &'a [String] {
         &keys.districts
+    }
+    fn key_of(&self, held: &str) -> Option<DistrictId> {
+        self.index.id_of(held)
     }
     /// A code the map does not know is no one's: worker 0 clears it.
     fn owns(&self, held: &str) -> bool {
@@ -298,11 +322,11 @@ impl ClearedTopic<DistrictId, DistrictCounts> for WorkerTopics {
 }
 
 impl ClearedTopic<Id, Snapshot> for WorkerTopics {
-    fn name<'a>(&self, key: &'a Id) -> std::borrow::Cow<'a, str> {
-        std::borrow::Cow::Borrowed(key.as_str())
-    }
     fn held<'a>(&self, keys: &'a HeldKeys) -> &'a [String] {
         &keys.riders
+    }
+    fn key_of(&self, held: &str) -> Option<Id> {
+        Some(Id::from(held))
     }
     fn owns(&self, held: &str) -> bool {
         owner(&Id::from(held), self.me.workers) == self.me.worker
@@ -327,14 +351,16 @@ mod tests {
     struct Logged(RefCell<Vec<String>>);
 
     impl ClearedTopic<u32, u64> for Logged {
-        fn name<'a>(&self, key: &'a u32) -> std::borrow::Cow<'a, str> {
-            std::borrow::Cow::Owned(key.to_string())
-        }
         fn held<'a>(&self, keys: &'a HeldKeys) -> &'a [String] {
             &keys.riders
         }
+        fn key_of(&self, held: &str) -> Option<u32> {
+            held.parse().ok()
+        }
         fn owns(&self, held: &str) -> bool {
-            held.parse::<u32>().is_ok_and(|k| k % 2 == 0)
+            held.trim_end_matches('x')
+                .parse::<u32>()
+                .is_ok_and(|k| k % 2 == 0)
         }
         fn write(&self, changes: &[Change<u32, u64>]) {
             for c in changes {
@@ -369,10 +395,10 @@ mod tests {
         (HeldKeysSource(Arc::new(move || c.get().cloned())), cell)
     }
 
-    fn held(keys: &[u32]) -> Arc<HeldKeys> {
+    fn held(keys: &[&str]) -> Arc<HeldKeys> {
         Arc::new(HeldKeys {
             districts: Vec::new(),
-            riders: keys.iter().map(u32::to_string).collect(),
+            riders: keys.iter().map(|k| (*k).to_owned()).collect(),
         })
     }
 
@@ -393,24 +419,30 @@ mod tests {
         let mut clearing = Clearing::new(Some(source), uncleared.clone());
         assert_eq!(uncleared.load(Ordering::Acquire), 1);
         let topic = Logged::default();
-        // Writes wait for the held keys.
+        // Writes go at once, while the held keys are read.
         let first = vec![change(2, Some(20), 5), change(4, Some(40), 5)];
         let cleared = clearing.offer(vec![first], Some(9), |_| true, &topic);
-        assert_eq!((cleared, topic.take()), (None, Vec::<String>::new()));
+        assert_eq!(cleared, None, "the held keys are not known yet");
+        assert_eq!(topic.take(), ["2=20@5", "4=40@5"]);
 
-        // Held: 2 (set, then gone), 4 (set), 6 and 8 (never set); 3 is another worker's.
-        cell.set(held(&[2, 3, 4, 6, 8])).expect("set once");
+        // Held: 2 (set, then gone), 4 (set), 6 and 8 (not set before the clearing), 10 (not a
+        // key the state can hold); 3 is another worker's.
+        cell.set(held(&["2", "3", "4", "6", "8", "10x"]))
+            .expect("set once");
         let second = vec![change(2, None, 7), change(8, Some(80), 7)];
         let cleared = clearing.offer(vec![second], Some(9), |t| t < 7, &topic);
         assert_eq!(cleared, None, "not before the caught-up time is complete");
-        assert_eq!(topic.take(), ["2=20@5", "4=40@5", "2=null@7", "8=80@7"]);
+        assert_eq!(topic.take(), ["2=null@7", "8=80@7"]);
 
-        // Time 9 completes with no change of this worker's: the state lacks 2 and 6.
+        // Time 9 completes with no change of this worker's: the state lacks 2, 6 and 10x.
         let cleared = clearing.offer(Vec::new(), Some(9), |t| t <= 9, &topic);
-        assert_eq!(cleared, Some(2));
+        assert_eq!(cleared, Some(3));
         let mut log = topic.take();
         log.sort();
-        assert_eq!(log, ["2=null (cleared)", "6=null (cleared)"]);
+        assert_eq!(
+            log,
+            ["10x=null (cleared)", "2=null (cleared)", "6=null (cleared)"]
+        );
         assert_eq!(uncleared.load(Ordering::Acquire), 0);
 
         // From then on, straight through.
@@ -426,7 +458,7 @@ mod tests {
     #[test]
     fn a_change_after_the_caught_up_time_comes_after_the_clearing() {
         let (source, cell) = later();
-        cell.set(held(&[2, 4])).expect("set once");
+        cell.set(held(&["2", "4"])).expect("set once");
         let mut clearing = Clearing::new(Some(source), Arc::default());
         let topic = Logged::default();
         // The caught-up time is 9; a batch of time 10 arrives before its completion is seen.
@@ -435,6 +467,23 @@ mod tests {
         assert_eq!(cleared, Some(1));
         // In the order written: the time-8 change, the clearing, then the time-10 change.
         assert_eq!(topic.0.take(), ["4=1@8", "2=null (cleared)", "2=2@10"]);
+    }
+
+    #[test]
+    fn with_no_held_key_of_its_own_a_worker_is_done_at_once() {
+        let uncleared = Arc::new(AtomicU64::new(0));
+        let (source, cell) = later();
+        cell.set(held(&["3", "5"])).expect("set once");
+        let mut clearing = Clearing::new(Some(source), uncleared.clone());
+        let topic = Logged::default();
+        let cleared = clearing.offer(vec![vec![change(2, Some(2), 1)]], None, |_| false, &topic);
+        assert_eq!(
+            cleared,
+            Some(0),
+            "nothing it owns to clear, caught up or not"
+        );
+        assert_eq!(uncleared.load(Ordering::Acquire), 0);
+        assert_eq!(topic.take(), ["2=2@1"]);
     }
 
     #[test]

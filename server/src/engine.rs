@@ -67,10 +67,9 @@ pub struct EngineConfig {
     /// checkpoint's own time and not published again; otherwise it is published again, at the
     /// restart's time, so that a changelog that lost records in a crash is made whole.
     pub restore_published: bool,
-    /// The keys the changelog held at start, once read: each worker's changelog writes wait for
-    /// them, and once the state has caught up, the held keys it owns and the state lacks are
-    /// tombstoned (see [`Clearing`]). `None` writes at once and clears nothing (the changelog
-    /// holds the restored state).
+    /// The keys the changelog held at start, once read: once the state has caught up, each
+    /// worker tombstones the held keys it owns and the state lacks (see [`Clearing`]). `None`
+    /// clears nothing (the changelog holds the restored state).
     pub changelog_held: Option<HeldKeysSource>,
 }
 
@@ -528,7 +527,11 @@ struct ChangelogSinkOp<K, V> {
 
 impl<K, V> ChangelogSinkOp<K, V>
 where
-    K: differential_dataflow::hashable::Hashable<Output = u64> + Clone + 'static,
+    K: differential_dataflow::hashable::Hashable<Output = u64>
+        + std::hash::Hash
+        + Eq
+        + Clone
+        + 'static,
     V: Clone + 'static,
     WorkerTopics: ClearedTopic<K, V>,
 {
