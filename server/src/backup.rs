@@ -142,7 +142,8 @@ impl BackupView {
         topics: &[String; 2],
     ) -> Option<BTreeMap<(usize, i32), i64>> {
         // A topic the broker does not list holds nothing from earlier runs: it is not waited for
-        // (the changelog writes wait for this view's keys). One listed with an error is asked again.
+        // (the changelog's clearing waits for this view's keys). One listed with an error is asked
+        // again.
         let md = consumers[0]
             .fetch_metadata(None, Duration::from_secs(5))
             .ok()?;

@@ -351,8 +351,9 @@ impl Engine {
 
     /// Stops the workers and waits for them. In a cluster, every process must be asked to stop
     /// (see [`EngineHandle::request_stop`]): workers finish only when all inputs everywhere close.
-    /// Returns whether every worker ended normally and wrote all it had to the changelog sink
-    /// (then everything pushed went through the dataflow, into the changelog sink and the view).
+    /// Returns whether every worker ended normally (then everything pushed went through the
+    /// dataflow, into the changelog sink and the view) and cleared the changelog of what earlier
+    /// runs left (see [`Clearing`]).
     pub fn stop(mut self) -> bool {
         self.shutdown()
     }
