@@ -160,11 +160,10 @@ pub trait ClearedTopic<K, V> {
 /// once the state has caught up with the input (a complete time, not a passing one), tombstones
 /// the held keys absent then. Writes never wait: a key this run wrote and the view read back is
 /// either present (kept) or absent (tombstoned again, which changes nothing).
-pub struct Clearing<K, V> {
+pub struct Clearing<K> {
     stage: Stage<K>,
     /// Workers' topics not cleared yet, in the process: a stop before then is not clean.
     uncleared: Arc<AtomicU64>,
-    _values: std::marker::PhantomData<fn(V)>,
 }
 
 enum Stage<K> {
@@ -179,7 +178,7 @@ enum Stage<K> {
     Done,
 }
 
-impl<K: std::hash::Hash + Eq + Clone, V> Clearing<K, V> {
+impl<K: std::hash::Hash + Eq + Clone> Clearing<K> {
     /// Clears the keys `held` will say; `None` clears nothing (the changelog holds the restored
     /// state).
     pub fn new(held: Option<HeldKeysSource>, uncleared: Arc<AtomicU64>) -> Self {
@@ -194,18 +193,14 @@ impl<K: std::hash::Hash + Eq + Clone, V> Clearing<K, V> {
             }
             None => Stage::Done,
         };
-        Self {
-            stage,
-            uncleared,
-            _values: std::marker::PhantomData,
-        }
+        Self { stage, uncleared }
     }
 
     /// Writes complete times' changes, given in time order. `clear_after` is the time through
     /// which the state must be complete before the held keys it lacks are tombstoned (`None`:
     /// not known yet); `complete` says whether a time is complete. Returns how many keys were
     /// tombstoned, once.
-    pub fn offer(
+    pub fn offer<V>(
         &mut self,
         batches: Vec<Vec<Change<K, V>>>,
         clear_after: Option<Time>,
@@ -255,7 +250,7 @@ impl<K: std::hash::Hash + Eq + Clone, V> Clearing<K, V> {
     }
 
     /// Tombstones the owned held keys the state lacks.
-    fn clear(&mut self, topic: &impl ClearedTopic<K, V>) -> usize {
+    fn clear<V>(&mut self, topic: &impl ClearedTopic<K, V>) -> usize {
         let Stage::Noting {
             present,
             owned: Some(owned),

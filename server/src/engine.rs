@@ -519,24 +519,26 @@ fn attach_changelog(
 }
 
 /// One changelog stream's sink operator.
-struct ChangelogSinkOp<K, V> {
+struct ChangelogSinkOp<K> {
     topics: WorkerTopics,
-    clearing: Clearing<K, V>,
+    clearing: Clearing<K>,
     progress: Arc<InputProgress>,
     what: &'static str,
 }
 
-impl<K, V> ChangelogSinkOp<K, V>
+impl<K> ChangelogSinkOp<K>
 where
     K: differential_dataflow::hashable::Hashable<Output = u64>
         + std::hash::Hash
         + Eq
         + Clone
         + 'static,
-    V: Clone + 'static,
-    WorkerTopics: ClearedTopic<K, V>,
 {
-    fn attach(mut self, stream: &Stream<'_, Time, Vec<Change<K, V>>>, name: &str) {
+    fn attach<V>(mut self, stream: &Stream<'_, Time, Vec<Change<K, V>>>, name: &str)
+    where
+        V: Clone + 'static,
+        WorkerTopics: ClearedTopic<K, V>,
+    {
         let me = self.topics.me;
         // Pipeline: the changelog streams are already partitioned by key, so each key is written
         // by one worker, in time order.
