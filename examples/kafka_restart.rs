@@ -282,7 +282,7 @@ fn main() {
         TopicSpec::compacted(&t.snapshots, PARTITIONS),
         TopicSpec::new(&t.dlq, PARTITIONS),
     ];
-    create_topics(bootstrap, &specs, Duration::from_secs(30)).expect("topics");
+    create_topics(&bootstrap.as_str().into(), &specs, Duration::from_secs(30)).expect("topics");
     let events: Vec<SimEvent> = fixed_state(riders, deliveries).collect();
     let produce_rate = produce(bootstrap, &t, &events);
     drop(events);

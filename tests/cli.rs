@@ -39,6 +39,84 @@ fn bad_arguments_exit_2_with_one_clear_line() {
     }
 }
 
+/// Kafka properties, token files, TLS files and the HTTP address are checked before anything
+/// starts: each bad one is exit 2 with one line, and a secret never shows in it.
+#[test]
+fn kafka_and_http_options_are_checked_before_anything_starts() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let taken = taken.local_addr().expect("addr").to_string();
+    let cases: Vec<(Vec<&str>, &str)> =
+        vec![
+        (
+            vec!["run", "-X", "enable.idempotence=false"],
+            "Kafka property `enable.idempotence` cannot be set: the producer must be idempotent",
+        ),
+        (
+            vec!["run", "-X", "isolation.level=read_uncommitted"],
+            "Kafka property `isolation.level` cannot be set",
+        ),
+        (
+            vec!["demo", "-X", "enable.auto.commit=true"],
+            "Kafka property `enable.auto.commit` cannot be set",
+        ),
+        (
+            vec!["generate", "--brokers", "127.0.0.1:1", "-X", "partitioner=random"],
+            "Kafka property `partitioner` cannot be set",
+        ),
+        (
+            vec!["run", "-X", "no.such.property=1"],
+            "Kafka property `no.such.property`",
+        ),
+        (vec!["run", "-X", "linger.ms"], "-X: expected KEY=VALUE"),
+        (
+            vec![
+                "run",
+                "-X",
+                "sasl.password=hunter2",
+                "-X",
+                "security.protocol=CARRIER_PIGEON",
+            ],
+            "Kafka property `security.protocol`",
+        ),
+        (
+            vec!["run", "--kafka-config-file", "/no/such/client.properties"],
+            "cannot read Kafka config file /no/such/client.properties",
+        ),
+        (
+            vec!["run", "--http-token-file", "/no/such/tokens"],
+            "cannot read token file /no/such/tokens",
+        ),
+        (
+            vec!["run", "--http-tls-cert", "Cargo.toml"],
+            "--http-tls-key",
+        ),
+        (
+            vec![
+                "run",
+                "--http-tls-cert",
+                "Cargo.toml",
+                "--http-tls-key",
+                "Cargo.toml",
+            ],
+            "cannot read certificate from Cargo.toml",
+        ),
+        (vec!["run", "--http", "notanaddr"], "cannot listen on notanaddr"),
+        (vec!["run", "--http", &taken], "cannot listen on"),
+    ];
+    for (args, message) in cases {
+        let out = dongflow().args(&args).output().expect("runs");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {stderr}");
+        assert!(stderr.contains(message), "{args:?}: {stderr}");
+        if !message.starts_with("--") {
+            // clap's own errors add a usage line; ours are one line.
+            assert_eq!(stderr.trim().lines().count(), 1, "{args:?}: {stderr}");
+        }
+        assert!(!stderr.contains("hunter2"), "{args:?}: {stderr}");
+        assert!(!stderr.contains("panicked"), "{args:?}: {stderr}");
+    }
+}
+
 #[test]
 fn help_exits_0() {
     let out = dongflow().args(["run", "--help"]).output().expect("runs");

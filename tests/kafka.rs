@@ -4,6 +4,8 @@
 //! headers, and HTTP must show what the changelog shows.
 
 mod common;
+#[path = "kafka/secure.rs"]
+mod secure;
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -381,6 +383,10 @@ fn end_to_end(broker: &Broker, test: &str) {
         outputs.districts.records.len()
     );
     check_dead_letters(&bootstrap, &t, &input, &outputs.dlq.records);
+    // CONTRACT section 8: keys partitioned as Kafka's Java clients do.
+    secure::check_java_partitioning(&outputs.districts.records, PARTITIONS);
+    secure::check_java_partitioning(&outputs.riders.records, PARTITIONS);
+    secure::check_java_partitioning(&outputs.dlq.records, PARTITIONS);
     check_http_matches(&dongflow.http, &outputs);
     check_metrics(&dongflow.http, &input, &outputs);
     assert!(!input.expected_riders.is_empty() && !input.expected_districts.is_empty());
@@ -769,8 +775,13 @@ fn the_changelog_view_reads_on_for_its_keys_once_the_live_state_is_ready() {
     records.push(record(&t.districts, "2222000000", None));
     produce(&bootstrap, &records);
 
-    let view = dongflow::backup::BackupView::start(&bootstrap, &t.districts, &t.snapshots, || true)
-        .expect("view starts");
+    let view = dongflow::backup::BackupView::start(
+        &bootstrap.as_str().into(),
+        &t.districts,
+        &t.snapshots,
+        || true,
+    )
+    .expect("view starts");
     // Live from the start: the view never answers, and still says the keys.
     view.release_when(|| true);
     let held = eventually(Duration::from_secs(30), "the held keys", || {

@@ -41,7 +41,7 @@ pub fn produce(bootstrap: &str, events: u64, riders: usize, progress: &Progress)
         .iter()
         .map(|t| TopicSpec::new(t, PARTITIONS))
         .collect();
-    create_topics(bootstrap, &specs, Duration::from_secs(30)).expect("topics");
+    create_topics(&bootstrap.into(), &specs, Duration::from_secs(30)).expect("topics");
     let started = Instant::now();
     let produced = generate(
         SimConfig {
@@ -50,7 +50,7 @@ pub fn produce(bootstrap: &str, events: u64, riders: usize, progress: &Progress)
             start_ts: 1_764_000_000_000,
         },
         &GenerateConfig {
-            brokers: bootstrap.to_owned(),
+            brokers: bootstrap.into(),
             rider_topic: topics[0].clone(),
             delivery_topic: topics[1].clone(),
             rate: 0,
@@ -111,7 +111,7 @@ pub fn engine(inputs: &Inputs, workers: usize, run: usize, progress: &Progress) 
     let config = PipelineConfig {
         engine: EngineConfig::new(workers, index),
         kafka: KafkaConfig {
-            brokers: inputs.bootstrap.clone(),
+            brokers: inputs.bootstrap.as_str().into(),
             group_id: format!("dongflow-bench-{tag}"),
             rider_topic: inputs.topics[0].clone(),
             delivery_topic: inputs.topics[1].clone(),

@@ -119,7 +119,7 @@ impl Live {
         live.wait_for("/readyz", Duration::from_secs(60));
         let stop = Arc::new(AtomicBool::new(false));
         let config = GenerateConfig {
-            brokers: live.bootstrap.clone(),
+            brokers: live.bootstrap.as_str().into(),
             rider_topic: TOPICS[0].into(),
             delivery_topic: TOPICS[1].into(),
             rate,

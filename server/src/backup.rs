@@ -8,7 +8,7 @@ use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use dongflow_connectors::kafka::quiet::Quiet;
-use dongflow_connectors::kafka::{Background, KafkaError};
+use dongflow_connectors::kafka::{Background, ClientSettings, KafkaError};
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::{Message, Offset, TopicPartitionList};
@@ -86,26 +86,28 @@ impl BackupView {
     /// so (it is asked every 10 ms): a restart from a checkpoint lets the checkpoint's own view,
     /// which answers sooner, have the machine first.
     pub fn start(
-        brokers: &str,
+        brokers: &ClientSettings,
         district_topic: &str,
         rider_topic: &str,
         begin: impl Fn() -> bool + Send + 'static,
     ) -> Result<Arc<BackupView>, KafkaError> {
         let consumer = || -> Result<BaseConsumer<Quiet>, KafkaError> {
-            Ok(ClientConfig::new()
-                .set("bootstrap.servers", brokers)
-                // Reads whole topics from the start with assign(): the group is never joined and
-                // no offset is committed; librdkafka's consumer only wants a name.
-                .set("group.id", "dongflow-backup-view")
-                .set("enable.auto.commit", "false")
-                .set("enable.partition.eof", "false")
-                // Catching up, not tailing: a broker that holds a fetch for its full wait
-                // whenever a partition has nothing new would make loading crawl.
-                .set("fetch.wait.max.ms", "10")
-                // A failed fetch or a partition without a leader is retried soon: the view is
-                // wanted within a second of start.
-                .set("fetch.error.backoff.ms", "10")
-                .set("topic.metadata.refresh.fast.interval.ms", "10")
+            Ok(brokers
+                .configure(
+                    ClientConfig::new()
+                        // Reads whole topics from the start with assign(): the group is never joined and
+                        // no offset is committed; librdkafka's consumer only wants a name.
+                        .set("group.id", "dongflow-backup-view")
+                        .set("enable.auto.commit", "false")
+                        .set("enable.partition.eof", "false")
+                        // Catching up, not tailing: a broker that holds a fetch for its full wait
+                        // whenever a partition has nothing new would make loading crawl.
+                        .set("fetch.wait.max.ms", "10")
+                        // A failed fetch or a partition without a leader is retried soon: the view is
+                        // wanted within a second of start.
+                        .set("fetch.error.backoff.ms", "10")
+                        .set("topic.metadata.refresh.fast.interval.ms", "10"),
+                )
                 .create_with_context(Quiet::default())?)
         };
         let consumers = [consumer()?, consumer()?];

@@ -77,6 +77,51 @@ pub struct InputArgs {
     pub delivery_topic: String,
 }
 
+/// librdkafka properties for every Kafka client of the process (CONTRACT section 8).
+#[derive(Debug, Clone, Default, Args)]
+pub struct KafkaPropertyArgs {
+    /// A librdkafka property for every Kafka client of the process, e.g.
+    /// `-X security.protocol=SASL_SSL` (repeatable; later wins over earlier and over the file).
+    /// Properties the engine needs for correctness (enable.idempotence, enable.auto.commit,
+    /// isolation.level, ...) are refused.
+    #[arg(
+        short = 'X',
+        long = "kafka-config",
+        env = "DONGFLOW_KAFKA_CONFIG",
+        value_name = "KEY=VALUE"
+    )]
+    pub properties: Vec<String>,
+    /// librdkafka properties, one `key=value` a line, `#` comments (Java `.properties` style):
+    /// the place for `sasl.password`, which is never printed.
+    #[arg(long, env = "DONGFLOW_KAFKA_CONFIG_FILE", value_name = "FILE")]
+    pub kafka_config_file: Option<PathBuf>,
+}
+
+/// Who may use the HTTP API, and over what (CONTRACT sections 1 and 6).
+#[derive(Debug, Clone, Default, Args)]
+pub struct HttpSecurityArgs {
+    /// Bearer tokens, one a line: every route but `/healthz` and `/readyz` then needs
+    /// `Authorization: Bearer TOKEN`. Re-read on SIGHUP, so tokens rotate without a restart.
+    #[arg(long, env = "DONGFLOW_HTTP_TOKEN_FILE", value_name = "FILE")]
+    pub http_token_file: Option<PathBuf>,
+    /// Serve HTTPS with this certificate chain (PEM); needs `--http-tls-key`.
+    #[arg(
+        long,
+        env = "DONGFLOW_HTTP_TLS_CERT",
+        value_name = "FILE",
+        requires = "http_tls_key"
+    )]
+    pub http_tls_cert: Option<PathBuf>,
+    /// The private key (PEM) of `--http-tls-cert`.
+    #[arg(
+        long,
+        env = "DONGFLOW_HTTP_TLS_KEY",
+        value_name = "FILE",
+        requires = "http_tls_cert"
+    )]
+    pub http_tls_key: Option<PathBuf>,
+}
+
 /// Which district map to use.
 #[derive(Debug, Clone, Args)]
 pub struct MapArgs {
@@ -156,6 +201,12 @@ pub struct RunArgs {
     /// Consumer group under which offsets are committed, for lag tools only.
     #[arg(long, env = "DONGFLOW_GROUP_ID", default_value = "dongflow")]
     pub group_id: String,
+    /// librdkafka properties.
+    #[command(flatten)]
+    pub kafka: KafkaPropertyArgs,
+    /// HTTP access control and TLS.
+    #[command(flatten)]
+    pub http_security: HttpSecurityArgs,
 }
 
 /// Options of `dongflow demo`.
@@ -182,6 +233,12 @@ pub struct DemoArgs {
     /// Stop after this long (e.g. `30s`) instead of at Ctrl-C.
     #[arg(long, value_parser = parse_duration)]
     pub duration: Option<Duration>,
+    /// librdkafka properties (for the clients of the embedded broker).
+    #[command(flatten)]
+    pub kafka: KafkaPropertyArgs,
+    /// HTTP access control and TLS.
+    #[command(flatten)]
+    pub http_security: HttpSecurityArgs,
 }
 
 /// Options of `dongflow generate`.
@@ -208,6 +265,9 @@ pub struct GenerateArgs {
     /// Partitions of the input topics when they have to be created.
     #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(i32).range(1..=10_000))]
     pub partitions: i32,
+    /// librdkafka properties.
+    #[command(flatten)]
+    pub kafka: KafkaPropertyArgs,
 }
 
 /// Parses `500ms`, `10s`, `2m`, `1h` (a bare number is seconds).

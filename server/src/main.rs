@@ -11,16 +11,19 @@ use anyhow::Context;
 use clap::Parser;
 use dongflow::checkpoint::load_latest;
 use dongflow::cli::{
-    Cli, ClusterArgs, Command, DemoArgs, GenerateArgs, MapArgs, RunArgs, StartFrom,
+    Cli, ClusterArgs, Command, DemoArgs, GenerateArgs, HttpSecurityArgs, KafkaPropertyArgs,
+    MapArgs, RunArgs, StartFrom,
 };
 use dongflow::demo::{sim_config, stop_on_signal};
 use dongflow::engine::ClusterSpec;
-use dongflow::http::{App, HttpServer};
+use dongflow::http::{App, HttpSecurity, HttpServer, Tokens};
 use dongflow::pipeline::{Pipeline, PipelineConfig};
 use dongflow::render::DistrictsView;
 use dongflow::{AnswerBody, EngineConfig, Query};
 use dongflow_connectors::kafka::generate::{generate as produce, GenerateConfig};
-use dongflow_connectors::kafka::{ensure_topics, EmbeddedBroker, KafkaConfig, StartAt, TopicSpec};
+use dongflow_connectors::kafka::{
+    ensure_topics, ClientSettings, EmbeddedBroker, KafkaConfig, StartAt, TopicSpec,
+};
 use dongflow_connectors::simulator::{SimEvent, Simulator};
 use dongflow_dataflow::districts::DistrictIndex;
 
@@ -142,11 +145,45 @@ fn check_peer_urls(peers: &[String], cluster: &Option<ClusterSpec>) -> Result<()
     Ok(())
 }
 
-/// Serves the HTTP API of a pipeline on `addr`, with its Kafka metrics and its backup view.
+/// The librdkafka properties of `-X` and `--kafka-config-file` for `bootstrap`: refused ones are
+/// bad arguments.
+fn kafka_settings(args: &KafkaPropertyArgs, bootstrap: &str) -> Result<ClientSettings, Failure> {
+    ClientSettings::load(
+        bootstrap,
+        args.kafka_config_file.as_deref(),
+        &args.properties,
+    )
+    .map_err(bad_argument)
+}
+
+/// The token file and TLS pair of the HTTP options; unreadable ones are bad arguments.
+fn http_security(args: &HttpSecurityArgs) -> Result<HttpSecurity, Failure> {
+    let tokens = match &args.http_token_file {
+        Some(path) => Some(Arc::new(Tokens::load(path).map_err(bad_argument)?)),
+        None => None,
+    };
+    let tls = match (&args.http_tls_cert, &args.http_tls_key) {
+        (Some(cert), Some(key)) => {
+            Some(dongflow::http::tls::server_config(cert, key).map_err(bad_argument)?)
+        }
+        _ => None,
+    };
+    Ok(HttpSecurity { tokens, tls })
+}
+
+/// Binds the HTTP address before anything else starts, so that a bad address or a port in use is
+/// one clear line and exit 2.
+fn bind_http(addr: &str) -> Result<std::net::TcpListener, Failure> {
+    std::net::TcpListener::bind(addr)
+        .map_err(|e| bad_argument(anyhow::anyhow!("cannot listen on {addr}: {e}")))
+}
+
+/// Serves the HTTP API of a pipeline on `listener`, with its Kafka metrics and its backup view.
 fn serve(
     pipeline: &Pipeline,
     index: &Arc<DistrictIndex>,
-    addr: &str,
+    listener: std::net::TcpListener,
+    security: HttpSecurity,
 ) -> Result<HttpServer, Failure> {
     let app = App::with_kafka(
         pipeline.handle(),
@@ -155,7 +192,16 @@ fn serve(
         pipeline.backup_view(),
         pipeline.checkpoint_view(),
     );
-    Ok(HttpServer::start(addr, app, 2).with_context(|| format!("cannot listen on {addr}"))?)
+    Ok(HttpServer::start_on(listener, app, 2, security).context("cannot serve HTTP")?)
+}
+
+/// `https` or `http`, as the URLs printed say.
+fn scheme(security: &HttpSecurity) -> &'static str {
+    if security.tls.is_some() {
+        "https"
+    } else {
+        "http"
+    }
 }
 
 /// The topics the embedded broker starts with.
@@ -173,9 +219,15 @@ fn embedded_topics(kafka: &KafkaConfig, district: &str, rider: &str) -> Vec<Topi
 const EMBEDDED_PARTITIONS: i32 = 4;
 
 fn run(args: RunArgs) -> Result<(), Failure> {
-    let index = load_map(&args.map)?;
     let cluster = cluster_spec(&args.cluster)?;
     check_peer_urls(&args.http_peers, &cluster)?;
+    let brokers = kafka_settings(
+        &args.kafka,
+        args.input.brokers.as_deref().unwrap_or_default(),
+    )?;
+    let security = http_security(&args.http_security)?;
+    let listener = bind_http(&args.http)?;
+    let index = load_map(&args.map)?;
     let (start, restore) = match args.start_from {
         StartFrom::Latest => (StartAt::Latest, None),
         StartFrom::Earliest => (StartAt::Earliest, None),
@@ -191,7 +243,7 @@ fn run(args: RunArgs) -> Result<(), Failure> {
         },
     };
     let mut kafka = KafkaConfig {
-        brokers: args.input.brokers.clone().unwrap_or_default(),
+        brokers,
         group_id: args.group_id.clone(),
         rider_topic: args.input.rider_topic.clone(),
         delivery_topic: args.input.delivery_topic.clone(),
@@ -207,7 +259,7 @@ fn run(args: RunArgs) -> Result<(), Failure> {
                 &args.rider_changelog_topic,
             );
             let broker = EmbeddedBroker::start(&topics).context("starting the embedded broker")?;
-            kafka.brokers = broker.bootstrap();
+            kafka.brokers = kafka.brokers.with_bootstrap(broker.bootstrap());
             Some(broker)
         }
     };
@@ -226,14 +278,15 @@ fn run(args: RunArgs) -> Result<(), Failure> {
         restore,
     };
     let pipeline = Pipeline::start(config).context("starting the engine")?;
-    let server = serve(&pipeline, &index, &args.http)?;
+    let scheme = scheme(&security);
+    let server = serve(&pipeline, &index, listener, security)?;
     let which = if embedded.is_some() {
         " (embedded)"
     } else {
         ""
     };
     println!("Kafka: {}{which}", kafka.brokers);
-    println!("HTTP: http://{}/", server.addr());
+    println!("HTTP: {scheme}://{}/", server.addr());
     let _ = std::io::stdout().flush();
     while !stop.load(Ordering::Relaxed) {
         std::thread::sleep(Duration::from_millis(50));
@@ -246,15 +299,18 @@ fn run(args: RunArgs) -> Result<(), Failure> {
 }
 
 fn demo(args: DemoArgs) -> Result<(), Failure> {
-    let index = load_map(&args.map)?;
     if args.cluster.processes > 1 || args.cluster.hostfile.is_some() {
         return Err(bad_argument(anyhow::anyhow!(
             "demo runs in one process; use `dongflow run` for a cluster"
         )));
     }
     let workers = args.cluster.workers as usize;
+    let brokers = kafka_settings(&args.kafka, "")?;
+    let security = http_security(&args.http_security)?;
+    let listener = bind_http(&args.http)?;
+    let index = load_map(&args.map)?;
     let kafka = KafkaConfig {
-        brokers: String::new(),
+        brokers: brokers.clone(),
         group_id: "dongflow-demo".into(),
         rider_topic: "rider-events".into(),
         delivery_topic: "delivery-events".into(),
@@ -264,7 +320,7 @@ fn demo(args: DemoArgs) -> Result<(), Failure> {
     let topics = embedded_topics(&kafka, "district-changelog", "rider-changelog");
     let broker = EmbeddedBroker::start(&topics).context("starting the embedded broker")?;
     let kafka = KafkaConfig {
-        brokers: broker.bootstrap(),
+        brokers: brokers.with_bootstrap(broker.bootstrap()),
         ..kafka
     };
     let stop = stop_on_signal();
@@ -279,7 +335,8 @@ fn demo(args: DemoArgs) -> Result<(), Failure> {
         restore: None,
     })
     .context("starting the engine")?;
-    let server = serve(&pipeline, &index, &args.http)?;
+    let scheme = scheme(&security);
+    let server = serve(&pipeline, &index, listener, security)?;
     let generate = GenerateConfig {
         brokers: kafka.brokers.clone(),
         rider_topic: kafka.rider_topic.clone(),
@@ -300,9 +357,12 @@ fn demo(args: DemoArgs) -> Result<(), Failure> {
         "Kafka: {} (embedded; topics rider-events, delivery-events, district-changelog, rider-changelog, dongflow-dlq)",
         kafka.brokers
     );
-    println!("Map: http://{}/  (the live district map)", server.addr());
     println!(
-        "HTTP: http://{}/  (API: /v1/districts, /v1/riders/{{id}}, /metrics)",
+        "Map: {scheme}://{}/  (the live district map)",
+        server.addr()
+    );
+    println!(
+        "HTTP: {scheme}://{}/  (API: /v1/districts, /v1/riders/{{id}}, /metrics)",
         server.addr()
     );
     println!("Ctrl-C stops.");
@@ -371,7 +431,8 @@ fn print_summary(engine: &Pipeline, index: &DistrictIndex, elapsed: Duration) {
 fn generate(args: GenerateArgs) -> Result<(), Failure> {
     let stop = stop_on_signal();
     if let Some(brokers) = &args.input.brokers {
-        return generate_to_kafka(&args, brokers, &stop);
+        let brokers = kafka_settings(&args.kafka, brokers)?;
+        return generate_to_kafka(&args, &brokers, &stop);
     }
     let mut simulator = Simulator::new(sim_config(args.riders, args.seed));
     let started = Instant::now();
@@ -401,7 +462,11 @@ fn generate(args: GenerateArgs) -> Result<(), Failure> {
     Ok(())
 }
 
-fn generate_to_kafka(args: &GenerateArgs, brokers: &str, stop: &AtomicBool) -> Result<(), Failure> {
+fn generate_to_kafka(
+    args: &GenerateArgs,
+    brokers: &ClientSettings,
+    stop: &AtomicBool,
+) -> Result<(), Failure> {
     let topics = [
         TopicSpec::new(&args.input.rider_topic, args.partitions),
         TopicSpec::new(&args.input.delivery_topic, args.partitions),
@@ -412,7 +477,7 @@ fn generate_to_kafka(args: &GenerateArgs, brokers: &str, stop: &AtomicBool) -> R
         eprintln!("created topic {name} with {} partitions", args.partitions);
     }
     let config = GenerateConfig {
-        brokers: brokers.to_owned(),
+        brokers: brokers.clone(),
         rider_topic: args.input.rider_topic.clone(),
         delivery_topic: args.input.delivery_topic.clone(),
         rate: args.rate,

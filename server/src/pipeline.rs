@@ -123,7 +123,7 @@ impl Pipeline {
             None => None,
         };
         let published_to = Published {
-            brokers: config.kafka.brokers.clone(),
+            brokers: config.kafka.brokers.bootstrap().to_owned(),
             district_topic: config.district_changelog_topic.clone(),
             rider_topic: config.rider_changelog_topic.clone(),
             ends: Vec::new(),

@@ -9,7 +9,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use dongflow_connectors::kafka::{create_topics, EmbeddedBroker, TopicSpec};
+use dongflow_connectors::kafka::{create_topics, ClientSettings, EmbeddedBroker, TopicSpec};
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::Headers;
@@ -61,7 +61,7 @@ pub fn create_on(bootstrap: &str, topics: &[&str], partitions: i32) {
         .iter()
         .map(|t| TopicSpec::new(t, partitions))
         .collect();
-    create_topics(bootstrap, &specs, Duration::from_secs(20)).expect("topics created");
+    create_topics(&bootstrap.into(), &specs, Duration::from_secs(20)).expect("topics created");
 }
 
 /// The tansu binary: `$TANSU`, `tansu` on the PATH or in `~/.cargo/bin`. Missing: `None`, unless
@@ -100,6 +100,11 @@ pub struct Tansu {
     port: u16,
     dir: PathBuf,
     child: Option<Child>,
+    /// The port advertised to clients, when they reach tansu through something else (a TLS
+    /// endpoint in front of it).
+    pub advertised: Option<u16>,
+    /// Whether clients must authenticate (SASL SCRAM).
+    pub authentication: bool,
 }
 
 impl Tansu {
@@ -112,6 +117,8 @@ impl Tansu {
             port,
             dir,
             child: None,
+            advertised: None,
+            authentication: false,
         };
         t.up();
         t
@@ -124,7 +131,12 @@ impl Tansu {
     /// Starts the process (again) on the same port and storage, and waits until it accepts.
     pub fn up(&mut self) {
         let url = format!("tcp://127.0.0.1:{}", self.port);
-        let log = std::fs::File::create(self.dir.join("tansu.log")).expect("log file");
+        let advertised = format!("tcp://127.0.0.1:{}", self.advertised.unwrap_or(self.port));
+        let log = std::fs::File::options()
+            .create(true)
+            .append(true)
+            .open(self.dir.join("tansu.log"))
+            .expect("log file");
         let child = Command::new(&self.binary)
             .current_dir(&self.dir)
             .args([
@@ -132,10 +144,11 @@ impl Tansu {
                 "--listener-url",
                 &url,
                 "--advertised-listener-url",
-                &url,
+                &advertised,
                 "--storage-engine",
                 "sqlite://tansu.db",
             ])
+            .args(self.authentication.then_some("--authentication"))
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
@@ -150,6 +163,30 @@ impl Tansu {
             );
             std::thread::sleep(Duration::from_millis(20));
         }
+    }
+
+    /// Creates a SCRAM-SHA-512 user (tansu must be running without authentication).
+    pub fn create_user(&self, name: &str, password: &str) {
+        let status = Command::new(&self.binary)
+            .args([
+                "user",
+                "create",
+                "--broker",
+                &format!("tcp://127.0.0.1:{}", self.port),
+                "--mechanism",
+                "scram512",
+                name,
+                password,
+            ])
+            .stdout(Stdio::null())
+            .status()
+            .expect("tansu user create runs");
+        assert!(status.success(), "tansu user create failed");
+    }
+
+    /// Its folder (storage and log).
+    pub fn dir(&self) -> &std::path::Path {
+        &self.dir
     }
 
     pub fn down(&mut self) {
@@ -197,11 +234,18 @@ impl Record {
 
 /// Produces records in order (keyed records go to the key's partition) and waits for delivery.
 pub fn produce(bootstrap: &str, records: &[Record]) {
-    let producer: BaseProducer = ClientConfig::new()
-        .set("bootstrap.servers", bootstrap)
-        .set("linger.ms", "5")
-        // Keep the order of each key's records even when a send is retried.
-        .set("enable.idempotence", "true")
+    produce_via(&bootstrap.into(), records);
+}
+
+/// [`produce`] through a client made from `settings` (a secured broker's properties, say).
+pub fn produce_via(settings: &ClientSettings, records: &[Record]) {
+    let producer: BaseProducer = settings
+        .configure(
+            ClientConfig::new()
+                .set("linger.ms", "5")
+                // Keep the order of each key's records even when a send is retried.
+                .set("enable.idempotence", "true"),
+        )
         .create()
         .expect("producer");
     for r in records {
@@ -236,10 +280,17 @@ pub struct Reader {
 
 impl Reader {
     pub fn new(bootstrap: &str, topic: &str, partitions: i32) -> Reader {
-        let consumer: BaseConsumer = ClientConfig::new()
-            .set("bootstrap.servers", bootstrap)
-            .set("group.id", "dongflow-tests")
-            .set("enable.auto.commit", "false")
+        Self::via(&bootstrap.into(), topic, partitions)
+    }
+
+    /// [`Reader::new`] through a client made from `settings`.
+    pub fn via(settings: &ClientSettings, topic: &str, partitions: i32) -> Reader {
+        let consumer: BaseConsumer = settings
+            .configure(
+                ClientConfig::new()
+                    .set("group.id", "dongflow-tests")
+                    .set("enable.auto.commit", "false"),
+            )
             .create()
             .expect("consumer");
         let mut tpl = TopicPartitionList::new();
@@ -388,6 +439,11 @@ impl Dongflow {
             http,
             stderr,
         }
+    }
+
+    /// The process id, for signals.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
     }
 
     pub fn log(&self) -> String {

@@ -4,13 +4,12 @@ use std::time::Duration;
 
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
-use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::mocking::MockCluster;
 use rdkafka::producer::DefaultProducerContext;
 use rdkafka::types::RDKafkaErrorCode;
 
-use super::KafkaError;
+use super::{ClientSettings, KafkaError};
 
 /// A topic to create if it is missing.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -44,13 +43,11 @@ impl TopicSpec {
 
 /// Creates the topics of `specs` that do not exist yet. Returns the names it created.
 pub fn create_topics(
-    brokers: &str,
+    brokers: &ClientSettings,
     specs: &[TopicSpec],
     timeout: Duration,
 ) -> Result<Vec<String>, KafkaError> {
-    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
-        .set("bootstrap.servers", brokers)
-        .create()?;
+    let admin: AdminClient<DefaultClientContext> = brokers.config().create()?;
     let topics: Vec<NewTopic<'_>> = specs
         .iter()
         .map(|s| {
@@ -87,13 +84,11 @@ pub fn create_topics(
 /// Creates the topics of `specs` that the brokers do not list yet (brokers without the admin API,
 /// like the embedded one, are never asked to create a topic that exists). Returns the names created.
 pub fn ensure_topics(
-    brokers: &str,
+    brokers: &ClientSettings,
     specs: &[TopicSpec],
     timeout: Duration,
 ) -> Result<Vec<String>, KafkaError> {
-    let client: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", brokers)
-        .create()?;
+    let client: BaseConsumer = brokers.config().create()?;
     let metadata = client.fetch_metadata(None, timeout)?;
     let missing: Vec<TopicSpec> = specs
         .iter()

@@ -9,14 +9,14 @@ use rdkafka::error::{KafkaError as RdError, RDKafkaErrorCode};
 use rdkafka::producer::{BaseProducer, BaseRecord, DeliveryResult, Producer as _, ProducerContext};
 use rdkafka::ClientContext;
 
-use super::KafkaError;
+use super::{ClientSettings, KafkaError};
 use crate::simulator::{SimConfig, SimEvent, Simulator};
 
 /// What to produce and how fast.
 #[derive(Clone, Debug)]
 pub struct GenerateConfig {
-    /// Bootstrap servers.
-    pub brokers: String,
+    /// Bootstrap servers and the user's client properties.
+    pub brokers: ClientSettings,
     /// Topic of rider events.
     pub rider_topic: String,
     /// Topic of delivery events.
@@ -62,15 +62,18 @@ pub fn generate(
     mut progress: impl FnMut(u64),
 ) -> Result<Produced, KafkaError> {
     let failed = Arc::new(AtomicU64::new(0));
-    let producer: BaseProducer<CountFailures> = ClientConfig::new()
-        .set("bootstrap.servers", &config.brokers)
-        // Throughput over latency: fill large batches for a few ms.
-        .set("linger.ms", "20")
-        .set("batch.num.messages", "50000")
-        .set("batch.size", "4000000")
-        // Room for a second or two of events at full speed.
-        .set("queue.buffering.max.messages", "1000000")
-        .set("queue.buffering.max.kbytes", "1048576")
+    let producer: BaseProducer<CountFailures> = config
+        .brokers
+        .configure(
+            ClientConfig::new()
+                // Throughput over latency: fill large batches for a few ms.
+                .set("linger.ms", "20")
+                .set("batch.num.messages", "50000")
+                .set("batch.size", "4000000")
+                // Room for a second or two of events at full speed.
+                .set("queue.buffering.max.messages", "1000000")
+                .set("queue.buffering.max.kbytes", "1048576"),
+        )
         .create_with_context(CountFailures(failed.clone()))?;
     let mut simulator = Simulator::new(sim);
     let started = Instant::now();

@@ -9,6 +9,8 @@
 //! - [`producer`]: [`Producer`], the process's idempotent producer for dead letters and changelogs.
 //! - [`admin`]: topic creation and [`EmbeddedBroker`], librdkafka's in-process mock cluster.
 //! - [`generate`]: the simulator produced to the input topics (`dongflow generate --brokers`).
+//! - [`settings`]: [`ClientSettings`], the bootstrap servers and the user's librdkafka properties
+//!   (`-X`, `--kafka-config-file`) that every Kafka client of the process is made from.
 //! - [`quiet`]: rate-limited logging of librdkafka's errors (a down broker repeats them).
 //! - [`background`]: the stop flag and handle of those client threads.
 //! - [`metrics`]: [`KafkaMetrics`], the counters and lag that `/metrics` shows.
@@ -19,6 +21,7 @@ pub mod generate;
 pub mod metrics;
 pub mod producer;
 pub mod quiet;
+pub mod settings;
 pub mod source;
 pub mod watch;
 
@@ -30,6 +33,7 @@ pub use admin::{create_topics, ensure_topics, EmbeddedBroker, TopicSpec};
 pub use background::Background;
 pub use metrics::KafkaMetrics;
 pub use producer::{OutputKind, Producer};
+pub use settings::{ClientSettings, SettingsError};
 pub use source::KafkaSource;
 pub use watch::TopicWatch;
 
@@ -45,8 +49,8 @@ pub enum StartAt {
 /// The engine's Kafka settings.
 #[derive(Clone, Debug)]
 pub struct KafkaConfig {
-    /// Bootstrap servers, `host:port,...`.
-    pub brokers: String,
+    /// Bootstrap servers and the user's client properties.
+    pub brokers: ClientSettings,
     /// The consumer group under which offsets are committed (for lag tools only).
     pub group_id: String,
     /// Input topic of rider events.

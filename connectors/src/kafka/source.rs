@@ -66,29 +66,32 @@ impl KafkaSource {
         producer: Arc<Producer>,
         metrics: Arc<KafkaMetrics>,
     ) -> Result<Self, KafkaError> {
-        let consumer: BaseConsumer<Quiet> = ClientConfig::new()
-            .set("bootstrap.servers", &config.brokers)
-            // Offsets are committed under this group for lag tools only. The source never
-            // subscribes, so it never joins the group: no rebalances, no eviction when slow.
-            .set("group.id", &config.group_id)
-            // Commits happen every few seconds from the positions this source tracks itself.
-            .set("enable.auto.commit", "false")
-            .set("enable.auto.offset.store", "false")
-            // Where to go when a stored position no longer exists (retention removed it).
-            .set(
-                "auto.offset.reset",
-                match config.start {
-                    StartAt::Earliest => "earliest",
-                    StartAt::Latest => "latest",
-                },
+        let consumer: BaseConsumer<Quiet> = config
+            .brokers
+            .configure(
+                ClientConfig::new()
+                    // Offsets are committed under this group for lag tools only. The source never
+                    // subscribes, so it never joins the group: no rebalances, no eviction when slow.
+                    .set("group.id", &config.group_id)
+                    // Commits happen every few seconds from the positions this source tracks itself.
+                    .set("enable.auto.commit", "false")
+                    .set("enable.auto.offset.store", "false")
+                    // Where to go when a stored position no longer exists (retention removed it).
+                    .set(
+                        "auto.offset.reset",
+                        match config.start {
+                            StartAt::Earliest => "earliest",
+                            StartAt::Latest => "latest",
+                        },
+                    )
+                    // End of partition is not an event here; readiness uses the watch's end offsets.
+                    .set("enable.partition.eof", "false")
+                    // A caught-up fetch waits at most this long for new records. Some brokers answer an
+                    // empty fetch only at its deadline (librdkafka's mock cluster does), which with the
+                    // default 500 ms would hold a new record back that long; an idle consumer pays with
+                    // about 100 empty fetches a second per broker.
+                    .set("fetch.wait.max.ms", "10"),
             )
-            // End of partition is not an event here; readiness uses the watch's end offsets.
-            .set("enable.partition.eof", "false")
-            // A caught-up fetch waits at most this long for new records. Some brokers answer an
-            // empty fetch only at its deadline (librdkafka's mock cluster does), which with the
-            // default 500 ms would hold a new record back that long; an idle consumer pays with
-            // about 100 empty fetches a second per broker.
-            .set("fetch.wait.max.ms", "10")
             .create_with_context(Quiet::default())?;
         Ok(Self {
             consumer,

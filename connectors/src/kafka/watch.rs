@@ -11,7 +11,10 @@ use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 
 use super::quiet::Quiet;
-use super::{create_topics, Background, Input, KafkaConfig, KafkaError, KafkaMetrics, TopicSpec};
+use super::{
+    create_topics, Background, ClientSettings, Input, KafkaConfig, KafkaError, KafkaMetrics,
+    TopicSpec,
+};
 
 /// How often the brokers are asked.
 const PERIOD: Duration = Duration::from_secs(1);
@@ -45,10 +48,10 @@ impl TopicWatch {
         outputs: Vec<TopicSpec>,
         metrics: Arc<KafkaMetrics>,
     ) -> Result<Arc<Self>, KafkaError> {
-        let consumer: BaseConsumer<Quiet> = ClientConfig::new()
-            .set("bootstrap.servers", &config.brokers)
+        let consumer: BaseConsumer<Quiet> = config
+            .brokers
             // Metadata only: this client never joins a group or reads records.
-            .set("enable.auto.commit", "false")
+            .configure(ClientConfig::new().set("enable.auto.commit", "false"))
             .create_with_context(Quiet::default())?;
         let watch = Arc::new(TopicWatch {
             topology: Mutex::new(Topology::default()),
@@ -102,7 +105,7 @@ impl Drop for TopicWatch {
 /// The watch thread's side.
 struct Looker {
     consumer: BaseConsumer<Quiet>,
-    brokers: String,
+    brokers: ClientSettings,
     inputs: [String; 2],
     outputs: Vec<TopicSpec>,
     metrics: Arc<KafkaMetrics>,

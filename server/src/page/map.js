@@ -230,6 +230,44 @@ function start() {
     paint();
   });
 
+  // With --http-token-file every request needs a bearer token: the page asks for it once, on the
+  // first 401, and keeps it for the tab (sessionStorage), so a reload does not ask again.
+  const TOKEN_KEY = 'dongflow.token';
+  let tokenAsked = null;
+
+  function askToken(note) {
+    if (tokenAsked) return tokenAsked;
+    tokenAsked = new Promise((resolve) => {
+      const form = $('token-form');
+      $('token-note').textContent = note;
+      form.hidden = false;
+      $('token').focus();
+      form.onsubmit = (e) => {
+        e.preventDefault();
+        const token = $('token').value.trim();
+        if (!token) return;
+        sessionStorage.setItem(TOKEN_KEY, token);
+        form.hidden = true;
+        tokenAsked = null;
+        resolve();
+      };
+    });
+    return tokenAsked;
+  }
+
+  /** fetch() of an API path with the tab's token, asking for one while the engine answers 401. */
+  async function api(path) {
+    for (;;) {
+      const token = sessionStorage.getItem(TOKEN_KEY);
+      const headers = token ? { Authorization: 'Bearer ' + token } : {};
+      const r = await fetch(path, { cache: 'no-store', headers });
+      if (r.status !== 401) return r;
+      if (token) sessionStorage.removeItem(TOKEN_KEY);
+      setStatus('waiting for an access token…', 'wait');
+      await askToken(token ? 'That token was refused; try another.' : '');
+    }
+  }
+
   loadMap();
   $('search').addEventListener('submit', (e) => {
     e.preventDefault();
@@ -240,7 +278,7 @@ function start() {
     setStatus('loading the district map…', 'wait');
     let collection;
     try {
-      const r = await fetch('/v1/districts.geojson');
+      const r = await api('/v1/districts.geojson');
       collection = await r.json();
     } catch (e) {
       setStatus('The engine is unreachable: cannot load the district map. Retrying…', 'down');
@@ -368,7 +406,7 @@ function start() {
     let r;
     let body;
     try {
-      r = await fetch('/v1/districts', { cache: 'no-store' });
+      r = await api('/v1/districts');
       body = await r.json();
     } catch (e) {
       if (state.failingSince === null) state.failingSince = Date.now();
@@ -434,7 +472,7 @@ function start() {
     let r;
     let body;
     try {
-      r = await fetch('/v1/riders/' + encodeURIComponent(id), { cache: 'no-store' });
+      r = await api('/v1/riders/' + encodeURIComponent(id));
       body = await r.json();
     } catch (e) {
       out.textContent = 'The engine is unreachable.';

@@ -21,27 +21,34 @@ use crate::view::CheckpointView;
 use dongflow_dataflow::districts::DistrictIndex;
 use http_body_util::Full;
 use hyper::body::Incoming;
-use hyper::header::{HeaderValue, CONTENT_TYPE};
+use hyper::header::{HeaderValue, AUTHORIZATION, CONTENT_TYPE, WWW_AUTHENTICATE};
 use hyper::service::service_fn;
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
 use percent_encoding::percent_decode_str;
 use serde::Serialize;
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpListener;
+
+pub mod auth;
+pub mod tls;
+
+pub use auth::{TokenFileError, Tokens};
+pub use tls::TlsError;
 
 use crate::engine::{now_ms, EngineHandle};
 use crate::query::{Answer, AnswerBody, Query, QueryError};
 use crate::render::{DistrictView, DistrictsView, RiderView, RidersView, Stamped};
 
 const JSON: &str = "application/json; charset=utf-8";
-const OPENAPI: &str = include_str!("../openapi.json");
+const OPENAPI: &str = include_str!("../../openapi.json");
 
 /// The live map page (`GET /`): its HTML with the script inlined, so the page is one request and needs
 /// nothing from outside the binary. `map.js` stays a file of its own for node's test runner.
 static INDEX_PAGE: std::sync::LazyLock<Bytes> = std::sync::LazyLock::new(|| {
-    Bytes::from(include_str!("page/index.html").replacen(
+    Bytes::from(include_str!("../page/index.html").replacen(
         "/*MAP_JS*/",
-        include_str!("page/map.js"),
+        include_str!("../page/map.js"),
         1,
     ))
 });
@@ -107,9 +114,36 @@ impl App {
     }
 }
 
+/// Who may ask, and over what: bearer tokens (`--http-token-file`) and TLS (`--http-tls-cert`).
+#[derive(Clone, Default)]
+pub struct HttpSecurity {
+    /// When set, every route but `/healthz` and `/readyz` needs one of these tokens.
+    pub tokens: Option<Arc<Tokens>>,
+    /// When set, connections speak TLS.
+    pub tls: Option<Arc<rustls::ServerConfig>>,
+}
+
+impl std::fmt::Debug for HttpSecurity {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HttpSecurity")
+            .field("tokens", &self.tokens.as_ref().map(|t| t.path().to_owned()))
+            .field("tls", &self.tls.is_some())
+            .finish()
+    }
+}
+
+/// How long a client has to finish its TLS handshake.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// Serves `app` on `listener` until `shutdown` completes; connections already open finish their
 /// requests on their own.
-pub async fn serve(listener: TcpListener, app: Arc<App>, shutdown: impl Future<Output = ()>) {
+pub async fn serve(
+    listener: TcpListener,
+    app: Arc<App>,
+    security: HttpSecurity,
+    shutdown: impl Future<Output = ()>,
+) {
+    let acceptor = security.tls.clone().map(tokio_rustls::TlsAcceptor::from);
     tokio::pin!(shutdown);
     loop {
         let accepted = tokio::select! {
@@ -127,30 +161,90 @@ pub async fn serve(listener: TcpListener, app: Arc<App>, shutdown: impl Future<O
         };
         // Answers are small; send them without waiting for more to coalesce.
         let _ = stream.set_nodelay(true);
-        let app = app.clone();
+        let (app, tokens, acceptor) = (app.clone(), security.tokens.clone(), acceptor.clone());
         tokio::spawn(async move {
-            let service = service_fn(move |req| handle(app.clone(), req));
-            let conn = hyper::server::conn::http1::Builder::new()
-                // A client that sends headers too slowly is dropped rather than kept forever.
-                .header_read_timeout(Duration::from_secs(10))
-                .timer(hyper_util::rt::TokioTimer::new())
-                .serve_connection(TokioIo::new(stream), service);
-            if let Err(e) = conn.await {
-                tracing::debug!("connection ended: {e}");
+            let Some(acceptor) = acceptor else {
+                return connection(stream, app, tokens).await;
+            };
+            match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
+                Ok(Ok(tls)) => connection(tls, app, tokens).await,
+                Ok(Err(e)) => tracing::debug!("TLS handshake failed: {e}"),
+                Err(_) => tracing::debug!("TLS handshake timed out"),
             }
         });
     }
 }
 
+/// Serves the requests of one connection, plain or TLS.
+async fn connection(
+    io: impl AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    app: Arc<App>,
+    tokens: Option<Arc<Tokens>>,
+) {
+    let service = service_fn(move |req| handle(app.clone(), tokens.clone(), req));
+    let conn = hyper::server::conn::http1::Builder::new()
+        // A client that sends headers too slowly is dropped rather than kept forever.
+        .header_read_timeout(Duration::from_secs(10))
+        .timer(hyper_util::rt::TokioTimer::new())
+        .serve_connection(TokioIo::new(io), service);
+    if let Err(e) = conn.await {
+        tracing::debug!("connection ended: {e}");
+    }
+}
+
 async fn handle(
     app: Arc<App>,
+    tokens: Option<Arc<Tokens>>,
     req: Request<Incoming>,
 ) -> Result<Response<Full<Bytes>>, Infallible> {
     let started = Instant::now();
-    let (route, response) = route(&app, &req).await;
+    // A request that cannot be authenticated is answered here and never reaches the view.
+    let (route, response) = match tokens.filter(|_| needs_token(req.uri().path())) {
+        Some(t) if !t.admits(req.headers().get(AUTHORIZATION).map(HeaderValue::as_bytes)) => {
+            unauthorized(&req)
+        }
+        _ => route(&app, &req).await,
+    };
     app.metrics
         .observe(route, response.status(), started.elapsed());
     Ok(response)
+}
+
+/// Whether a path needs a token when tokens are configured: all but the probes (CONTRACT section 6).
+fn needs_token(path: &str) -> bool {
+    !matches!(path, routes::HEALTHZ | routes::READYZ)
+}
+
+/// The 401 answer. A browser asking for the map page gets the page itself with the 401: it holds
+/// no data, and it asks for the token and sends it with every request it makes.
+fn unauthorized(req: &Request<Incoming>) -> (&'static str, Response<Full<Bytes>>) {
+    let wants_html = req
+        .headers()
+        .get(hyper::header::ACCEPT)
+        .and_then(|a| a.to_str().ok())
+        .is_some_and(|a| a.contains("text/html"));
+    let (route, mut response) = if req.uri().path() == routes::INDEX && wants_html {
+        let page = respond(
+            StatusCode::UNAUTHORIZED,
+            "text/html; charset=utf-8",
+            INDEX_PAGE.clone(),
+        );
+        (routes::INDEX, page)
+    } else {
+        let message = match req.headers().get(AUTHORIZATION) {
+            None => "a bearer token is required (Authorization: Bearer TOKEN)",
+            Some(_) => "the bearer token is not valid",
+        };
+        (
+            routes::UNAUTHORIZED,
+            error(StatusCode::UNAUTHORIZED, message),
+        )
+    };
+    response.headers_mut().insert(
+        WWW_AUTHENTICATE,
+        HeaderValue::from_static("Bearer realm=\"dongflow\""),
+    );
+    (route, response)
 }
 
 /// A response with a body and content type.
@@ -204,7 +298,9 @@ mod routes {
     pub const OPENAPI: &str = "/openapi.json";
     pub const INDEX: &str = "/";
     pub const OTHER: &str = "other";
-    pub const ALL: [&str; 11] = [
+    /// Requests refused for want of a valid token, whatever their route.
+    pub const UNAUTHORIZED: &str = "unauthorized";
+    pub const ALL: [&str; 12] = [
         DISTRICTS,
         DISTRICT,
         DISTRICT_RIDERS,
@@ -216,6 +312,7 @@ mod routes {
         OPENAPI,
         INDEX,
         OTHER,
+        UNAUTHORIZED,
     ];
 }
 
@@ -838,6 +935,17 @@ impl HttpServer {
     /// Binds `addr` (port 0 picks a free port) and serves `app` on `threads` runtime threads.
     pub fn start(addr: &str, app: Arc<App>, threads: usize) -> std::io::Result<Self> {
         let listener = std::net::TcpListener::bind(addr)?;
+        Self::start_on(listener, app, threads, HttpSecurity::default())
+    }
+
+    /// Serves `app` on a bound `listener` on `threads` runtime threads, with `security`. With
+    /// tokens, SIGHUP re-reads the token file.
+    pub fn start_on(
+        listener: std::net::TcpListener,
+        app: Arc<App>,
+        threads: usize,
+        security: HttpSecurity,
+    ) -> std::io::Result<Self> {
         listener.set_nonblocking(true)?;
         let addr = listener.local_addr()?;
         let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -846,13 +954,22 @@ impl HttpServer {
             .enable_all()
             .build()?;
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        if let Some(tokens) = &security.tokens {
+            // Registered here, before the server answers, so that a SIGHUP from then on re-reads
+            // the tokens instead of ending the process (SIGHUP's default).
+            let hangups = {
+                let _runtime = runtime.enter();
+                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())?
+            };
+            runtime.spawn(reload_on_hangup(tokens.clone(), hangups));
+        }
         let thread = std::thread::Builder::new()
             .name("dongflow-http-main".into())
             .spawn(move || {
                 runtime.block_on(async move {
                     match TcpListener::from_std(listener) {
                         Ok(listener) => {
-                            serve(listener, app, async move {
+                            serve(listener, app, security, async move {
                                 let _ = rx.await;
                             })
                             .await
@@ -886,6 +1003,19 @@ impl HttpServer {
         }
         if let Some(thread) = self.thread.take() {
             let _ = thread.join();
+        }
+    }
+}
+
+/// Re-reads the token file at every SIGHUP; a file that cannot be used keeps the tokens it had.
+async fn reload_on_hangup(tokens: Arc<Tokens>, mut hangups: tokio::signal::unix::Signal) {
+    while hangups.recv().await.is_some() {
+        match tokens.reload() {
+            Ok(n) => tracing::info!(
+                "SIGHUP: {n} token(s) accepted from {}",
+                tokens.path().display()
+            ),
+            Err(e) => tracing::error!("SIGHUP: {e}; the tokens accepted so far stay"),
         }
     }
 }
