@@ -1,7 +1,7 @@
 //! Helpers of `dongflow demo` and `generate` (simulator settings, the stop signal), and the rule
 //! that routes in-process events to workers the way Kafka partitions would (by id).
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 
 use differential_dataflow::hashable::Hashable;
@@ -33,11 +33,15 @@ pub fn sim_config(riders: usize, seed: u64) -> SimConfig {
     }
 }
 
-/// A stop flag set by Ctrl-C / SIGTERM.
+/// A stop flag set by Ctrl-C / SIGTERM. SIGHUP is not a stop: it re-reads the HTTP tokens.
 pub fn stop_on_signal() -> Arc<AtomicBool> {
     let stop = Arc::new(AtomicBool::new(false));
-    let flag = stop.clone();
-    // If a handler is already installed (tests), the flag simply never fires.
-    let _ = ctrlc::set_handler(move || flag.store(true, Ordering::SeqCst));
+    for signal in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+        if let Err(e) = signal_hook::flag::register(signal, stop.clone()) {
+            tracing::warn!(
+                "cannot watch signal {signal}: {e}; it will not stop the process cleanly"
+            );
+        }
+    }
     stop
 }
