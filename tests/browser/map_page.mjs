@@ -296,11 +296,65 @@ async function realMap(browser, file, expected, name, props) {
   }
 }
 
+/**
+ * With --http-token-file: the page opened without a token asks for it once, draws the map with it,
+ * keeps it for the tab (a reload does not ask again), and a refused token is asked for again.
+ */
+async function withToken(browser) {
+  const dir = join(ARTIFACTS, 'token');
+  mkdirSync(dir, { recursive: true });
+  const file = join(dir, 'tokens');
+  writeFileSync(file, 'map-viewer-5b1e\n');
+  const demo = await startDemo(['--http-token-file', file]);
+  try {
+    const plain = await fetch(demo.url + 'v1/districts');
+    check(plain.status === 401, `no token: 401, got ${plain.status}`);
+    check(/^Bearer/.test(plain.headers.get('www-authenticate') || ''), 'a Bearer challenge');
+    const geo = await getJsonWith(demo.url + 'v1/districts.geojson', 'map-viewer-5b1e');
+    const n = geo.features.length;
+    const { page, errors } = await newPage(browser, { viewport: { width: 1280, height: 860 } });
+    await page.goto(demo.url);
+    await eventually('the token form', () => page.locator('#token-form').isVisible());
+    check((await page.locator('svg#map path.district').count()) === 0, 'nothing drawn without a token');
+    await page.fill('#token', 'not-the-token');
+    await page.click('#token-form button');
+    await eventually('the refused token asked again', async () =>
+      (await page.locator('#token-form').isVisible()) &&
+      /refused/.test(await page.locator('#token-note').textContent()));
+    await page.fill('#token', 'map-viewer-5b1e');
+    await page.click('#token-form button');
+    await eventually('one shape per district', async () =>
+      (await page.locator('svg#map path.district').count()) === n);
+    await eventually('a live as_of in the status line', async () =>
+      /as of \d{4}-\d\d-\d\d .* live/.test(await page.locator('#status').textContent()));
+    check(!(await page.locator('#token-form').isVisible()), 'the form is gone once the token works');
+    await page.reload();
+    await eventually('the map drawn again after a reload', async () =>
+      (await page.locator('svg#map path.district').count()) === n);
+    check(!(await page.locator('#token-form').isVisible()), 'a reload does not ask again');
+    await page.screenshot({ path: join(ARTIFACTS, 'map-with-token.png') });
+    // Chromium logs the expected 401 answers as failed resources; anything else is a page error.
+    const unexpected = errors.filter((e) => !/401/.test(e));
+    check(unexpected.length === 0, 'no page errors: ' + unexpected.join('; '));
+    return { districts: n };
+  } finally {
+    await stop(demo);
+  }
+}
+
+async function getJsonWith(url, token) {
+  const r = await fetch(url, { headers: { Authorization: 'Bearer ' + token } });
+  check(r.ok, `${url} answered ${r.status}`);
+  return r.json();
+}
+
 const browser = await chromium.launch({ executablePath: CHROMIUM, headless: true, args: ['--no-sandbox'] });
 const figures = {};
 try {
   figures.builtin = await builtInMap(browser);
   console.log('built-in map: ok', JSON.stringify(figures.builtin));
+  figures.token = await withToken(browser);
+  console.log('map with a token: ok', JSON.stringify(figures.token));
   if (DISTRICTS_DIR) {
     const maps = [
       ['seoul', 'seoul-admdong.geojson', 425, []],
