@@ -879,6 +879,85 @@ fn answers_are_stale_from_the_checkpoint_until_the_live_state_is_ready() {
     stale_until_ready("stalecp", 37, StaleFrom::Checkpoint);
 }
 
+/// CONTRACT section 7: while `/readyz` is 503, every `/v1` answer is 503 or `stale: true`, also at a
+/// first start over empty changelog topics, where no stale view holds anything. The inputs cannot
+/// be read at first (no partition has a leader), so the live state exists but cannot catch up.
+#[test]
+fn no_answer_says_live_before_ready_at_a_first_start() {
+    let Fixture {
+        broker,
+        t,
+        input,
+        bootstrap,
+        state,
+    } = Fixture::embedded("first-start", 41, 3_000);
+    produce(&bootstrap, &input.records);
+    let Broker::Embedded(embedded) = &broker else {
+        unreachable!()
+    };
+    let leaderless = [&t.riders, &t.deliveries];
+    for topic in leaderless {
+        for p in 0..PARTITIONS {
+            embedded.set_leader(topic, p, None).expect("leader-less");
+        }
+    }
+    let run = Dongflow::run(&t.args(&bootstrap, &state));
+    let client = common::Client::at(run.http.clone());
+    let rider = input
+        .expected_riders
+        .keys()
+        .next()
+        .expect("a rider")
+        .clone();
+    let paths = [
+        "/v1/districts".to_owned(),
+        "/v1/districts/1168000000".to_owned(),
+        "/v1/districts/1168000000/riders".to_owned(),
+        format!("/v1/riders/{rider}"),
+    ];
+    let mut before_ready = 0;
+    while before_ready < 200 {
+        for path in &paths {
+            let (status, body) = client.json(path);
+            assert_eq!(client.json("/readyz").0, 503, "nothing can be read yet");
+            assert!(
+                status == 503 || (status != 500 && body["stale"] == Value::Bool(true)),
+                "{path} before ready: {status} {body}"
+            );
+            before_ready += 1;
+        }
+    }
+    for topic in leaderless {
+        for p in 0..PARTITIONS {
+            embedded.set_leader(topic, p, Some(1)).expect("leader back");
+        }
+    }
+    // From the restart of the partitions on, each answer taken while `/readyz` still says 503
+    // must be stale or 503 too; after it says 200, answers are live.
+    loop {
+        let answers: Vec<(u16, Value)> = paths.iter().map(|p| client.json(p)).collect();
+        if client.json("/readyz").0 == 200 {
+            break;
+        }
+        for (status, body) in answers {
+            assert!(
+                status == 503 || (status != 500 && body["stale"] == Value::Bool(true)),
+                "before ready: {status} {body}"
+            );
+        }
+    }
+    check_http_equals_model(&run.http, &input);
+    for path in &paths {
+        let (status, body) = client.json(path);
+        assert_eq!(
+            (status, &body["stale"]),
+            (200, &Value::Bool(false)),
+            "{path}"
+        );
+    }
+    assert_eq!(run.terminate(), Some(0));
+}
+
 fn stale_until_ready(name: &str, seed: u64, from: StaleFrom) {
     let Fixture {
         broker,

@@ -57,6 +57,9 @@ pub enum QueryError {
     /// No time is complete yet: the engine has no state to show.
     #[error("no state yet")]
     NotReady,
+    /// The live state is still catching up with its input and no stale view is loaded yet.
+    #[error("the live state is catching up and no stale view is loaded yet")]
+    CatchingUp,
     /// The engine is stopping or stopped.
     #[error("engine is shut down")]
     ShutDown,

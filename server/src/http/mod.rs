@@ -406,6 +406,11 @@ async fn ask(app: &Arc<App>, query: Query) -> Result<Answer, QueryError> {
     {
         return Ok(answer);
     }
+    // Never `stale: false` before ready (CONTRACT section 7): a live state still catching up is
+    // not shown as if it were current; without a stale view the answer is 503.
+    if !live_ready(app) {
+        return Err(QueryError::CatchingUp);
+    }
     app.engine.query(&query)
 }
 
@@ -580,10 +585,7 @@ async fn rider(app: &Arc<App>, id: &str) -> Response<Full<Bytes>> {
     if let Some(b) = backup(app) {
         return match b.rider(id) {
             Some(v) => json(StatusCode::OK, &v),
-            None => error(
-                StatusCode::NOT_FOUND,
-                &format!("unknown rider {}", short(id)),
-            ),
+            None => unknown_rider(id, true),
         };
     }
     answered(app, Query::Rider(id.into()), |a| match a.body {
@@ -598,13 +600,24 @@ async fn rider(app: &Arc<App>, id: &str) -> Response<Full<Bytes>> {
                 },
             ))
         }
-        AnswerBody::Rider(None) => Some(error(
-            StatusCode::NOT_FOUND,
-            &format!("unknown rider {}", short(id)),
-        )),
+        AnswerBody::Rider(None) => Some(unknown_rider(id, a.stale)),
         _ => None,
     })
     .await
+}
+
+/// The 404 answer for a rider the view does not hold. From a stale view it says `stale: true`: the
+/// rider may be on shift in input the live state has not caught up with (CONTRACT section 7).
+fn unknown_rider(id: &str, stale: bool) -> Response<Full<Bytes>> {
+    let message = format!("unknown rider {}", short(id));
+    if stale {
+        json(
+            StatusCode::NOT_FOUND,
+            &serde_json::json!({ "error": message, "stale": true }),
+        )
+    } else {
+        error(StatusCode::NOT_FOUND, &message)
+    }
 }
 
 /// Ready once the live state exists and has taken in what its sources had when they started.
