@@ -15,11 +15,21 @@ fn dongflow() -> Command {
 
 #[test]
 fn bad_arguments_exit_2_with_one_clear_line() {
-    let cases: [(&[&str], &str); 4] = [
+    let cases: [(&[&str], &str); 7] = [
         (
             &["run", "--districts", "/no/such/map.geojson"],
             "cannot read district file /no/such/map.geojson",
         ),
+        (
+            &["run", "--checkpoint-interval", "0s"],
+            "`0s` must be more than zero",
+        ),
+        (
+            &["run", "--terminal-ttl", "0"],
+            "`0` must be more than zero",
+        ),
+        // The demo is one process: timely's cluster flags are not among its options.
+        (&["demo", "-n", "2"], "unexpected argument '-n'"),
         (
             &["demo", "--districts", "Cargo.toml"],
             "district file is not valid JSON",
@@ -122,6 +132,18 @@ fn help_exits_0() {
     let out = dongflow().args(["run", "--help"]).output().expect("runs");
     assert_eq!(out.status.code(), Some(0));
     assert!(String::from_utf8_lossy(&out.stdout).contains("--hostfile"));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("--terminal-ttl"));
+    // `demo` takes -h for help and has no cluster flags; both say where the map comes from.
+    for help in ["-h", "--help"] {
+        let out = dongflow().args(["demo", help]).output().expect("runs");
+        assert_eq!(out.status.code(), Some(0));
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            !text.contains("--hostfile") && !text.contains("--processes"),
+            "{text}"
+        );
+        assert!(text.contains("builtin:seoul-dongs"), "{text}");
+    }
 }
 
 #[test]
@@ -214,7 +236,15 @@ fn demo_serves_http_and_stops_cleanly_on_sigterm() {
         printed.iter().any(|l| l.starts_with("Kafka: 127.0.0.1:")),
         "the demo prints its broker's address: {printed:?}"
     );
+    // The demo's map is Seoul's 425 dongs, shipped in the binary.
+    assert!(
+        printed.iter().any(|l| l.contains(", 425 districts, ")),
+        "the demo runs on the shipped map of Seoul's dongs: {printed:?}"
+    );
     let client = Client::at(url);
+    let (status, yeoksam) = client.json("/v1/districts/1168064000");
+    assert_eq!(status, 200, "{yeoksam}");
+    assert_eq!(yeoksam["name"], "서울특별시 강남구 역삼1동", "{yeoksam}");
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         let (status, body) = client.json("/v1/districts");

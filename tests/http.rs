@@ -170,6 +170,13 @@ fn errors_are_clear_json() {
         .send("{}")
         .expect("request goes through");
     assert_eq!(response.status().as_u16(), 405);
+    assert_eq!(
+        response
+            .headers()
+            .get("allow")
+            .and_then(|v| v.to_str().ok()),
+        Some("GET, HEAD")
+    );
     // Unassigned is a known code: zeros.
     let (status, body) = client.json("/v1/districts/unassigned");
     assert_eq!((status, body["riders_on_shift"].as_u64()), (200, Some(0)));
@@ -226,6 +233,19 @@ fn map_page_openapi_and_metrics() {
     };
     assert_eq!(value("dongflow_events_consumed_total "), 200.0);
     assert!(value("dongflow_frontier_age_seconds ") >= 0.0);
+    // Seconds since the epoch, not milliseconds.
+    let as_of = value("dongflow_as_of_seconds ");
+    assert!((1.7e9..1.0e10).contains(&as_of), "{as_of}");
+    assert!(value("process_resident_memory_bytes ") > 1e6);
+    assert!(value("process_cpu_seconds_total ") > 0.0);
+    assert!(value("process_start_time_seconds ") > 1.7e9);
+    assert_eq!(
+        value(&format!(
+            "dongflow_build_info{{version=\"{}\"}} ",
+            env!("CARGO_PKG_VERSION")
+        )),
+        1.0
+    );
     assert!(
         value("dongflow_http_requests_total{route=\"/v1/districts.geojson\",status=\"200\"}")
             >= 1.0

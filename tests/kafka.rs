@@ -177,10 +177,30 @@ fn scenario(t: &Topics, index: &DistrictIndex, seed: u64, events: usize) -> Inpu
     }
 }
 
-/// A changelog value without its `as_of`, which the model cannot know.
+/// The first few keys where `got` and `want` differ, with both values.
+fn differences(got: &BTreeMap<String, Value>, want: &BTreeMap<String, Value>) -> String {
+    let keys: std::collections::BTreeSet<&String> = got.keys().chain(want.keys()).collect();
+    let differ: Vec<String> = keys
+        .into_iter()
+        .filter(|k| got.get(*k) != want.get(*k))
+        .take(3)
+        .map(|k| format!("{k}: got {:?}, want {:?}", got.get(k), want.get(k)))
+        .collect();
+    if differ.is_empty() {
+        "equal".into()
+    } else {
+        differ.join("; ")
+    }
+}
+
+/// A changelog value without its `as_of`, which the model cannot know. A value that is not an
+/// object (a test's garbled record, read as a string) is kept as it is: it equals no answer.
 fn without_as_of(map: BTreeMap<String, Value>) -> BTreeMap<String, Value> {
     map.into_iter()
         .map(|(k, mut v)| {
+            if !v.is_object() {
+                return (k, v);
+            }
             let as_of = v.as_object_mut().and_then(|o| o.remove("as_of"));
             assert!(
                 as_of.is_some_and(|a| a.as_u64().is_some_and(|a| a > 0)),
@@ -219,19 +239,31 @@ impl Outputs {
         self.dlq.poll(Duration::from_millis(50));
     }
 
-    /// Waits until the changelogs rebuild the model's answer and every bad record is dead-lettered.
+    /// Waits until the changelogs rebuild the model's answer and every bad record is dead-lettered;
+    /// if they never do, says which keys differ.
     fn wait_for(&mut self, input: &Input) {
-        eventually(
-            Duration::from_secs(120),
-            "changelogs equal to the model",
-            || {
-                self.poll();
-                let done = without_as_of(self.riders.latest()) == input.expected_riders
-                    && without_as_of(self.districts.latest()) == input.expected_districts
-                    && self.dlq.records.len() >= input.bad.len();
-                done.then_some(())
-            },
-        );
+        let deadline = std::time::Instant::now() + Duration::from_secs(120);
+        loop {
+            self.poll();
+            let riders = without_as_of(self.riders.latest());
+            let districts = without_as_of(self.districts.latest());
+            if riders == input.expected_riders
+                && districts == input.expected_districts
+                && self.dlq.records.len() >= input.bad.len()
+            {
+                return;
+            }
+            if std::time::Instant::now() > deadline {
+                panic!(
+                    "changelogs never equal to the model: riders {}, districts {}, {} of {} dead letters",
+                    differences(&riders, &input.expected_riders),
+                    differences(&districts, &input.expected_districts),
+                    self.dlq.records.len(),
+                    input.bad.len()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
     }
 }
 
@@ -580,6 +612,16 @@ fn restarts_resume_from_the_checkpoint_with_other_worker_counts() {
     let run = Dongflow::run(&args);
     ready(&run.http);
     assert_eq!(records_read(&run.http), first.len() as f64);
+    // The checkpoints show in /metrics: a recent one, of some size, and no failed write.
+    let client = common::Client::at(run.http.clone());
+    eventually(Duration::from_secs(30), "a checkpoint in /metrics", || {
+        let (_, _, text) = client.get("/metrics");
+        let bytes = common::sample(&text, "dongflow_checkpoint_last_bytes")?;
+        let age = common::sample(&text, "dongflow_checkpoint_age_seconds")?;
+        let failures = common::sample(&text, "dongflow_checkpoint_write_failures_total");
+        assert_eq!(failures, Some(0.0));
+        (bytes > 0.0 && (0.0..30.0).contains(&age)).then_some(())
+    });
     assert_eq!(run.terminate(), Some(0));
     assert!(
         has_checkpoint(&state),
@@ -750,6 +792,121 @@ fn a_run_publishing_from_scratch_clears_what_earlier_runs_left_in_the_changelog(
     assert_eq!(run.terminate(), Some(0));
 }
 
+/// A changelog topic whose records were all removed (as retention or delete-records leave it: low
+/// watermark == high watermark; here tansu's store is edited while it is down, the way Kafka's
+/// retention moves a partition's log start) counts as read: the changelog's view loads, the
+/// clearing runs, and the clean stop is marked. A changelog value that is not JSON is cleared too.
+#[test]
+fn an_emptied_changelog_partition_counts_as_read() {
+    let Some(mut broker) = Broker::tansu() else {
+        return;
+    };
+    let sqlite = std::process::Command::new("sqlite3")
+        .arg("-version")
+        .output();
+    if !sqlite.is_ok_and(|o| o.status.success()) {
+        assert!(
+            std::env::var("DONGFLOW_REQUIRE_TANSU").as_deref() != Ok("1"),
+            "DONGFLOW_REQUIRE_TANSU=1 but no sqlite3 to edit tansu's store (apt-get install sqlite3)"
+        );
+        eprintln!("SKIPPED: sqlite3 is not installed (apt-get install sqlite3)");
+        return;
+    }
+    let t = Topics::new("emptied");
+    let input = scenario(&t, &builtin(), 47, 1_500);
+    broker.create(
+        &[&t.riders, &t.deliveries, &t.districts, &t.snapshots, &t.dlq],
+        PARTITIONS,
+    );
+    let bootstrap = broker.bootstrap();
+    let leftover = |topic: &str, key: &str, value: &str| {
+        Record::new(topic, Some(key.as_bytes()), Some(value.as_bytes()))
+    };
+    let mut earlier = vec![
+        leftover(
+            &t.snapshots,
+            "r-left-behind",
+            r#"{"rider_id":"r-left-behind","as_of":1}"#,
+        ),
+        leftover(&t.snapshots, "r-garbled", "not json {"),
+    ];
+    for i in 0..40 {
+        earlier.push(leftover(
+            &t.districts,
+            &format!("99{i:08}"),
+            r#"{"as_of":1}"#,
+        ));
+    }
+    produce(&bootstrap, &earlier);
+    // Every record of the district changelog goes, as retention would take them.
+    let Broker::Tansu(tansu) = &mut broker else {
+        unreachable!()
+    };
+    tansu.down();
+    let partitions = format!(
+        "(select tp.id from topition tp join topic t on t.id = tp.topic where t.name = '{}')",
+        t.districts
+    );
+    let sql = format!(
+        "delete from header where topition in {partitions}; \
+         delete from record where topition in {partitions}; \
+         update watermark set low = high where topition in {partitions}; \
+         select count(*) from watermark where low = high and high > 0 and topition in {partitions};"
+    );
+    let emptied = std::process::Command::new("sqlite3")
+        .arg(tansu.dir().join("tansu.db"))
+        .arg(&sql)
+        .output()
+        .expect("sqlite3 runs (Debian package sqlite3)");
+    assert!(emptied.status.success(), "{emptied:?}");
+    let count: u32 = String::from_utf8_lossy(&emptied.stdout)
+        .trim()
+        .parse()
+        .expect("a count");
+    assert!(count > 0, "no partition holding records was emptied");
+    tansu.up();
+
+    // No input yet, so nothing new reaches the emptied partitions: the view must load from what
+    // fetch answers say is there, not wait for records.
+    let state = state_dir("emptied");
+    let run = Dongflow::run(&t.args(&bootstrap, &state));
+    eventually(
+        Duration::from_secs(30),
+        "the changelog's view loaded",
+        || {
+            run.log()
+                .contains("backup view: 2 changelog records loaded")
+                .then_some(())
+        },
+    );
+    produce(&bootstrap, &input.records);
+    let mut outputs = Outputs::new(&bootstrap, &t);
+    outputs.wait_for(&input);
+    eventually(Duration::from_secs(30), "the leftovers cleared", || {
+        outputs.riders.poll(Duration::from_millis(50));
+        let tombstoned = |key: &str| {
+            outputs
+                .riders
+                .records
+                .iter()
+                .any(|r| r.key.as_deref() == Some(key.as_bytes()) && r.value.is_none())
+        };
+        (tombstoned("r-left-behind") && tombstoned("r-garbled")).then_some(())
+    });
+    let log = run.log();
+    assert!(
+        log.contains("the changelog held and the caught-up state lacks"),
+        "{log}"
+    );
+    check_http_equals_model(&run.http, &input);
+    let log = run.stderr.clone();
+    assert_eq!(run.terminate(), Some(0));
+    eventually(Duration::from_secs(10), "the clean stop marked", || {
+        let log = log.lock().unwrap_or_else(|e| e.into_inner());
+        log.contains("changelog complete and marked").then_some(())
+    });
+}
+
 /// When the live state is ready before the changelog's view has read everything, the view stops
 /// answering and keeping values, and reads on for the keys alone: the clearing still learns every
 /// key the changelog held, tombstones and later records included.
@@ -793,6 +950,44 @@ fn the_changelog_view_reads_on_for_its_keys_once_the_live_state_is_ready() {
     assert_eq!(held.riders, expected);
     assert_eq!(held.districts, ["1111000000"]);
     assert!(view.keys_only());
+    view.stop();
+}
+
+/// A changelog value that is not JSON is counted and skipped, not read as a deletion: the key keeps
+/// its earlier value, and a key with nothing readable is still held (so that clearing replaces it).
+#[test]
+fn an_undecodable_changelog_value_is_counted_not_read_as_a_deletion() {
+    let broker = Broker::embedded();
+    let t = Topics::new("garbled");
+    broker.create(&[&t.districts, &t.snapshots], PARTITIONS);
+    let bootstrap = broker.bootstrap();
+    let record = |key: &str, value: &str| {
+        Record::new(&t.snapshots, Some(key.as_bytes()), Some(value.as_bytes()))
+    };
+    produce(
+        &bootstrap,
+        &[
+            record("r-1", r#"{"rider_id":"r-1","as_of":5}"#),
+            record("r-1", "\u{1}garbled"),
+            record("r-2", "not json {"),
+        ],
+    );
+    let view = dongflow::backup::BackupView::start(
+        &bootstrap.as_str().into(),
+        &t.districts,
+        &t.snapshots,
+        || true,
+    )
+    .expect("view starts");
+    view.release_when(|| false);
+    let held = eventually(Duration::from_secs(30), "the view loaded", || {
+        view.held_keys()
+    });
+    assert_eq!(held.riders, ["r-1", "r-2"]);
+    assert_eq!(view.undecodable(), 2);
+    let r1 = view.rider("r-1").expect("r-1 keeps its value");
+    assert_eq!(r1["as_of"], 5);
+    assert_eq!(view.rider("r-2"), None);
     view.stop();
 }
 
@@ -879,6 +1074,109 @@ fn answers_are_stale_from_the_checkpoint_until_the_live_state_is_ready() {
     stale_until_ready("stalecp", 37, StaleFrom::Checkpoint);
 }
 
+/// A fatal producer error (the embedded broker refuses the engine's first changelog write with a
+/// sequence an idempotent producer cannot recover from) stops the process with exit 1 and one
+/// clear line, instead of a changelog that stops silently while `/readyz` stays 200.
+#[test]
+fn a_fatal_producer_error_stops_the_process_with_exit_1() {
+    let Fixture {
+        broker,
+        t,
+        input,
+        bootstrap,
+        state,
+    } = Fixture::embedded("fatal", 43, 1_000);
+    produce(&bootstrap, &input.records);
+    let embedded = broker.as_embedded();
+    embedded.fail_produce_requests(&[
+        rdkafka::types::RDKafkaRespErr::RD_KAFKA_RESP_ERR_OUT_OF_ORDER_SEQUENCE_NUMBER,
+    ]);
+    let started = std::time::Instant::now();
+    let mut run = Dongflow::run(&t.args(&bootstrap, &state));
+    let code = eventually(Duration::from_secs(60), "the process to exit", || {
+        run.exited()
+    });
+    assert_eq!(code, Some(1), "{}", run.log());
+    let log = run.log();
+    let last = log.lines().last().unwrap_or_default();
+    assert!(
+        last.starts_with("dongflow: the Kafka producer failed for good (")
+            && last.contains("supervisor restarts"),
+        "{log}"
+    );
+    eprintln!("exited 1 {:?} after the start", started.elapsed());
+}
+
+/// `--terminal-ttl`: a delivered delivery is remembered that long (late events for it are ignored),
+/// then forgotten, so that an event for the same id starts a new delivery.
+#[test]
+fn terminal_ttl_says_how_long_an_ended_delivery_is_remembered() {
+    let broker = Broker::embedded();
+    let t = Topics::new("ttl");
+    broker.create(
+        &[&t.riders, &t.deliveries, &t.districts, &t.snapshots, &t.dlq],
+        PARTITIONS,
+    );
+    let bootstrap = broker.bootstrap();
+    let state = state_dir("ttl");
+    let mut args = t.args(&bootstrap, &state);
+    // Long enough that the late event below is processed well within it, even on a busy machine.
+    args.extend(["--terminal-ttl", "10s"]);
+    let run = Dongflow::run(&args);
+    ready(&run.http);
+    let client = common::Client::at(run.http.clone());
+    // 코엑스, in 강남구 (1168000000) on the built-in map.
+    let delivery = |id: &str, status: &str, ts: u64| {
+        let value = format!(
+            r#"{{"delivery_id":"{id}","status":"{status}","pickup":{{"lat":37.5089,"lon":127.0631}},"ts":{ts}}}"#
+        );
+        Record::new(&t.deliveries, Some(id.as_bytes()), Some(value.as_bytes()))
+    };
+    let metric = |series: &str| {
+        let (_, _, text) = client.get("/metrics");
+        common::sample(&text, series).unwrap_or(0.0)
+    };
+    let waiting = || client.json("/v1/districts/1168000000").1["waiting_deliveries"].as_u64();
+    let applied = r#"dongflow_events_applied_total{kind="delivery"}"#;
+    let after_terminal = r#"dongflow_events_after_terminal_total{kind="delivery"}"#;
+    let expired = r#"dongflow_tombstones_expired_total{kind="delivery"}"#;
+    let ts = 1_764_000_000_000;
+    produce(
+        &bootstrap,
+        &[
+            delivery("d-1", "WAITING", ts),
+            delivery("d-1", "DELIVERED", ts + 1),
+        ],
+    );
+    eventually(Duration::from_secs(30), "both events applied", || {
+        (metric(applied) == 2.0).then_some(())
+    });
+    // Within the ttl a later event is ignored: the delivery stays ended.
+    produce(&bootstrap, &[delivery("d-1", "WAITING", ts + 2)]);
+    eventually(Duration::from_secs(30), "the late event ignored", || {
+        (metric(after_terminal) == 1.0).then_some(())
+    });
+    assert_eq!(waiting(), Some(0));
+    // After it, the delivery is forgotten: expiry runs when deliveries are next processed, so
+    // events for another, ended, delivery keep coming until it has.
+    let mut nudge = 0;
+    eventually(
+        Duration::from_secs(60),
+        "the ended delivery forgotten",
+        || {
+            nudge += 1;
+            produce(&bootstrap, &[delivery("d-2", "CANCELLED", ts + nudge)]);
+            std::thread::sleep(Duration::from_millis(100));
+            (metric(expired) >= 1.0).then_some(())
+        },
+    );
+    produce(&bootstrap, &[delivery("d-1", "WAITING", ts + 3)]);
+    eventually(Duration::from_secs(30), "d-1 waiting again", || {
+        (waiting() == Some(1)).then_some(())
+    });
+    assert_eq!(run.terminate(), Some(0));
+}
+
 /// CONTRACT section 7: while `/readyz` is 503, every `/v1` answer is 503 or `stale: true`, also at a
 /// first start over empty changelog topics, where no stale view holds anything. The inputs cannot
 /// be read at first (no partition has a leader), so the live state exists but cannot catch up.
@@ -892,9 +1190,7 @@ fn no_answer_says_live_before_ready_at_a_first_start() {
         state,
     } = Fixture::embedded("first-start", 41, 3_000);
     produce(&bootstrap, &input.records);
-    let Broker::Embedded(embedded) = &broker else {
-        unreachable!()
-    };
+    let embedded = broker.as_embedded();
     let leaderless = [&t.riders, &t.deliveries];
     for topic in leaderless {
         for p in 0..PARTITIONS {
@@ -997,9 +1293,7 @@ fn stale_until_ready(name: &str, seed: u64, from: StaleFrom) {
         .max();
 
     produce(&bootstrap, rest);
-    let Broker::Embedded(embedded) = &broker else {
-        unreachable!()
-    };
+    let embedded = broker.as_embedded();
     // No input partition can be read: the live state cannot catch up at all.
     let leaderless = [&t.riders, &t.deliveries];
     for topic in leaderless {

@@ -1,10 +1,11 @@
-//! The built-in default map: Seoul's 25 gu as coarse polygons.
+//! A small built-in map: Seoul's 25 gu as coarse polygons (`--districts builtin:seoul-gu`, the
+//! default of `dongflow run`; tests and examples use it for its size).
 //!
 //! Each gu is the cell of points nearer to its centre than to any other gu's centre (a Voronoi cell,
 //! distances measured with longitude scaled by cos 37.55° so that cells are not stretched), clipped
 //! to a coarse outline of Seoul. The names and 10-digit codes (행정기관코드) are the real ones; the
-//! shapes are approximations, good for a demo and for a city-wide picture. Real maps come in
-//! through `--districts`.
+//! shapes are approximations, good for a city-wide picture. The real boundaries of Seoul's dongs
+//! are shipped too ([`crate::seoul_map`]); other maps come in through `--districts FILE`.
 
 use geo::{Coord, LineString, MultiPolygon, Polygon};
 

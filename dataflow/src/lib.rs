@@ -5,7 +5,8 @@
 //!
 //! - [`types`]: `Time`, `Diff` and the records (rider rows, delivery rows, snapshots, counts).
 //! - [`districts`]: the district index (GeoJSON, R-tree, exact point-in-polygon).
-//! - [`builtin_map`]: the built-in coarse map of Seoul's 25 gu.
+//! - [`seoul_map`]: the default map, Seoul's 425 dongs, shipped compressed in the binary.
+//! - [`builtin_map`]: a small coarse map of Seoul's 25 gu, for tests and examples.
 //! - [`upsert`]: the upsert operator that applies events per id in `ts` order.
 //! - [`stages`]: one function per stage (enrich, upsert rules, join, count, changes per time,
 //!   rider changes).
@@ -28,6 +29,7 @@ pub mod builtin_map;
 pub mod districts;
 pub mod error;
 pub mod peek;
+pub mod seoul_map;
 pub mod stages;
 pub mod types;
 pub mod upsert;

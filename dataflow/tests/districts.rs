@@ -1,5 +1,6 @@
-//! District index tests on the real maps in ../shared/data/districts (path overridable with
-//! DONGFLOW_DISTRICTS_DIR) and on the built-in map.
+//! District index tests on the real maps: Seoul's dongs as shipped in the binary, and the national
+//! map in ../shared/data/districts (path overridable with DONGFLOW_DISTRICTS_DIR); and on the
+//! built-in coarse map.
 //!
 //! A fresh clone without ../shared skips the real-map tests with a note; with DONGFLOW_REQUIRE_DATA=1
 //! (as CI sets) a missing folder fails them instead.
@@ -34,9 +35,26 @@ fn data_file(name: &str) -> Option<PathBuf> {
     None
 }
 
+/// Seoul's dongs: the map shipped in the binary, which is the data folder's file (checked below),
+/// so these tests run on a plain clone too.
 fn seoul() -> Option<DistrictIndex> {
-    let path = data_file("seoul-admdong.geojson")?;
-    Some(DistrictIndex::from_geojson_file(&path, "adm_cd2", "adm_nm").expect("Seoul map loads"))
+    Some(DistrictIndex::seoul_dongs().expect("the shipped Seoul map loads"))
+}
+
+/// The shipped map is the data folder's `seoul-admdong.geojson`, byte for byte.
+#[test]
+fn the_shipped_seoul_map_is_the_data_file() {
+    let Some(path) = data_file("seoul-admdong.geojson") else {
+        return;
+    };
+    let file = std::fs::read(&path).expect("readable");
+    let shipped = dongflow_dataflow::seoul_map::seoul_geojson().expect("decompresses");
+    assert_eq!(shipped.len(), file.len());
+    assert!(
+        shipped == file,
+        "the shipped map differs from {}",
+        path.display()
+    );
 }
 
 fn at(lat: f64, lon: f64) -> Coord {

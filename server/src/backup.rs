@@ -4,14 +4,16 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use dongflow_connectors::kafka::quiet::Quiet;
 use dongflow_connectors::kafka::{Background, ClientSettings, KafkaError};
-use rdkafka::config::ClientConfig;
-use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::{Message, Offset, TopicPartitionList};
+use rdkafka::config::{ClientConfig, RDKafkaLogLevel};
+use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext};
+use rdkafka::error::KafkaError as RdError;
+use rdkafka::{ClientContext, Message, Offset, TopicPartitionList};
+use serde::Deserialize;
 
 use serde_json::{Map, Value};
 
@@ -25,6 +27,8 @@ struct View {
     riders: BTreeMap<String, Value>,
     /// District code → riders whose latest value places them there.
     by_district: BTreeMap<String, BTreeSet<String>>,
+    /// Keys (district topic?, key) whose latest record could not be decoded.
+    unreadable: BTreeSet<(bool, String)>,
 }
 
 fn as_of(v: &Value) -> u64 {
@@ -52,6 +56,98 @@ fn element(v: &Value) -> Value {
     v
 }
 
+/// How far one changelog partition has been read while the view loads.
+///
+/// A partition is read once the next offset to read is at or past the high watermark of a fetch
+/// answer received since reading began: every record there at start is then in. The end offsets a
+/// broker lists ahead of time are not used, since some brokers list them imprecisely (one short of the
+/// last batch, or past records they never deliver) and the view would stop short or wait forever; and a
+/// partition whose records were all removed (retention, delete-records: low watermark == high
+/// watermark) is read at once, with nothing in it.
+#[derive(Debug)]
+struct Reading {
+    /// The partition's first offset as listed when reading began (used only when fetch answers do
+    /// not carry the log start offset).
+    listed_low: i64,
+    /// The offset after the last record read, once one is.
+    next: Option<i64>,
+}
+
+impl Reading {
+    fn caught_up(&self, watermarks: &Watermarks, topic: &str, partition: i32) -> bool {
+        let Some((low, high)) = watermarks.of(topic, partition) else {
+            return false;
+        };
+        if high < 0 {
+            return false;
+        }
+        let first = if low >= 0 { low } else { self.listed_low };
+        self.next.unwrap_or(first).max(first) >= high
+    }
+}
+
+/// The reader's client context: librdkafka's complaints kept readable ([`Quiet`]), and the
+/// watermarks of each partition's last fetch answer, which librdkafka reports in its statistics
+/// (`lo_offset`, `hi_offset`: -1001 until a fetch answer arrives).
+#[derive(Debug, Default)]
+struct Watermarks {
+    quiet: Quiet,
+    last: Mutex<BTreeMap<(String, i32), (i64, i64)>>,
+}
+
+/// The part of librdkafka's statistics the reader wants.
+#[derive(Deserialize)]
+struct Stats {
+    #[serde(default)]
+    topics: BTreeMap<String, TopicStats>,
+}
+
+#[derive(Deserialize)]
+struct TopicStats {
+    #[serde(default)]
+    partitions: BTreeMap<String, PartitionStats>,
+}
+
+#[derive(Deserialize)]
+struct PartitionStats {
+    partition: i32,
+    lo_offset: i64,
+    hi_offset: i64,
+}
+
+impl Watermarks {
+    /// The (low, high) watermarks of the last fetch answer for a partition, once statistics named it.
+    fn of(&self, topic: &str, partition: i32) -> Option<(i64, i64)> {
+        let last = self.last.lock().unwrap_or_else(|e| e.into_inner());
+        last.get(&(topic.to_owned(), partition)).copied()
+    }
+}
+
+impl ClientContext for Watermarks {
+    fn log(&self, level: RDKafkaLogLevel, fac: &str, log_message: &str) {
+        self.quiet.log(level, fac, log_message);
+    }
+
+    fn error(&self, error: RdError, reason: &str) {
+        self.quiet.error(&error, reason);
+    }
+
+    fn stats_raw(&self, statistics: &[u8]) {
+        let Ok(stats) = serde_json::from_slice::<Stats>(statistics) else {
+            return;
+        };
+        let mut last = self.last.lock().unwrap_or_else(|e| e.into_inner());
+        for (topic, t) in stats.topics {
+            // Partition -1 is librdkafka's queue for records not yet given a partition.
+            for p in t.partitions.into_values().filter(|p| p.partition >= 0) {
+                last.insert((topic.clone(), p.partition), (p.lo_offset, p.hi_offset));
+            }
+        }
+    }
+}
+
+impl ConsumerContext for Watermarks {}
+
 /// The view and the thread that fills it.
 pub struct BackupView {
     view: RwLock<View>,
@@ -69,6 +165,8 @@ pub struct BackupView {
     held: std::sync::OnceLock<Arc<HeldKeys>>,
     /// Set when the live state is ready before the view is loaded: it then keeps keys alone.
     keys_only: AtomicBool,
+    /// Changelog values that were not JSON (skipped, not read as deletions).
+    undecodable: AtomicU64,
     thread: Background,
 }
 
@@ -91,7 +189,7 @@ impl BackupView {
         rider_topic: &str,
         begin: impl Fn() -> bool + Send + 'static,
     ) -> Result<Arc<BackupView>, KafkaError> {
-        let consumer = || -> Result<BaseConsumer<Quiet>, KafkaError> {
+        let consumer = || -> Result<BaseConsumer<Watermarks>, KafkaError> {
             Ok(brokers
                 .configure(
                     ClientConfig::new()
@@ -100,15 +198,22 @@ impl BackupView {
                         .set("group.id", "dongflow-backup-view")
                         .set("enable.auto.commit", "false")
                         .set("enable.partition.eof", "false")
+                        // A partition trimmed by retention while it is read goes on from its new
+                        // beginning, not from its end: what it still holds is wanted.
+                        .set("auto.offset.reset", "earliest")
                         // Catching up, not tailing: a broker that holds a fetch for its full wait
                         // whenever a partition has nothing new would make loading crawl.
                         .set("fetch.wait.max.ms", "10")
                         // A failed fetch or a partition without a leader is retried soon: the view is
                         // wanted within a second of start.
                         .set("fetch.error.backoff.ms", "10")
-                        .set("topic.metadata.refresh.fast.interval.ms", "10"),
+                        .set("topic.metadata.refresh.fast.interval.ms", "10")
+                        // Statistics carry each partition's watermarks from its last fetch answer:
+                        // how the view knows it has read everything there at start (see
+                        // `Reading`). Often, so that loading ends soon after the last fetch.
+                        .set("statistics.interval.ms", "50"),
                 )
-                .create_with_context(Quiet::default())?)
+                .create_with_context(Watermarks::default())?)
         };
         let consumers = [consumer()?, consumer()?];
         let view = Arc::new(BackupView {
@@ -119,6 +224,7 @@ impl BackupView {
             live: std::sync::OnceLock::new(),
             held: std::sync::OnceLock::new(),
             keys_only: AtomicBool::new(false),
+            undecodable: AtomicU64::new(0),
             thread: Background::default(),
         });
         let topics = [district_topic.to_owned(), rider_topic.to_owned()];
@@ -135,14 +241,13 @@ impl BackupView {
         Ok(view)
     }
 
-    /// Assigns every partition of the topics that exist, from the beginning, and returns the
-    /// end of each partition that holds records (at or past which the view is loaded). `None`
-    /// when the broker could not say; the caller tries again.
+    /// Assigns every partition of the topics that exist, from the beginning, and returns each
+    /// one's reading state. `None` when the broker could not say; the caller tries again.
     fn begin(
         &self,
-        consumers: &[BaseConsumer<Quiet>; 2],
+        consumers: &[BaseConsumer<Watermarks>; 2],
         topics: &[String; 2],
-    ) -> Option<BTreeMap<(usize, i32), i64>> {
+    ) -> Option<BTreeMap<(usize, i32), Reading>> {
         // A topic the broker does not list holds nothing from earlier runs: it is not waited for
         // (the changelog's clearing waits for this view's keys). One listed with an error is asked
         // again.
@@ -166,51 +271,56 @@ impl BackupView {
                 return None;
             }
         }
-        // The end of every partition now: the view answers once it has read at least that far
-        // (at or past: some brokers report the end as the last batch's base + 1).
+        // The first offset of every partition, for a broker whose fetch answers do not carry it:
+        // one request for all of a topic's partitions (the timestamp -2, `Offset::Beginning`,
+        // asks for the earliest offset).
         let started = std::time::Instant::now();
-        let mut ends: BTreeMap<(usize, i32), i64> = BTreeMap::new();
+        let mut reading = BTreeMap::new();
         for (i, consumer) in consumers.iter().enumerate() {
             if partitions[i] == 0 {
                 continue;
             }
-            // One request for all of a topic's partitions: the timestamp -1 (`Offset::End`) asks
-            // for the latest offset.
             let mut ask = TopicPartitionList::new();
             for p in 0..partitions[i] as i32 {
-                let _ = ask.add_partition_offset(&topics[i], p, Offset::End);
+                let _ = ask.add_partition_offset(&topics[i], p, Offset::Beginning);
             }
-            let latest = match consumer.offsets_for_times(ask, Duration::from_secs(10)) {
+            let earliest = match consumer.offsets_for_times(ask, Duration::from_secs(10)) {
                 Ok(tpl) => tpl,
                 Err(e) => {
-                    tracing::warn!("backup view: no end offsets for {}: {e}", topics[i]);
+                    tracing::warn!("backup view: no first offsets for {}: {e}", topics[i]);
                     return None;
                 }
             };
-            for e in latest.elements() {
-                if let Offset::Offset(end) = e.offset() {
-                    if end > 0 {
-                        ends.insert((i, e.partition()), end);
-                    }
-                }
+            for e in earliest.elements() {
+                let listed_low = match e.offset() {
+                    Offset::Offset(low) => low,
+                    _ => 0,
+                };
+                reading.insert(
+                    (i, e.partition()),
+                    Reading {
+                        listed_low,
+                        next: None,
+                    },
+                );
             }
         }
         tracing::info!(
-            "backup view: reading {} changelog partitions with records (end offsets took {:?})",
-            ends.len(),
+            "backup view: reading {} changelog partitions (first offsets took {:?})",
+            reading.len(),
             started.elapsed()
         );
-        Some(ends)
+        Some(reading)
     }
 
-    fn read(&self, consumers: &[BaseConsumer<Quiet>; 2], topics: &[String; 2]) {
+    fn read(&self, consumers: &[BaseConsumer<Watermarks>; 2], topics: &[String; 2]) {
         let started = std::time::Instant::now();
-        let mut ends = loop {
+        let mut pending = loop {
             if self.thread.stopping() {
                 return;
             }
             match self.begin(consumers, topics) {
-                Some(ends) => break ends,
+                Some(reading) => break reading,
                 None => std::thread::park_timeout(Duration::from_millis(500)),
             }
         };
@@ -231,41 +341,41 @@ impl BackupView {
                 while let Some(Ok(m)) = consumer.poll(Duration::ZERO) {
                     idle = false;
                     read += 1;
-                    self.take(i, &m, &mut ends);
+                    self.take(i, &m, &mut pending);
                 }
             }
-            if ends.is_empty() && !self.loaded.load(Ordering::Acquire) {
-                self.loaded_as_of
-                    .store(self.newest.load(Ordering::Acquire), Ordering::Release);
-                let _ = self.held.set(Arc::new(self.keys()));
-                self.loaded.store(true, Ordering::Release);
-                tracing::info!(
-                    "backup view: {read} changelog records loaded in {:?}",
-                    started.elapsed()
-                );
+            if !self.loaded.load(Ordering::Acquire) {
+                pending.retain(|&(i, p), r| !r.caught_up(consumers[i].context(), &topics[i], p));
+                if pending.is_empty() {
+                    self.loaded_as_of
+                        .store(self.newest.load(Ordering::Acquire), Ordering::Release);
+                    let _ = self.held.set(Arc::new(self.keys()));
+                    self.loaded.store(true, Ordering::Release);
+                    tracing::info!(
+                        "backup view: {read} changelog records loaded in {:?}",
+                        started.elapsed()
+                    );
+                }
             }
             if idle {
                 // Nothing on either topic: wait a little on one of them (the other is read next round).
                 if let Some(Ok(m)) = consumers[0].poll(Duration::from_millis(5)) {
                     read += 1;
-                    self.take(0, &m, &mut ends);
+                    self.take(0, &m, &mut pending);
                 }
             }
         }
     }
 
-    /// Applies a record of topic `i` (0: districts) and notes when its partition reaches its end.
+    /// Applies a record of topic `i` (0: districts) and notes how far its partition is read.
     fn take(
         &self,
         i: usize,
         m: &rdkafka::message::BorrowedMessage<'_>,
-        ends: &mut BTreeMap<(usize, i32), i64>,
+        pending: &mut BTreeMap<(usize, i32), Reading>,
     ) {
-        if ends
-            .get(&(i, m.partition()))
-            .is_some_and(|end| m.offset() + 1 >= *end)
-        {
-            ends.remove(&(i, m.partition()));
+        if let Some(r) = pending.get_mut(&(i, m.partition())) {
+            r.next = Some(m.offset() + 1);
         }
         self.apply(i == 0, m);
     }
@@ -286,11 +396,31 @@ impl BackupView {
             };
             return;
         }
-        let value: Option<Value> = m.payload().and_then(|p| serde_json::from_slice(p).ok());
+        let value: Option<Value> = match m.payload().map(serde_json::from_slice::<Value>) {
+            None => None,
+            Some(Ok(v)) => Some(v),
+            Some(Err(e)) => {
+                // Not a deletion: the key keeps what it had, and stays held, so that the
+                // changelog's clearing replaces the record if the live state has nothing for it.
+                if self.undecodable.fetch_add(1, Ordering::Relaxed) == 0 {
+                    tracing::warn!(
+                        "backup view: a changelog value in {} [{}] at offset {} is not JSON ({e}); \
+                         counted in dongflow_changelog_undecodable_records_total and skipped",
+                        m.topic(),
+                        m.partition(),
+                        m.offset()
+                    );
+                }
+                let mut view = self.view.write().unwrap_or_else(|e| e.into_inner());
+                view.unreadable.insert((district, key.to_owned()));
+                return;
+            }
+        };
         if let Some(v) = &value {
             self.newest.fetch_max(as_of(v), Ordering::AcqRel);
         }
         let mut view = self.view.write().unwrap_or_else(|e| e.into_inner());
+        view.unreadable.remove(&(district, key.to_owned()));
         if district {
             match value {
                 Some(v) => view.districts.insert(key.to_owned(), v),
@@ -317,15 +447,26 @@ impl BackupView {
     /// The keys the view holds a value for.
     fn keys(&self) -> HeldKeys {
         let view = self.view.read().unwrap_or_else(|e| e.into_inner());
+        // A key whose latest record was not readable is held too (once, in order).
+        let held = |district: bool, map: &BTreeMap<String, Value>| -> Vec<String> {
+            let unreadable = view.unreadable.iter().filter(|(d, _)| *d == district);
+            let keys: BTreeSet<&String> = map.keys().chain(unreadable.map(|(_, k)| k)).collect();
+            keys.into_iter().cloned().collect()
+        };
         HeldKeys {
-            districts: view.districts.keys().cloned().collect(),
-            riders: view.riders.keys().cloned().collect(),
+            districts: held(true, &view.districts),
+            riders: held(false, &view.riders),
         }
     }
 
     /// The keys the changelog held a value for when reading began, once all of it is read.
     pub fn held_keys(&self) -> Option<Arc<HeldKeys>> {
         self.held.get().cloned()
+    }
+
+    /// Changelog values read that were not JSON.
+    pub fn undecodable(&self) -> u64 {
+        self.undecodable.load(Ordering::Relaxed)
     }
 
     /// Whether the view has let its values go and reads on for the keys alone (the live state

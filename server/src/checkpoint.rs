@@ -191,12 +191,32 @@ pub struct WriteReport {
     pub pause: Duration,
 }
 
+/// How this process's checkpoint writes went: the last one written and the writes that failed,
+/// for `/metrics`. Cheap to clone (shared).
+#[derive(Clone, Debug, Default)]
+pub struct WriteStatus {
+    last: std::sync::Arc<std::sync::Mutex<Option<WriteReport>>>,
+    failures: std::sync::Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl WriteStatus {
+    /// The last checkpoint written.
+    pub fn last(&self) -> Option<WriteReport> {
+        *self.last.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Writes that failed so far.
+    pub fn failures(&self) -> u64 {
+        self.failures.load(std::sync::atomic::Ordering::Relaxed)
+    }
+}
+
 /// Writes this process's parts of checkpoints as the workers hand them over.
 pub struct Writer {
     parts: Option<Sender<WorkerPart>>,
     stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
     thread: Option<JoinHandle<()>>,
-    last: std::sync::Arc<std::sync::Mutex<Option<WriteReport>>>,
+    status: WriteStatus,
 }
 
 impl std::fmt::Debug for Writer {
@@ -215,8 +235,8 @@ impl Writer {
     ) -> Result<Writer, CheckpointError> {
         fs::create_dir_all(&state_dir).map_err(io(&state_dir))?;
         let (tx, rx) = crossbeam_channel::unbounded();
-        let last = std::sync::Arc::new(std::sync::Mutex::new(None));
-        let report = last.clone();
+        let status = WriteStatus::default();
+        let report = status.clone();
         let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
         let flag = stop.clone();
         let thread = std::thread::Builder::new()
@@ -231,7 +251,7 @@ impl Writer {
             parts: Some(tx),
             stop,
             thread: Some(thread),
-            last,
+            status,
         })
     }
 
@@ -244,7 +264,12 @@ impl Writer {
 
     /// The last checkpoint written.
     pub fn last(&self) -> Option<WriteReport> {
-        *self.last.lock().unwrap_or_else(|e| e.into_inner())
+        self.status.last()
+    }
+
+    /// How the writes go, for `/metrics`.
+    pub fn status(&self) -> WriteStatus {
+        self.status.clone()
     }
 
     /// Writes what has been handed over, then stops (call once the workers have stopped).
@@ -265,7 +290,7 @@ fn write_loop(
     process: usize,
     processes: usize,
     workers: usize,
-    report: &std::sync::Mutex<Option<WriteReport>>,
+    report: &WriteStatus,
 ) {
     let mut pending: BTreeMap<Time, Vec<WorkerPart>> = BTreeMap::new();
     loop {
@@ -296,10 +321,15 @@ fn write_loop(
                     r.write,
                     r.pause
                 );
-                *report.lock().unwrap_or_else(|e| e.into_inner()) = Some(r);
+                *report.last.lock().unwrap_or_else(|e| e.into_inner()) = Some(r);
                 prune(state_dir, time);
             }
-            Err(e) => tracing::error!("cannot write checkpoint {time}: {e}"),
+            Err(e) => {
+                report
+                    .failures
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                tracing::error!("cannot write checkpoint {time}: {e}");
+            }
         }
     }
 }

@@ -13,12 +13,27 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 /// It consumes rider and delivery events from Kafka, places each rider in its administrative
 /// district (행정동), joins riders with their active deliveries, counts per district, serves the
 /// result over HTTP and writes every change to compacted changelog topics.
+///
+/// Logs go to stderr. `RUST_LOG` chooses what is logged (default `info`; e.g. `RUST_LOG=debug`, or
+/// `RUST_LOG=info,dongflow::backup=debug` for one part).
 #[derive(Debug, Parser)]
 #[command(name = "dongflow", version, disable_help_subcommand = true)]
 pub struct Cli {
+    /// How log lines are written: `text` for people, `json` (one object a line) for log shippers.
+    #[arg(long, env = "DONGFLOW_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text, global = true)]
+    pub log_format: LogFormat,
     /// What to do.
     #[command(subcommand)]
     pub command: Command,
+}
+
+/// `--log-format`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    /// Plain lines (coloured on a terminal).
+    Text,
+    /// One JSON object a line (tracing-subscriber's JSON format).
+    Json,
 }
 
 /// The subcommands.
@@ -26,11 +41,15 @@ pub struct Cli {
 pub enum Command {
     /// The engine: consume the input topics, run the dataflow, serve HTTP, write the changelogs.
     #[command(disable_help_flag = true)]
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Everything in one process with no outside services: embedded broker, simulator and engine.
-    #[command(disable_help_flag = true)]
     Demo(DemoArgs),
     /// The event simulator: produce realistic rider and delivery events to a broker.
+    ///
+    /// With `--brokers`, events go to the two input topics (created with 4 partitions if missing),
+    /// at `--rate` events a second or as fast as the broker takes them. Without it, they are written
+    /// to stdout, one `TOPIC<TAB>JSON` line each (e.g. `rider-events\t{"rider_id":...}`), for files
+    /// and other tools.
     Generate(GenerateArgs),
 }
 
@@ -122,12 +141,34 @@ pub struct HttpSecurityArgs {
     pub http_tls_key: Option<PathBuf>,
 }
 
+/// The maps shipped in the binary, chosen with `--districts builtin:NAME`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BuiltinMap {
+    /// `builtin:seoul-gu`: Seoul's 25 gu as coarse polygons (`run`'s default).
+    SeoulGu,
+    /// `builtin:seoul-dongs`: Seoul's 425 dongs, real boundaries of 2021-04-01 (`demo`'s default).
+    SeoulDongs,
+}
+
+impl BuiltinMap {
+    /// The built-in map a `--districts` value names, if it names one.
+    pub fn named(value: &std::path::Path) -> Option<Self> {
+        match value.to_str()? {
+            "builtin:seoul-gu" => Some(Self::SeoulGu),
+            "builtin:seoul-dongs" => Some(Self::SeoulDongs),
+            _ => None,
+        }
+    }
+}
+
 /// Which district map to use.
 #[derive(Debug, Clone, Args)]
 pub struct MapArgs {
-    /// GeoJSON FeatureCollection of Polygon/MultiPolygon districts, WGS84 lon/lat [default: built-in
-    /// coarse map of Seoul's 25 gu].
-    #[arg(long, env = "DONGFLOW_DISTRICTS")]
+    /// GeoJSON FeatureCollection of Polygon/MultiPolygon districts, WGS84 lon/lat; or a map shipped
+    /// in the binary: `builtin:seoul-gu` (Seoul's 25 gu as coarse polygons, the default of `run`) or
+    /// `builtin:seoul-dongs` (Seoul's 425 dongs, real boundaries as of 2021-04-01, the default of
+    /// `demo`; provenance and licence in the NOTICE file).
+    #[arg(long, env = "DONGFLOW_DISTRICTS", value_name = "FILE")]
     pub districts: Option<PathBuf>,
     /// The feature property holding the district code.
     #[arg(long, env = "DONGFLOW_DISTRICT_CODE_PROP", default_value = "adm_cd2")]
@@ -192,9 +233,14 @@ pub struct RunArgs {
     /// Directory for checkpoints.
     #[arg(long, env = "DONGFLOW_STATE_DIR", default_value = "./dongflow-state")]
     pub state_dir: PathBuf,
-    /// Time between checkpoints, e.g. `10s`, `500ms`, `2m`.
-    #[arg(long, env = "DONGFLOW_CHECKPOINT_INTERVAL", default_value = "10s", value_parser = parse_duration)]
+    /// Time between checkpoints, e.g. `10s`, `500ms`, `2m` (more than zero).
+    #[arg(long, env = "DONGFLOW_CHECKPOINT_INTERVAL", default_value = "10s", value_parser = parse_interval)]
     pub checkpoint_interval: Duration,
+    /// How long a delivered or cancelled delivery is remembered (in event time), so that late and
+    /// duplicate events for it are ignored instead of bringing it back, e.g. `6h`, `90m`. After that
+    /// it is forgotten: an event for the same id starts a new delivery.
+    #[arg(long, env = "DONGFLOW_TERMINAL_TTL", default_value = "6h", value_parser = parse_interval)]
+    pub terminal_ttl: Duration,
     /// Where to start reading the input topics.
     #[arg(long, env = "DONGFLOW_START_FROM", value_enum, default_value_t = StartFrom::Checkpoint)]
     pub start_from: StartFrom,
@@ -212,9 +258,9 @@ pub struct RunArgs {
 /// Options of `dongflow demo`.
 #[derive(Debug, Clone, Args)]
 pub struct DemoArgs {
-    /// Timely cluster (the demo runs in one process).
-    #[command(flatten)]
-    pub cluster: ClusterArgs,
+    /// Timely worker threads (the demo runs in one process; `dongflow run` makes clusters).
+    #[arg(short = 'w', long = "workers", env = "DONGFLOW_WORKERS", default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..=1024))]
+    pub workers: u64,
     /// District map.
     #[command(flatten)]
     pub map: MapArgs,
@@ -294,6 +340,16 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
     Duration::try_from_secs_f64(seconds).map_err(|e| format!("`{s}`: {e}"))
 }
 
+/// As [`parse_duration`], refusing zero: a checkpoint every instant, or deliveries forgotten as
+/// soon as they end, is never what is meant.
+pub fn parse_interval(s: &str) -> Result<Duration, String> {
+    let d = parse_duration(s)?;
+    if d.is_zero() {
+        return Err(format!("`{s}` must be more than zero"));
+    }
+    Ok(d)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -306,6 +362,9 @@ mod tests {
         assert_eq!(parse_duration("3"), Ok(Duration::from_secs(3)));
         assert!(parse_duration("ten").is_err());
         assert!(parse_duration("5 parsecs").is_err());
+        assert_eq!(parse_interval("6h"), Ok(Duration::from_secs(6 * 3600)));
+        assert!(parse_interval("0s").is_err_and(|e| e.contains("more than zero")));
+        assert!(parse_interval("0").is_err());
     }
 
     #[test]

@@ -11,8 +11,8 @@ use anyhow::Context;
 use clap::Parser;
 use dongflow::checkpoint::load_latest;
 use dongflow::cli::{
-    Cli, ClusterArgs, Command, DemoArgs, GenerateArgs, HttpSecurityArgs, KafkaPropertyArgs,
-    MapArgs, RunArgs, StartFrom,
+    BuiltinMap, Cli, ClusterArgs, Command, DemoArgs, GenerateArgs, HttpSecurityArgs,
+    KafkaPropertyArgs, LogFormat, MapArgs, RunArgs, StartFrom,
 };
 use dongflow::demo::{sim_config, stop_on_signal};
 use dongflow::engine::ClusterSpec;
@@ -55,16 +55,18 @@ fn main() -> ExitCode {
             return ExitCode::from(code);
         }
     };
-    tracing_subscriber::fmt()
+    let logs = tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
         )
-        .with_writer(std::io::stderr)
+        .with_writer(std::io::stderr);
+    match cli.log_format {
         // Colours only for people: logs piped to files or collectors stay plain text.
-        .with_ansi(std::io::stderr().is_terminal())
-        .init();
+        LogFormat::Text => logs.with_ansi(std::io::stderr().is_terminal()).init(),
+        LogFormat::Json => logs.json().init(),
+    }
     let result = match cli.command {
-        Command::Run(args) => run(args),
+        Command::Run(args) => run(*args),
         Command::Demo(args) => demo(args),
         Command::Generate(args) => generate(args),
     };
@@ -77,16 +79,31 @@ fn main() -> ExitCode {
     }
 }
 
-fn load_map(map: &MapArgs) -> Result<Arc<DistrictIndex>, Failure> {
-    let index = match &map.districts {
-        None => DistrictIndex::builtin_seoul(),
-        Some(path) => {
-            DistrictIndex::from_geojson_file(path, &map.district_code_prop, &map.district_name_prop)
-                .map_err(bad_argument)?
-        }
+/// The map of `--districts`, or `default` without one.
+fn load_map(map: &MapArgs, default: BuiltinMap) -> Result<Arc<DistrictIndex>, Failure> {
+    let index = match map.districts.as_deref() {
+        None => builtin_map(default)?,
+        Some(path) => match BuiltinMap::named(path) {
+            Some(builtin) => builtin_map(builtin)?,
+            None => DistrictIndex::from_geojson_file(
+                path,
+                &map.district_code_prop,
+                &map.district_name_prop,
+            )
+            .map_err(bad_argument)?,
+        },
     };
     tracing::info!(districts = index.len(), "district map loaded");
     Ok(Arc::new(index))
+}
+
+fn builtin_map(map: BuiltinMap) -> Result<DistrictIndex, Failure> {
+    Ok(match map {
+        BuiltinMap::SeoulGu => DistrictIndex::builtin_seoul(),
+        BuiltinMap::SeoulDongs => {
+            DistrictIndex::seoul_dongs().context("the built-in map of Seoul's dongs")?
+        }
+    })
 }
 
 /// The timely cluster of `-n/-p/-h`: `None` for one process.
@@ -191,6 +208,7 @@ fn serve(
         pipeline.kafka_metrics(),
         pipeline.backup_view(),
         pipeline.checkpoint_view(),
+        pipeline.checkpoint_status(),
     );
     Ok(HttpServer::start_on(listener, app, 2, security).context("cannot serve HTTP")?)
 }
@@ -202,6 +220,24 @@ fn scheme(security: &HttpSecurity) -> &'static str {
     } else {
         "http"
     }
+}
+
+/// Waits for SIGINT/SIGTERM, or for the producer to fail for good: then the process must end with
+/// exit 1, so that a supervisor restarts it and the restart publishes the state again.
+fn wait_for_stop(stop: &AtomicBool, pipeline: &Pipeline) -> Option<Failure> {
+    while !stop.load(Ordering::Relaxed) {
+        if let Some(reason) = pipeline.producer_failure() {
+            return Some(
+                anyhow::anyhow!(
+                    "the Kafka producer failed for good ({reason}); exiting so that a \
+                     supervisor restarts dongflow, which then publishes its state again"
+                )
+                .into(),
+            );
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    None
 }
 
 /// The topics the embedded broker starts with.
@@ -227,7 +263,7 @@ fn run(args: RunArgs) -> Result<(), Failure> {
     )?;
     let security = http_security(&args.http_security)?;
     let listener = bind_http(&args.http)?;
-    let index = load_map(&args.map)?;
+    let index = load_map(&args.map, BuiltinMap::SeoulGu)?;
     let (start, restore) = match args.start_from {
         StartFrom::Latest => (StartAt::Latest, None),
         StartFrom::Earliest => (StartAt::Earliest, None),
@@ -267,6 +303,7 @@ fn run(args: RunArgs) -> Result<(), Failure> {
     let workers = args.cluster.workers as usize;
     let mut engine = EngineConfig::new(workers, index.clone());
     engine.cluster = cluster;
+    engine.terminal_ttl = u64::try_from(args.terminal_ttl.as_millis()).unwrap_or(u64::MAX);
     let config = PipelineConfig {
         engine,
         kafka: kafka.clone(),
@@ -288,27 +325,20 @@ fn run(args: RunArgs) -> Result<(), Failure> {
     println!("Kafka: {}{which}", kafka.brokers);
     println!("HTTP: {scheme}://{}/", server.addr());
     let _ = std::io::stdout().flush();
-    while !stop.load(Ordering::Relaxed) {
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    let fatal = wait_for_stop(&stop, &pipeline);
     tracing::info!("stopping");
     server.stop();
-    pipeline.stop(Duration::from_secs(30));
+    pipeline.stop(Duration::from_secs(if fatal.is_some() { 1 } else { 30 }));
     drop(embedded);
-    Ok(())
+    fatal.map_or(Ok(()), Err)
 }
 
 fn demo(args: DemoArgs) -> Result<(), Failure> {
-    if args.cluster.processes > 1 || args.cluster.hostfile.is_some() {
-        return Err(bad_argument(anyhow::anyhow!(
-            "demo runs in one process; use `dongflow run` for a cluster"
-        )));
-    }
-    let workers = args.cluster.workers as usize;
+    let workers = args.workers as usize;
     let brokers = kafka_settings(&args.kafka, "")?;
     let security = http_security(&args.http_security)?;
     let listener = bind_http(&args.http)?;
-    let index = load_map(&args.map)?;
+    let index = load_map(&args.map, BuiltinMap::SeoulDongs)?;
     let kafka = KafkaConfig {
         brokers: brokers.clone(),
         group_id: "dongflow-demo".into(),

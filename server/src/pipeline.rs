@@ -15,7 +15,7 @@ use thiserror::Error;
 use crate::backup::BackupView;
 use crate::changelog::{HeldKeysSource, KafkaChangelog};
 use crate::checkpoint::{
-    mark_published, CheckpointError, Published, Restored, WriteReport, Writer,
+    mark_published, CheckpointError, Published, Restored, WriteReport, WriteStatus, Writer,
 };
 use crate::engine::{CheckpointSettings, Engine, EngineConfig, EngineError};
 use crate::view::CheckpointView;
@@ -246,9 +246,19 @@ impl Pipeline {
         self.writer.as_ref().and_then(Writer::last)
     }
 
+    /// How this process's checkpoint writes go (`None` without a state dir), for `/metrics`.
+    pub fn checkpoint_status(&self) -> Option<WriteStatus> {
+        self.writer.as_ref().map(Writer::status)
+    }
+
     /// The Kafka counters and lag, for `/metrics`.
     pub fn kafka_metrics(&self) -> Arc<KafkaMetrics> {
         self.metrics.clone()
+    }
+
+    /// The changelog producer's fatal error, if it had one: the process must then stop.
+    pub fn producer_failure(&self) -> Option<String> {
+        self.producer.fatal_error()
     }
 
     /// Changelog and dead-letter records sent but not yet acknowledged by the broker.

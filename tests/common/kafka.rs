@@ -29,6 +29,14 @@ impl Broker {
         Broker::Embedded(EmbeddedBroker::start(&[]).expect("mock cluster starts"))
     }
 
+    /// The embedded broker, for its fault injection; a test that made one knows it is one.
+    pub fn as_embedded(&self) -> &EmbeddedBroker {
+        match self {
+            Broker::Embedded(embedded) => embedded,
+            Broker::Tansu(_) => panic!("the test needs the embedded broker"),
+        }
+    }
+
     /// Tansu, or `None` (with a note) when its binary is not installed and not required.
     pub fn tansu() -> Option<Broker> {
         let binary = tansu_binary()?;
@@ -362,7 +370,8 @@ impl Reader {
         }
     }
 
-    /// Latest value per key (tombstones remove the key), as JSON.
+    /// Latest value per key (tombstones remove the key), as JSON (a value that is not JSON as a
+    /// JSON string of its text, so that it differs from every answer).
     pub fn latest(&self) -> BTreeMap<String, serde_json::Value> {
         let mut out = BTreeMap::new();
         for r in &self.records {
@@ -372,7 +381,8 @@ impl Reader {
                     out.remove(&key);
                 }
                 Some(v) => {
-                    out.insert(key, serde_json::from_slice(v).expect("changelog JSON"));
+                    let text = || serde_json::Value::String(String::from_utf8_lossy(v).into());
+                    out.insert(key, serde_json::from_slice(v).unwrap_or_else(|_| text()));
                 }
             }
         }
@@ -439,6 +449,11 @@ impl Dongflow {
             http,
             stderr,
         }
+    }
+
+    /// The exit code once the process has exited (`Some(None)`: killed by a signal).
+    pub fn exited(&mut self) -> Option<Option<i32>> {
+        self.child.try_wait().ok().flatten().map(|s| s.code())
     }
 
     /// The process id, for signals.

@@ -87,6 +87,11 @@ fn bearer_tokens_guard_every_route_but_the_probes_and_rotate_on_sighup() {
             assert!(error["error"].is_string(), "{path}: {body}");
         }
     }
+    eventually(
+        Duration::from_secs(60),
+        "ready (the probe needs no token)",
+        || (get(&base, "/readyz", None).0 == 200).then_some(()),
+    );
     for path in ["/v1/districts", "/v1/districts.geojson", "/metrics", "/"] {
         let (status, _, body) = get(&base, path, Some("Bearer alpha-7f3a"));
         assert_eq!(status, 200, "{path}: {body}");

@@ -148,6 +148,13 @@ impl EmbeddedBroker {
         Ok(())
     }
 
+    /// Makes the broker answer the next `errors.len()` produce requests (from any client) with these
+    /// errors, one each: fault injection for tests.
+    pub fn fail_produce_requests(&self, errors: &[rdkafka::types::RDKafkaRespErr]) {
+        self.cluster
+            .request_errors(rdkafka::types::RDKafkaApiKey::Produce, errors);
+    }
+
     /// Creates a topic (the mock cluster has no compaction; the flag is ignored).
     pub fn create_topic(&self, spec: &TopicSpec) -> Result<(), KafkaError> {
         self.cluster.create_topic(&spec.name, spec.partitions, 1)?;

@@ -47,6 +47,10 @@ pub struct KafkaMetrics {
     pub brokers_reachable: AtomicBool,
     /// Per input topic and partition: read position and end offset.
     pub partitions: Mutex<BTreeMap<(String, i32), PartitionProgress>>,
+    /// Fatal errors of the producer (it sends nothing more after the first).
+    pub producer_fatal: AtomicU64,
+    /// The first fatal error's reason.
+    fatal: Mutex<Option<String>>,
 }
 
 impl KafkaMetrics {
@@ -56,6 +60,23 @@ impl KafkaMetrics {
         if let Some(i) = DecodeError::REASONS.iter().position(|r| *r == reason) {
             self.invalid[i].fetch_add(1, Ordering::Relaxed);
         }
+    }
+
+    /// Records the producer's fatal error (librdkafka has at most one per producer); returns
+    /// whether this is the first time it is seen.
+    pub fn record_fatal(&self, reason: &str) -> bool {
+        let mut fatal = self.fatal.lock().unwrap_or_else(|e| e.into_inner());
+        if fatal.is_some() {
+            return false;
+        }
+        *fatal = Some(reason.to_owned());
+        self.producer_fatal.fetch_add(1, Ordering::Relaxed);
+        true
+    }
+
+    /// The first fatal producer error, if there was one: the process must stop.
+    pub fn fatal_error(&self) -> Option<String> {
+        self.fatal.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
     /// Rejected records so far, per reason label.

@@ -270,8 +270,63 @@ impl Producer {
         Ok(ends)
     }
 
+    /// librdkafka's fatal error, if the producer had one. The producer sends nothing after it (an
+    /// idempotent producer that can no longer promise order or once-ness stops for good), so the
+    /// process must stop; a supervisor restarts it and the restart publishes its state again.
+    /// Recorded in the metrics the first time it is seen.
+    pub fn fatal_error(&self) -> Option<String> {
+        let (code, reason) = self.inner.client().fatal_error()?;
+        let reason = format!("{reason} ({code:?})");
+        if self.metrics.record_fatal(&reason) {
+            tracing::error!("the Kafka producer failed for good: {reason}");
+        }
+        Some(reason)
+    }
+
     /// Records sent but not yet delivered.
     pub fn in_flight(&self) -> i32 {
         self.inner.in_flight_count()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Instant;
+
+    use super::*;
+    use crate::kafka::{EmbeddedBroker, TopicSpec};
+    use rdkafka::types::RDKafkaRespErr;
+
+    /// The broker refuses the first produce request with a sequence it did not expect: an
+    /// idempotent producer can then no longer promise order, and librdkafka stops it for good. The
+    /// error is seen, kept and counted once; the record is not reported delivered.
+    #[test]
+    fn a_fatal_producer_error_is_seen_and_counted_once() {
+        let broker = EmbeddedBroker::start(&[TopicSpec::new("out", 1)]).expect("mock cluster");
+        broker.fail_produce_requests(&[
+            RDKafkaRespErr::RD_KAFKA_RESP_ERR_OUT_OF_ORDER_SEQUENCE_NUMBER,
+        ]);
+        let metrics = Arc::new(KafkaMetrics::default());
+        let producer =
+            Producer::new(&broker.bootstrap().as_str().into(), metrics.clone()).expect("producer");
+        assert_eq!(producer.fatal_error(), None);
+        producer.send(OutputKind::RiderChangelog, "out", b"r-1", Some(b"{}"));
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let reason = loop {
+            if let Some(reason) = producer.fatal_error() {
+                break reason;
+            }
+            assert!(Instant::now() < deadline, "no fatal error reported");
+            std::thread::sleep(Duration::from_millis(10));
+        };
+        assert!(reason.contains("sequence"), "{reason}");
+        assert_eq!(metrics.fatal_error().as_deref(), Some(reason.as_str()));
+        assert!(producer.fatal_error().is_some());
+        assert_eq!(metrics.producer_fatal.load(Ordering::Relaxed), 1);
+        let _ = producer.flush(Duration::from_secs(2));
+        assert_eq!(
+            metrics.delivered[OutputKind::RiderChangelog as usize].load(Ordering::Relaxed),
+            0
+        );
     }
 }

@@ -17,6 +17,7 @@ use dongflow_dataflow::districts::DistrictId;
 use dongflow_dataflow::types::{DistrictCounts, Time};
 
 use crate::backup::BackupView;
+use crate::checkpoint::WriteStatus;
 use crate::view::CheckpointView;
 use dongflow_dataflow::districts::DistrictIndex;
 use http_body_util::Full;
@@ -31,6 +32,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpListener;
 
 pub mod auth;
+mod process;
 pub mod tls;
 
 pub use auth::{TokenFileError, Tokens};
@@ -65,6 +67,7 @@ pub struct App {
     kafka: Option<Arc<KafkaMetrics>>,
     backup: Option<Arc<BackupView>>,
     checkpoint_view: Option<Arc<CheckpointView>>,
+    checkpoints: Option<WriteStatus>,
 }
 
 impl std::fmt::Debug for App {
@@ -86,6 +89,7 @@ impl App {
             kafka: None,
             backup: None,
             checkpoint_view: None,
+            checkpoints: None,
         })
     }
 
@@ -93,12 +97,14 @@ impl App {
     /// shows the Kafka counters and consumer lag, and until the live state is ready, answers come
     /// with `"stale": true` from `checkpoint_view` (the restored checkpoint, ready within a second)
     /// or from `backup` (the changelog read back), whichever is newer.
+    /// `checkpoints` says how checkpoint writes go, for `/metrics`.
     pub fn with_kafka(
         engine: EngineHandle,
         index: Arc<DistrictIndex>,
         kafka: Arc<KafkaMetrics>,
         backup: Option<Arc<BackupView>>,
         checkpoint_view: Option<Arc<CheckpointView>>,
+        checkpoints: Option<WriteStatus>,
     ) -> Arc<Self> {
         let geojson = Bytes::from(index.to_geojson().to_string());
         Arc::new(Self {
@@ -110,6 +116,7 @@ impl App {
             kafka: Some(kafka),
             backup,
             checkpoint_view,
+            checkpoints,
         })
     }
 }
@@ -346,10 +353,12 @@ async fn route(app: &Arc<App>, req: &Request<Incoming>) -> (&'static str, Respon
         }
     };
     if req.method() != Method::GET && req.method() != Method::HEAD {
-        return (
-            route,
-            error(StatusCode::METHOD_NOT_ALLOWED, "only GET is supported"),
-        );
+        // RFC 9110 section 15.5.6: a 405 says which methods the route takes.
+        let mut response = error(StatusCode::METHOD_NOT_ALLOWED, "only GET is supported");
+        response
+            .headers_mut()
+            .insert(hyper::header::ALLOW, HeaderValue::from_static("GET, HEAD"));
+        return (route, response);
     }
     let response = match route {
         routes::DISTRICTS => districts(app).await,
@@ -623,7 +632,9 @@ fn unknown_rider(id: &str, stale: bool) -> Response<Full<Bytes>> {
 /// Ready once the live state exists and has taken in what its sources had when they started.
 fn readyz(app: &Arc<App>) -> Response<Full<Bytes>> {
     let as_of = app.engine.as_of();
-    if app.engine.ready() {
+    // A producer that failed for good writes no changelog: not ready while the process exits.
+    let producing = app.kafka.as_ref().is_none_or(|k| k.fatal_error().is_none());
+    if producing && app.engine.ready() {
         json(
             StatusCode::OK,
             &serde_json::json!({"status": "ready", "as_of": as_of}),
@@ -730,7 +741,14 @@ fn metrics_text(app: &App) -> String {
         &per_kind(&|c| c.expired.load(Relaxed)),
     );
     let as_of = engine.as_of();
-    family(&mut out, "dongflow_as_of_milliseconds", "gauge", "The latest dataflow time every worker has completed (ms since the Unix epoch; 0 before the first).", &[(String::new(), as_of.to_string())]);
+    // Seconds, as Prometheus' conventions want (promtool flags a `_milliseconds` unit).
+    family(
+        &mut out,
+        "dongflow_as_of_seconds",
+        "gauge",
+        "The latest dataflow time every worker has completed (seconds since the Unix epoch; 0 before the first).",
+        &[(String::new(), format!("{:.3}", as_of as f64 / 1000.0))],
+    );
     let age = if as_of == 0 {
         f64::NAN
     } else {
@@ -778,8 +796,21 @@ fn metrics_text(app: &App) -> String {
             ],
         );
     }
+    process::metrics(&mut out);
+    if let Some(status) = &app.checkpoints {
+        checkpoint_metrics(&mut out, status);
+    }
     if let Some(kafka) = &app.kafka {
         kafka_metrics(&mut out, kafka);
+    }
+    if let Some(b) = &app.backup {
+        family(
+            &mut out,
+            "dongflow_changelog_undecodable_records_total",
+            "counter",
+            "Changelog records read back at start whose value was not JSON (skipped, not deletions).",
+            &[(String::new(), b.undecodable().to_string())],
+        );
     }
     let routes = app.metrics.routes.lock().unwrap_or_else(|e| e.into_inner());
     let mut requests = Vec::new();
@@ -825,6 +856,58 @@ fn metrics_text(app: &App) -> String {
         &latency,
     );
     out
+}
+
+fn checkpoint_metrics(out: &mut String, status: &WriteStatus) {
+    let one = |v: String| vec![(String::new(), v)];
+    family(
+        out,
+        "dongflow_checkpoint_write_failures_total",
+        "counter",
+        "Checkpoint writes of this process that failed.",
+        &one(status.failures().to_string()),
+    );
+    let Some(last) = status.last() else {
+        return;
+    };
+    family(
+        out,
+        "dongflow_checkpoint_last_time_seconds",
+        "gauge",
+        "Dataflow time of the last checkpoint this process wrote (seconds since the Unix epoch).",
+        &one(format!("{:.3}", last.time as f64 / 1000.0)),
+    );
+    family(
+        out,
+        "dongflow_checkpoint_age_seconds",
+        "gauge",
+        "Seconds since the dataflow time of the last checkpoint this process wrote.",
+        &one(format!(
+            "{:.3}",
+            now_ms().saturating_sub(last.time) as f64 / 1000.0
+        )),
+    );
+    family(
+        out,
+        "dongflow_checkpoint_last_bytes",
+        "gauge",
+        "Bytes this process wrote for its last checkpoint.",
+        &one(last.bytes.to_string()),
+    );
+    family(
+        out,
+        "dongflow_checkpoint_last_write_seconds",
+        "gauge",
+        "Time this process took to encode and write its last checkpoint.",
+        &one(format!("{:.6}", last.write.as_secs_f64())),
+    );
+    family(
+        out,
+        "dongflow_checkpoint_last_pause_seconds",
+        "gauge",
+        "The longest pause of a worker while its state was copied for the last checkpoint.",
+        &one(format!("{:.6}", last.pause.as_secs_f64())),
+    );
 }
 
 fn kafka_metrics(out: &mut String, k: &KafkaMetrics) {
@@ -887,6 +970,13 @@ fn kafka_metrics(out: &mut String, k: &KafkaMetrics) {
         "counter",
         "Times a send waited because the producer's queue was full (broker slow or away).",
         &one(k.queue_full_waits.load(Relaxed)),
+    );
+    family(
+        out,
+        "dongflow_producer_fatal_errors_total",
+        "counter",
+        "Fatal errors of the changelog and dead-letter producer; the process exits 1 after one.",
+        &one(k.producer_fatal.load(Relaxed)),
     );
     family(
         out,
