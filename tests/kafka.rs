@@ -1455,7 +1455,8 @@ fn check_http_equals_model(http: &str, input: &Input) {
 }
 
 /// A checkpoint written by a cluster of two processes (one worker each, one state dir) restores
-/// into a single process with two workers, which then reads on from the checkpointed offsets.
+/// into a single process with two workers, which then reads on from the checkpointed offsets. And
+/// fail-stop: when one process is killed, the other exits 1 within 5 s instead of going on frozen.
 #[test]
 fn a_cluster_checkpoint_restores_into_one_process() {
     let Fixture {
@@ -1530,7 +1531,26 @@ fn a_cluster_checkpoint_restores_into_one_process() {
                 .then_some(())
         },
     );
-    drop(processes); // SIGKILL both
+    // Fail-stop: kill -9 one process; the other says so and exits 1 within 5 s, with one line.
+    let mut processes = processes;
+    let mut survivor = processes.remove(0);
+    let killed_at = std::time::Instant::now();
+    drop(processes); // SIGKILL process 1
+    let code = eventually(Duration::from_secs(5), "the survivor to exit", || {
+        survivor.exited()
+    });
+    let log = survivor.log();
+    assert_eq!(code, Some(1), "{log}");
+    assert!(
+        log.contains("dongflow: lost a peer of the timely cluster")
+            && log.contains("a supervisor restarts every process"),
+        "{log}"
+    );
+    eprintln!(
+        "the survivor exited 1 {:?} after its peer was killed",
+        killed_at.elapsed()
+    );
+    drop(survivor);
 
     produce(&bootstrap, second);
     let args = t.resume_args(&bootstrap, &state, "2");

@@ -15,6 +15,8 @@
 //! - [`cli`]: the command line of CONTRACT section 1.
 //! - [`pipeline`]: the engine wired to Kafka sources, dead letters and changelogs; whether a restore
 //!   publishes its state again.
+//! - [`failstop`]: a cluster process that loses a peer says so and stops (timely has no fault
+//!   tolerance: recovery is a restart of every process from its checkpoint).
 //! - [`demo`]: simulator settings, the stop signal, and the by-id partitioning rule of in-process feeds.
 
 pub mod backup;
@@ -23,6 +25,7 @@ pub mod checkpoint;
 pub mod cli;
 pub mod demo;
 pub mod engine;
+pub mod failstop;
 pub mod http;
 pub mod pipeline;
 pub mod query;

@@ -16,6 +16,7 @@ use dongflow::cli::{
 };
 use dongflow::demo::{sim_config, stop_on_signal};
 use dongflow::engine::ClusterSpec;
+use dongflow::failstop;
 use dongflow::http::{App, HttpSecurity, HttpServer, Tokens};
 use dongflow::pipeline::{Pipeline, PipelineConfig};
 use dongflow::render::DistrictsView;
@@ -223,9 +224,17 @@ fn scheme(security: &HttpSecurity) -> &'static str {
 }
 
 /// Waits for SIGINT/SIGTERM, or for the producer to fail for good: then the process must end with
-/// exit 1, so that a supervisor restarts it and the restart publishes the state again.
+/// exit 1, so that a supervisor restarts it and the restart publishes the state again. A lost
+/// cluster peer ends the process at once (exit 1): its workers cannot stop cleanly without it.
 fn wait_for_stop(stop: &AtomicBool, pipeline: &Pipeline) -> Option<Failure> {
     while !stop.load(Ordering::Relaxed) {
+        if let Some(reason) = failstop::failure() {
+            eprintln!(
+                "dongflow: {reason}; exiting so that a supervisor restarts every process of the \
+                 cluster from its checkpoint"
+            );
+            std::process::exit(1);
+        }
         if let Some(reason) = pipeline.producer_failure() {
             return Some(
                 anyhow::anyhow!(
@@ -257,6 +266,10 @@ const EMBEDDED_PARTITIONS: i32 = 4;
 fn run(args: RunArgs) -> Result<(), Failure> {
     let cluster = cluster_spec(&args.cluster)?;
     check_peer_urls(&args.http_peers, &cluster)?;
+    if let Some(spec) = &cluster {
+        failstop::watch_timely_panics();
+        failstop::watch_peers(&args.http_peers, spec.process).context("watching the peers")?;
+    }
     let brokers = kafka_settings(
         &args.kafka,
         args.input.brokers.as_deref().unwrap_or_default(),

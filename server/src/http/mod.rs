@@ -634,7 +634,9 @@ fn readyz(app: &Arc<App>) -> Response<Full<Bytes>> {
     let as_of = app.engine.as_of();
     // A producer that failed for good writes no changelog: not ready while the process exits.
     let producing = app.kafka.as_ref().is_none_or(|k| k.fatal_error().is_none());
-    if producing && app.engine.ready() {
+    // Nor is a cluster process that lost a peer, while it exits.
+    let whole = crate::failstop::failure().is_none();
+    if producing && whole && app.engine.ready() {
         json(
             StatusCode::OK,
             &serde_json::json!({"status": "ready", "as_of": as_of}),
