@@ -30,13 +30,6 @@ impl Drop for Cluster {
     }
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free port")
-}
-
 fn get(agent: &ureq::Agent, url: &str) -> (u16, Value) {
     let mut r = agent.get(url).call().expect("request goes through");
     let status = r.status().as_u16();
@@ -54,7 +47,7 @@ fn without_as_of(mut v: Value) -> Value {
 fn every_key_answers_alike_from_every_process() {
     let index = builtin();
     let addresses: Vec<String> = (0..PROCESSES)
-        .map(|_| format!("127.0.0.1:{}", free_port()))
+        .map(|_| format!("127.0.0.1:{}", common::kafka::free_port()))
         .collect();
     // Partition p is read by global worker p % 4, which is process (p % 4) / 2, local worker (p % 4) % 2.
     let mut senders = Vec::new();

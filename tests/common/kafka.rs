@@ -3,7 +3,6 @@
 
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader};
-use std::net::TcpListener;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
@@ -96,10 +95,40 @@ pub fn tansu_binary() -> Option<PathBuf> {
     found
 }
 
-/// A port nothing listens on right now.
+/// A port for a listener that must be named before it exists (timely's hostfile, a broker or an
+/// engine started as a child process), so that no parallel test can take it meanwhile:
+/// - taken from 20000..30000, below Linux's ephemeral range (32768..60999), so no `bind(0)`
+///   anywhere is handed it;
+/// - held for this test process's lifetime with an exclusive lock on
+///   `$TMPDIR/dongflow-test-ports/PORT.lock`, so that no other test, in this process or another
+///   (cargo nextest runs each test in a process of its own), is given it too;
+/// - and checked free (bindable) when given.
 pub fn free_port() -> u16 {
-    let l = TcpListener::bind("127.0.0.1:0").expect("bind");
-    l.local_addr().expect("addr").port()
+    use std::sync::atomic::{AtomicU32, Ordering};
+    use std::sync::Mutex;
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    static HELD: Mutex<Vec<std::fs::File>> = Mutex::new(Vec::new());
+    const FIRST: u32 = 20_000;
+    const SPAN: u32 = 10_000;
+    let dir = std::env::temp_dir().join("dongflow-test-ports");
+    std::fs::create_dir_all(&dir).expect("port lock dir");
+    // Test processes start their search at different places, so that they rarely meet.
+    let start = std::process::id().wrapping_mul(7_919) % SPAN;
+    for _ in 0..SPAN {
+        let port = (FIRST + (start + NEXT.fetch_add(1, Ordering::Relaxed)) % SPAN) as u16;
+        let Ok(lock) = std::fs::File::create(dir.join(format!("{port}.lock"))) else {
+            continue;
+        };
+        if lock.try_lock().is_err() {
+            continue;
+        }
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_err() {
+            continue;
+        }
+        HELD.lock().unwrap_or_else(|e| e.into_inner()).push(lock);
+        return port;
+    }
+    panic!("no free port in {FIRST}..{}", FIRST + SPAN);
 }
 
 /// A tansu broker process; killed on drop.
