@@ -218,6 +218,8 @@ fn map_page_openapi_and_metrics() {
     );
     assert!(page.contains("/v1/districts"));
 
+    // Ready now, so ready in the metrics below too (readiness does not go back).
+    assert_eq!(client.json("/readyz").0, 200);
     let (status, content_type, text) = client.get("/metrics");
     assert_eq!(
         (status, content_type.as_str()),
@@ -236,6 +238,7 @@ fn map_page_openapi_and_metrics() {
     // Seconds since the epoch, not milliseconds.
     let as_of = value("dongflow_as_of_seconds ");
     assert!((1.7e9..1.0e10).contains(&as_of), "{as_of}");
+    assert_eq!(value("dongflow_ready "), 1.0, "ready, as /readyz says");
     assert!(value("process_resident_memory_bytes ") > 1e6);
     assert!(value("process_cpu_seconds_total ") > 0.0);
     assert!(value("process_start_time_seconds ") > 1.7e9);

@@ -177,6 +177,42 @@ fn scenario(t: &Topics, index: &DistrictIndex, seed: u64, events: usize) -> Inpu
     }
 }
 
+/// Every metric the dashboard and the alerting rules of docs/operations use (the engine's own and
+/// the process metrics; `up` and node_exporter's are Prometheus' and the host's) is one the engine
+/// exports.
+fn check_operations_docs_name_real_metrics(metrics: &str) {
+    let exported: std::collections::BTreeSet<&str> = metrics
+        .lines()
+        .filter_map(|l| l.strip_prefix("# TYPE ")?.split(' ').next())
+        .collect();
+    let docs = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/operations");
+    let mut used = 0;
+    for file in ["dashboard.json", "alerts.yml"] {
+        let text = std::fs::read_to_string(docs.join(file)).expect("docs/operations file");
+        if file.ends_with(".json") {
+            let _: Value = serde_json::from_str(&text).expect("the dashboard is JSON");
+        }
+        let names = text
+            .split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+            .filter(|w| w.starts_with("dongflow_") || w.starts_with("process_"));
+        for name in names {
+            let family = ["_bucket", "_sum", "_count"]
+                .iter()
+                .find_map(|s| name.strip_suffix(s).filter(|f| exported.contains(f)))
+                .unwrap_or(name);
+            assert!(
+                exported.contains(family),
+                "{file} uses {name}, which /metrics does not export"
+            );
+            used += 1;
+        }
+    }
+    assert!(
+        used > 20,
+        "the dashboard and the rules use the engine's metrics"
+    );
+}
+
 /// The first few keys where `got` and `want` differ, with both values.
 fn differences(got: &BTreeMap<String, Value>, want: &BTreeMap<String, Value>) -> String {
     let keys: std::collections::BTreeSet<&String> = got.keys().chain(want.keys()).collect();
@@ -622,6 +658,8 @@ fn restarts_resume_from_the_checkpoint_with_other_worker_counts() {
         assert_eq!(failures, Some(0.0));
         (bytes > 0.0 && (0.0..30.0).contains(&age)).then_some(())
     });
+    let (_, _, text) = client.get("/metrics");
+    check_operations_docs_name_real_metrics(&text);
     assert_eq!(run.terminate(), Some(0));
     assert!(
         has_checkpoint(&state),

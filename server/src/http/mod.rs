@@ -632,11 +632,7 @@ fn unknown_rider(id: &str, stale: bool) -> Response<Full<Bytes>> {
 /// Ready once the live state exists and has taken in what its sources had when they started.
 fn readyz(app: &Arc<App>) -> Response<Full<Bytes>> {
     let as_of = app.engine.as_of();
-    // A producer that failed for good writes no changelog: not ready while the process exits.
-    let producing = app.kafka.as_ref().is_none_or(|k| k.fatal_error().is_none());
-    // Nor is a cluster process that lost a peer, while it exits.
-    let whole = crate::failstop::failure().is_none();
-    if producing && whole && app.engine.ready() {
+    if ready(app) {
         json(
             StatusCode::OK,
             &serde_json::json!({"status": "ready", "as_of": as_of}),
@@ -647,6 +643,14 @@ fn readyz(app: &Arc<App>) -> Response<Full<Bytes>> {
             &serde_json::json!({"error": "live state is not ready", "as_of": as_of}),
         )
     }
+}
+
+/// What `/readyz` says: the live state is ready, the changelog producer has not failed for good
+/// (it writes nothing more while the process exits), and no cluster peer is lost.
+fn ready(app: &App) -> bool {
+    let producing = app.kafka.as_ref().is_none_or(|k| k.fatal_error().is_none());
+    let whole = crate::failstop::failure().is_none();
+    producing && whole && app.engine.ready()
 }
 
 /// Latency histogram bucket bounds, in seconds.
@@ -743,6 +747,13 @@ fn metrics_text(app: &App) -> String {
         &per_kind(&|c| c.expired.load(Relaxed)),
     );
     let as_of = engine.as_of();
+    family(
+        &mut out,
+        "dongflow_ready",
+        "gauge",
+        "1 when /readyz answers 200.",
+        &[(String::new(), u8::from(ready(app)).to_string())],
+    );
     // Seconds, as Prometheus' conventions want (promtool flags a `_milliseconds` unit).
     family(
         &mut out,
