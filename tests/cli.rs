@@ -242,9 +242,6 @@ fn demo_serves_http_and_stops_cleanly_on_sigterm() {
         "the demo runs on the shipped map of Seoul's dongs: {printed:?}"
     );
     let client = Client::at(url);
-    let (status, yeoksam) = client.json("/v1/districts/1168064000");
-    assert_eq!(status, 200, "{yeoksam}");
-    assert_eq!(yeoksam["name"], "서울특별시 강남구 역삼1동", "{yeoksam}");
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         let (status, body) = client.json("/v1/districts");
@@ -254,6 +251,48 @@ fn demo_serves_http_and_stops_cleanly_on_sigterm() {
         assert!(Instant::now() < deadline, "no districts: {status} {body}");
         std::thread::sleep(Duration::from_millis(50));
     }
+    let (status, yeoksam) = client.json("/v1/districts/1168064000");
+    assert_eq!(status, 200, "{yeoksam}");
+    assert_eq!(yeoksam["name"], "서울특별시 강남구 역삼1동", "{yeoksam}");
     sigterm_exits_0(child);
     assert!(reader.join().expect("reader") > 0);
+}
+
+/// `generate` without `--brokers` writes `TOPIC<TAB>JSON` lines; the same `--seed` and
+/// `--start-ts` give the same events, another seed others.
+#[test]
+fn generate_is_reproducible_with_a_seed_and_a_start() {
+    let run = |seed: &str| {
+        let out = dongflow()
+            .args([
+                "generate", "--events", "300", "--riders", "50", "--seed", seed,
+            ])
+            .args(["--start-ts", "1764000000000"])
+            .output()
+            .expect("runs");
+        assert_eq!(out.status.code(), Some(0));
+        String::from_utf8(out.stdout).expect("UTF-8")
+    };
+    let first = run("7");
+    assert_eq!(first.lines().count(), 300);
+    for line in first.lines() {
+        let (topic, json) = line.split_once('\t').expect("TOPIC<TAB>JSON");
+        assert!(
+            topic == "rider-events" || topic == "delivery-events",
+            "{line}"
+        );
+        let event: serde_json::Value = serde_json::from_str(json).expect("JSON");
+        assert!(
+            event["ts"]
+                .as_u64()
+                .is_some_and(|ts| ts >= 1_764_000_000_000),
+            "{line}"
+        );
+    }
+    assert_eq!(
+        run("7"),
+        first,
+        "the same seed and start give the same events"
+    );
+    assert_ne!(run("8"), first, "another seed gives other events");
 }

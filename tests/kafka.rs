@@ -1537,13 +1537,33 @@ fn a_cluster_checkpoint_restores_into_one_process() {
             Dongflow::start_at(&http[p], &args)
         })
         .collect();
-    for (p, addr) in processes.iter().zip(&http) {
+    for addr in &http {
         // A cluster process serves once both have joined.
         eventually(Duration::from_secs(60), "the process to serve HTTP", || {
             std::net::TcpStream::connect(addr).ok()
         });
-        ready(&p.http);
     }
+    // Readiness means the whole input: when either process first says ready, both have read
+    // every record there was at start, its own partitions and the other's.
+    let clients: Vec<common::Client> = processes
+        .iter()
+        .map(|p| common::Client::at(p.http.clone()))
+        .collect();
+    let mut seen_ready = [false; 2];
+    eventually(Duration::from_secs(60), "both processes ready", || {
+        for (p, client) in clients.iter().enumerate() {
+            if !seen_ready[p] && client.json("/readyz").0 == 200 {
+                seen_ready[p] = true;
+                let read: f64 = processes.iter().map(|q| records_read(&q.http)).sum();
+                assert_eq!(
+                    read,
+                    first.len() as f64,
+                    "process {p} says ready before the cluster read its input"
+                );
+            }
+        }
+        (seen_ready == [true, true]).then_some(())
+    });
     // Both processes have read everything: wait for a checkpoint taken after that, complete with
     // both processes' parts, then take the cluster down hard.
     eventually(

@@ -273,7 +273,7 @@ pub struct DemoArgs {
     /// Simulated events per second (0: as fast as possible).
     #[arg(long, default_value_t = 2_000)]
     pub rate: u64,
-    /// Simulator seed: the same seed gives the same events.
+    /// Simulator seed: the same seed gives the same riders and moves (their `ts` follow the clock).
     #[arg(long, default_value_t = 1)]
     pub seed: u64,
     /// Stop after this long (e.g. `30s`) instead of at Ctrl-C.
@@ -305,9 +305,12 @@ pub struct GenerateArgs {
     /// Stop after this many events.
     #[arg(long)]
     pub events: Option<u64>,
-    /// Seed: the same seed gives the same events.
+    /// Seed: the same seed and `--start-ts` give the same events.
     #[arg(long, default_value_t = 1)]
     pub seed: u64,
+    /// The simulated clock's start (the first events' `ts`), ms since the Unix epoch [default: now].
+    #[arg(long, value_name = "MS")]
+    pub start_ts: Option<u64>,
     /// Partitions of the input topics when they have to be created.
     #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(i32).range(1..=10_000))]
     pub partitions: i32,

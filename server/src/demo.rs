@@ -24,12 +24,13 @@ pub fn partition(events: impl IntoIterator<Item = SimEvent>, parts: usize) -> Ve
     out
 }
 
-/// Simulator settings starting at the current wall-clock time.
-pub fn sim_config(riders: usize, seed: u64) -> SimConfig {
+/// Simulator settings whose clock starts at `start_ts` (ms since the epoch), or at the current
+/// wall-clock time: the same seed and start give the same events.
+pub fn sim_config(riders: usize, seed: u64, start_ts: Option<u64>) -> SimConfig {
     SimConfig {
         riders,
         seed,
-        start_ts: now_ms(),
+        start_ts: start_ts.unwrap_or_else(now_ms),
     }
 }
 

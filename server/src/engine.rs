@@ -144,6 +144,10 @@ struct InputProgress {
     events: AtomicU64,
     /// Per worker: the time of its last push when its source first said it had caught up (0: not yet).
     caught_up_at: Vec<AtomicU64>,
+    /// The same for every worker of every process (by global index), as the marks every worker
+    /// broadcasts through the dataflow tell: readiness and clearing wait for the whole cluster's
+    /// input, not this process's alone.
+    caught_up_everywhere: Vec<AtomicU64>,
     /// The time of the checkpoint taken at a clean stop (0: not stopping yet).
     final_at: AtomicU64,
     /// Workers done with their part of the final checkpoint.
@@ -153,11 +157,12 @@ struct InputProgress {
 }
 
 impl InputProgress {
-    /// The latest time pushed when the last source caught up with what it had at start: once
-    /// that time is complete, the state is current. `None` until every source has caught up.
+    /// The latest time pushed when the last source of the cluster caught up with what it had at
+    /// start: once that time is complete, the state is current. `None` until every source of every
+    /// process has caught up.
     fn caught_up_through(&self) -> Option<Time> {
         let mut latest = 0;
-        for mark in &self.caught_up_at {
+        for mark in &self.caught_up_everywhere {
             let t = mark.load(Ordering::Acquire);
             if t == 0 {
                 return None;
@@ -265,11 +270,13 @@ impl Engine {
             });
         }
         let (shared, peek_rx) = Shared::new(workers, config.query_timeout);
+        let everywhere = workers * config.cluster.as_ref().map_or(1, |c| c.addresses.len());
         let progress = Arc::new(InputProgress {
             pushed: (0..workers).map(|_| AtomicU64::new(0)).collect(),
             ended: (0..workers).map(|_| AtomicBool::new(false)).collect(),
             events: AtomicU64::new(0),
             caught_up_at: (0..workers).map(|_| AtomicU64::new(0)).collect(),
+            caught_up_everywhere: (0..everywhere).map(|_| AtomicU64::new(0)).collect(),
             final_at: AtomicU64::new(0),
             final_done: std::sync::atomic::AtomicUsize::new(0),
             changelog_uncleared: Arc::default(),
@@ -585,6 +592,8 @@ struct WorkerLoop {
     slot: WorkerSlot,
     riders_in: InputHandle<Time, dongflow_connectors::RiderEvent>,
     deliveries_in: InputHandle<Time, dongflow_connectors::DeliveryEvent>,
+    /// Where this worker says, once, that its source has caught up: `(global worker, time)`.
+    caught_up_in: InputHandle<Time, (usize, Time)>,
     probe: ProbeHandle<Time>,
     snapshots: SnapshotTrace,
     /// How many riders the rider changelog stage holds.
@@ -610,6 +619,27 @@ struct WorkerLoop {
     positions_base: Offsets,
 }
 
+/// Every worker's caught-up mark goes to every worker (each process keeps them all, in
+/// [`InputProgress::caught_up_everywhere`]): through the dataflow, so that no process needs a shared
+/// folder or its peers' HTTP to know when the whole cluster's input is in.
+fn attach_caught_up_marks(
+    marks: Stream<'_, Time, Vec<(usize, Time)>>,
+    progress: Arc<InputProgress>,
+) {
+    use timely::dataflow::operators::vec::Broadcast;
+    marks
+        .broadcast()
+        .sink(Pipeline, "caught up marks", move |(input, _)| {
+            input.for_each(|_, marks| {
+                for (worker, at) in marks.drain(..) {
+                    if let Some(mark) = progress.caught_up_everywhere.get(worker) {
+                        mark.fetch_max(at, Ordering::AcqRel);
+                    }
+                }
+            });
+        });
+}
+
 impl WorkerLoop {
     fn new(
         worker: &mut timely::worker::Worker,
@@ -622,6 +652,7 @@ impl WorkerLoop {
     ) -> Self {
         let mut riders_in = InputHandle::new();
         let mut deliveries_in = InputHandle::new();
+        let mut caught_up_in = InputHandle::new();
         let probe = ProbeHandle::new();
         let state = WorkerState::new(config.terminal_ttl);
         let processes = config.cluster.as_ref().map_or(1, |c| c.addresses.len());
@@ -657,6 +688,7 @@ impl WorkerLoop {
         let (snapshots, counts) = worker.dataflow::<Time, _, _>(|scope| {
             let riders = scope.input_from(&mut riders_in);
             let deliveries = scope.input_from(&mut deliveries_in);
+            attach_caught_up_marks(scope.input_from(&mut caught_up_in), progress.clone());
             let out = build(riders, deliveries, districts.clone(), &state, counters);
             let streams = changelogs(&out, changelog_riders.clone());
             if let Some(sink) = &config.changelog {
@@ -688,6 +720,7 @@ impl WorkerLoop {
             // are the restored state alone.
             riders_in.advance_to(at + 1);
             deliveries_in.advance_to(at + 1);
+            caught_up_in.advance_to(at + 1);
         }
         let index = worker.index() % config.workers;
         shared.threads.lock().unwrap_or_else(|e| e.into_inner())[index] =
@@ -697,6 +730,7 @@ impl WorkerLoop {
             slot,
             riders_in,
             deliveries_in,
+            caught_up_in,
             probe,
             snapshots,
             changelog_riders,
@@ -747,6 +781,7 @@ impl WorkerLoop {
             self.request_checkpoint(now, stopping);
             self.riders_in.advance_to(now);
             self.deliveries_in.advance_to(now);
+            self.caught_up_in.advance_to(now);
             while in_flight.front().is_some_and(|t| !self.probe.less_equal(t)) {
                 in_flight.pop_front();
             }
@@ -780,6 +815,7 @@ impl WorkerLoop {
             {
                 let last = self.progress.pushed[self.index].load(Ordering::Acquire);
                 self.progress.caught_up_at[self.index].store(last.max(1), Ordering::Release);
+                self.caught_up_in.send((self.global_index, last.max(1)));
             }
             if polled == Polled::Ended && !ended {
                 ended = true;

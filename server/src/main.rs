@@ -388,7 +388,7 @@ fn demo(args: DemoArgs) -> Result<(), Failure> {
         events: None,
         duration: None,
     };
-    let (sim, flag) = (sim_config(args.riders, args.seed), stop.clone());
+    let (sim, flag) = (sim_config(args.riders, args.seed, None), stop.clone());
     let feeder = std::thread::spawn(move || produce(sim, &generate, &flag, |_| {}));
     println!(
         "dongflow demo: {workers} worker(s), {} districts, {} simulated riders at {} events/s",
@@ -477,7 +477,7 @@ fn generate(args: GenerateArgs) -> Result<(), Failure> {
         let brokers = kafka_settings(&args.kafka, brokers)?;
         return generate_to_kafka(&args, &brokers, &stop);
     }
-    let mut simulator = Simulator::new(sim_config(args.riders, args.seed));
+    let mut simulator = Simulator::new(sim_config(args.riders, args.seed, args.start_ts));
     let started = Instant::now();
     let limit = args.events.unwrap_or(u64::MAX);
     let mut out = std::io::BufWriter::new(std::io::stdout().lock());
@@ -543,12 +543,17 @@ fn generate_to_kafka(
             eprintln!("{sent} events in {secs:.1} s ({rate:.0} events/s)");
         }
     };
-    let produced = produce(sim_config(args.riders, args.seed), &config, stop, |sent| {
-        if terminal || last_line.elapsed() >= Duration::from_secs(5) {
-            last_line = Instant::now();
-            report(sent, false);
-        }
-    })
+    let produced = produce(
+        sim_config(args.riders, args.seed, args.start_ts),
+        &config,
+        stop,
+        |sent| {
+            if terminal || last_line.elapsed() >= Duration::from_secs(5) {
+                last_line = Instant::now();
+                report(sent, false);
+            }
+        },
+    )
     .context("producing events")?;
     report(produced.sent, true);
     if produced.failed > 0 {

@@ -333,7 +333,8 @@ impl Harness {
         }
     }
 
-    /// Waits until everything sent has been taken in and is reflected at the engine's `as_of`.
+    /// Waits until everything sent has been taken in and is reflected at the engine's `as_of`, and
+    /// the engine is ready (before that, answers are 503: never `stale: false` before ready).
     pub fn sync(&self) {
         let deadline = Instant::now() + Duration::from_secs(30);
         while self.partitions.iter().any(|p| !p.is_empty()) {
@@ -346,6 +347,10 @@ impl Harness {
         let taken = now_ms();
         while self.engine.as_of() < taken {
             assert!(Instant::now() < deadline, "as_of did not reach {taken}");
+            std::thread::sleep(Duration::from_micros(200));
+        }
+        while !self.engine.ready() {
+            assert!(Instant::now() < deadline, "the engine did not become ready");
             std::thread::sleep(Duration::from_micros(200));
         }
     }
