@@ -239,9 +239,9 @@ fn map_page_openapi_and_metrics() {
     let as_of = value("dongflow_as_of_seconds ");
     assert!((1.7e9..1.0e10).contains(&as_of), "{as_of}");
     assert_eq!(value("dongflow_ready "), 1.0, "ready, as /readyz says");
-    assert!(value("process_resident_memory_bytes ") > 1e6);
-    assert!(value("process_cpu_seconds_total ") > 0.0);
-    assert!(value("process_start_time_seconds ") > 1.7e9);
+    assert!(value("dongflow_process_resident_memory_bytes ") > 1e6);
+    assert!(value("dongflow_process_cpu_seconds_total ") > 0.0);
+    assert!(value("dongflow_process_start_time_seconds ") > 1.7e9);
     assert_eq!(
         value(&format!(
             "dongflow_build_info{{version=\"{}\"}} ",

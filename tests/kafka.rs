@@ -194,7 +194,7 @@ fn check_operations_docs_name_real_metrics(metrics: &str) {
         }
         let names = text
             .split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
-            .filter(|w| w.starts_with("dongflow_") || w.starts_with("process_"));
+            .filter(|w| w.starts_with("dongflow_"));
         for name in names {
             let family = ["_bucket", "_sum", "_count"]
                 .iter()

@@ -236,7 +236,7 @@ pub struct RunArgs {
     /// Time between checkpoints, e.g. `10s`, `500ms`, `2m` (more than zero).
     #[arg(long, env = "DONGFLOW_CHECKPOINT_INTERVAL", default_value = "10s", value_parser = parse_interval)]
     pub checkpoint_interval: Duration,
-    /// How long a delivered or cancelled delivery is remembered (in event time), so that late and
+    /// How long a delivered or cancelled delivery is remembered (on the engine's clock), so that late and
     /// duplicate events for it are ignored instead of bringing it back, e.g. `6h`, `90m`. After that
     /// it is forgotten: an event for the same id starts a new delivery.
     #[arg(long, env = "DONGFLOW_TERMINAL_TTL", default_value = "6h", value_parser = parse_interval)]

@@ -469,11 +469,7 @@ pub fn check_prometheus_text(text: &str) {
             .parse()
             .unwrap_or_else(|_| panic!("bad value in {line}"));
         let name = series.split('{').next().expect("name");
-        // The engine's own names, and the standard process metrics of Prometheus' client libraries.
-        assert!(
-            name.starts_with("dongflow_") || name.starts_with("process_"),
-            "{line}"
-        );
+        assert!(name.starts_with("dongflow_"), "{line}");
         let family = ["_bucket", "_sum", "_count"]
             .iter()
             .find_map(|s| name.strip_suffix(s))

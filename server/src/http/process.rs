@@ -1,5 +1,6 @@
-//! The standard `process_*` metrics (as Prometheus' client libraries export them) and
-//! `dongflow_build_info`, read from `/proc/self` on Linux; elsewhere only the build info.
+//! The process metrics that Prometheus' client libraries export as `process_*`, here under the
+//! contract's `dongflow_` prefix (`dongflow_process_*`), and `dongflow_build_info`, read from
+//! `/proc/self` on Linux; elsewhere only the build info.
 
 use super::family;
 
@@ -23,7 +24,7 @@ pub fn metrics(out: &mut String) {
     if let Some((cpu, start)) = stat() {
         family(
             out,
-            "process_cpu_seconds_total",
+            "dongflow_process_cpu_seconds_total",
             "counter",
             "User and system CPU time spent, in seconds.",
             &one(format!("{cpu:.2}")),
@@ -31,54 +32,45 @@ pub fn metrics(out: &mut String) {
         if let Some(start) = start {
             family(
                 out,
-                "process_start_time_seconds",
+                "dongflow_process_start_time_seconds",
                 "gauge",
                 "Start time of the process since the Unix epoch, in seconds.",
                 &one(format!("{start:.2}")),
             );
         }
     }
+    // Memory sizes from `/proc/self/status` (in kB there).
     let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
-    let kb = |field: &str| -> Option<u64> {
-        let line = status.lines().find(|l| l.starts_with(field))?;
-        line[field.len()..]
-            .trim()
-            .trim_end_matches("kB")
-            .trim()
-            .parse()
-            .ok()
-    };
-    if let Some(rss) = kb("VmRSS:") {
-        family(
-            out,
-            "process_resident_memory_bytes",
-            "gauge",
+    let memory = [
+        (
+            "VmRSS:",
+            "dongflow_process_resident_memory_bytes",
             "Resident memory size in bytes.",
-            &one((rss * 1024).to_string()),
-        );
-    }
-    if let Some(peak) = kb("VmHWM:") {
-        family(
-            out,
+        ),
+        (
+            "VmHWM:",
             "dongflow_process_peak_resident_memory_bytes",
-            "gauge",
             "The most resident memory the process has held, in bytes (VmHWM).",
-            &one((peak * 1024).to_string()),
-        );
-    }
-    if let Some(virt) = kb("VmSize:") {
-        family(
-            out,
-            "process_virtual_memory_bytes",
-            "gauge",
+        ),
+        (
+            "VmSize:",
+            "dongflow_process_virtual_memory_bytes",
             "Virtual memory size in bytes.",
-            &one((virt * 1024).to_string()),
-        );
+        ),
+    ];
+    for (field, name, help) in memory {
+        let kb = status
+            .lines()
+            .find_map(|l| l.strip_prefix(field))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok());
+        if let Some(kb) = kb {
+            family(out, name, "gauge", help, &one((kb * 1024).to_string()));
+        }
     }
     if let Ok(fds) = std::fs::read_dir("/proc/self/fd") {
         family(
             out,
-            "process_open_fds",
+            "dongflow_process_open_fds",
             "gauge",
             "Number of open file descriptors.",
             &one(fds.count().to_string()),
@@ -93,7 +85,7 @@ pub fn metrics(out: &mut String) {
     if let Some(max) = max_fds {
         family(
             out,
-            "process_max_fds",
+            "dongflow_process_max_fds",
             "gauge",
             "Maximum number of open file descriptors.",
             &one(max.to_string()),
