@@ -970,15 +970,8 @@ fn the_changelog_view_reads_on_for_its_keys_once_the_live_state_is_ready() {
     records.push(record(&t.districts, "2222000000", None));
     produce(&bootstrap, &records);
 
-    let view = dongflow::backup::BackupView::start(
-        &bootstrap.as_str().into(),
-        &t.districts,
-        &t.snapshots,
-        || true,
-    )
-    .expect("view starts");
     // Live from the start: the view never answers, and still says the keys.
-    view.release_when(|| true);
+    let view = changelog_view(&bootstrap, &t, true);
     let held = eventually(Duration::from_secs(30), "the held keys", || {
         assert!(!view.ready(), "a view that keeps keys alone never answers");
         view.held_keys()
@@ -989,6 +982,20 @@ fn the_changelog_view_reads_on_for_its_keys_once_the_live_state_is_ready() {
     assert_eq!(held.districts, ["1111000000"]);
     assert!(view.keys_only());
     view.stop();
+}
+
+/// The changelog's view of `t`'s changelog topics, reading at once, with the live state ready
+/// (`live`: it then keeps keys alone) or never.
+fn changelog_view(
+    bootstrap: &str,
+    t: &Topics,
+    live: bool,
+) -> std::sync::Arc<dongflow::backup::BackupView> {
+    let view =
+        dongflow::backup::BackupView::start(&bootstrap.into(), &t.districts, &t.snapshots, || true)
+            .expect("view starts");
+    view.release_when(move || live);
+    view
 }
 
 /// A changelog value that is not JSON is counted and skipped, not read as a deletion: the key keeps
@@ -1010,14 +1017,7 @@ fn an_undecodable_changelog_value_is_counted_not_read_as_a_deletion() {
             record("r-2", "not json {"),
         ],
     );
-    let view = dongflow::backup::BackupView::start(
-        &bootstrap.as_str().into(),
-        &t.districts,
-        &t.snapshots,
-        || true,
-    )
-    .expect("view starts");
-    view.release_when(|| false);
+    let view = changelog_view(&bootstrap, &t, false);
     let held = eventually(Duration::from_secs(30), "the view loaded", || {
         view.held_keys()
     });

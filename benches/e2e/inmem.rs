@@ -6,16 +6,17 @@ use std::alloc::System;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use dongflow::demo::{partition, partition_of};
+use dongflow::demo::partition;
 use dongflow::{AnswerBody, Engine, EngineConfig, Query};
-use dongflow_connectors::simulator::{fixed_state, SimConfig, SimEvent, Simulator};
+use dongflow_connectors::simulator::{SimConfig, SimEvent, Simulator};
 use dongflow_connectors::source::{EventSource, VecSource};
 use dongflow_connectors::Id;
 use dongflow_dataflow::districts::DistrictIndex;
 use dongflow_dataflow::types::{DistrictCounts, Snapshot};
-use stats_alloc::{Region, StatsAlloc, INSTRUMENTED_SYSTEM};
+use stats_alloc::{StatsAlloc, INSTRUMENTED_SYSTEM};
 
 use crate::baseline::Baseline;
+use crate::heap_common::heap_held;
 
 #[global_allocator]
 static GLOBAL: &StatsAlloc<System> = &INSTRUMENTED_SYSTEM;
@@ -126,41 +127,21 @@ pub fn peak_rss(pid: &str) -> u64 {
 /// engine, waits until its arrangements have stopped changing, and measures the heap it holds and
 /// the process's peak RSS.
 pub fn memory_point(riders: usize, deliveries: usize, index: &Arc<DistrictIndex>) -> MemoryPoint {
-    let workers = 2;
-    let sources: Vec<Box<dyn EventSource>> = (0..workers)
-        .map(|w| {
-            // Made as they are taken: the input never sits in memory.
-            let mine =
-                fixed_state(riders, deliveries).filter(move |e| partition_of(e, workers) == w);
-            Box::new(VecSource::from_events(mine)) as Box<dyn EventSource>
-        })
-        .collect();
-    let region = Region::new(GLOBAL);
-    let engine =
-        Engine::start(EngineConfig::new(workers, index.clone()), sources).expect("engine starts");
-    while !engine.drained() {
-        std::thread::sleep(Duration::from_millis(1));
-    }
-    // Steady state: the arrangements have finished merging what the burst left.
-    let mut last = engine.sizes().expect("sizes");
-    let mut still = 0;
-    while still < 5 {
-        std::thread::sleep(Duration::from_millis(100));
-        let now = engine.sizes().expect("sizes");
-        still = if now == last { still + 1 } else { 0 };
-        last = now;
-    }
-    let change = region.change();
-    let heap_bytes = change.bytes_allocated as i64 - change.bytes_deallocated as i64;
-    let counts = districts_of(&engine);
-    let point = MemoryPoint {
+    // No time limit that a slow machine could hit: the benchmark reports how long it takes.
+    let held = heap_held(
+        GLOBAL,
+        2,
         riders,
         deliveries,
-        heap_bytes,
+        index,
+        Duration::from_secs(24 * 3600),
+    );
+    MemoryPoint {
+        riders,
+        deliveries,
+        heap_bytes: held.heap_bytes,
         peak_rss_bytes: peak_rss("self"),
-        riders_on_shift: counts.iter().map(|(_, c)| c.riders_on_shift).sum(),
-        active_deliveries: counts.iter().map(|(_, c)| c.active_deliveries).sum(),
-    };
-    engine.stop();
-    point
+        riders_on_shift: held.riders_on_shift,
+        active_deliveries: held.active_deliveries,
+    }
 }

@@ -19,6 +19,8 @@ mod live;
 mod load;
 mod progress;
 
+#[path = "../../tests/common/heap.rs"]
+mod heap_common;
 #[allow(dead_code)]
 #[path = "../../tests/common/kafka.rs"]
 mod kafka_common;

@@ -420,7 +420,11 @@ impl BackupView {
             self.newest.fetch_max(as_of(v), Ordering::AcqRel);
         }
         let mut view = self.view.write().unwrap_or_else(|e| e.into_inner());
-        view.unreadable.remove(&(district, key.to_owned()));
+        // A readable record replaces an unreadable one (checked first: most loads have none, and
+        // the key would be copied for every record read).
+        if !view.unreadable.is_empty() {
+            view.unreadable.remove(&(district, key.to_owned()));
+        }
         if district {
             match value {
                 Some(v) => view.districts.insert(key.to_owned(), v),

@@ -142,11 +142,10 @@ struct InputProgress {
     ended: Vec<AtomicBool>,
     /// Events pushed into the dataflow, all workers.
     events: AtomicU64,
-    /// Per worker: the time of its last push when its source first said it had caught up (0: not yet).
-    caught_up_at: Vec<AtomicU64>,
-    /// The same for every worker of every process (by global index), as the marks every worker
-    /// broadcasts through the dataflow tell: readiness and clearing wait for the whole cluster's
-    /// input, not this process's alone.
+    /// Per worker of every process (by global index): the time of its last push when its source
+    /// first said it had caught up (0: not yet), as the marks every worker broadcasts through the
+    /// dataflow tell. Readiness and clearing wait for the whole cluster's input, not this process's
+    /// alone.
     caught_up_everywhere: Vec<AtomicU64>,
     /// The time of the checkpoint taken at a clean stop (0: not stopping yet).
     final_at: AtomicU64,
@@ -275,7 +274,6 @@ impl Engine {
             pushed: (0..workers).map(|_| AtomicU64::new(0)).collect(),
             ended: (0..workers).map(|_| AtomicBool::new(false)).collect(),
             events: AtomicU64::new(0),
-            caught_up_at: (0..workers).map(|_| AtomicU64::new(0)).collect(),
             caught_up_everywhere: (0..everywhere).map(|_| AtomicU64::new(0)).collect(),
             final_at: AtomicU64::new(0),
             final_done: std::sync::atomic::AtomicUsize::new(0),
@@ -594,6 +592,8 @@ struct WorkerLoop {
     deliveries_in: InputHandle<Time, dongflow_connectors::DeliveryEvent>,
     /// Where this worker says, once, that its source has caught up: `(global worker, time)`.
     caught_up_in: InputHandle<Time, (usize, Time)>,
+    /// Whether it has said so.
+    caught_up_sent: bool,
     probe: ProbeHandle<Time>,
     snapshots: SnapshotTrace,
     /// How many riders the rider changelog stage holds.
@@ -731,6 +731,7 @@ impl WorkerLoop {
             riders_in,
             deliveries_in,
             caught_up_in,
+            caught_up_sent: false,
             probe,
             snapshots,
             changelog_riders,
@@ -810,11 +811,9 @@ impl WorkerLoop {
                     in_flight.push_back(now);
                 }
             }
-            if self.progress.caught_up_at[self.index].load(Ordering::Relaxed) == 0
-                && self.slot.source.caught_up()
-            {
+            if !self.caught_up_sent && self.slot.source.caught_up() {
                 let last = self.progress.pushed[self.index].load(Ordering::Acquire);
-                self.progress.caught_up_at[self.index].store(last.max(1), Ordering::Release);
+                self.caught_up_sent = true;
                 self.caught_up_in.send((self.global_index, last.max(1)));
             }
             if polled == Polled::Ended && !ended {

@@ -504,8 +504,8 @@ impl Dongflow {
             .status();
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
-            if let Ok(Some(status)) = self.child.try_wait() {
-                return status.code();
+            if let Some(code) = self.exited() {
+                return code;
             }
             assert!(
                 Instant::now() < deadline,

@@ -47,9 +47,8 @@ pub struct KafkaMetrics {
     pub brokers_reachable: AtomicBool,
     /// Per input topic and partition: read position and end offset.
     pub partitions: Mutex<BTreeMap<(String, i32), PartitionProgress>>,
-    /// Fatal errors of the producer (it sends nothing more after the first).
-    pub producer_fatal: AtomicU64,
-    /// The first fatal error's reason.
+    /// The producer's fatal error, once it had one (librdkafka has at most one per producer: it
+    /// sends nothing more after it).
     fatal: Mutex<Option<String>>,
 }
 
@@ -70,8 +69,12 @@ impl KafkaMetrics {
             return false;
         }
         *fatal = Some(reason.to_owned());
-        self.producer_fatal.fetch_add(1, Ordering::Relaxed);
         true
+    }
+
+    /// Fatal producer errors so far: 0 or 1.
+    pub fn fatal_errors(&self) -> u64 {
+        u64::from(self.fatal_error().is_some())
     }
 
     /// The first fatal producer error, if there was one: the process must stop.

@@ -322,7 +322,7 @@ mod tests {
         assert!(reason.contains("sequence"), "{reason}");
         assert_eq!(metrics.fatal_error().as_deref(), Some(reason.as_str()));
         assert!(producer.fatal_error().is_some());
-        assert_eq!(metrics.producer_fatal.load(Ordering::Relaxed), 1);
+        assert_eq!(metrics.fatal_errors(), 1);
         let _ = producer.flush(Duration::from_secs(2));
         assert_eq!(
             metrics.delivered[OutputKind::RiderChangelog as usize].load(Ordering::Relaxed),

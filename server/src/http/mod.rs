@@ -989,7 +989,7 @@ fn kafka_metrics(out: &mut String, k: &KafkaMetrics) {
         "dongflow_producer_fatal_errors_total",
         "counter",
         "Fatal errors of the changelog and dead-letter producer; the process exits 1 after one.",
-        &one(k.producer_fatal.load(Relaxed)),
+        &one(k.fatal_errors()),
     );
     family(
         out,
