@@ -125,6 +125,36 @@ fn answers_equal_the_model() {
     server.stop();
 }
 
+/// Sends `request` on a connection of its own and reads the whole answer: status, content type and
+/// body (the server closes the connection after an answer to a request it could not parse).
+fn raw_exchange(addr: &str, request: &str) -> (u16, String, String) {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(addr).expect("connect");
+    stream
+        .set_read_timeout(Some(std::time::Duration::from_secs(10)))
+        .expect("timeout");
+    // The server may answer and close before it has read the whole of a long request.
+    let _ = stream.write_all(request.as_bytes());
+    let mut answer = Vec::new();
+    let _ = stream.read_to_end(&mut answer);
+    let answer = String::from_utf8_lossy(&answer).into_owned();
+    let (head, body) = answer.split_once("\r\n\r\n").expect("a head and a body");
+    let status = head
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .expect("a status");
+    let content_type = head
+        .lines()
+        .find_map(|l| {
+            l.to_ascii_lowercase()
+                .strip_prefix("content-type: ")
+                .map(str::to_owned)
+        })
+        .unwrap_or_default();
+    (status, content_type, body.to_owned())
+}
+
 #[test]
 fn errors_are_clear_json() {
     let index = builtin();
@@ -157,6 +187,41 @@ fn errors_are_clear_json() {
             "{path}: {body}"
         );
     }
+    // The answers the HTTP library writes by itself, for requests it cannot parse, are JSON too,
+    // and the server goes on answering.
+    let addr = client.base.trim_start_matches("http://").to_owned();
+    let many_headers: String = (0..150).map(|i| format!("x-h{i}: v\r\n")).collect();
+    let raw_cases = [
+        (
+            "GET / HTTP/1.1\r\nhost: x\r\nbad header line\r\n\r\n".to_owned(),
+            400,
+            "not valid HTTP/1.1",
+        ),
+        (
+            format!("GET /v1/districts HTTP/1.1\r\nhost: x\r\n{many_headers}\r\n"),
+            431,
+            "header fields are too large",
+        ),
+        (
+            format!("GET /{} HTTP/1.1\r\nhost: x\r\n\r\n", "x".repeat(70_000)),
+            414,
+            "target is too long",
+        ),
+    ];
+    for (request, status, message) in raw_cases {
+        let (got, content_type, body) = raw_exchange(&addr, &request);
+        assert_eq!(got, status, "{body}");
+        assert!(
+            content_type.starts_with("application/json"),
+            "{content_type}"
+        );
+        let v: Value = serde_json::from_str(&body).expect("a JSON body");
+        assert!(
+            v["error"].as_str().is_some_and(|e| e.contains(message)),
+            "{body}"
+        );
+    }
+    assert_eq!(client.json("/healthz").0, 200);
     // A huge path and a huge query string are refused or answered, never a server error.
     let long = "x".repeat(20_000);
     let (status, _, _) = client.get(&format!("/v1/riders/{long}"));

@@ -414,6 +414,62 @@ fn check_metrics(http: &str, input: &Input, outputs: &Outputs) {
     );
 }
 
+/// Lag as standard tools compute it (each partition's end offset minus the offset committed to
+/// `--group-id`, read back with a Kafka client) equals `dongflow_consumer_lag_records`, partition by
+/// partition, once the engine has read everything: the committed offsets are its read positions.
+fn check_group_lag(bootstrap: &str, t: &Topics, http: &str) {
+    use rdkafka::config::ClientConfig;
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    use rdkafka::{Offset, TopicPartitionList};
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .set("group.id", &t.riders)
+        .set("enable.auto.commit", "false")
+        .create()
+        .expect("a consumer of the group");
+    let client = common::Client::at(http.to_owned());
+    let timeout = Duration::from_secs(5);
+    let mut last = String::new();
+    eventually(
+        Duration::from_secs(30),
+        "the group's lag equal to the engine's",
+        || {
+            let mut tpl = TopicPartitionList::new();
+            for topic in [&t.riders, &t.deliveries] {
+                for p in 0..PARTITIONS {
+                    tpl.add_partition(topic, p);
+                }
+            }
+            let committed = consumer.committed_offsets(tpl, timeout).ok()?;
+            let (_, _, text) = client.get("/metrics");
+            let mut differ = Vec::new();
+            for e in committed.elements() {
+                let (_, end) = consumer
+                    .fetch_watermarks(e.topic(), e.partition(), timeout)
+                    .ok()?;
+                let series = format!(
+                    "dongflow_consumer_lag_records{{partition=\"{}\",topic=\"{}\"}}",
+                    e.partition(),
+                    e.topic()
+                );
+                let group_lag = match e.offset() {
+                    Offset::Offset(c) => Some((end - c) as f64),
+                    _ => None,
+                };
+                let engine_lag = common::sample(&text, &series);
+                if group_lag.is_none() || group_lag != engine_lag {
+                    differ.push(format!(
+                        "{series}: group {group_lag:?}, engine {engine_lag:?}"
+                    ));
+                }
+            }
+            last = differ.join("; ");
+            differ.is_empty().then_some(())
+        },
+    );
+    assert!(last.is_empty(), "{last}");
+}
+
 fn end_to_end(broker: &Broker, test: &str) {
     let index = builtin();
     let t = Topics::new(test);
@@ -457,6 +513,7 @@ fn end_to_end(broker: &Broker, test: &str) {
     secure::check_java_partitioning(&outputs.dlq.records, PARTITIONS);
     check_http_matches(&dongflow.http, &outputs);
     check_metrics(&dongflow.http, &input, &outputs);
+    check_group_lag(&bootstrap, &t, &dongflow.http);
     assert!(!input.expected_riders.is_empty() && !input.expected_districts.is_empty());
     assert!(tombstones > 0, "shift ends show as tombstones");
     assert_eq!(dongflow.terminate(), Some(0), "SIGTERM is a clean stop");

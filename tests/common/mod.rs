@@ -488,6 +488,41 @@ pub fn check_prometheus_text(text: &str) {
             "buckets not cumulative for {route}: {values:?}"
         );
     }
+    promtool_check_metrics(text);
+}
+
+/// `promtool check metrics` (Prometheus' own linter) finds nothing in `text`. Skipped without
+/// promtool unless `DONGFLOW_REQUIRE_PROMTOOL` is set (as `.ci/run` does, having installed it).
+fn promtool_check_metrics(text: &str) {
+    use std::io::Write;
+    use std::process::{Command, Stdio};
+    let child = Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn();
+    let mut child = match child {
+        Ok(child) => child,
+        Err(e) if std::env::var_os("DONGFLOW_REQUIRE_PROMTOOL").is_none() => {
+            eprintln!("skipping promtool check metrics: {e}");
+            return;
+        }
+        Err(e) => panic!("promtool is required (DONGFLOW_REQUIRE_PROMTOOL) but: {e}"),
+    };
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(text.as_bytes())
+        .expect("promtool reads the metrics");
+    let out = child.wait_with_output().expect("promtool ends");
+    assert!(
+        out.status.success(),
+        "promtool check metrics: {}{}\n{text}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 /// The value of one sample (`name` with its labels, exactly as printed) in Prometheus text.

@@ -490,6 +490,15 @@ fn a_broker_outage_loses_nothing_and_reading_resumes_within_2_s() {
         },
     );
     assert_eq!(client.json("/healthz").0, 200, "an outage is not a crash");
+    // The outage shows per partition: no partition is read while the broker is away.
+    eventually(
+        Duration::from_secs(30),
+        "every partition's read age growing",
+        || {
+            let ages = read_ages(&client);
+            (ages.len() == 2 * PARTITIONS as usize && ages.iter().all(|a| *a >= 2.0)).then_some(())
+        },
+    );
     let read_before = read_so_far(&dongflow.http);
     tansu.up();
     // The clock starts when the broker accepts connections again, and includes the time this
@@ -510,7 +519,25 @@ fn a_broker_outage_loses_nothing_and_reading_resumes_within_2_s() {
     let mut outputs = Outputs::new(&bootstrap, &t);
     outputs.wait_for(&input);
     assert_eq!(client.json("/healthz").0, 200);
+    // Caught up again, and idle: every partition is read (its end offset seen reached).
+    eventually(
+        Duration::from_secs(30),
+        "every partition read again",
+        || {
+            let ages = read_ages(&client);
+            (ages.len() == 2 * PARTITIONS as usize && ages.iter().all(|a| *a < 2.0)).then_some(())
+        },
+    );
     assert_eq!(dongflow.terminate(), Some(0));
+}
+
+/// `dongflow_input_read_age_seconds` of every input partition.
+fn read_ages(client: &common::Client) -> Vec<f64> {
+    let (_, _, text) = client.get("/metrics");
+    text.lines()
+        .filter(|l| l.starts_with("dongflow_input_read_age_seconds{"))
+        .filter_map(|l| l.rsplit_once(' ')?.1.parse().ok())
+        .collect()
 }
 
 /// Creates the input topics of `t` on a broker with the admin API.

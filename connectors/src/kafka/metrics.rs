@@ -15,15 +15,30 @@ pub struct PartitionProgress {
     pub end: Option<i64>,
     /// The partition's start offset when last asked.
     pub start: Option<i64>,
+    /// When this process last read the partition (milliseconds since the Unix epoch): took a
+    /// record from it, or saw its end offset reached. `None`: never yet.
+    pub read_at_ms: Option<u64>,
 }
 
 impl PartitionProgress {
+    /// Notes that the partition was read just now.
+    pub fn read_now(&mut self) {
+        self.read_at_ms = Some(wall_clock_ms());
+    }
+
     /// Records the broker has that this process has not read yet.
     pub fn lag(&self) -> Option<i64> {
         let end = self.end?;
         let next = self.next.or(self.start)?;
         Some((end - next).max(0))
     }
+}
+
+/// Now, in milliseconds since the Unix epoch (0 on a clock set before it).
+fn wall_clock_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
 }
 
 /// The counters. Every field is cheap to bump from any thread.

@@ -205,7 +205,12 @@ impl KafkaSource {
                 self.metrics.update_partition(
                     self.config.inputs()[input as usize],
                     p,
-                    |progress| progress.next = Some(next),
+                    |progress| {
+                        if progress.next != Some(next) {
+                            progress.read_now();
+                        }
+                        progress.next = Some(next);
+                    },
                 );
             }
         }

@@ -176,6 +176,10 @@ impl Looker {
                 self.metrics.update_partition(topic, p, |progress| {
                     progress.start = Some(low);
                     progress.end = Some(high);
+                    // Nothing left to read at an end offset just asked for: as read as can be.
+                    if progress.lag() == Some(0) {
+                        progress.read_now();
+                    }
                 });
             }
             if before.reached && counts[input as usize] > before.partitions[input as usize] {

@@ -5,14 +5,13 @@
 //! connection's own task. A query never waits for the workers or stalls them, and a slow or
 //! vanished client holds nothing but its own copy of that version. Request bodies are never read.
 
-use std::collections::BTreeMap;
 use std::convert::Infallible;
 use std::future::Future;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use dongflow_connectors::kafka::{KafkaMetrics, OutputKind};
+use dongflow_connectors::kafka::KafkaMetrics;
 use dongflow_dataflow::districts::DistrictId;
 use dongflow_dataflow::types::{DistrictCounts, Time};
 
@@ -32,13 +31,15 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpListener;
 
 pub mod auth;
-mod process;
+mod canned;
+mod metrics;
 pub mod tls;
 
 pub use auth::{TokenFileError, Tokens};
+use metrics::HttpMetrics;
 pub use tls::TlsError;
 
-use crate::engine::{now_ms, EngineHandle};
+use crate::engine::EngineHandle;
 use crate::query::{Answer, AnswerBody, Query, QueryError};
 use crate::render::{DistrictView, DistrictsView, RiderView, RidersView, Stamped};
 
@@ -193,7 +194,7 @@ async fn connection(
         // A client that sends headers too slowly is dropped rather than kept forever.
         .header_read_timeout(Duration::from_secs(10))
         .timer(hyper_util::rt::TokioTimer::new())
-        .serve_connection(TokioIo::new(io), service);
+        .serve_connection(TokioIo::new(canned::JsonErrors::new(io)), service);
     if let Err(e) = conn.await {
         tracing::debug!("connection ended: {e}");
     }
@@ -307,20 +308,6 @@ mod routes {
     pub const OTHER: &str = "other";
     /// Requests refused for want of a valid token, whatever their route.
     pub const UNAUTHORIZED: &str = "unauthorized";
-    pub const ALL: [&str; 12] = [
-        DISTRICTS,
-        DISTRICT,
-        DISTRICT_RIDERS,
-        RIDER,
-        GEOJSON,
-        METRICS,
-        HEALTHZ,
-        READYZ,
-        OPENAPI,
-        INDEX,
-        OTHER,
-        UNAUTHORIZED,
-    ];
 }
 
 /// Decodes one path segment; `None` when it is not valid percent-encoded UTF-8.
@@ -379,11 +366,11 @@ async fn route(app: &Arc<App>, req: &Request<Incoming>) -> (&'static str, Respon
         ),
         routes::METRICS => {
             let app = app.clone();
-            match tokio::task::spawn_blocking(move || metrics_text(&app)).await {
-                Ok(text) => respond(
-                    StatusCode::OK,
-                    "text/plain; version=0.0.4; charset=utf-8",
-                    text,
+            match tokio::task::spawn_blocking(move || metrics::text(&app)).await {
+                Ok(Ok(text)) => respond(StatusCode::OK, metrics::CONTENT_TYPE, text),
+                Ok(Err(e)) => error(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    &format!("cannot encode metrics: {e}"),
                 ),
                 Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, &e.to_string()),
             }
@@ -651,385 +638,6 @@ fn ready(app: &App) -> bool {
     let producing = app.kafka.as_ref().is_none_or(|k| k.fatal_error().is_none());
     let whole = crate::failstop::failure().is_none();
     producing && whole && app.engine.ready()
-}
-
-/// Latency histogram bucket bounds, in seconds.
-const BUCKETS: [f64; 14] = [
-    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0,
-];
-
-#[derive(Default)]
-struct RouteStats {
-    by_status: BTreeMap<u16, u64>,
-    buckets: [u64; BUCKETS.len()],
-    count: u64,
-    sum: f64,
-}
-
-/// Requests by route and status, and a latency histogram per route.
-#[derive(Default)]
-struct HttpMetrics {
-    routes: Mutex<BTreeMap<&'static str, RouteStats>>,
-}
-
-impl HttpMetrics {
-    fn observe(&self, route: &'static str, status: StatusCode, elapsed: Duration) {
-        let secs = elapsed.as_secs_f64();
-        let mut routes = self.routes.lock().unwrap_or_else(|e| e.into_inner());
-        let stats = routes.entry(route).or_default();
-        *stats.by_status.entry(status.as_u16()).or_default() += 1;
-        stats.count += 1;
-        stats.sum += secs;
-        for (bucket, bound) in stats.buckets.iter_mut().zip(BUCKETS) {
-            if secs <= bound {
-                *bucket += 1;
-            }
-        }
-    }
-}
-
-/// Writes one metric family: help, type, and its samples.
-fn family(out: &mut String, name: &str, kind: &str, help: &str, samples: &[(String, String)]) {
-    use std::fmt::Write;
-    let _ = writeln!(out, "# HELP {name} {help}");
-    let _ = writeln!(out, "# TYPE {name} {kind}");
-    for (labels, value) in samples {
-        let _ = writeln!(out, "{name}{labels} {value}");
-    }
-}
-
-fn metrics_text(app: &App) -> String {
-    use std::sync::atomic::Ordering::Relaxed;
-    let mut out = String::new();
-    let engine = &app.engine;
-    let c = engine.counters();
-    let kinds = [("rider", &c.riders), ("delivery", &c.deliveries)];
-    family(
-        &mut out,
-        "dongflow_events_consumed_total",
-        "counter",
-        "Events taken into the dataflow.",
-        &[(String::new(), engine.events_in().to_string())],
-    );
-    let per_kind =
-        |f: &dyn Fn(&dongflow_dataflow::upsert::UpsertCounters) -> u64| -> Vec<(String, String)> {
-            kinds
-                .iter()
-                .map(|(k, c)| (format!("{{kind=\"{k}\"}}"), f(c).to_string()))
-                .collect()
-        };
-    family(
-        &mut out,
-        "dongflow_events_applied_total",
-        "counter",
-        "Events applied to their id's state.",
-        &per_kind(&|c| c.applied.load(Relaxed)),
-    );
-    family(
-        &mut out,
-        "dongflow_events_stale_total",
-        "counter",
-        "Events ignored because their ts was older than their id's latest.",
-        &per_kind(&|c| c.stale.load(Relaxed)),
-    );
-    family(
-        &mut out,
-        "dongflow_events_after_terminal_total",
-        "counter",
-        "Events ignored because their delivery had ended.",
-        &per_kind(&|c| c.after_terminal.load(Relaxed)),
-    );
-    family(
-        &mut out,
-        "dongflow_tombstones_expired_total",
-        "counter",
-        "Ended deliveries forgotten after their time to live.",
-        &per_kind(&|c| c.expired.load(Relaxed)),
-    );
-    let as_of = engine.as_of();
-    family(
-        &mut out,
-        "dongflow_ready",
-        "gauge",
-        "1 when /readyz answers 200.",
-        &[(String::new(), u8::from(ready(app)).to_string())],
-    );
-    // Seconds, as Prometheus' conventions want (promtool flags a `_milliseconds` unit).
-    family(
-        &mut out,
-        "dongflow_as_of_seconds",
-        "gauge",
-        "The latest dataflow time every worker has completed (seconds since the Unix epoch; 0 before the first).",
-        &[(String::new(), format!("{:.3}", as_of as f64 / 1000.0))],
-    );
-    let age = if as_of == 0 {
-        f64::NAN
-    } else {
-        now_ms().saturating_sub(as_of) as f64 / 1000.0
-    };
-    family(
-        &mut out,
-        "dongflow_frontier_age_seconds",
-        "gauge",
-        "Now minus the latest complete as_of: how fresh answers are.",
-        &[(String::new(), format!("{age}"))],
-    );
-    if let Ok(sizes) = engine.sizes() {
-        family(
-            &mut out,
-            "dongflow_state_entries",
-            "gauge",
-            "Ids held in the upsert state (ended deliveries included until they expire), and riders held by the rider changelog stage.",
-            &[
-                ("{state=\"riders\"}".into(), sizes.riders.to_string()),
-                (
-                    "{state=\"deliveries\"}".into(),
-                    sizes.deliveries.to_string(),
-                ),
-                (
-                    "{state=\"changelog_riders\"}".into(),
-                    sizes.changelog_riders.to_string(),
-                ),
-            ],
-        );
-        family(
-            &mut out,
-            "dongflow_arrangement_updates",
-            "gauge",
-            "Updates held in each arrangement that feeds the serving view.",
-            &[
-                (
-                    "{arrangement=\"snapshots\"}".into(),
-                    sizes.snapshot_updates.to_string(),
-                ),
-                (
-                    "{arrangement=\"counts\"}".into(),
-                    sizes.count_updates.to_string(),
-                ),
-            ],
-        );
-    }
-    process::metrics(&mut out);
-    if let Some(status) = &app.checkpoints {
-        checkpoint_metrics(&mut out, status);
-    }
-    if let Some(kafka) = &app.kafka {
-        kafka_metrics(&mut out, kafka);
-    }
-    if let Some(b) = &app.backup {
-        family(
-            &mut out,
-            "dongflow_changelog_undecodable_records_total",
-            "counter",
-            "Changelog records read back at start whose value was not JSON (skipped, not deletions).",
-            &[(String::new(), b.undecodable().to_string())],
-        );
-    }
-    let routes = app.metrics.routes.lock().unwrap_or_else(|e| e.into_inner());
-    let mut requests = Vec::new();
-    let mut latency = Vec::new();
-    for route in routes::ALL {
-        let Some(stats) = routes.get(route) else {
-            continue;
-        };
-        for (status, n) in &stats.by_status {
-            requests.push((
-                format!("{{route=\"{route}\",status=\"{status}\"}}"),
-                n.to_string(),
-            ));
-        }
-        for (bound, n) in BUCKETS.iter().zip(stats.buckets) {
-            latency.push((
-                format!("_bucket{{route=\"{route}\",le=\"{bound}\"}}"),
-                n.to_string(),
-            ));
-        }
-        latency.push((
-            format!("_bucket{{route=\"{route}\",le=\"+Inf\"}}"),
-            stats.count.to_string(),
-        ));
-        latency.push((format!("_sum{{route=\"{route}\"}}"), stats.sum.to_string()));
-        latency.push((
-            format!("_count{{route=\"{route}\"}}"),
-            stats.count.to_string(),
-        ));
-    }
-    family(
-        &mut out,
-        "dongflow_http_requests_total",
-        "counter",
-        "HTTP requests by route and status.",
-        &requests,
-    );
-    family(
-        &mut out,
-        "dongflow_http_request_duration_seconds",
-        "histogram",
-        "HTTP request latency by route.",
-        &latency,
-    );
-    out
-}
-
-fn checkpoint_metrics(out: &mut String, status: &WriteStatus) {
-    let one = |v: String| vec![(String::new(), v)];
-    family(
-        out,
-        "dongflow_checkpoint_write_failures_total",
-        "counter",
-        "Checkpoint writes of this process that failed.",
-        &one(status.failures().to_string()),
-    );
-    let Some(last) = status.last() else {
-        return;
-    };
-    family(
-        out,
-        "dongflow_checkpoint_last_time_seconds",
-        "gauge",
-        "Dataflow time of the last checkpoint this process wrote (seconds since the Unix epoch).",
-        &one(format!("{:.3}", last.time as f64 / 1000.0)),
-    );
-    family(
-        out,
-        "dongflow_checkpoint_age_seconds",
-        "gauge",
-        "Seconds since the dataflow time of the last checkpoint this process wrote.",
-        &one(format!(
-            "{:.3}",
-            now_ms().saturating_sub(last.time) as f64 / 1000.0
-        )),
-    );
-    family(
-        out,
-        "dongflow_checkpoint_last_bytes",
-        "gauge",
-        "Bytes this process wrote for its last checkpoint.",
-        &one(last.bytes.to_string()),
-    );
-    family(
-        out,
-        "dongflow_checkpoint_last_write_seconds",
-        "gauge",
-        "Time this process took to encode and write its last checkpoint.",
-        &one(format!("{:.6}", last.write.as_secs_f64())),
-    );
-    family(
-        out,
-        "dongflow_checkpoint_last_pause_seconds",
-        "gauge",
-        "The longest pause of a worker while its state was copied for the last checkpoint.",
-        &one(format!("{:.6}", last.pause.as_secs_f64())),
-    );
-}
-
-fn kafka_metrics(out: &mut String, k: &KafkaMetrics) {
-    use std::sync::atomic::Ordering::Relaxed;
-    let one = |v: u64| vec![(String::new(), v.to_string())];
-    family(
-        out,
-        "dongflow_kafka_records_read_total",
-        "counter",
-        "Input records read from Kafka, good and bad.",
-        &one(k.consumed.load(Relaxed)),
-    );
-    let invalid: Vec<(String, String)> = k
-        .invalid_by_reason()
-        .into_iter()
-        .map(|(reason, n)| (format!("{{reason=\"{reason}\"}}"), n.to_string()))
-        .collect();
-    family(
-        out,
-        "dongflow_events_invalid_total",
-        "counter",
-        "Input records rejected (CONTRACT section 4), by reason.",
-        &invalid,
-    );
-    family(
-        out,
-        "dongflow_dead_letters_total",
-        "counter",
-        "Rejected records delivered to the dead-letter topic.",
-        &one(k.dead_lettered.load(Relaxed)),
-    );
-    let by_output = |counters: &[std::sync::atomic::AtomicU64; 3]| -> Vec<(String, String)> {
-        OutputKind::ALL
-            .iter()
-            .map(|kind| {
-                (
-                    format!("{{output=\"{}\"}}", kind.label()),
-                    counters[*kind as usize].load(Relaxed).to_string(),
-                )
-            })
-            .collect()
-    };
-    family(
-        out,
-        "dongflow_output_records_written_total",
-        "counter",
-        "Records the broker acknowledged, by output (changelogs, dead letters).",
-        &by_output(&k.delivered),
-    );
-    family(
-        out,
-        "dongflow_output_records_failed_total",
-        "counter",
-        "Records the broker refused for good, by output.",
-        &by_output(&k.failed),
-    );
-    family(
-        out,
-        "dongflow_producer_queue_full_waits_total",
-        "counter",
-        "Times a send waited because the producer's queue was full (broker slow or away).",
-        &one(k.queue_full_waits.load(Relaxed)),
-    );
-    family(
-        out,
-        "dongflow_producer_fatal_errors_total",
-        "counter",
-        "Fatal errors of the changelog and dead-letter producer; the process exits 1 after one.",
-        &one(k.fatal_errors()),
-    );
-    family(
-        out,
-        "dongflow_offset_commit_failures_total",
-        "counter",
-        "Offset commits to the consumer group that failed (lag tools only).",
-        &one(k.commit_failures.load(Relaxed)),
-    );
-    family(
-        out,
-        "dongflow_kafka_brokers_reachable",
-        "gauge",
-        "1 when the last metadata request reached a broker.",
-        &one(u64::from(k.brokers_reachable.load(Relaxed))),
-    );
-    let mut lag = Vec::new();
-    let mut end = Vec::new();
-    for ((topic, partition), progress) in k.partitions() {
-        let labels = format!("{{topic=\"{topic}\",partition=\"{partition}\"}}");
-        if let Some(l) = progress.lag() {
-            lag.push((labels.clone(), l.to_string()));
-        }
-        if let Some(e) = progress.end {
-            end.push((labels, e.to_string()));
-        }
-    }
-    family(
-        out,
-        "dongflow_consumer_lag_records",
-        "gauge",
-        "Records in each input partition not read yet.",
-        &lag,
-    );
-    family(
-        out,
-        "dongflow_input_end_offset",
-        "gauge",
-        "End offset of each input partition when last asked.",
-        &end,
-    );
 }
 
 /// An HTTP server running on its own tokio runtime.
