@@ -1,5 +1,10 @@
 //! The benchmark's chart: panels of bars (median, with a whisker from min to max) beside their
 //! targets, written as plain SVG (text is left to the viewer's fonts, so nothing is needed to draw it).
+//!
+//! Written here rather than with a plotting crate (plotters): the chart is a few dozen rectangles,
+//! lines and labels per panel, and writing them directly keeps the committed SVG small and the same
+//! byte for byte for the same figures, so a change in `docs/bench` shows as a change in the numbers
+//! only, with no drawing backend or font stack in the build.
 
 use std::fmt::Write;
 

@@ -1,5 +1,9 @@
 //! The progress display: one line per step with its result and time, and on a terminal a live
 //! line with what the running step is doing.
+//!
+//! Written here rather than with indicatif: the lines per step are what a CI log keeps, and
+//! indicatif writes nothing when stderr is not a terminal (its `println` is a no-op on a hidden
+//! bar), so they would be written by hand anyway; what is left is one redrawn line.
 
 use std::io::{IsTerminal, Write};
 use std::sync::Mutex;

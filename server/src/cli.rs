@@ -308,9 +308,12 @@ pub struct GenerateArgs {
     /// Seed: the same seed and `--start-ts` give the same events.
     #[arg(long, default_value_t = 1)]
     pub seed: u64,
-    /// The simulated clock's start (the first events' `ts`), ms since the Unix epoch [default: now].
-    #[arg(long, value_name = "MS")]
-    pub start_ts: Option<u64>,
+    /// The simulated clock's start (the first events' `ts`): ms since the Unix epoch, or `now`.
+    /// The default, a fixed 2026-01-01T00:00:00Z, makes a seed's events the same every time; to
+    /// feed topics an earlier run already fed, start later (e.g. `now`), or the engine ignores the
+    /// repeated events as stale (CONTRACT section 3).
+    #[arg(long, value_name = "MS|now", default_value = "1767225600000", value_parser = parse_start_ts)]
+    pub start_ts: StartTs,
     /// Partitions of the input topics when they have to be created.
     #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(i32).range(1..=10_000))]
     pub partitions: i32,
@@ -319,28 +322,43 @@ pub struct GenerateArgs {
     pub kafka: KafkaPropertyArgs,
 }
 
-/// Parses `500ms`, `10s`, `2m`, `1h` (a bare number is seconds).
+/// Parses `500ms`, `10s`, `2m`, `1h`, `1h 30m` (humantime's units); a bare number is seconds.
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
     let s = s.trim();
-    let split = s
-        .find(|c: char| !c.is_ascii_digit() && c != '.')
-        .unwrap_or(s.len());
-    let (number, unit) = s.split_at(split);
-    let value: f64 = number
-        .parse()
-        .map_err(|_| format!("`{s}` is not a duration like 500ms, 10s, 2m or 1h"))?;
-    let seconds = match unit.trim() {
-        "ms" => value / 1000.0,
-        "" | "s" => value,
-        "m" | "min" => value * 60.0,
-        "h" => value * 3600.0,
-        other => {
-            return Err(format!(
-                "unknown unit `{other}` in `{s}`: use ms, s, m or h"
-            ))
+    if let Ok(seconds) = s.parse::<f64>() {
+        return Duration::try_from_secs_f64(seconds).map_err(|e| format!("`{s}`: {e}"));
+    }
+    humantime::parse_duration(s)
+        .map_err(|e| format!("`{s}` is not a duration like 500ms, 10s, 2m or 1h ({e})"))
+}
+
+/// Where `generate`'s simulated clock starts.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StartTs {
+    /// At this time, in ms since the Unix epoch.
+    At(u64),
+    /// At the wall clock's time when the command starts.
+    Now,
+}
+
+impl StartTs {
+    /// The start in ms since the Unix epoch (`Now` read from the clock).
+    pub fn ms(self) -> u64 {
+        match self {
+            StartTs::At(ms) => ms,
+            StartTs::Now => crate::engine::now_ms(),
         }
-    };
-    Duration::try_from_secs_f64(seconds).map_err(|e| format!("`{s}`: {e}"))
+    }
+}
+
+/// Parses `now` or milliseconds since the Unix epoch.
+pub fn parse_start_ts(s: &str) -> Result<StartTs, String> {
+    if s.eq_ignore_ascii_case("now") {
+        return Ok(StartTs::Now);
+    }
+    s.parse()
+        .map(StartTs::At)
+        .map_err(|_| format!("`{s}` is neither `now` nor milliseconds since the Unix epoch"))
 }
 
 /// As [`parse_duration`], refusing zero: a checkpoint every instant, or deliveries forgotten as
@@ -363,6 +381,8 @@ mod tests {
         assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
         assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
         assert_eq!(parse_duration("3"), Ok(Duration::from_secs(3)));
+        assert_eq!(parse_duration("1.5"), Ok(Duration::from_millis(1500)));
+        assert_eq!(parse_duration("1h 30m"), Ok(Duration::from_secs(5400)));
         assert!(parse_duration("ten").is_err());
         assert!(parse_duration("5 parsecs").is_err());
         assert_eq!(parse_interval("6h"), Ok(Duration::from_secs(6 * 3600)));

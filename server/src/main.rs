@@ -250,18 +250,25 @@ fn wait_for_stop(stop: &AtomicBool, pipeline: &Pipeline) -> Option<Failure> {
 }
 
 /// The topics the embedded broker starts with.
+/// The topics of the embedded broker: the inputs and the dead letters, then the two changelogs.
 fn embedded_topics(kafka: &KafkaConfig, district: &str, rider: &str) -> Vec<TopicSpec> {
     vec![
         TopicSpec::new(&kafka.rider_topic, EMBEDDED_PARTITIONS),
         TopicSpec::new(&kafka.delivery_topic, EMBEDDED_PARTITIONS),
-        TopicSpec::compacted(district, EMBEDDED_PARTITIONS),
-        TopicSpec::compacted(rider, EMBEDDED_PARTITIONS),
         TopicSpec::new(&kafka.dead_letter_topic, EMBEDDED_PARTITIONS),
+        TopicSpec::compacted(district, EMBEDDED_CHANGELOG_PARTITIONS),
+        TopicSpec::compacted(rider, EMBEDDED_CHANGELOG_PARTITIONS),
     ]
 }
 
 /// Partitions of each topic of the embedded broker.
 const EMBEDDED_PARTITIONS: i32 = 4;
+/// Partitions of the embedded broker's changelog topics. It keeps about 5 MB of each partition and
+/// does not compact: spread over this many, the changelogs stay whole (every key's latest record
+/// readable from offset 0) for the length of a demo at its default rate (README, "Limits").
+const EMBEDDED_CHANGELOG_PARTITIONS: i32 = 32;
+/// How often the demo asks whether the embedded broker has begun dropping changelog records.
+const TRIM_CHECK_EVERY: Duration = Duration::from_secs(10);
 
 fn run(args: RunArgs) -> Result<(), Failure> {
     let cluster = cluster_spec(&args.cluster)?;
@@ -362,6 +369,7 @@ fn demo(args: DemoArgs) -> Result<(), Failure> {
     };
     let topics = embedded_topics(&kafka, "district-changelog", "rider-changelog");
     let broker = EmbeddedBroker::start(&topics).context("starting the embedded broker")?;
+    let changelogs = &topics[3..];
     let kafka = KafkaConfig {
         brokers: brokers.with_bootstrap(broker.bootstrap()),
         ..kafka
@@ -412,6 +420,7 @@ fn demo(args: DemoArgs) -> Result<(), Failure> {
     let _ = std::io::stdout().flush();
     let started = Instant::now();
     let mut last_print = Instant::now();
+    let (mut last_trim_check, mut trimmed) = (Instant::now(), false);
     while !stop.load(Ordering::Relaxed) {
         if args.duration.is_some_and(|d| started.elapsed() >= d) {
             break;
@@ -420,6 +429,20 @@ fn demo(args: DemoArgs) -> Result<(), Failure> {
         if last_print.elapsed() >= Duration::from_secs(2) {
             last_print = Instant::now();
             print_summary(&pipeline, &index, started.elapsed());
+        }
+        if !trimmed && last_trim_check.elapsed() >= TRIM_CHECK_EVERY {
+            last_trim_check = Instant::now();
+            if let Some((topic, p)) = broker
+                .trimmed(changelogs)
+                .ok()
+                .and_then(|t| t.into_iter().next())
+            {
+                trimmed = true;
+                println!(
+                    "note: after {:.0} s the embedded broker drops the oldest records of {topic} (partition {p} first): it keeps about 5 MB a partition and does not compact, so a reader from offset 0 no longer gets every key; read the changelogs as they are written, or run on a real broker",
+                    started.elapsed().as_secs_f64()
+                );
+            }
         }
     }
     stop.store(true, Ordering::SeqCst);
@@ -477,7 +500,8 @@ fn generate(args: GenerateArgs) -> Result<(), Failure> {
         let brokers = kafka_settings(&args.kafka, brokers)?;
         return generate_to_kafka(&args, &brokers, &stop);
     }
-    let mut simulator = Simulator::new(sim_config(args.riders, args.seed, args.start_ts));
+    let mut simulator =
+        Simulator::new(sim_config(args.riders, args.seed, Some(args.start_ts.ms())));
     let started = Instant::now();
     let limit = args.events.unwrap_or(u64::MAX);
     let mut out = std::io::BufWriter::new(std::io::stdout().lock());
@@ -544,7 +568,7 @@ fn generate_to_kafka(
         }
     };
     let produced = produce(
-        sim_config(args.riders, args.seed, args.start_ts),
+        sim_config(args.riders, args.seed, Some(args.start_ts.ms())),
         &config,
         stop,
         |sent| {

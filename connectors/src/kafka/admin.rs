@@ -9,6 +9,7 @@ use rdkafka::mocking::MockCluster;
 use rdkafka::producer::DefaultProducerContext;
 use rdkafka::types::RDKafkaErrorCode;
 
+use super::quiet::Quiet;
 use super::{ClientSettings, KafkaError};
 
 /// A topic to create if it is missing.
@@ -153,6 +154,25 @@ impl EmbeddedBroker {
     pub fn fail_produce_requests(&self, errors: &[rdkafka::types::RDKafkaRespErr]) {
         self.cluster
             .request_errors(rdkafka::types::RDKafkaApiKey::Produce, errors);
+    }
+
+    /// The partitions of `topics` whose oldest records this broker has dropped (their start
+    /// offset is above 0): it keeps about 5 MB of record batches a partition (librdkafka's fixed
+    /// limit) and does not compact, so a reader from the beginning no longer sees every key there.
+    pub fn trimmed(&self, topics: &[TopicSpec]) -> Result<Vec<(String, i32)>, KafkaError> {
+        let client: BaseConsumer<Quiet> = rdkafka::config::ClientConfig::new()
+            .set("bootstrap.servers", self.bootstrap())
+            .create_with_context(Quiet::default())?;
+        let mut trimmed = Vec::new();
+        for t in topics {
+            for p in 0..t.partitions {
+                let (low, _) = client.fetch_watermarks(&t.name, p, Duration::from_secs(5))?;
+                if low > 0 {
+                    trimmed.push((t.name.clone(), p));
+                }
+            }
+        }
+        Ok(trimmed)
     }
 
     /// Creates a topic (the mock cluster has no compaction; the flag is ignored).
