@@ -374,11 +374,19 @@ fn generate_is_reproducible_with_a_seed() {
     }
     // 2026-01-01T00:00:00Z, plus the simulator's first steps.
     let start = 1_767_225_600_000;
-    assert!((start..start + 60_000).contains(&first_ts(&first)), "{}", first_ts(&first));
+    assert!(
+        (start..start + 60_000).contains(&first_ts(&first)),
+        "{}",
+        first_ts(&first)
+    );
     assert_eq!(run("7", &[]), first, "the same seed gives the same events");
     assert_ne!(run("8", &[]), first, "another seed gives other events");
     let later = run("7", &["--start-ts", "1767225660000"]);
-    assert_eq!(first_ts(&later) - first_ts(&first), 60_000, "the same events a minute later");
+    assert_eq!(
+        first_ts(&later) - first_ts(&first),
+        60_000,
+        "the same events a minute later"
+    );
     let now_ms = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .expect("clock")

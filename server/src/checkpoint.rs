@@ -5,8 +5,11 @@
 //! last, `checkpoint-<T>/process-<p>.manifest.json` listing every file of that process with its size
 //! and checksum. A checkpoint is complete when the manifests of all its processes are there and every
 //! file matches its manifest; anything else is reported and skipped, never trusted. Files are written
-//! to a temporary name, synced and renamed. After a complete checkpoint, older ones are deleted (at
-//! most two are kept, so disk use stays bounded even when processes do not share a state dir).
+//! to a temporary name, synced and renamed. After each write, checkpoints older than the newest
+//! complete one are deleted; that one never is, and of those newer than it (being written, or
+//! waiting for other processes' manifests) at most two are kept, so disk use stays bounded even when
+//! processes do not share a state dir. Pruning judges completeness by manifests and file sizes and
+//! reads no checkpoint back.
 //!
 //! A clean stop whose changelog records were all acknowledged adds
 //! `checkpoint-<T>/process-<p>.published.json` ([`mark_published`]): a restore from `T` then need not
@@ -320,7 +323,7 @@ fn write_loop(
                     r.pause
                 );
                 *report.last.lock().unwrap_or_else(|e| e.into_inner()) = Some(r);
-                prune(state_dir, time);
+                prune(state_dir);
             }
             Err(e) => {
                 report
@@ -482,13 +485,18 @@ fn checkpoints(state_dir: &Path) -> Vec<(Time, PathBuf)> {
     found
 }
 
-/// Deletes checkpoints older than `complete` once it is complete, and always all but the newest
-/// [`KEEP`].
-fn prune(state_dir: &Path, written: Time) {
+/// Deletes every checkpoint older than the newest complete one, which is never deleted, and of the
+/// newer ones (being written, or waiting for other processes' manifests) all but the newest
+/// [`KEEP`], so disk use stays bounded even when no checkpoint completes in this directory.
+fn prune(state_dir: &Path) {
     let all = checkpoints(state_dir);
-    let complete = load_dir(&dir_of(state_dir, written)).is_ok();
-    for (i, (time, path)) in all.iter().enumerate() {
-        if (complete && *time < written) || i >= KEEP {
+    let newest_complete = all.iter().position(|(_, path)| is_complete(path));
+    for (i, (_, path)) in all.iter().enumerate() {
+        let delete = match newest_complete {
+            Some(complete) => i > complete || (i < complete && i >= KEEP),
+            None => i >= KEEP,
+        };
+        if delete {
             if let Err(e) = fs::remove_dir_all(path) {
                 tracing::warn!("cannot delete old checkpoint {}: {e}", path.display());
             }
@@ -496,8 +504,11 @@ fn prune(state_dir: &Path, written: Time) {
     }
 }
 
-/// Loads and checks every part of one checkpoint directory.
-fn load_dir(dir: &Path) -> Result<Restored, CheckpointError> {
+/// The manifests of one checkpoint directory, with the processes they are of, when there is one
+/// for every process of the checkpoint's cluster.
+fn complete_manifests(
+    dir: &Path,
+) -> Result<(Vec<Manifest>, std::collections::BTreeSet<usize>), CheckpointError> {
     let mut manifests = Vec::new();
     for entry in fs::read_dir(dir).map_err(io(dir))?.flatten() {
         let name = entry.file_name().to_string_lossy().into_owned();
@@ -528,6 +539,23 @@ fn load_dir(dir: &Path) -> Result<Restored, CheckpointError> {
             expected,
         });
     }
+    Ok((manifests, processes))
+}
+
+/// Whether a checkpoint directory is complete, judged by its manifests and its files' sizes alone
+/// (no file is read: pruning after every write must not read the checkpoint back; a restore
+/// checks the checksums).
+fn is_complete(dir: &Path) -> bool {
+    complete_manifests(dir).is_ok_and(|(manifests, _)| {
+        manifests
+            .iter()
+            .flat_map(|m| &m.files)
+            .all(|f| fs::metadata(dir.join(&f.name)).is_ok_and(|meta| meta.len() == f.bytes))
+    })
+}
+
+fn load_dir(dir: &Path) -> Result<Restored, CheckpointError> {
+    let (manifests, processes) = complete_manifests(dir)?;
     let mut restored = Restored {
         time: manifests[0].time,
         ..Restored::default()
@@ -780,9 +808,41 @@ mod tests {
         let dir = temp("prune");
         for t in [100, 200, 300] {
             written(&dir, t);
-            prune(&dir, t);
+            prune(&dir);
         }
         let left: Vec<Time> = checkpoints(&dir).into_iter().map(|(t, _)| t).collect();
         assert_eq!(left, vec![300]);
+    }
+
+    #[test]
+    fn the_newest_complete_checkpoint_is_never_deleted() {
+        // Complete at 100; later ones each lack process 1's manifest (a cluster whose other
+        // process writes elsewhere, or has not written yet): 100 stays, with the newest two after it.
+        let dir = temp("prune-keep-complete");
+        written(&dir, 100);
+        for t in [200, 300, 400] {
+            write(&dir, 0, 2, &mut [part(t, 0, 7)]).expect("written");
+            prune(&dir);
+        }
+        let left: Vec<Time> = checkpoints(&dir).into_iter().map(|(t, _)| t).collect();
+        assert_eq!(left, vec![400, 300, 100]);
+        assert_eq!(load_latest(&dir).map(|r| r.time), Some(100));
+    }
+
+    #[test]
+    fn a_file_of_the_wrong_size_makes_a_checkpoint_incomplete_for_pruning() {
+        let dir = temp("prune-size");
+        written(&dir, 100);
+        let newer = written(&dir, 200);
+        let file = fs::read_dir(&newer)
+            .expect("dir")
+            .flatten()
+            .find(|e| e.file_name().to_string_lossy().ends_with(".bin"))
+            .expect("a part");
+        let bytes = fs::read(file.path()).expect("read");
+        fs::write(file.path(), &bytes[..bytes.len() / 2]).expect("truncate");
+        prune(&dir);
+        let left: Vec<Time> = checkpoints(&dir).into_iter().map(|(t, _)| t).collect();
+        assert_eq!(left, vec![200, 100], "100 is the newest complete one");
     }
 }

@@ -266,7 +266,12 @@ const EMBEDDED_PARTITIONS: i32 = 4;
 /// Partitions of the embedded broker's changelog topics. It keeps about 5 MB of each partition and
 /// does not compact: spread over this many, the changelogs stay whole (every key's latest record
 /// readable from offset 0) for the length of a demo at its default rate (README, "Limits").
-const EMBEDDED_CHANGELOG_PARTITIONS: i32 = 32;
+const EMBEDDED_CHANGELOG_PARTITIONS: i32 = 64;
+/// The changelog producer's linger on the embedded broker. Spread over that many partitions, the
+/// default 100 ms would make batches of a few records, which compress poorly and fill the broker's
+/// fixed 5 MB a partition sooner; a second makes them tens of records. The changelog is then up to a
+/// second later, HTTP answers not at all (they come from the live state).
+const EMBEDDED_LINGER_MS: &str = "1000";
 /// How often the demo asks whether the embedded broker has begun dropping changelog records.
 const TRIM_CHECK_EVERY: Duration = Duration::from_secs(10);
 
@@ -315,7 +320,10 @@ fn run(args: RunArgs) -> Result<(), Failure> {
                 &args.rider_changelog_topic,
             );
             let broker = EmbeddedBroker::start(&topics).context("starting the embedded broker")?;
-            kafka.brokers = kafka.brokers.with_bootstrap(broker.bootstrap());
+            kafka.brokers = kafka
+                .brokers
+                .with_bootstrap(broker.bootstrap())
+                .with_producer_default("linger.ms", EMBEDDED_LINGER_MS);
             Some(broker)
         }
     };
@@ -371,7 +379,9 @@ fn demo(args: DemoArgs) -> Result<(), Failure> {
     let broker = EmbeddedBroker::start(&topics).context("starting the embedded broker")?;
     let changelogs = &topics[3..];
     let kafka = KafkaConfig {
-        brokers: brokers.with_bootstrap(broker.bootstrap()),
+        brokers: brokers
+            .with_bootstrap(broker.bootstrap())
+            .with_producer_default("linger.ms", EMBEDDED_LINGER_MS),
         ..kafka
     };
     let stop = stop_on_signal();

@@ -16,7 +16,8 @@ pub struct PartitionProgress {
     /// The partition's start offset when last asked.
     pub start: Option<i64>,
     /// When this process last read the partition (milliseconds since the Unix epoch): took a
-    /// record from it, or saw its end offset reached. `None`: never yet.
+    /// record from it, or saw its end offset reached; at first, when it first saw the partition.
+    /// `None`: not seen yet.
     pub read_at_ms: Option<u64>,
 }
 

@@ -126,28 +126,33 @@ pub struct DeadLetterHeaders<'a> {
 impl Producer {
     /// A producer for `brokers`. It connects lazily: brokers that are down now are retried.
     pub fn new(brokers: &ClientSettings, metrics: Arc<KafkaMetrics>) -> Result<Self, KafkaError> {
+        let mut config = ClientConfig::new();
+        config
+            // No duplicates and no reordering when a send is retried (CONTRACT section 5).
+            .set("enable.idempotence", "true")
+            // Never drop a record because the broker was away for a while: retried until delivered.
+            .set("message.timeout.ms", "0")
+            // Large batches: the changelog is about as many records as the input, and a broker
+            // takes them far more cheaply in big requests. 100 ms is small against the view's
+            // freshness (HTTP answers from the live state, not from the changelog).
+            .set("linger.ms", "100")
+            // Bounds memory while the broker is away; a full queue slows the workers instead.
+            .set("queue.buffering.max.messages", "1000000")
+            .set("queue.buffering.max.kbytes", "1048576")
+            .set("batch.num.messages", "10000")
+            // Keys go to the partition Kafka's Java clients choose (murmur2 of the key), so
+            // Kafka Streams and ksqlDB applications can read the changelogs co-partitioned.
+            .set("partitioner", "murmur2_random")
+            // Changelog values are repetitive JSON: lz4 makes them several times smaller on the
+            // wire and on the broker's disk for little CPU (docs/bench/compression.md).
+            .set("compression.type", "lz4");
+        // The process's own choices for these brokers (the embedded broker's longer linger), under
+        // the user's properties, which `configure` applies last.
+        for (key, value) in brokers.producer_defaults() {
+            config.set(key, value);
+        }
         let inner: ThreadedProducer<Counting> = brokers
-            .configure(
-                ClientConfig::new()
-                    // No duplicates and no reordering when a send is retried (CONTRACT section 5).
-                    .set("enable.idempotence", "true")
-                    // Never drop a record because the broker was away for a while: retried until delivered.
-                    .set("message.timeout.ms", "0")
-                    // Large batches: the changelog is about as many records as the input, and a broker
-                    // takes them far more cheaply in big requests. 100 ms is small against the view's
-                    // freshness (HTTP answers from the live state, not from the changelog).
-                    .set("linger.ms", "100")
-                    // Bounds memory while the broker is away; a full queue slows the workers instead.
-                    .set("queue.buffering.max.messages", "1000000")
-                    .set("queue.buffering.max.kbytes", "1048576")
-                    .set("batch.num.messages", "10000")
-                    // Keys go to the partition Kafka's Java clients choose (murmur2 of the key), so
-                    // Kafka Streams and ksqlDB applications can read the changelogs co-partitioned.
-                    .set("partitioner", "murmur2_random")
-                    // Changelog values are repetitive JSON: lz4 makes them several times smaller on the
-                    // wire and on the broker's disk for little CPU (docs/bench/compression.md).
-                    .set("compression.type", "lz4"),
-            )
+            .configure(&mut config)
             .create_with_context(Counting {
                 metrics: metrics.clone(),
                 quiet: Quiet::default(),

@@ -138,6 +138,8 @@ pub enum SettingsError {
 pub struct ClientSettings {
     bootstrap: String,
     properties: Vec<(String, String)>,
+    /// Producer properties the process chooses for these brokers, under the user's.
+    producer: Vec<(String, String)>,
 }
 
 impl ClientSettings {
@@ -146,6 +148,7 @@ impl ClientSettings {
         Self {
             bootstrap: bootstrap.into(),
             properties: Vec::new(),
+            producer: Vec::new(),
         }
     }
 
@@ -225,7 +228,21 @@ impl ClientSettings {
         Self {
             bootstrap: bootstrap.into(),
             properties: self.properties.clone(),
+            producer: self.producer.clone(),
         }
+    }
+
+    /// The same settings, with a producer property of the process's own choosing for these
+    /// brokers: it replaces the producer's default, and the user's properties still win over it.
+    pub fn with_producer_default(&self, key: &str, value: &str) -> Self {
+        let mut settings = self.clone();
+        settings.producer.push((key.to_owned(), value.to_owned()));
+        settings
+    }
+
+    /// The producer properties chosen with [`ClientSettings::with_producer_default`].
+    pub fn producer_defaults(&self) -> &[(String, String)] {
+        &self.producer
     }
 
     /// The bootstrap servers.

@@ -108,7 +108,10 @@ impl KafkaSource {
             producer,
             metrics,
             last_commit: Instant::now(),
-            last_publish: Instant::now(),
+            // The first poll publishes at once.
+            last_publish: Instant::now()
+                .checked_sub(PUBLISH_EVERY)
+                .unwrap_or_else(Instant::now),
             last_error_log: None,
         })
     }

@@ -176,8 +176,10 @@ impl Looker {
                 self.metrics.update_partition(topic, p, |progress| {
                     progress.start = Some(low);
                     progress.end = Some(high);
-                    // Nothing left to read at an end offset just asked for: as read as can be.
-                    if progress.lag() == Some(0) {
+                    // Nothing left to read at an end offset just asked for: as read as can be. A
+                    // partition seen for the first time counts from now, so that one never read
+                    // shows its age too.
+                    if progress.lag() == Some(0) || progress.read_at_ms.is_none() {
                         progress.read_now();
                     }
                 });
