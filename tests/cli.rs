@@ -131,6 +131,31 @@ fn kafka_and_http_options_are_checked_before_anything_starts() {
     }
 }
 
+/// An error's causes are each said once: a state dir that cannot be made exits 1 with one line.
+#[test]
+fn a_state_dir_that_cannot_be_made_is_one_line_naming_its_cause_once() {
+    let out = dongflow()
+        .args([
+            "run",
+            "--http",
+            "127.0.0.1:0",
+            "--state-dir",
+            "Cargo.toml/state",
+        ])
+        .output()
+        .expect("runs");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    let line = stderr
+        .lines()
+        .find(|l| l.starts_with("dongflow: "))
+        .expect("the error line");
+    assert_eq!(
+        line,
+        "dongflow: starting the engine: the state dir cannot be used: Cargo.toml/state: Not a directory (os error 20)"
+    );
+}
+
 #[test]
 fn help_exits_0() {
     let out = dongflow().args(["run", "--help"]).output().expect("runs");

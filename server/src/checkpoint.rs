@@ -29,6 +29,8 @@ use dongflow_dataflow::upsert::StateSnapshot;
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
+use crate::report::Chain;
+
 /// Version of the files' layout; a checkpoint of another version is skipped.
 const FORMAT: u32 = 1;
 /// How many checkpoint directories are kept at most.
@@ -99,7 +101,7 @@ impl Published {
 #[derive(Debug, Error)]
 pub enum CheckpointError {
     /// Reading or writing failed.
-    #[error("{path}: {source}")]
+    #[error("{path}")]
     Io {
         /// The file or directory.
         path: PathBuf,
@@ -329,7 +331,7 @@ fn write_loop(
                 report
                     .failures
                     .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                tracing::error!("cannot write checkpoint {time}: {e}");
+                tracing::error!("cannot write checkpoint {time}: {}", Chain(&e));
             }
         }
     }
@@ -639,7 +641,7 @@ pub fn load_latest(state_dir: &Path) -> Option<Restored> {
                 );
                 return Some(r);
             }
-            Err(e) => tracing::warn!("skipping checkpoint {time}: {e}"),
+            Err(e) => tracing::warn!("skipping checkpoint {time}: {}", Chain(&e)),
         }
     }
     None

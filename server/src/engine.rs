@@ -129,7 +129,7 @@ pub enum EngineError {
     #[error("cannot start workers: {0}")]
     Timely(String),
     /// A thread of the engine could not start.
-    #[error("cannot start a thread: {0}")]
+    #[error("cannot start a thread")]
     Thread(#[from] std::io::Error),
 }
 

@@ -17,6 +17,7 @@
 //!   publishes its state again.
 //! - [`failstop`]: a cluster process that loses a peer says so and stops (timely has no fault
 //!   tolerance: recovery is a restart of every process from its checkpoint).
+//! - [`report`]: an error and its causes on one line, for logs.
 //! - [`demo`]: simulator settings, the stop signal, and the by-id partitioning rule of in-process feeds.
 
 pub mod backup;
@@ -30,6 +31,7 @@ pub mod http;
 pub mod pipeline;
 pub mod query;
 pub mod render;
+pub mod report;
 pub mod view;
 
 pub use engine::{Engine, EngineConfig, EngineHandle};

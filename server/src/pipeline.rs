@@ -18,6 +18,7 @@ use crate::checkpoint::{
     mark_published, CheckpointError, Published, Restored, WriteReport, WriteStatus, Writer,
 };
 use crate::engine::{CheckpointSettings, Engine, EngineConfig, EngineError};
+use crate::report::Chain;
 use crate::view::CheckpointView;
 
 /// Partitions of output topics the pipeline creates when they are missing.
@@ -49,13 +50,13 @@ pub struct PipelineConfig {
 #[derive(Debug, Error)]
 pub enum PipelineError {
     /// A Kafka client could not be made.
-    #[error("kafka: {0}")]
+    #[error(transparent)]
     Kafka(#[from] KafkaError),
     /// The engine could not start.
-    #[error("engine: {0}")]
+    #[error(transparent)]
     Engine(#[from] EngineError),
     /// The state dir cannot be used.
-    #[error("state dir: {0}")]
+    #[error("the state dir cannot be used")]
     Checkpoint(#[from] CheckpointError),
 }
 
@@ -324,7 +325,7 @@ impl Pipeline {
                 "checkpoint {}: changelog complete and marked; a restart from it will not publish it again",
                 report.time
             ),
-            Err(e) => tracing::warn!("cannot mark checkpoint {}: {e}", report.time),
+            Err(e) => tracing::warn!("cannot mark checkpoint {}: {}", report.time, Chain(&e)),
         }
     }
 }

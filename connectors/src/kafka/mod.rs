@@ -88,7 +88,7 @@ impl Input {
 #[derive(Debug, Error)]
 pub enum KafkaError {
     /// The client library refused or failed.
-    #[error("{0}")]
+    #[error(transparent)]
     Client(#[from] rdkafka::error::KafkaError),
     /// A topic could not be created.
     #[error("cannot create topic `{topic}`: {reason}")]
