@@ -316,7 +316,7 @@ impl Pipeline {
         match changelog_ends(&self.producer, &published) {
             Ok(ends) => published.ends = ends,
             Err(e) => {
-                tracing::warn!("{e}: checkpoint not marked");
+                tracing::warn!("{}: checkpoint not marked", Chain(&e));
                 return;
             }
         }
@@ -330,14 +330,28 @@ impl Pipeline {
     }
 }
 
+/// A changelog topic whose end offsets could not be read.
+#[derive(Debug, Error)]
+#[error("cannot read the end of {topic}")]
+struct EndsUnknown {
+    topic: String,
+    source: KafkaError,
+}
+
 /// The end offset of every partition of both changelog topics `of` names; the error says which
 /// topic could not be read.
-fn changelog_ends(producer: &Producer, of: &Published) -> Result<Vec<(String, i32, i64)>, String> {
+fn changelog_ends(
+    producer: &Producer,
+    of: &Published,
+) -> Result<Vec<(String, i32, i64)>, EndsUnknown> {
     let mut ends = Vec::new();
     for topic in [&of.district_topic, &of.rider_topic] {
         let found = producer
             .end_offsets(topic, Duration::from_secs(5))
-            .map_err(|e| format!("cannot read the end of {topic} ({e})"))?;
+            .map_err(|source| EndsUnknown {
+                topic: topic.clone(),
+                source,
+            })?;
         ends.extend(found);
     }
     Ok(ends)
