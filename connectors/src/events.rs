@@ -19,6 +19,13 @@ pub type Id = compact_str::CompactString;
 /// Event time or ingest time, in milliseconds since the Unix epoch.
 pub type Millis = u64;
 
+/// Wall-clock time in ms since the Unix epoch (0 on a clock set before it).
+pub fn now_ms() -> Millis {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as Millis)
+}
+
 /// A WGS84 point. Ordered by the IEEE total order of its fields so that it can live in arrangements.
 #[derive(Clone, Copy, Debug, Serialize, Deserialize)]
 pub struct Coord {

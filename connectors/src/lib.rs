@@ -17,4 +17,6 @@ pub mod simulator;
 pub mod source;
 
 pub use error::DecodeError;
-pub use events::{Coord, DeliveryEvent, DeliveryStatus, Id, Millis, RiderEvent, RiderStatus};
+pub use events::{
+    now_ms, Coord, DeliveryEvent, DeliveryStatus, Id, Millis, RiderEvent, RiderStatus,
+};

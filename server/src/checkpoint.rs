@@ -698,14 +698,18 @@ mod tests {
         assert_eq!(r.offsets.len(), 2);
     }
 
+    /// Cuts a file to half its length, as a crash in the middle of a write would.
+    fn truncate(file: &Path) {
+        let bytes = fs::read(file).expect("read");
+        fs::write(file, &bytes[..bytes.len() / 2]).expect("truncate");
+    }
+
     #[test]
     fn a_truncated_file_is_skipped_for_the_previous_checkpoint() {
         let dir = temp("truncated");
         written(&dir, 100);
         let newest = written(&dir, 200);
-        let file = newest.join("process-0-worker-1.bin");
-        let bytes = fs::read(&file).expect("read");
-        fs::write(&file, &bytes[..bytes.len() / 2]).expect("truncate");
+        truncate(&newest.join("process-0-worker-1.bin"));
         let error = load_dir(&newest).expect_err("truncated");
         assert!(error.to_string().contains("the manifest says"), "{error}");
         assert_eq!(load_latest(&dir).map(|r| r.time), Some(100));
@@ -836,13 +840,7 @@ mod tests {
         let dir = temp("prune-size");
         written(&dir, 100);
         let newer = written(&dir, 200);
-        let file = fs::read_dir(&newer)
-            .expect("dir")
-            .flatten()
-            .find(|e| e.file_name().to_string_lossy().ends_with(".bin"))
-            .expect("a part");
-        let bytes = fs::read(file.path()).expect("read");
-        fs::write(file.path(), &bytes[..bytes.len() / 2]).expect("truncate");
+        truncate(&newer.join("process-0-worker-1.bin"));
         prune(&dir);
         let left: Vec<Time> = checkpoints(&dir).into_iter().map(|(t, _)| t).collect();
         assert_eq!(left, vec![200, 100], "100 is the newest complete one");

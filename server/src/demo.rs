@@ -7,8 +7,6 @@ use std::sync::Arc;
 use differential_dataflow::hashable::Hashable;
 use dongflow_connectors::simulator::{SimConfig, SimEvent};
 
-use crate::engine::now_ms;
-
 /// The partition (of `parts`) an event goes to: by the hash of its id, as a Kafka producer keyed by
 /// id would place it. Every in-process feed uses this one rule.
 pub fn partition_of(e: &SimEvent, parts: usize) -> usize {
@@ -24,13 +22,13 @@ pub fn partition(events: impl IntoIterator<Item = SimEvent>, parts: usize) -> Ve
     out
 }
 
-/// Simulator settings whose clock starts at `start_ts` (ms since the epoch), or at the current
-/// wall-clock time: the same seed and start give the same events.
-pub fn sim_config(riders: usize, seed: u64, start_ts: Option<u64>) -> SimConfig {
+/// Simulator settings whose clock starts at `start_ts` (ms since the epoch): the same seed and
+/// start give the same events.
+pub fn sim_config(riders: usize, seed: u64, start_ts: u64) -> SimConfig {
     SimConfig {
         riders,
         seed,
-        start_ts: start_ts.unwrap_or_else(now_ms),
+        start_ts,
     }
 }
 

@@ -6,7 +6,7 @@ use std::collections::VecDeque;
 use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use crossbeam_channel::Receiver;
 use differential_dataflow::trace::TraceReader;
@@ -249,11 +249,7 @@ pub(crate) fn yield_to_queries() {
 }
 
 /// Wall-clock time in ms since the Unix epoch: the ingest time that stamps batches.
-pub fn now_ms() -> Time {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as Time)
-}
+pub use dongflow_connectors::now_ms;
 
 impl Engine {
     /// Starts `config.workers` workers in this process, worker `i` reading `sources[i]`.

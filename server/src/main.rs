@@ -15,7 +15,7 @@ use dongflow::cli::{
     KafkaPropertyArgs, LogFormat, MapArgs, RunArgs, StartFrom,
 };
 use dongflow::demo::{sim_config, stop_on_signal};
-use dongflow::engine::ClusterSpec;
+use dongflow::engine::{now_ms, ClusterSpec};
 use dongflow::failstop;
 use dongflow::http::{App, HttpSecurity, HttpServer, Tokens};
 use dongflow::pipeline::{Pipeline, PipelineConfig};
@@ -406,7 +406,7 @@ fn demo(args: DemoArgs) -> Result<(), Failure> {
         events: None,
         duration: None,
     };
-    let (sim, flag) = (sim_config(args.riders, args.seed, None), stop.clone());
+    let (sim, flag) = (sim_config(args.riders, args.seed, now_ms()), stop.clone());
     let feeder = std::thread::spawn(move || produce(sim, &generate, &flag, |_| {}));
     println!(
         "dongflow demo: {workers} worker(s), {} districts, {} simulated riders at {} events/s",
@@ -510,8 +510,7 @@ fn generate(args: GenerateArgs) -> Result<(), Failure> {
         let brokers = kafka_settings(&args.kafka, brokers)?;
         return generate_to_kafka(&args, &brokers, &stop);
     }
-    let mut simulator =
-        Simulator::new(sim_config(args.riders, args.seed, Some(args.start_ts.ms())));
+    let mut simulator = Simulator::new(sim_config(args.riders, args.seed, args.start_ts.ms()));
     let started = Instant::now();
     let limit = args.events.unwrap_or(u64::MAX);
     let mut out = std::io::BufWriter::new(std::io::stdout().lock());
@@ -578,7 +577,7 @@ fn generate_to_kafka(
         }
     };
     let produced = produce(
-        sim_config(args.riders, args.seed, Some(args.start_ts.ms())),
+        sim_config(args.riders, args.seed, args.start_ts.ms()),
         &config,
         stop,
         |sent| {

@@ -24,7 +24,7 @@ pub struct PartitionProgress {
 impl PartitionProgress {
     /// Notes that the partition was read just now.
     pub fn read_now(&mut self) {
-        self.read_at_ms = Some(wall_clock_ms());
+        self.read_at_ms = Some(crate::now_ms());
     }
 
     /// Records the broker has that this process has not read yet.
@@ -33,13 +33,6 @@ impl PartitionProgress {
         let next = self.next.or(self.start)?;
         Some((end - next).max(0))
     }
-}
-
-/// Now, in milliseconds since the Unix epoch (0 on a clock set before it).
-fn wall_clock_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
 }
 
 /// The counters. Every field is cheap to bump from any thread.
