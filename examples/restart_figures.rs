@@ -2,8 +2,8 @@
 //!
 //! Builds a state of RIDERS riders on shift and DELIVERIES active deliveries (`-w 2`), stops
 //! cleanly (which writes the last checkpoint), then compares two ways back to the same state:
-//! loading the checkpoint and seeding the workers (and, before that, the checkpoint's own stale
-//! view), and replaying every input event. Prints JSON.
+//! loading the checkpoint and seeding the workers (and, before that, the stale view seeded from
+//! it), and replaying every input event. Prints JSON.
 //! The replay here reads from memory, the fastest a replay can be; a broker only adds to it.
 
 use std::sync::Arc;
@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use dongflow::checkpoint::{load_latest, Writer};
 use dongflow::demo::partition;
 use dongflow::engine::CheckpointSettings;
-use dongflow::view::CheckpointView;
+use dongflow::view::{seed_changes, ServingView};
 use dongflow::{Engine, EngineConfig, Query};
 use dongflow_connectors::simulator::{fixed_state, SimEvent};
 use dongflow_connectors::source::{EventSource, VecSource};
@@ -74,14 +74,10 @@ fn main() {
     let started = Instant::now();
     let restored = Arc::new(load_latest(&dir).expect("the checkpoint loads"));
     let load = started.elapsed();
-    // What a restarting process answers (stale) first: the checkpoint's own view.
-    let view = CheckpointView::new();
-    view.fill(restored.clone());
-    assert_eq!(
-        view.riders(),
-        riders,
-        "the checkpoint's view has every rider"
-    );
+    // What a restarting process answers (stale) first: the stale view seeded from the checkpoint.
+    let view = ServingView::new_stale();
+    view.advance(seed_changes(&restored), restored.time);
+    assert_eq!(view.riders(), riders, "the stale view has every rider");
     let first_stale = started.elapsed();
     drop(view);
     let mut config = EngineConfig::new(WORKERS, index.clone());

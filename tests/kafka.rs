@@ -970,7 +970,7 @@ fn an_emptied_changelog_partition_counts_as_read() {
         "the changelog's view loaded",
         || {
             run.log()
-                .contains("backup view: 2 changelog records loaded")
+                .contains("stale view: 2 changelog records loaded")
                 .then_some(())
         },
     );
@@ -1002,87 +1002,132 @@ fn an_emptied_changelog_partition_counts_as_read() {
     });
 }
 
-/// When the live state is ready before the changelog's view has read everything, the view stops
-/// answering and keeping values, and reads on for the keys alone: the clearing still learns every
-/// key the changelog held, tombstones and later records included.
+/// A rider changelog value as the engine writes it: on shift in `code`, at `as_of`.
+fn rider_value(id: &str, code: &str, as_of: u64) -> String {
+    serde_json::json!({
+        "rider_id": id, "status": "ON_SHIFT", "rider_type": null, "location": null,
+        "district": {"code": code, "name": code}, "deliveries": [], "updated_ts": 1,
+        "as_of": as_of,
+    })
+    .to_string()
+}
+
+/// A district changelog value as the engine writes it: one rider on shift, at `as_of`.
+fn district_value(code: &str, as_of: u64) -> String {
+    serde_json::json!({
+        "code": code, "name": code, "riders_on_shift": 1, "riders_delivering": 0,
+        "riders_idle": 1, "active_deliveries": 0, "waiting_deliveries": 0, "pressure": 0.0,
+        "as_of": as_of,
+    })
+    .to_string()
+}
+
+/// When the live state is ready before the stale view has read everything, the view still reads
+/// to the end of what the changelog held (the clearing learns every key it held, tombstones and
+/// later records included), then lets its contents go without ever answering.
 #[test]
-fn the_changelog_view_reads_on_for_its_keys_once_the_live_state_is_ready() {
+fn the_stale_view_says_its_keys_when_the_live_state_is_ready_first() {
     let broker = Broker::embedded();
     let t = Topics::new("keysonly");
     broker.create(&[&t.districts, &t.snapshots], PARTITIONS);
     let bootstrap = broker.bootstrap();
-    let record = |topic: &str, key: &str, value: Option<&str>| {
-        Record::new(topic, Some(key.as_bytes()), value.map(str::as_bytes))
+    let index = builtin();
+    let (a, b) = (index.code(0).to_owned(), index.code(1).to_owned());
+    let record = |topic: &str, key: &str, value: Option<String>| {
+        Record::new(
+            topic,
+            Some(key.as_bytes()),
+            value.as_deref().map(str::as_bytes),
+        )
     };
-    let value = Some(r#"{"as_of":1}"#);
     let mut records = Vec::new();
     for i in 0..2_000 {
-        records.push(record(&t.snapshots, &format!("r-{i}"), value));
+        let id = format!("r-{i}");
+        records.push(record(&t.snapshots, &id, Some(rider_value(&id, &a, 1))));
     }
     for i in 0..1_000 {
         records.push(record(&t.snapshots, &format!("r-{}", 2 * i), None));
     }
-    records.push(record(&t.districts, "1111000000", value));
-    records.push(record(&t.districts, "2222000000", value));
-    records.push(record(&t.districts, "2222000000", None));
+    records.push(record(&t.districts, &a, Some(district_value(&a, 1))));
+    records.push(record(&t.districts, &b, Some(district_value(&b, 1))));
+    records.push(record(&t.districts, &b, None));
     produce(&bootstrap, &records);
 
     // Live from the start: the view never answers, and still says the keys.
     let view = changelog_view(&bootstrap, &t, true);
     let held = eventually(Duration::from_secs(30), "the held keys", || {
-        assert!(!view.ready(), "a view that keeps keys alone never answers");
+        assert!(
+            view.answer(&dongflow::Query::Districts).is_none(),
+            "a view released at load never answers"
+        );
         view.held_keys()
     });
     let mut expected: Vec<String> = (0..1_000).map(|i| format!("r-{}", 2 * i + 1)).collect();
     expected.sort();
     assert_eq!(held.riders, expected);
-    assert_eq!(held.districts, ["1111000000"]);
-    assert!(view.keys_only());
+    assert_eq!(held.districts, [a]);
+    eventually(Duration::from_secs(10), "the contents let go", || {
+        (view.as_of() == 0).then_some(())
+    });
     view.stop();
 }
 
-/// The changelog's view of `t`'s changelog topics, reading at once, with the live state ready
-/// (`live`: it then keeps keys alone) or never.
+/// The stale view of `t`'s changelog topics, with no checkpoint, reading at once, with the live
+/// state ready (`live`) or never.
 fn changelog_view(
     bootstrap: &str,
     t: &Topics,
     live: bool,
-) -> std::sync::Arc<dongflow::backup::BackupView> {
-    let view =
-        dongflow::backup::BackupView::start(&bootstrap.into(), &t.districts, &t.snapshots, || true)
-            .expect("view starts");
-    view.release_when(move || live);
-    view
+) -> std::sync::Arc<dongflow::view::StaleView> {
+    let source = dongflow::view::StaleSource {
+        brokers: bootstrap.into(),
+        district_topic: t.districts.clone(),
+        rider_topic: t.snapshots.clone(),
+        index: builtin(),
+        restored: None,
+    };
+    dongflow::view::StaleView::start(source, move || live).expect("view starts")
 }
 
-/// A changelog value that is not JSON is counted and skipped, not read as a deletion: the key keeps
-/// its earlier value, and a key with nothing readable is still held (so that clearing replaces it).
+/// A changelog value that cannot be read back is counted and skipped, not read as a deletion: the
+/// key keeps its earlier value, and a key with nothing readable is still held (so that clearing
+/// replaces it).
 #[test]
 fn an_undecodable_changelog_value_is_counted_not_read_as_a_deletion() {
     let broker = Broker::embedded();
     let t = Topics::new("garbled");
     broker.create(&[&t.districts, &t.snapshots], PARTITIONS);
     let bootstrap = broker.bootstrap();
+    let code = builtin().code(0).to_owned();
     let record = |key: &str, value: &str| {
         Record::new(&t.snapshots, Some(key.as_bytes()), Some(value.as_bytes()))
     };
     produce(
         &bootstrap,
         &[
-            record("r-1", r#"{"rider_id":"r-1","as_of":5}"#),
+            record("r-1", &rider_value("r-1", &code, 5)),
             record("r-1", "\u{1}garbled"),
             record("r-2", "not json {"),
+            record("r-3", r#"{"rider_id": "r-3", "as_of": 6}"#),
         ],
     );
     let view = changelog_view(&bootstrap, &t, false);
     let held = eventually(Duration::from_secs(30), "the view loaded", || {
         view.held_keys()
     });
-    assert_eq!(held.riders, ["r-1", "r-2"]);
-    assert_eq!(view.undecodable(), 2);
-    let r1 = view.rider("r-1").expect("r-1 keeps its value");
-    assert_eq!(r1["as_of"], 5);
-    assert_eq!(view.rider("r-2"), None);
+    assert_eq!(held.riders, ["r-1", "r-2", "r-3"]);
+    assert_eq!(view.undecodable(), 3);
+    let rider = |id: &str| {
+        view.answer(&dongflow::Query::Rider(id.into()))
+            .map(|a| a.body)
+    };
+    let Some(dongflow::AnswerBody::Rider(Some(r1))) = rider("r-1") else {
+        panic!("r-1 keeps its value");
+    };
+    assert_eq!(r1.rider.district, 0);
+    assert_eq!(rider("r-2"), Some(dongflow::AnswerBody::Rider(None)));
+    let answer = view.answer(&dongflow::Query::Districts).expect("answers");
+    assert_eq!((answer.as_of, answer.stale), (5, true));
     view.stop();
 }
 

@@ -22,8 +22,8 @@ struct Counting {
 }
 
 impl ChangelogSink for Counting {
-    fn district(&self, _code: &str, _value: Option<&[u8]>) {}
-    fn rider(&self, _rider_id: &str, _value: Option<&[u8]>) {
+    fn district(&self, _code: &str, _value: Option<&[u8]>, _as_of: u64) {}
+    fn rider(&self, _rider_id: &str, _value: Option<&[u8]>, _as_of: u64) {
         self.riders.fetch_add(1, Ordering::Relaxed);
     }
 }
@@ -73,6 +73,7 @@ fn ready_once_in(published: bool) {
         deliveries: StateSnapshot::default(),
         offsets: HashMap::new(),
         published: None,
+        cut: None,
     };
     let mut config = EngineConfig::new(2, index);
     config.restore = Some(Arc::new(restored));

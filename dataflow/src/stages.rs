@@ -19,8 +19,8 @@ use timely::dataflow::Stream;
 
 use crate::districts::{DistrictId, DistrictIndex, UNASSIGNED};
 use crate::types::{
-    Change, Contribution, DeliveryBrief, DeliveryRow, Diff, DistrictCounts, JoinSide, RiderCore,
-    RiderPart, RiderPosition, RiderRow, Snapshot, SnapshotCore, Time,
+    Change, Contribution, DeliveryRow, Diff, DistrictCounts, JoinSide, RiderCore, RiderPart,
+    RiderPosition, RiderRow, Snapshot, SnapshotCore, Time,
 };
 use crate::upsert::{Ignored, UpsertRule};
 
@@ -277,22 +277,8 @@ pub fn join_inputs<'s>(
     deliveries: VecCollection<'s, Time, (Id, DeliveryRow), Diff>,
 ) -> VecCollection<'s, Time, (Id, JoinSide), Diff> {
     let active = deliveries.flat_map(|(delivery_id, row)| {
-        let DeliveryRow {
-            status,
-            vehicle,
-            ts,
-            rider_id,
-            ..
-        } = row;
-        let brief = DeliveryBrief {
-            delivery_id,
-            status,
-            vehicle,
-            ts,
-        };
-        rider_id
-            .filter(|_| status.is_active())
-            .map(|rider| (rider, JoinSide::Delivery(brief)))
+        let rider = row.active_for()?.clone();
+        Some((rider, JoinSide::Delivery(row.brief(delivery_id))))
     });
     riders
         .map(|(id, row)| (id, JoinSide::Rider(row)))
@@ -383,22 +369,11 @@ pub fn contributions<'s>(
     deliveries: VecCollection<'s, Time, (Id, DeliveryRow), Diff>,
 ) -> VecCollection<'s, Time, (DistrictId, Contribution), Diff> {
     let riders = snapshots.flat_map_ref(|_rider, snapshot| {
-        let district = snapshot.rider.district;
-        let active = snapshot.deliveries.len();
-        let delivering = usize::from(active > 0);
-        std::iter::once((district, Contribution::OnShift))
-            .chain(std::iter::repeat_n(
-                (district, Contribution::Delivering),
-                delivering,
-            ))
-            .chain(std::iter::repeat_n(
-                (district, Contribution::Active),
-                active,
-            ))
+        Contribution::of_rider(snapshot.rider.district, snapshot.deliveries.len())
     });
     let waiting = deliveries.flat_map(|(_, row)| {
-        row.is_waiting()
-            .then_some((row.pickup_district, Contribution::Waiting))
+        row.waiting_in()
+            .map(|district| (district, Contribution::Waiting))
     });
     riders.concat(waiting)
 }
@@ -429,13 +404,7 @@ pub fn count_by_district<'s>(
             |_district, input, output| {
                 let mut counts = DistrictCounts::default();
                 for (kind, n) in input {
-                    let n = u64::try_from(*n).unwrap_or(0);
-                    match kind {
-                        Contribution::OnShift => counts.riders_on_shift += n,
-                        Contribution::Delivering => counts.riders_delivering += n,
-                        Contribution::Active => counts.active_deliveries += n,
-                        Contribution::Waiting => counts.waiting_deliveries += n,
-                    }
+                    counts.add(**kind, u64::try_from(*n).unwrap_or(0));
                 }
                 if !counts.is_zero() {
                     output.push((counts, 1));

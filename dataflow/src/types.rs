@@ -106,6 +106,26 @@ impl DeliveryRow {
     pub fn is_waiting(&self) -> bool {
         self.status.is_waiting()
     }
+
+    /// The rider this delivery is active for (CONTRACT section 3): it joins that rider's snapshot.
+    pub fn active_for(&self) -> Option<&Id> {
+        self.rider_id.as_ref().filter(|_| self.status.is_active())
+    }
+
+    /// The district whose waiting deliveries this one counts in, if waiting.
+    pub fn waiting_in(&self) -> Option<DistrictId> {
+        self.is_waiting().then_some(self.pickup_district)
+    }
+
+    /// What a delivery shows in its rider's snapshot.
+    pub fn brief(&self, delivery_id: Id) -> DeliveryBrief {
+        DeliveryBrief {
+            delivery_id,
+            status: self.status,
+            vehicle: self.vehicle.clone(),
+            ts: self.ts,
+        }
+    }
 }
 
 /// What a rider snapshot shows of one active delivery.
@@ -186,6 +206,25 @@ pub enum Contribution {
     Waiting,
 }
 
+impl Contribution {
+    /// What a rider on shift in `district` with `active` active deliveries adds to its counts.
+    pub fn of_rider(
+        district: DistrictId,
+        active: usize,
+    ) -> impl Iterator<Item = (DistrictId, Contribution)> {
+        let delivering = usize::from(active > 0);
+        std::iter::once((district, Contribution::OnShift))
+            .chain(std::iter::repeat_n(
+                (district, Contribution::Delivering),
+                delivering,
+            ))
+            .chain(std::iter::repeat_n(
+                (district, Contribution::Active),
+                active,
+            ))
+    }
+}
+
 /// The counts of one district (CONTRACT section 3); `riders_idle` and `pressure` are derived.
 #[derive(
     Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize,
@@ -215,6 +254,16 @@ impl DistrictCounts {
     /// Whether every count is zero.
     pub fn is_zero(&self) -> bool {
         *self == Self::default()
+    }
+
+    /// Counts `n` contributions of one kind.
+    pub fn add(&mut self, kind: Contribution, n: u64) {
+        match kind {
+            Contribution::OnShift => self.riders_on_shift += n,
+            Contribution::Delivering => self.riders_delivering += n,
+            Contribution::Active => self.active_deliveries += n,
+            Contribution::Waiting => self.waiting_deliveries += n,
+        }
     }
 }
 

@@ -24,12 +24,12 @@ pub struct Changelogged<T> {
     pub as_of: Time,
 }
 
-/// Where changelog records go. `value: None` is a tombstone.
+/// Where changelog records go, each with its dataflow time. `value: None` is a tombstone.
 pub trait ChangelogSink: Send + Sync + std::fmt::Debug {
     /// A district record, keyed by district code.
-    fn district(&self, code: &str, value: Option<&[u8]>);
+    fn district(&self, code: &str, value: Option<&[u8]>, as_of: Time);
     /// A rider record, keyed by rider id.
-    fn rider(&self, rider_id: &str, value: Option<&[u8]>);
+    fn rider(&self, rider_id: &str, value: Option<&[u8]>, as_of: Time);
 }
 
 /// The changelog sink of a Kafka producer.
@@ -44,21 +44,23 @@ pub struct KafkaChangelog {
 }
 
 impl ChangelogSink for KafkaChangelog {
-    fn district(&self, code: &str, value: Option<&[u8]>) {
-        self.producer.send(
+    fn district(&self, code: &str, value: Option<&[u8]>, as_of: Time) {
+        self.producer.send_changelog(
             OutputKind::DistrictChangelog,
             &self.district_topic,
             code.as_bytes(),
             value,
+            as_of,
         );
     }
 
-    fn rider(&self, rider_id: &str, value: Option<&[u8]>) {
-        self.producer.send(
+    fn rider(&self, rider_id: &str, value: Option<&[u8]>, as_of: Time) {
+        self.producer.send_changelog(
             OutputKind::RiderChangelog,
             &self.rider_topic,
             rider_id.as_bytes(),
             value,
+            as_of,
         );
     }
 }
@@ -85,7 +87,7 @@ pub fn write_districts(
             .value
             .as_ref()
             .and_then(|counts| to_json(DistrictView::new(index, change.key, counts), change.time));
-        sink.district(index.code(change.key), value.as_deref());
+        sink.district(index.code(change.key), value.as_deref(), change.time);
     }
 }
 
@@ -101,7 +103,7 @@ pub fn write_riders(
             .value
             .as_ref()
             .and_then(|s| to_json(RiderView::new(index, &change.key, s), change.time));
-        sink.rider(&change.key, value.as_deref());
+        sink.rider(&change.key, value.as_deref(), change.time);
     }
 }
 
@@ -145,8 +147,8 @@ pub trait ClearedTopic<K, V> {
     fn owns(&self, held: &str) -> bool;
     /// Writes one complete time's changes.
     fn write(&self, changes: &[Change<K, V>]);
-    /// Writes a tombstone for the record key `held`.
-    fn tombstone(&self, held: &str);
+    /// Writes a tombstone for the record key `held`, at dataflow time `as_of`.
+    fn tombstone(&self, held: &str, as_of: Time);
 }
 
 /// One worker's writes to one changelog topic, and the clearing of the keys that earlier runs
@@ -156,14 +158,36 @@ pub trait ClearedTopic<K, V> {
 /// key the changelog holds and that state lacks would keep its old value, since the replay may
 /// never change it again. Such a key comes from a run that crashed after the restored checkpoint,
 /// or from a run before the state dir was emptied. So each worker notes which keys its writes
-/// leave present, learns the held keys it owns (once the changelog's view has read them all), and
+/// leave present, learns the held keys it owns (once the stale view has read them all), and
 /// once the state has caught up with the input (a complete time, not a passing one), tombstones
 /// the held keys absent then. Writes never wait: a key this run wrote and the view read back is
 /// either present (kept) or absent (tombstoned again, which changes nothing).
 pub struct Clearing<K> {
     stage: Stage<K>,
-    /// Workers' topics not cleared yet, in the process: a stop before then is not clean.
-    uncleared: Arc<AtomicU64>,
+    progress: Arc<ClearingProgress>,
+}
+
+/// How far a process's workers have cleared their changelog topics.
+#[derive(Debug, Default)]
+pub struct ClearingProgress {
+    /// Workers' topics not cleared yet: a stop before then is not clean.
+    uncleared: AtomicU64,
+    /// The latest time through which a topic's state was complete when it was cleared: from
+    /// then on, once none is uncleared, the changelog holds exactly this run's state.
+    through: AtomicU64,
+}
+
+impl ClearingProgress {
+    /// Workers' topics not cleared yet.
+    pub fn uncleared(&self) -> u64 {
+        self.uncleared.load(Ordering::Acquire)
+    }
+
+    /// The time from which the changelog holds exactly the process's state at every complete time
+    /// (keeping its latest record per key), once every topic is cleared; `None` before.
+    pub fn whole_from(&self) -> Option<Time> {
+        (self.uncleared() == 0).then(|| self.through.load(Ordering::Acquire))
+    }
 }
 
 enum Stage<K> {
@@ -181,10 +205,10 @@ enum Stage<K> {
 impl<K: std::hash::Hash + Eq + Clone> Clearing<K> {
     /// Clears the keys `held` will say; `None` clears nothing (the changelog holds the restored
     /// state).
-    pub fn new(held: Option<HeldKeysSource>, uncleared: Arc<AtomicU64>) -> Self {
+    pub fn new(held: Option<HeldKeysSource>, progress: Arc<ClearingProgress>) -> Self {
         let stage = match held {
             Some(source) => {
-                uncleared.fetch_add(1, Ordering::AcqRel);
+                progress.uncleared.fetch_add(1, Ordering::AcqRel);
                 Stage::Noting {
                     present: Default::default(),
                     source,
@@ -193,7 +217,7 @@ impl<K: std::hash::Hash + Eq + Clone> Clearing<K> {
             }
             None => Stage::Done,
         };
-        Self { stage, uncleared }
+        Self { stage, progress }
     }
 
     /// Writes complete times' changes, given in time order. `clear_after` is the time through
@@ -221,7 +245,7 @@ impl<K: std::hash::Hash + Eq + Clone> Clearing<K> {
                 }
             }
             if owned.as_ref().is_some_and(Vec::is_empty) {
-                cleared = Some(self.clear(topic));
+                cleared = Some(self.clear(topic, 0));
             }
         }
         for batch in batches {
@@ -229,7 +253,7 @@ impl<K: std::hash::Hash + Eq + Clone> Clearing<K> {
                 let time = batch.first().map(|c| c.time);
                 let due = clear_after.is_some_and(|t| time.is_some_and(|time| time > t));
                 if due && owned.is_some() {
-                    cleared = Some(self.clear(topic));
+                    cleared = Some(self.clear(topic, clear_after.unwrap_or(0)));
                 } else {
                     for change in &batch {
                         match change.value {
@@ -242,15 +266,16 @@ impl<K: std::hash::Hash + Eq + Clone> Clearing<K> {
             topic.write(&batch);
         }
         if let Stage::Noting { owned: Some(_), .. } = &self.stage {
-            if clear_after.is_some_and(complete) {
-                cleared = Some(self.clear(topic));
+            if let Some(through) = clear_after.filter(|t| complete(*t)) {
+                cleared = Some(self.clear(topic, through));
             }
         }
         cleared
     }
 
-    /// Tombstones the owned held keys the state lacks.
-    fn clear<V>(&mut self, topic: &impl ClearedTopic<K, V>) -> usize {
+    /// Tombstones the owned held keys the state lacks, whose state is complete `through` a time
+    /// (the tombstones' time).
+    fn clear<V>(&mut self, topic: &impl ClearedTopic<K, V>, through: Time) -> usize {
         let Stage::Noting {
             present,
             owned: Some(owned),
@@ -262,11 +287,12 @@ impl<K: std::hash::Hash + Eq + Clone> Clearing<K> {
         let mut n = 0;
         for key in owned {
             if topic.key_of(&key).is_none_or(|k| !present.contains(&k)) {
-                topic.tombstone(&key);
+                topic.tombstone(&key, through);
                 n += 1;
             }
         }
-        self.uncleared.fetch_sub(1, Ordering::AcqRel);
+        self.progress.through.fetch_max(through, Ordering::AcqRel);
+        self.progress.uncleared.fetch_sub(1, Ordering::AcqRel);
         n
     }
 }
@@ -311,8 +337,8 @@ impl ClearedTopic<DistrictId, DistrictCounts> for WorkerTopics {
     fn write(&self, changes: &[Change<DistrictId, DistrictCounts>]) {
         write_districts(&*self.sink, &self.index, changes, self.published);
     }
-    fn tombstone(&self, held: &str) {
-        self.sink.district(held, None);
+    fn tombstone(&self, held: &str, as_of: Time) {
+        self.sink.district(held, None, as_of);
     }
 }
 
@@ -329,8 +355,8 @@ impl ClearedTopic<Id, Snapshot> for WorkerTopics {
     fn write(&self, changes: &[Change<Id, Snapshot>]) {
         write_riders(&*self.sink, &self.index, changes, self.published);
     }
-    fn tombstone(&self, held: &str) {
-        self.sink.rider(held, None);
+    fn tombstone(&self, held: &str, as_of: Time) {
+        self.sink.rider(held, None, as_of);
     }
 }
 
@@ -365,7 +391,7 @@ mod tests {
                     .push(format!("{}={value}@{}", c.key, c.time));
             }
         }
-        fn tombstone(&self, held: &str) {
+        fn tombstone(&self, held: &str, _as_of: Time) {
             self.0.borrow_mut().push(format!("{held}=null (cleared)"));
         }
     }
@@ -399,20 +425,20 @@ mod tests {
 
     #[test]
     fn without_held_keys_changes_are_written_at_once() {
-        let uncleared = Arc::new(AtomicU64::new(0));
+        let uncleared = Arc::new(ClearingProgress::default());
         let mut clearing = Clearing::new(None, uncleared.clone());
         let topic = Logged::default();
         let cleared = clearing.offer(vec![vec![change(1, Some(1), 5)]], None, |_| true, &topic);
         assert_eq!((cleared, topic.take()), (None, vec!["1=1@5".to_owned()]));
-        assert_eq!(uncleared.load(Ordering::Acquire), 0);
+        assert_eq!(uncleared.uncleared(), 0);
     }
 
     #[test]
     fn held_keys_the_caught_up_state_lacks_are_tombstoned_once_it_is_complete() {
-        let uncleared = Arc::new(AtomicU64::new(0));
+        let uncleared = Arc::new(ClearingProgress::default());
         let (source, cell) = later();
         let mut clearing = Clearing::new(Some(source), uncleared.clone());
-        assert_eq!(uncleared.load(Ordering::Acquire), 1);
+        assert_eq!(uncleared.uncleared(), 1);
         let topic = Logged::default();
         // Writes go at once, while the held keys are read.
         let first = vec![change(2, Some(20), 5), change(4, Some(40), 5)];
@@ -438,7 +464,7 @@ mod tests {
             log,
             ["10x=null (cleared)", "2=null (cleared)", "6=null (cleared)"]
         );
-        assert_eq!(uncleared.load(Ordering::Acquire), 0);
+        assert_eq!(uncleared.uncleared(), 0);
 
         // From then on, straight through.
         let cleared = clearing.offer(
@@ -466,7 +492,7 @@ mod tests {
 
     #[test]
     fn with_no_held_key_of_its_own_a_worker_is_done_at_once() {
-        let uncleared = Arc::new(AtomicU64::new(0));
+        let uncleared = Arc::new(ClearingProgress::default());
         let (source, cell) = later();
         cell.set(held(&["3", "5"])).expect("set once");
         let mut clearing = Clearing::new(Some(source), uncleared.clone());
@@ -477,7 +503,7 @@ mod tests {
             Some(0),
             "nothing it owns to clear, caught up or not"
         );
-        assert_eq!(uncleared.load(Ordering::Acquire), 0);
+        assert_eq!(uncleared.uncleared(), 0);
         assert_eq!(topic.take(), ["2=2@1"]);
     }
 
@@ -490,8 +516,8 @@ mod tests {
             }
         }
         impl ChangelogSink for Nowhere {
-            fn district(&self, _: &str, _: Option<&[u8]>) {}
-            fn rider(&self, _: &str, _: Option<&[u8]>) {}
+            fn district(&self, _: &str, _: Option<&[u8]>, _: Time) {}
+            fn rider(&self, _: &str, _: Option<&[u8]>, _: Time) {}
         }
         let index = Arc::new(DistrictIndex::builtin_seoul());
         let workers = 3;

@@ -59,8 +59,7 @@ pub struct WorkerPart {
 pub struct Restored {
     /// The checkpoint's time.
     pub time: Time,
-    /// Every rider's state, sorted by id (so that the checkpoint's view finds a rider without
-    /// building an index first).
+    /// Every rider's state, sorted by id (the writer sorted each part; loading merges them).
     pub riders: StateSnapshot<RiderRow>,
     /// Every delivery's state.
     pub deliveries: StateSnapshot<DeliveryState>,
@@ -70,10 +69,18 @@ pub struct Restored {
     /// every process that wrote the checkpoint stopped cleanly at it and no run has published
     /// since (see [`mark_published`]).
     pub published: Option<Published>,
+    /// Where the changelog reflects this checkpoint: per changelog partition, an offset before
+    /// which every record is of `time` or earlier and the records, latest per key, are exactly the
+    /// checkpoint's state; records after it of `time` or earlier are in the checkpoint too (as
+    /// Kafka Streams' checkpoint file records its changelog offsets). A partition not listed is
+    /// read from its beginning. `None` when a process did not know its cut (its changelog was not
+    /// yet cleared of what earlier runs left, say); the changelog is then read whole.
+    pub cut: Option<Published>,
 }
 
-/// A clean stop's changelog: every change through a checkpoint's time acknowledged by these
-/// brokers, on these topics, which then ended at these offsets. Kept beside the checkpoint as
+/// A changelog position: these brokers and topics, up to these offsets. As a clean stop's mark,
+/// every change through a checkpoint's time acknowledged, the topics then ending at these offsets;
+/// as a checkpoint's cut (see [`Restored::cut`]), where the changelog reflects the checkpoint. Kept beside the checkpoint as
 /// `process-<p>.published.json`; any run that publishes deletes it first ([`retract_published`]),
 /// so it is only ever found when the changelog holds the checkpoint's state and nothing newer.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -150,6 +157,9 @@ struct Manifest {
     process: usize,
     processes: usize,
     files: Vec<FileEntry>,
+    /// This process's changelog cut (see [`Restored::cut`]), when it knew one.
+    #[serde(default)]
+    changelog: Option<Published>,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -214,9 +224,14 @@ impl WriteStatus {
     }
 }
 
+/// Says, for a checkpoint of a time, where the changelog reflects it (see [`Restored::cut`]);
+/// `None` when it cannot.
+pub type CutSource = std::sync::Arc<dyn Fn(Time) -> Option<Published> + Send + Sync>;
+
 /// Writes this process's parts of checkpoints as the workers hand them over.
 pub struct Writer {
     parts: Option<Sender<WorkerPart>>,
+    cut: std::sync::Arc<std::sync::OnceLock<CutSource>>,
     stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
     thread: Option<JoinHandle<()>>,
     status: WriteStatus,
@@ -242,20 +257,34 @@ impl Writer {
         let report = status.clone();
         let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
         let flag = stop.clone();
+        let cut: std::sync::Arc<std::sync::OnceLock<CutSource>> = Default::default();
+        let cuts = cut.clone();
         let thread = std::thread::Builder::new()
             .name("dongflow-checkpoint".into())
             .spawn(move || {
                 // Writing is background work: answers go first.
                 crate::engine::yield_to_queries();
-                write_loop(&rx, &flag, &state_dir, process, processes, workers, &report)
+                let me = Process {
+                    state_dir: &state_dir,
+                    process,
+                    processes,
+                    workers,
+                };
+                write_loop(&rx, &flag, &me, &cuts, &report)
             })
             .map_err(io(Path::new("checkpoint thread")))?;
         Ok(Writer {
             parts: Some(tx),
+            cut,
             stop,
             thread: Some(thread),
             status,
         })
+    }
+
+    /// Records with each checkpoint where `source` says the changelog reflects it.
+    pub fn record_cuts(&self, source: CutSource) {
+        let _ = self.cut.set(source);
     }
 
     /// Where workers send their parts.
@@ -286,15 +315,27 @@ impl Writer {
     }
 }
 
-fn write_loop(
-    rx: &Receiver<WorkerPart>,
-    stop: &std::sync::atomic::AtomicBool,
-    state_dir: &Path,
+/// Which process's parts a writer writes, and where.
+struct Process<'a> {
+    state_dir: &'a Path,
     process: usize,
     processes: usize,
     workers: usize,
+}
+
+fn write_loop(
+    rx: &Receiver<WorkerPart>,
+    stop: &std::sync::atomic::AtomicBool,
+    me: &Process<'_>,
+    cuts: &std::sync::OnceLock<CutSource>,
     report: &WriteStatus,
 ) {
+    let Process {
+        state_dir,
+        process,
+        processes,
+        workers,
+    } = *me;
     let mut pending: BTreeMap<Time, Vec<WorkerPart>> = BTreeMap::new();
     loop {
         let part = match rx.recv_timeout(Duration::from_millis(50)) {
@@ -316,7 +357,9 @@ fn write_loop(
         let mut parts = pending.remove(&time).unwrap_or_default();
         // An older time that never completed will not complete any more.
         pending.retain(|t, _| *t > time);
-        match write(state_dir, process, processes, &mut parts) {
+        // Asked once every part is here: the changelog has had the longest to catch up.
+        let cut = cuts.get().and_then(|source| source(time));
+        match write_with_cut(state_dir, process, processes, &mut parts, cut) {
             Ok(r) => {
                 tracing::info!(
                     "checkpoint {time} written: {} bytes in {:?}, workers paused at most {:?}",
@@ -343,6 +386,17 @@ pub fn write(
     process: usize,
     processes: usize,
     parts: &mut [WorkerPart],
+) -> Result<WriteReport, CheckpointError> {
+    write_with_cut(state_dir, process, processes, parts, None)
+}
+
+/// [`write`], with where the changelog reflects the checkpoint (see [`Restored::cut`]).
+pub fn write_with_cut(
+    state_dir: &Path,
+    process: usize,
+    processes: usize,
+    parts: &mut [WorkerPart],
+    changelog: Option<Published>,
 ) -> Result<WriteReport, CheckpointError> {
     let started = Instant::now();
     let time = parts.first().map_or(0, |p| p.time);
@@ -372,6 +426,7 @@ pub fn write(
         process,
         processes,
         files,
+        changelog,
     };
     let path = dir.join(format!("process-{process}.manifest.json"));
     let json = serde_json::to_vec_pretty(&manifest).map_err(|e| CheckpointError::Manifest {
@@ -462,6 +517,31 @@ fn load_published(dir: &Path, processes: &[usize]) -> Option<Published> {
                     match m.ends.iter_mut().find(|e| (&e.0, e.1) == (&end.0, end.1)) {
                         Some(e) => e.2 = e.2.max(end.2),
                         None => m.ends.push(end),
+                    }
+                }
+            }
+        }
+    }
+    merged
+}
+
+/// The processes' changelog cuts as one: a partition's is the lowest any process gave (no process
+/// wrote a later time before its own), a partition no process names is read whole; `None` unless
+/// every process knew its cut, on the same changelog.
+fn merged_cut(manifests: &[Manifest]) -> Option<Published> {
+    let mut merged: Option<Published> = None;
+    for m in manifests {
+        let cut = m.changelog.as_ref()?;
+        match &mut merged {
+            None => merged = Some(cut.clone()),
+            Some(all) => {
+                if !all.same_changelog(cut) {
+                    return None;
+                }
+                for end in &cut.ends {
+                    match all.ends.iter_mut().find(|e| (&e.0, e.1) == (&end.0, end.1)) {
+                        Some(e) => e.2 = e.2.min(end.2),
+                        None => all.ends.push(end.clone()),
                     }
                 }
             }
@@ -591,6 +671,11 @@ fn load_dir(dir: &Path) -> Result<Restored, CheckpointError> {
     restored.deliveries.time = restored.time;
     let processes: Vec<usize> = processes.into_iter().collect();
     restored.published = load_published(dir, &processes);
+    restored.cut = match &restored.published {
+        // Everything through the checkpoint was acknowledged and nothing later sent.
+        Some(published) => Some(published.clone()),
+        None => merged_cut(&manifests),
+    };
     Ok(restored)
 }
 
@@ -807,6 +892,64 @@ mod tests {
             Some(mark("rider-changelog", 9)),
             "the highest end"
         );
+    }
+
+    #[test]
+    fn a_cluster_checkpoint_has_a_cut_when_every_process_knew_one_the_lowest_per_partition() {
+        let dir = temp("cut");
+        let cut = |offsets: &[(i32, i64)]| Published {
+            ends: offsets
+                .iter()
+                .map(|(p, o)| ("rider-changelog".to_owned(), *p, *o))
+                .collect(),
+            ..mark("rider-changelog", 0)
+        };
+        write_with_cut(
+            &dir,
+            0,
+            2,
+            &mut [part(300, 0, 5)],
+            Some(cut(&[(0, 10), (1, 4)])),
+        )
+        .expect("written");
+        write_with_cut(&dir, 1, 2, &mut [part(300, 1, 6)], None).expect("written");
+        assert_eq!(
+            load_latest(&dir).and_then(|r| r.cut),
+            None,
+            "one process knew none"
+        );
+        write_with_cut(
+            &dir,
+            0,
+            2,
+            &mut [part(400, 0, 5)],
+            Some(cut(&[(0, 10), (1, 4)])),
+        )
+        .expect("written");
+        write_with_cut(
+            &dir,
+            1,
+            2,
+            &mut [part(400, 1, 6)],
+            Some(cut(&[(0, 8), (2, 3)])),
+        )
+        .expect("written");
+        let merged = load_latest(&dir).and_then(|r| r.cut).expect("a cut");
+        let mut ends = merged.ends.clone();
+        ends.sort();
+        assert_eq!(
+            ends,
+            [
+                ("rider-changelog".to_owned(), 0, 8),
+                ("rider-changelog".to_owned(), 1, 4),
+                ("rider-changelog".to_owned(), 2, 3)
+            ]
+        );
+        // A clean stop's mark is the cut: everything through the checkpoint acknowledged.
+        mark_published(&dir, 400, 0, &mark("rider-changelog", 20)).expect("marked");
+        mark_published(&dir, 400, 1, &mark("rider-changelog", 21)).expect("marked");
+        let r = load_latest(&dir).expect("a checkpoint");
+        assert_eq!(r.cut, Some(mark("rider-changelog", 21)));
     }
 
     #[test]

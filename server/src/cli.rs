@@ -15,7 +15,7 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 /// result over HTTP and writes every change to compacted changelog topics.
 ///
 /// Logs go to stderr. `RUST_LOG` chooses what is logged (default `info`; e.g. `RUST_LOG=debug`, or
-/// `RUST_LOG=info,dongflow::backup=debug` for one part).
+/// `RUST_LOG=info,dongflow::view=debug` for one part).
 #[derive(Debug, Parser)]
 #[command(name = "dongflow", version, disable_help_subcommand = true)]
 pub struct Cli {

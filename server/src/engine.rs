@@ -30,7 +30,7 @@ use timely::progress::frontier::AntichainRef;
 use timely::WorkerConfig;
 
 use crate::changelog::{
-    ChangelogSink, ClearedTopic, Clearing, HeldKeysSource, WorkerTopics, Writer,
+    ChangelogSink, ClearedTopic, Clearing, ClearingProgress, HeldKeysSource, WorkerTopics, Writer,
 };
 use crate::checkpoint::{retract_published, Restored, WorkerPart};
 use crate::query::{Answer, PeekRequest, Query, QueryError, Shared, StateSizes};
@@ -151,8 +151,9 @@ struct InputProgress {
     final_at: AtomicU64,
     /// Workers done with their part of the final checkpoint.
     final_done: std::sync::atomic::AtomicUsize,
-    /// Workers' changelog topics not cleared yet of what earlier runs left (see [`Clearing`]).
-    changelog_uncleared: Arc<AtomicU64>,
+    /// How far the workers have cleared their changelog topics of what earlier runs left (see
+    /// [`Clearing`]).
+    changelog_clearing: Arc<ClearingProgress>,
 }
 
 impl InputProgress {
@@ -273,7 +274,7 @@ impl Engine {
             caught_up_everywhere: (0..everywhere).map(|_| AtomicU64::new(0)).collect(),
             final_at: AtomicU64::new(0),
             final_done: std::sync::atomic::AtomicUsize::new(0),
-            changelog_uncleared: Arc::default(),
+            changelog_clearing: Arc::default(),
         });
         let counters = DataflowCounters::default();
         let slots: Mutex<Vec<Option<WorkerSlot>>> = Mutex::new(
@@ -374,11 +375,7 @@ impl Engine {
         if let Some(applier) = self.applier.take() {
             applier.join();
         }
-        let uncleared = self
-            .handle
-            .progress
-            .changelog_uncleared
-            .load(Ordering::Acquire);
+        let uncleared = self.handle.progress.changelog_clearing.uncleared();
         if uncleared > 0 {
             tracing::warn!(
                 "the changelog was not yet cleared of what earlier runs left ({uncleared} \
@@ -455,6 +452,13 @@ impl EngineHandle {
         self.as_of() > 0 && self.caught_up()
     }
 
+    /// The time from which the changelog holds exactly this process's state at every complete
+    /// time, once its workers have cleared what earlier runs left there (see [`Clearing`]);
+    /// `None` before.
+    pub fn changelog_whole_from(&self) -> Option<Time> {
+        self.progress.changelog_clearing.whole_from()
+    }
+
     /// The time of the checkpoint taken at a clean stop (0: not stopping).
     pub fn final_checkpoint_at(&self) -> Time {
         self.progress.final_at.load(Ordering::Acquire)
@@ -505,14 +509,14 @@ fn attach_changelog(
 ) {
     let district_sink = ChangelogSinkOp {
         topics: topics.clone(),
-        clearing: Clearing::new(held.clone(), progress.changelog_uncleared.clone()),
+        clearing: Clearing::new(held.clone(), progress.changelog_clearing.clone()),
         progress: progress.clone(),
         what: "district(s)",
     };
     district_sink.attach(&streams.districts, "Sink: DistrictChangelog");
     let rider_sink = ChangelogSinkOp {
         topics,
-        clearing: Clearing::new(held, progress.changelog_uncleared.clone()),
+        clearing: Clearing::new(held, progress.changelog_clearing.clone()),
         progress: progress.clone(),
         what: "rider(s)",
     };

@@ -1,13 +1,12 @@
 //! The dongflow engine and server: the worker loop, queries, HTTP and metrics.
 //!
 //! - [`engine`]: starts the timely workers, feeds them from their sources, answers peeks, compacts.
-//! - [`view`]: the serving view every process keeps, fed by the dataflow one complete time at a time;
-//!   HTTP answers are reads of it.
+//! - [`view`]: the serving view every process keeps, fed by the dataflow one complete time at a time,
+//!   and the stale view of the same type (the checkpoint and the changelog) that answers until the
+//!   live one is ready; HTTP answers are reads of one of them.
 //! - [`query`]: typed queries and answers; peeks of the workers' arrangements (state sizes).
 //! - [`checkpoint`]: checkpoint files: writing them atomically, finding the newest usable one, and
 //!   the marks of a clean stop whose changelog is complete.
-//! - [`backup`]: the changelog read back, answering with `stale: true` until the live state is ready,
-//!   and saying which keys earlier runs left there.
 //! - [`changelog`]: the changelog topics of CONTRACT section 5, written as times complete; clearing the
 //!   keys earlier runs left that the caught-up state lacks.
 //! - [`render`]: the JSON of CONTRACT section 6 (district objects, rider snapshots).
@@ -20,7 +19,6 @@
 //! - [`report`]: an error and its causes on one line, for logs.
 //! - [`demo`]: simulator settings, the stop signal, and the by-id partitioning rule of in-process feeds.
 
-pub mod backup;
 pub mod changelog;
 pub mod checkpoint;
 pub mod cli;

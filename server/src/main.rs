@@ -196,7 +196,7 @@ fn bind_http(addr: &str) -> Result<std::net::TcpListener, Failure> {
         .map_err(|e| bad_argument(anyhow::anyhow!("cannot listen on {addr}: {e}")))
 }
 
-/// Serves the HTTP API of a pipeline on `listener`, with its Kafka metrics and its backup view.
+/// Serves the HTTP API of a pipeline on `listener`, with its Kafka metrics and its stale view.
 fn serve(
     pipeline: &Pipeline,
     index: &Arc<DistrictIndex>,
@@ -207,8 +207,7 @@ fn serve(
         pipeline.handle(),
         index.clone(),
         pipeline.kafka_metrics(),
-        pipeline.backup_view(),
-        pipeline.checkpoint_view(),
+        Some(pipeline.stale_view()),
         pipeline.checkpoint_status(),
     );
     Ok(HttpServer::start_on(listener, app, 2, security).context("cannot serve HTTP")?)

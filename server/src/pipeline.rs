@@ -12,14 +12,14 @@ use dongflow_connectors::kafka::{
 use dongflow_connectors::source::EventSource;
 use thiserror::Error;
 
-use crate::backup::BackupView;
 use crate::changelog::{HeldKeysSource, KafkaChangelog};
 use crate::checkpoint::{
-    mark_published, CheckpointError, Published, Restored, WriteReport, WriteStatus, Writer,
+    mark_published, CheckpointError, CutSource, Published, Restored, WriteReport, WriteStatus,
+    Writer,
 };
 use crate::engine::{CheckpointSettings, Engine, EngineConfig, EngineError};
 use crate::report::Chain;
-use crate::view::CheckpointView;
+use crate::view::{StaleSource, StaleView};
 
 /// Partitions of output topics the pipeline creates when they are missing.
 pub const OUTPUT_PARTITIONS: i32 = 4;
@@ -67,9 +67,7 @@ pub struct Pipeline {
     producer: Arc<Producer>,
     metrics: Arc<KafkaMetrics>,
     writer: Option<Writer>,
-    /// `None` when the restored checkpoint's view is the changelog's own state.
-    backup: Option<Arc<BackupView>>,
-    checkpoint_view: Option<Arc<CheckpointView>>,
+    stale: Arc<StaleView>,
     /// Where a clean stop records that its changelog is complete: the state dir and process, and
     /// the brokers and topics it was published to.
     mark: Option<(PathBuf, usize, Published)>,
@@ -149,69 +147,40 @@ impl Pipeline {
             district_topic: config.district_changelog_topic.clone(),
             rider_topic: config.rider_changelog_topic.clone(),
         }));
-        // Stale answers while the live state is not ready: the restored checkpoint's view answers
-        // as soon as it is indexed, while the dataflow takes the same state in (several times
-        // longer); the changelog's view begins reading once that index is there.
         // Filled in once the engine runs; until then the live state is not ready.
         let engine_handle: Arc<std::sync::OnceLock<crate::EngineHandle>> = Arc::default();
         let live = engine_handle.clone();
         let live_ready = move || live.get().is_some_and(crate::EngineHandle::ready);
-        let checkpoint_view = config.restore.as_ref().and_then(|restored| {
-            let live_ready = live_ready.clone();
-            let view = CheckpointView::new();
-            let (v, r) = (view.clone(), restored.clone());
-            let spawned = std::thread::Builder::new()
-                .name("dongflow-checkpoint-view".into())
-                .spawn(move || {
-                    let started = std::time::Instant::now();
-                    let time = r.time;
-                    v.fill(r);
-                    tracing::info!(
-                        "checkpoint {time}: {} riders on shift answer (stale) after {:?}",
-                        v.riders(),
-                        started.elapsed()
-                    );
-                    // Kept until the live state is ready, then freed.
-                    while !(live_ready)() {
-                        std::thread::sleep(Duration::from_millis(50));
-                    }
-                    v.clear();
-                });
-            match spawned {
-                Ok(_) => Some(view),
-                Err(e) => {
-                    tracing::warn!("no stale answers from the checkpoint: {e}");
-                    None
-                }
-            }
-        });
-        // The changelog read back holds nothing the checkpoint's view does not when it was
-        // published at a clean stop: then only the checkpoint's view answers.
-        let backup = match restore_published && checkpoint_view.is_some() {
-            true => None,
-            false => {
-                let indexed = checkpoint_view.clone();
-                let backup = BackupView::start(
-                    &config.kafka.brokers,
-                    &config.district_changelog_topic,
-                    &config.rider_changelog_topic,
-                    // Without a checkpoint, at once; with one, once it has been indexed.
-                    move || indexed.as_ref().is_none_or(|v| v.filled()),
-                )?;
-                backup.release_when(live_ready);
-                Some(backup)
-            }
-        };
+        // Stale answers while the live state is not ready: the checkpoint and the changelog after
+        // its cut, or the changelog alone.
+        let stale = StaleView::start(
+            StaleSource {
+                brokers: config.kafka.brokers.clone(),
+                district_topic: config.district_changelog_topic.clone(),
+                rider_topic: config.rider_changelog_topic.clone(),
+                index: engine_config.districts.clone(),
+                restored: config.restore.clone(),
+            },
+            live_ready,
+        )?;
         // A run that publishes its state again first clears what earlier runs left in the
-        // changelog and that state lacks: it needs the changelog's keys, which the backup view reads.
-        engine_config.changelog_held =
-            backup
-                .as_ref()
-                .filter(|_| !restore_published)
-                .map(|backup| {
-                    let backup = backup.clone();
-                    HeldKeysSource(Arc::new(move || backup.held_keys()))
-                });
+        // changelog and that state lacks: it needs the changelog's keys, which the stale view reads.
+        engine_config.changelog_held = (!restore_published).then(|| {
+            let stale = stale.clone();
+            HeldKeysSource(Arc::new(move || stale.held_keys()))
+        });
+        if let Some(writer) = &writer {
+            // Each checkpoint records where the changelog reflects it, so that a restart's stale
+            // view reads only what came after.
+            producer.track_changelog();
+            writer.record_cuts(cut_source(
+                &producer,
+                &metrics,
+                &published_to,
+                config.restore.as_deref(),
+                engine_handle.clone(),
+            ));
+        }
         let mark = config
             .state_dir
             .clone()
@@ -224,22 +193,14 @@ impl Pipeline {
             producer,
             metrics,
             writer,
-            backup,
-            checkpoint_view,
+            stale,
             mark,
         })
     }
 
-    /// The changelog-backed view that answers while the live state is not ready; `None` when the
-    /// restored checkpoint's view answers instead (its changelog was published at a clean stop).
-    pub fn backup_view(&self) -> Option<Arc<BackupView>> {
-        self.backup.clone()
-    }
-
-    /// The restored checkpoint's view, answering (stale) until the live state is ready; `None`
-    /// when the pipeline did not start from a checkpoint.
-    pub fn checkpoint_view(&self) -> Option<Arc<CheckpointView>> {
-        self.checkpoint_view.clone()
+    /// The view that answers (stale) while the live state is not ready.
+    pub fn stale_view(&self) -> Arc<StaleView> {
+        self.stale.clone()
     }
 
     /// The last checkpoint this process wrote.
@@ -281,9 +242,7 @@ impl Pipeline {
             final_at = handle.final_checkpoint_at();
         }
         let written = self.writer.take().and_then(Writer::finish);
-        if let Some(backup) = &self.backup {
-            backup.stop();
-        }
+        self.stale.stop();
         self.watch.stop();
         let left = self.producer.in_flight();
         let flushed = match self.producer.flush(flush) {
@@ -328,6 +287,51 @@ impl Pipeline {
             Err(e) => tracing::warn!("cannot mark checkpoint {}: {}", report.time, Chain(&e)),
         }
     }
+}
+
+/// Where the changelog reflects a checkpoint of a given time, for the checkpoint writer: known
+/// once the changelog holds exactly this run's state (a restore published at a clean stop, or a
+/// run that has cleared what earlier runs left) from a time at or before the checkpoint's, and no
+/// changelog record was refused. A partition this run has not written keeps the restored
+/// checkpoint's cut: nothing there changed since.
+fn cut_source(
+    producer: &Arc<Producer>,
+    metrics: &Arc<KafkaMetrics>,
+    changelog: &Published,
+    restored: Option<&Restored>,
+    engine: Arc<std::sync::OnceLock<crate::EngineHandle>>,
+) -> CutSource {
+    let (producer, metrics, changelog) = (producer.clone(), metrics.clone(), changelog.clone());
+    let earlier: Vec<(String, i32, i64)> = restored
+        .and_then(|r| r.cut.clone())
+        .filter(|cut| cut.same_changelog(&changelog))
+        .map(|cut| cut.ends)
+        .unwrap_or_default();
+    Arc::new(move |time| {
+        let whole_from = engine.get()?.changelog_whole_from()?;
+        let refused: u64 = [OutputKind::DistrictChangelog, OutputKind::RiderChangelog]
+            .iter()
+            .map(|k| metrics.failed[*k as usize].load(Ordering::Relaxed))
+            .sum();
+        if whole_from > time || refused > 0 {
+            return None;
+        }
+        let mut ends = earlier.clone();
+        for (kind, partition, offset) in producer.changelog_cut(time) {
+            let topic = match kind {
+                OutputKind::DistrictChangelog => &changelog.district_topic,
+                _ => &changelog.rider_topic,
+            };
+            match ends.iter_mut().find(|e| (&e.0, e.1) == (topic, partition)) {
+                Some(e) => e.2 = offset,
+                None => ends.push((topic.clone(), partition, offset)),
+            }
+        }
+        Some(Published {
+            ends,
+            ..changelog.clone()
+        })
+    })
 }
 
 /// A changelog topic whose end offsets could not be read.

@@ -1,5 +1,6 @@
 //! The JSON of CONTRACT section 6: district objects and rider snapshots, as HTTP answers and
-//! changelog values show them.
+//! changelog values show them, and changelog values read back ([`decode_rider`],
+//! [`decode_district`]) into what renders them again.
 
 use dongflow_connectors::Coord;
 use dongflow_dataflow::districts::{DistrictId, DistrictIndex};
@@ -134,7 +135,7 @@ pub struct Stamped<T> {
     pub value: T,
     /// The dataflow time of the answer.
     pub as_of: Time,
-    /// Whether the answer comes from the changelog-backed backup view.
+    /// Whether the answer comes from the stale view (the checkpoint and the changelog).
     pub stale: bool,
 }
 
@@ -143,7 +144,7 @@ pub struct Stamped<T> {
 pub struct DistrictsView<'a> {
     /// The dataflow time of the answer.
     pub as_of: Time,
-    /// Whether the answer comes from the backup view.
+    /// Whether the answer comes from the stale view.
     pub stale: bool,
     /// Districts with any nonzero count, by code.
     pub districts: Vec<DistrictView<'a>>,
@@ -175,8 +176,191 @@ impl<'a> DistrictsView<'a> {
 pub struct RidersView<'a> {
     /// The dataflow time of the answer.
     pub as_of: Time,
-    /// Whether the answer comes from the backup view.
+    /// Whether the answer comes from the stale view.
     pub stale: bool,
     /// Snapshots of the riders on shift there, by id.
     pub riders: Vec<RiderView<'a>>,
+}
+
+/// Why a changelog value cannot be read back into the view.
+#[derive(Debug, thiserror::Error)]
+pub enum DecodeError {
+    /// Not the JSON of a district object or rider snapshot.
+    #[error("not a changelog value: {0}")]
+    Json(#[from] serde_json::Error),
+    /// A district code this process's map does not have.
+    #[error("unknown district code {0}")]
+    UnknownDistrict(String),
+    /// A status name CONTRACT section 2 does not have.
+    #[error("unknown status {0}")]
+    UnknownStatus(String),
+}
+
+/// A district changelog value, as [`DistrictView`] wrote it.
+#[derive(serde::Deserialize)]
+struct DistrictRecord {
+    riders_on_shift: u64,
+    riders_delivering: u64,
+    active_deliveries: u64,
+    waiting_deliveries: u64,
+    as_of: Time,
+}
+
+/// A rider changelog value, as [`RiderView`] wrote it.
+#[derive(serde::Deserialize)]
+struct RiderRecord {
+    status: String,
+    rider_type: Option<String>,
+    location: Option<PointRecord>,
+    district: DistrictRefRecord,
+    deliveries: Vec<DeliveryRecord>,
+    updated_ts: u64,
+    as_of: Time,
+}
+
+#[derive(serde::Deserialize)]
+struct PointRecord {
+    lat: f64,
+    lon: f64,
+}
+
+#[derive(serde::Deserialize)]
+struct DistrictRefRecord {
+    code: String,
+}
+
+#[derive(serde::Deserialize)]
+struct DeliveryRecord {
+    delivery_id: String,
+    status: String,
+    vehicle: Option<String>,
+}
+
+fn district_id(index: &DistrictIndex, code: &str) -> Result<DistrictId, DecodeError> {
+    index
+        .id_of(code)
+        .ok_or_else(|| DecodeError::UnknownDistrict(code.to_owned()))
+}
+
+/// A district changelog value read back: its counts and `as_of`.
+pub fn decode_district(value: &[u8]) -> Result<(DistrictCounts, Time), DecodeError> {
+    let r: DistrictRecord = serde_json::from_slice(value)?;
+    let counts = DistrictCounts {
+        riders_on_shift: r.riders_on_shift,
+        riders_delivering: r.riders_delivering,
+        active_deliveries: r.active_deliveries,
+        waiting_deliveries: r.waiting_deliveries,
+    };
+    Ok((counts, r.as_of))
+}
+
+/// A district changelog key read back.
+pub fn decode_district_key(index: &DistrictIndex, code: &str) -> Result<DistrictId, DecodeError> {
+    district_id(index, code)
+}
+
+/// A rider changelog value read back: a snapshot that [`RiderView`] renders exactly as it was
+/// written (the record has one `updated_ts`, kept as the rider's own), and `as_of`.
+pub fn decode_rider(index: &DistrictIndex, value: &[u8]) -> Result<(Snapshot, Time), DecodeError> {
+    use dongflow_connectors::{DeliveryStatus, RiderStatus};
+    use dongflow_dataflow::types::{DeliveryBrief, RiderRow};
+    let r: RiderRecord = serde_json::from_slice(value)?;
+    let status = RiderStatus::parse(&r.status).ok_or(DecodeError::UnknownStatus(r.status))?;
+    let deliveries = r
+        .deliveries
+        .into_iter()
+        .map(|d| {
+            Ok(DeliveryBrief {
+                delivery_id: d.delivery_id.into(),
+                status: DeliveryStatus::parse(&d.status)
+                    .ok_or(DecodeError::UnknownStatus(d.status))?,
+                vehicle: d.vehicle.map(Into::into),
+                ts: 0,
+            })
+        })
+        .collect::<Result<Vec<_>, DecodeError>>()?;
+    let rider = RiderRow {
+        status,
+        rider_type: r.rider_type.map(Into::into),
+        location: r.location.map(|p| Coord {
+            lat: p.lat,
+            lon: p.lon,
+        }),
+        district: district_id(index, &r.district.code)?,
+        ts: r.updated_ts,
+    };
+    Ok((Snapshot { rider, deliveries }, r.as_of))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::changelog::Changelogged;
+    use dongflow_connectors::{DeliveryStatus, RiderStatus};
+    use dongflow_dataflow::types::{DeliveryBrief, RiderRow};
+
+    /// What the changelog writes reads back into values that render the same bytes.
+    #[test]
+    fn changelog_values_read_back_into_what_renders_them() {
+        let index = DistrictIndex::new(dongflow_dataflow::builtin_map::seoul_gu()).expect("map");
+        let snapshot = Snapshot {
+            rider: RiderRow {
+                status: RiderStatus::OnShift,
+                rider_type: Some("CONNECT".into()),
+                location: Some(Coord {
+                    lat: 37.4979,
+                    lon: 127.0276,
+                }),
+                district: 3,
+                ts: 1_000,
+            },
+            deliveries: vec![DeliveryBrief {
+                delivery_id: "d-9".into(),
+                status: DeliveryStatus::PickedUp,
+                vehicle: Some("MOTORCYCLE".into()),
+                ts: 2_000,
+            }],
+        };
+        let written = serde_json::to_vec(&Changelogged {
+            value: RiderView::new(&index, "r-17", &snapshot),
+            as_of: 77,
+        })
+        .expect("rendered");
+        let (back, as_of) = decode_rider(&index, &written).expect("read back");
+        assert_eq!(as_of, 77);
+        let again = serde_json::to_vec(&Changelogged {
+            value: RiderView::new(&index, "r-17", &back),
+            as_of,
+        })
+        .expect("rendered");
+        assert_eq!(
+            String::from_utf8_lossy(&again),
+            String::from_utf8_lossy(&written)
+        );
+
+        let counts = DistrictCounts {
+            riders_on_shift: 4,
+            riders_delivering: 1,
+            active_deliveries: 2,
+            waiting_deliveries: 3,
+        };
+        let written = serde_json::to_vec(&Changelogged {
+            value: DistrictView::new(&index, 3, &counts),
+            as_of: 78,
+        })
+        .expect("rendered");
+        assert_eq!(decode_district(&written).expect("read back"), (counts, 78));
+        assert_eq!(
+            decode_district_key(&index, index.code(3)).expect("known"),
+            3
+        );
+        assert!(matches!(
+            decode_district_key(&index, "0000000000"),
+            Err(DecodeError::UnknownDistrict(_))
+        ));
+        assert!(matches!(
+            decode_rider(&index, b"{\"status\": 1}"),
+            Err(DecodeError::Json(_))
+        ));
+    }
 }

@@ -32,7 +32,7 @@ use thiserror::Error;
 pub use admin::{create_topics, ensure_topics, EmbeddedBroker, TopicSpec};
 pub use background::Background;
 pub use metrics::KafkaMetrics;
-pub use producer::{OutputKind, Producer};
+pub use producer::{OutputKind, Producer, AS_OF_HEADER};
 pub use settings::{ClientSettings, SettingsError};
 pub use source::KafkaSource;
 pub use watch::TopicWatch;

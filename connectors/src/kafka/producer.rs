@@ -3,8 +3,9 @@
 //! It is idempotent (no duplicates or reordering when librdkafka retries), never gives up on a
 //! record while the broker is away, and counts every delivery and failure by output.
 
-use std::sync::atomic::Ordering;
-use std::sync::Arc;
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use rdkafka::config::{ClientConfig, RDKafkaLogLevel};
@@ -13,13 +14,13 @@ use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{
     BaseRecord, DeliveryResult, Producer as _, ProducerContext, ThreadedProducer,
 };
-use rdkafka::ClientContext;
+use rdkafka::{ClientContext, Message as _};
 
 use super::quiet::Quiet;
 use super::{ClientSettings, KafkaError, KafkaMetrics};
 
 /// What a record is, for counting.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum OutputKind {
     /// A rejected input record.
     DeadLetter = 0,
@@ -54,10 +55,51 @@ impl OutputKind {
     }
 }
 
-/// Counts deliveries and failures as librdkafka reports them.
+/// Counts deliveries and failures as librdkafka reports them, and notes where changelog records
+/// landed.
 pub struct Counting {
     metrics: Arc<KafkaMetrics>,
     quiet: Quiet,
+    landed: Landed,
+}
+
+/// The record header that carries a changelog tombstone's `as_of` (a value carries it in its JSON).
+pub const AS_OF_HEADER: &str = "as_of";
+
+/// What a record's delivery report needs: its kind in the low two bits, the dataflow time of a
+/// changelog record above them (time is milliseconds, far below 2^62).
+fn opaque(kind: OutputKind, as_of: u64) -> usize {
+    ((as_of as usize) << 2) | kind as usize
+}
+
+/// Where this producer's changelog records landed, per partition: enough to say, for a checkpoint
+/// of dataflow time `T`, an offset per partition before which no record of a later time lies
+/// ([`Producer::changelog_cut`]). Kept only once asked for ([`Producer::track_changelog`]): without
+/// checkpoints nobody asks for a cut, and the times would pile up.
+#[derive(Debug, Default)]
+struct Landed {
+    tracking: AtomicBool,
+    partitions: Mutex<HashMap<(OutputKind, i32), PartitionLanded>>,
+}
+
+#[derive(Debug, Default)]
+struct PartitionLanded {
+    /// The offset after the last record delivered.
+    end: i64,
+    /// The first offset delivered of each time after the last cut.
+    first_of: BTreeMap<u64, i64>,
+}
+
+impl Landed {
+    fn note(&self, kind: OutputKind, as_of: u64, partition: i32, offset: i64) {
+        if !self.tracking.load(Ordering::Relaxed) {
+            return;
+        }
+        let mut partitions = self.partitions.lock().unwrap_or_else(|e| e.into_inner());
+        let p = partitions.entry((kind, partition)).or_default();
+        p.end = p.end.max(offset + 1);
+        p.first_of.entry(as_of).or_insert(offset);
+    }
 }
 
 impl ClientContext for Counting {
@@ -73,10 +115,15 @@ impl ClientContext for Counting {
 impl ProducerContext for Counting {
     type DeliveryOpaque = usize;
 
-    fn delivery(&self, result: &DeliveryResult<'_>, kind: usize) {
-        let kind = OutputKind::from_index(kind);
+    fn delivery(&self, result: &DeliveryResult<'_>, opaque: usize) {
+        let kind = OutputKind::from_index(opaque & 3);
         match result {
-            Ok(_) => {
+            Ok(message) => {
+                if kind != OutputKind::DeadLetter {
+                    let (partition, offset) = (message.partition(), message.offset());
+                    self.landed
+                        .note(kind, (opaque >> 2) as u64, partition, offset);
+                }
                 self.metrics.delivered[kind as usize].fetch_add(1, Ordering::Relaxed);
                 if kind == OutputKind::DeadLetter {
                     self.metrics.dead_lettered.fetch_add(1, Ordering::Relaxed);
@@ -156,13 +203,62 @@ impl Producer {
             .create_with_context(Counting {
                 metrics: metrics.clone(),
                 quiet: Quiet::default(),
+                landed: Landed::default(),
             })?;
         Ok(Self { inner, metrics })
     }
 
     /// Sends one record (`value: None` is a tombstone), waiting while the queue is full.
     pub fn send(&self, kind: OutputKind, topic: &str, key: &[u8], value: Option<&[u8]>) {
-        self.send_with(kind, topic, Some(key), value, None);
+        self.send_with(kind, topic, Some(key), value, None, 0);
+    }
+
+    /// Sends one changelog record of dataflow time `as_of`, waiting while the queue is full. A
+    /// tombstone (`value: None`) carries its time in the [`AS_OF_HEADER`] header, so that a reader
+    /// that starts from a checkpoint's cut can tell an old tombstone from a new one.
+    pub fn send_changelog(
+        &self,
+        kind: OutputKind,
+        topic: &str,
+        key: &[u8],
+        value: Option<&[u8]>,
+        as_of: u64,
+    ) {
+        let headers = value.is_none().then(|| {
+            OwnedHeaders::new().insert(Header {
+                key: AS_OF_HEADER,
+                value: Some(&as_of.to_string()),
+            })
+        });
+        self.send_with(kind, topic, Some(key), value, headers, as_of);
+    }
+
+    /// Starts noting where changelog records land, for [`Producer::changelog_cut`].
+    pub fn track_changelog(&self) {
+        self.inner
+            .context()
+            .landed
+            .tracking
+            .store(true, Ordering::Relaxed);
+    }
+
+    /// For a checkpoint of dataflow time `time`: per changelog partition this producer has
+    /// delivered to since [`Producer::track_changelog`], an offset before which no record of a time
+    /// after `time` lies (the first such record delivered, else the end of what was delivered: a
+    /// record still in flight lands after everything delivered to its partition). Records of
+    /// `time` or earlier may lie after it. Cuts are asked for in time order; what only earlier
+    /// cuts needed is forgotten.
+    pub fn changelog_cut(&self, time: u64) -> Vec<(OutputKind, i32, i64)> {
+        let landed = &self.inner.context().landed;
+        let mut partitions = landed.partitions.lock().unwrap_or_else(|e| e.into_inner());
+        let mut cut = Vec::new();
+        for (&(kind, partition), p) in partitions.iter_mut() {
+            let later = p.first_of.range(time + 1..).map(|(_, o)| *o).min();
+            cut.push((kind, partition, later.unwrap_or(p.end).min(p.end)));
+            p.first_of = p.first_of.split_off(&(time + 1));
+        }
+        cut.sort();
+        cut
     }
 
     /// Sends a rejected input record unchanged, with its dead-letter headers.
@@ -196,7 +292,7 @@ impl Producer {
                 key: "source_offset",
                 value: Some(&offset),
             });
-        self.send_with(OutputKind::DeadLetter, topic, key, value, Some(h));
+        self.send_with(OutputKind::DeadLetter, topic, key, value, Some(h), 0);
     }
 
     fn send_with(
@@ -206,9 +302,10 @@ impl Producer {
         key: Option<&[u8]>,
         value: Option<&[u8]>,
         headers: Option<OwnedHeaders>,
+        as_of: u64,
     ) {
         let mut record: BaseRecord<'_, [u8], [u8], usize> =
-            BaseRecord::with_opaque_to(topic, kind as usize);
+            BaseRecord::with_opaque_to(topic, opaque(kind, as_of));
         if let Some(k) = key {
             record = record.key(k);
         }
@@ -333,5 +430,55 @@ mod tests {
             metrics.delivered[OutputKind::RiderChangelog as usize].load(Ordering::Relaxed),
             0
         );
+    }
+
+    /// A cut at time `T` is the first offset of a later time, or the end of what was delivered;
+    /// a tombstone carries its time in a header.
+    #[test]
+    fn a_changelog_cut_is_where_later_times_begin() {
+        let broker = EmbeddedBroker::start(&[TopicSpec::new("log", 1)]).expect("mock cluster");
+        let producer = Producer::new(
+            &broker.bootstrap().as_str().into(),
+            Arc::new(KafkaMetrics::default()),
+        )
+        .expect("producer");
+        let kind = OutputKind::DistrictChangelog;
+        producer.send_changelog(kind, "log", b"a", Some(b"1"), 5);
+        producer.track_changelog();
+        let send = |key: &[u8], time| producer.send_changelog(kind, "log", key, Some(b"1"), time);
+        send(b"a", 10);
+        send(b"b", 10);
+        send(b"c", 20);
+        producer.flush(Duration::from_secs(10)).expect("delivered");
+        // Offset 0 went before tracking began: only what came after is known.
+        assert_eq!(producer.changelog_cut(10), [(kind, 0, 3)]);
+        assert_eq!(producer.changelog_cut(20), [(kind, 0, 4)]);
+        // A late record of an earlier time moves the end; no later time is there.
+        producer.send_changelog(kind, "log", b"d", None, 15);
+        producer.flush(Duration::from_secs(10)).expect("delivered");
+        assert_eq!(producer.changelog_cut(20), [(kind, 0, 5)]);
+        use rdkafka::consumer::{BaseConsumer, Consumer};
+        use rdkafka::message::Headers;
+        let consumer: BaseConsumer = rdkafka::ClientConfig::new()
+            .set("bootstrap.servers", broker.bootstrap())
+            .set("group.id", "cut-test")
+            .create()
+            .expect("consumer");
+        let mut tpl = rdkafka::TopicPartitionList::new();
+        tpl.add_partition_offset("log", 0, rdkafka::Offset::Offset(4))
+            .expect("partition");
+        consumer.assign(&tpl).expect("assigned");
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let m = loop {
+            if let Some(Ok(m)) = consumer.poll(Duration::from_millis(100)) {
+                break m;
+            }
+            assert!(Instant::now() < deadline, "the tombstone was not read back");
+        };
+        assert_eq!(m.payload(), None);
+        let header = m
+            .headers()
+            .and_then(|h| h.iter().find(|h| h.key == AS_OF_HEADER));
+        assert_eq!(header.and_then(|h| h.value), Some(&b"15"[..]));
     }
 }

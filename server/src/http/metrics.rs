@@ -148,7 +148,7 @@ pub fn text(app: &App) -> prometheus::Result<String> {
     if let Some(kafka) = &app.kafka {
         self::kafka(&mut scrape, kafka)?;
     }
-    if let Some(b) = &app.backup {
+    if let Some(b) = &app.stale {
         scrape.counter(
             "dongflow_changelog_undecodable_records_total",
             "Changelog records read back at start whose value was not JSON (skipped, not deletions).",

@@ -15,9 +15,8 @@ use dongflow_connectors::kafka::KafkaMetrics;
 use dongflow_dataflow::districts::DistrictId;
 use dongflow_dataflow::types::{DistrictCounts, Time};
 
-use crate::backup::BackupView;
 use crate::checkpoint::WriteStatus;
-use crate::view::CheckpointView;
+use crate::view::StaleView;
 use dongflow_dataflow::districts::DistrictIndex;
 use http_body_util::Full;
 use hyper::body::Incoming;
@@ -66,8 +65,7 @@ pub struct App {
     districts_body: Mutex<Option<(Time, bool, Bytes)>>,
     metrics: HttpMetrics,
     kafka: Option<Arc<KafkaMetrics>>,
-    backup: Option<Arc<BackupView>>,
-    checkpoint_view: Option<Arc<CheckpointView>>,
+    stale: Option<Arc<StaleView>>,
     checkpoints: Option<WriteStatus>,
 }
 
@@ -88,23 +86,20 @@ impl App {
             districts_body: Mutex::default(),
             metrics: HttpMetrics::default(),
             kafka: None,
-            backup: None,
-            checkpoint_view: None,
+            stale: None,
             checkpoints: None,
         })
     }
 
     /// The HTTP application of an engine that reads from and writes to Kafka: `/metrics` also
     /// shows the Kafka counters and consumer lag, and until the live state is ready, answers come
-    /// with `"stale": true` from `checkpoint_view` (the restored checkpoint, ready within a second)
-    /// or from `backup` (the changelog read back), whichever is newer.
+    /// with `"stale": true` from `stale` (the checkpoint and the changelog read back).
     /// `checkpoints` says how checkpoint writes go, for `/metrics`.
     pub fn with_kafka(
         engine: EngineHandle,
         index: Arc<DistrictIndex>,
         kafka: Arc<KafkaMetrics>,
-        backup: Option<Arc<BackupView>>,
-        checkpoint_view: Option<Arc<CheckpointView>>,
+        stale: Option<Arc<StaleView>>,
         checkpoints: Option<WriteStatus>,
     ) -> Arc<Self> {
         let geojson = Bytes::from(index.to_geojson().to_string());
@@ -115,8 +110,7 @@ impl App {
             districts_body: Mutex::default(),
             metrics: HttpMetrics::default(),
             kafka: Some(kafka),
-            backup,
-            checkpoint_view,
+            stale,
             checkpoints,
         })
     }
@@ -392,22 +386,21 @@ fn short(path: &str) -> String {
     path.chars().take(100).collect()
 }
 
-/// Answers a query from the serving view (or, while the live state is not ready, from the
-/// restored checkpoint's view): a read of one version of in-memory maps, done right here on the
-/// connection's task.
+/// Answers a query from the live view once it is ready, else from the stale view: a read of one
+/// version of in-memory maps, done right here on the connection's task. Never `stale: false`
+/// before ready (CONTRACT section 7): a live state still catching up is not shown as if it were
+/// current; without a stale answer the answer is 503.
 async fn ask(app: &Arc<App>, query: Query) -> Result<Answer, QueryError> {
-    if let Some(answer) = stale_source(app)
-        .and_then(|s| s.checkpoint)
-        .and_then(|v| v.answer(&query))
-    {
-        return Ok(answer);
+    if live_ready(app) {
+        if let Some(stale) = &app.stale {
+            stale.release();
+        }
+        return app.engine.query(&query);
     }
-    // Never `stale: false` before ready (CONTRACT section 7): a live state still catching up is
-    // not shown as if it were current; without a stale view the answer is 503.
-    if !live_ready(app) {
-        return Err(QueryError::CatchingUp);
-    }
-    app.engine.query(&query)
+    app.stale
+        .as_ref()
+        .and_then(|s| s.answer(&query))
+        .ok_or(QueryError::CatchingUp)
 }
 
 /// The 404 answer for a district code the map does not have.
@@ -436,53 +429,7 @@ fn live_ready(app: &App) -> bool {
     app.engine.ready()
 }
 
-/// Where stale answers come from while the live state is not ready: exactly one of the two.
-struct StaleSource<'a> {
-    changelog: Option<&'a BackupView>,
-    checkpoint: Option<&'a CheckpointView>,
-}
-
-/// The stale view that should answer, if any: none once the live state is ready (both are then
-/// let go for good); otherwise the changelog's view when it has loaded what the changelog held at
-/// start and that is at least as new as the checkpoint, else the checkpoint's once it is filled.
-/// `as_of` so never goes back, and a checkpoint is not swapped for a changelog still being written.
-fn stale_source(app: &App) -> Option<StaleSource<'_>> {
-    let changelog = app.backup.as_deref();
-    let checkpoint = app.checkpoint_view.as_deref();
-    if live_ready(app) {
-        changelog.map(BackupView::release);
-        if let Some(c) = checkpoint.filter(|c| c.as_of() > 0) {
-            c.clear();
-            tracing::info!("live state ready: the checkpoint's view is let go");
-        }
-        return None;
-    }
-    let checkpoint = checkpoint.filter(|c| c.as_of() > 0);
-    let changelog = changelog
-        .filter(|b| b.ready())
-        .filter(|b| checkpoint.is_none_or(|c| b.loaded_as_of() >= c.as_of()));
-    match (changelog, checkpoint) {
-        (Some(b), _) => Some(StaleSource {
-            changelog: Some(b),
-            checkpoint: None,
-        }),
-        (None, Some(c)) => Some(StaleSource {
-            changelog: None,
-            checkpoint: Some(c),
-        }),
-        (None, None) => None,
-    }
-}
-
-/// The changelog's view, when it is the one that should answer.
-fn backup(app: &App) -> Option<&BackupView> {
-    stale_source(app)?.changelog
-}
-
 async fn districts(app: &Arc<App>) -> Response<Full<Bytes>> {
-    if let Some(b) = backup(app) {
-        return json(StatusCode::OK, &b.districts());
-    }
     answered(app, Query::Districts, |a| match a.body {
         AnswerBody::Districts(counts) => Some(districts_body(app, a.as_of, a.stale, &counts)),
         _ => None,
@@ -522,17 +469,6 @@ async fn district(app: &Arc<App>, code: &str) -> Response<Full<Bytes>> {
     let Some(id) = app.index.id_of(code) else {
         return unknown_district(code);
     };
-    if let Some(b) = backup(app) {
-        let zero = || {
-            serde_json::to_value(DistrictView::new(
-                &app.index,
-                id,
-                &DistrictCounts::default(),
-            ))
-            .unwrap_or_default()
-        };
-        return json(StatusCode::OK, &b.district(code, zero));
-    }
     answered(app, Query::District(id), |a| match a.body {
         AnswerBody::District(counts) => {
             let value = DistrictView::new(&app.index, id, &counts);
@@ -554,9 +490,6 @@ async fn district_riders(app: &Arc<App>, code: &str) -> Response<Full<Bytes>> {
     let Some(id) = app.index.id_of(code) else {
         return unknown_district(code);
     };
-    if let Some(b) = backup(app) {
-        return json(StatusCode::OK, &b.riders_of(code));
-    }
     answered(app, Query::RidersOf(id), |a| match a.body {
         AnswerBody::Riders(riders) => {
             let riders = riders
@@ -578,12 +511,6 @@ async fn district_riders(app: &Arc<App>, code: &str) -> Response<Full<Bytes>> {
 }
 
 async fn rider(app: &Arc<App>, id: &str) -> Response<Full<Bytes>> {
-    if let Some(b) = backup(app) {
-        return match b.rider(id) {
-            Some(v) => json(StatusCode::OK, &v),
-            None => unknown_rider(id, true),
-        };
-    }
     answered(app, Query::Rider(id.into()), |a| match a.body {
         AnswerBody::Rider(Some(snapshot)) => {
             let value = RiderView::new(&app.index, id, &snapshot);

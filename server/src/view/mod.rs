@@ -11,29 +11,31 @@
 //!   untouched) and publishes it with one atomic store. Changes at the frontier's own time are
 //!   applied ahead to the next version, unpublished until that time completes. A read loads one
 //!   version: exactly the input up to one `as_of`, which never goes back, and it never waits.
-//! - **A checkpoint's view.** [`CheckpointView`] indexes a restored checkpoint's upsert state and
-//!   answers from it (`stale`) the snapshots and counts the dataflow will compute from it, so a
-//!   restarting process answers as soon as it has loaded its checkpoint, before the dataflow has
-//!   taken the state in.
+//! - **One view type, two sources.** The live view is fed by the dataflow ([`feed`]). Until it is
+//!   ready, a stale view of the same type answers ([`StaleView`]): filled from the restored
+//!   checkpoint ([`seed_changes`], the dataflow's own rules applied to its state) plus the
+//!   changelog records written after the checkpoint's cut, or from the changelog alone, then
+//!   following the changelog. `stale` is a property of a view's contents, not a code path: every
+//!   answer is read and rendered the same way.
 
-use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use arc_swap::ArcSwap;
 
 use dongflow_connectors::Id;
-use dongflow_dataflow::build::Changelogs;
 use dongflow_dataflow::districts::DistrictId;
-use dongflow_dataflow::stages::DeliveryState;
-use dongflow_dataflow::types::{Change, DeliveryBrief, DistrictCounts, Snapshot, Time};
+use dongflow_dataflow::types::{Change, DistrictCounts, Snapshot, Time};
 use serde::{Deserialize, Serialize};
-use timely::dataflow::channels::pact::Exchange;
-use timely::dataflow::operators::generic::operator::Operator;
-use timely::dataflow::operators::vec::Map;
-use timely::dataflow::operators::Concat;
 
-use crate::checkpoint::Restored;
 use crate::query::{Answer, AnswerBody, Query};
+
+mod feed;
+mod seed;
+mod stale;
+
+pub use feed::{attach_view, ViewApplier, ViewFeed};
+pub use seed::seed_changes;
+pub use stale::{StaleSource, StaleView};
 
 /// One change to the view: a district's counts or a rider's snapshot at a time.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, PartialOrd)]
@@ -60,6 +62,8 @@ impl ViewChange {
 struct Maps {
     /// The dataflow time the maps reflect exactly; 0 before the first complete time.
     as_of: Time,
+    /// Whether the contents come from the changelog (and a checkpoint) rather than the live state.
+    stale: bool,
     /// Districts with any nonzero count.
     districts: imbl::OrdMap<DistrictId, DistrictCounts>,
     /// Riders on shift.
@@ -123,6 +127,37 @@ impl ServingView {
     /// An empty live view (no state yet).
     pub fn new() -> Arc<Self> {
         Arc::new(Self::default())
+    }
+
+    /// An empty stale view: its answers say `stale: true`.
+    pub fn new_stale() -> Arc<Self> {
+        let maps = Maps {
+            stale: true,
+            ..Maps::default()
+        };
+        Arc::new(Self {
+            maps: ArcSwap::from_pointee(maps),
+            writer: Mutex::default(),
+        })
+    }
+
+    /// Lets the contents go: it answers nothing from now on.
+    pub fn release(&self) {
+        let mut writing = self.write();
+        *writing = None;
+        let stale = self.maps.load().stale;
+        self.maps.store(Arc::new(Maps {
+            stale,
+            ..Maps::default()
+        }));
+    }
+
+    /// The district ids and rider ids the view holds, `as_of` aside.
+    pub fn keys(&self) -> (Vec<DistrictId>, Vec<Id>) {
+        let maps = self.maps.load();
+        let districts = maps.districts.keys().copied().collect();
+        let riders = maps.riders.keys().cloned().collect();
+        (districts, riders)
     }
 
     fn write(&self) -> MutexGuard<'_, Option<Maps>> {
@@ -194,330 +229,19 @@ impl ServingView {
         };
         Some(Answer {
             as_of: maps.as_of,
-            stale: false,
+            stale: maps.stale,
             body,
         })
     }
 }
 
-/// A restored checkpoint's state, indexed to answer queries (`stale`) while the dataflow takes the
-/// same state in: the snapshots and counts the dataflow will compute from it (CONTRACT section 3),
-/// computed directly. Nothing changes it after it is built, so it needs no persistent maps: plain
-/// indexes over the checkpoint's own rows (its riders are sorted by id, see
-/// [`Restored::riders`]), and snapshots made when asked.
-#[derive(Debug)]
-struct Frozen {
-    restored: Arc<Restored>,
-    /// Districts with any nonzero count.
-    districts: BTreeMap<DistrictId, DistrictCounts>,
-    /// Riders on shift.
-    on_shift: usize,
-    /// Active deliveries per rider on shift, sorted by id.
-    active: HashMap<Id, Vec<DeliveryBrief>>,
-    /// Riders on shift by district: positions in `restored.riders.entries`, so sorted by id.
-    by_district: HashMap<DistrictId, Vec<usize>>,
-}
-
-impl Frozen {
-    /// One pass over the deliveries and one over the riders: the riders are sorted by id already,
-    /// so a rider is found by binary search and each district's list comes out sorted.
-    fn build(restored: Arc<Restored>) -> Frozen {
-        let mut districts: BTreeMap<DistrictId, DistrictCounts> = BTreeMap::new();
-        let mut active: HashMap<Id, Vec<DeliveryBrief>> = HashMap::new();
-        for (id, state) in &restored.deliveries.entries {
-            let DeliveryState::Live(row) = state else {
-                continue;
-            };
-            if row.is_waiting() {
-                districts
-                    .entry(row.pickup_district)
-                    .or_default()
-                    .waiting_deliveries += 1;
-            }
-            if let (true, Some(rider)) = (row.is_active(), &row.rider_id) {
-                active
-                    .entry(rider.clone())
-                    .or_default()
-                    .push(DeliveryBrief {
-                        delivery_id: id.clone(),
-                        status: row.status,
-                        vehicle: row.vehicle.clone(),
-                        ts: row.ts,
-                    });
-            }
-        }
-        let entries = &restored.riders.entries;
-        debug_assert!(
-            entries.is_sorted_by(|a, b| a.0 <= b.0),
-            "a restored checkpoint's riders are sorted by id"
-        );
-        let mut by_district: HashMap<DistrictId, Vec<usize>> = HashMap::new();
-        let mut on_shift = 0;
-        for (i, (id, row)) in entries.iter().enumerate() {
-            if !row.status.on_shift() {
-                continue;
-            }
-            on_shift += 1;
-            let n = active.get_mut(id).map_or(0, |list| {
-                list.sort_by(|a, b| a.delivery_id.cmp(&b.delivery_id));
-                list.len() as u64
-            });
-            let counts = districts.entry(row.district).or_default();
-            counts.riders_on_shift += 1;
-            counts.active_deliveries += n;
-            counts.riders_delivering += u64::from(n > 0);
-            by_district.entry(row.district).or_default().push(i);
-        }
-        // Deliveries of riders who are not on shift count nowhere: they are never asked for, as
-        // only riders on shift are found.
-        // Every district entry was made by counting something: none is all zero.
-        Frozen {
-            restored,
-            districts,
-            on_shift,
-            active,
-            by_district,
-        }
-    }
-
-    /// Where rider `id` is in the entries, if on shift.
-    fn find(&self, id: &Id) -> Option<usize> {
-        let entries = &self.restored.riders.entries;
-        let i = entries.binary_search_by(|(e, _)| e.cmp(id)).ok()?;
-        entries[i].1.status.on_shift().then_some(i)
-    }
-
-    fn snapshot(&self, i: usize) -> (Id, Snapshot) {
-        let (id, row) = &self.restored.riders.entries[i];
-        let deliveries = self.active.get(id).cloned().unwrap_or_default();
-        let rider = row.clone();
-        (id.clone(), Snapshot { rider, deliveries })
-    }
-
-    fn answer(&self, query: &Query) -> AnswerBody {
-        match query {
-            Query::District(d) => {
-                AnswerBody::District(self.districts.get(d).copied().unwrap_or_default())
-            }
-            Query::Districts => {
-                AnswerBody::Districts(self.districts.iter().map(|(d, c)| (*d, *c)).collect())
-            }
-            Query::Rider(id) => AnswerBody::Rider(self.find(id).map(|i| self.snapshot(i).1)),
-            Query::RidersOf(d) => AnswerBody::Riders(
-                self.by_district
-                    .get(d)
-                    .into_iter()
-                    .flatten()
-                    .map(|&i| self.snapshot(i))
-                    .collect(),
-            ),
-        }
-    }
-}
-
-/// The view of a restored checkpoint, answering with `stale: true` and the checkpoint's time as
-/// `as_of` once [`CheckpointView::fill`] has indexed it, until the live state takes over and
-/// [`CheckpointView::clear`] lets it go.
-#[derive(Debug, Default)]
-pub struct CheckpointView {
-    frozen: arc_swap::ArcSwapOption<Frozen>,
-    /// Set once filled, and kept after it is let go.
-    filled: std::sync::atomic::AtomicBool,
-}
-
-impl CheckpointView {
-    /// An empty view: it answers nothing until filled.
-    pub fn new() -> Arc<Self> {
-        Arc::new(Self::default())
-    }
-
-    /// Indexes `restored` and answers from it from then on.
-    pub fn fill(&self, restored: Arc<Restored>) {
-        self.frozen.store(Some(Arc::new(Frozen::build(restored))));
-        self.filled
-            .store(true, std::sync::atomic::Ordering::Release);
-    }
-
-    /// Whether it has been filled (it may have been let go since).
-    pub fn filled(&self) -> bool {
-        self.filled.load(std::sync::atomic::Ordering::Acquire)
-    }
-
-    /// Lets the checkpoint go (the live state has taken over).
-    pub fn clear(&self) {
-        self.frozen.store(None);
-    }
-
-    /// The checkpoint's time once filled; 0 before (and after it is let go).
-    pub fn as_of(&self) -> Time {
-        self.frozen.load().as_ref().map_or(0, |f| f.restored.time)
-    }
-
-    /// Riders on shift in the view.
-    pub fn riders(&self) -> usize {
-        self.frozen.load().as_ref().map_or(0, |f| f.on_shift)
-    }
-
-    /// The answer to `query` from the checkpoint, `stale`; `None` unless filled.
-    pub fn answer(&self, query: &Query) -> Option<Answer> {
-        let frozen = self.frozen.load_full()?;
-        Some(Answer {
-            as_of: frozen.restored.time,
-            stale: true,
-            body: frozen.answer(query),
-        })
-    }
-}
-
-/// What the leading worker hands the thread that applies it.
-#[derive(Debug)]
-enum Fed {
-    /// Changes of the earliest time not yet complete, to apply ahead ([`ServingView::prepare`]).
-    Ahead(Vec<ViewChange>),
-    /// The rest of the changes of the times up to `as_of`, all complete now.
-    Complete(Vec<ViewChange>, Time),
-}
-
-/// The thread of a process that applies complete times to its serving view, off the workers: a
-/// worker only hands over what it received, so applying never holds up the dataflow. It ends
-/// once every [`ViewFeed`] is dropped (the workers have stopped).
-#[derive(Debug)]
-pub struct ViewApplier {
-    feed: Option<ViewFeed>,
-    thread: Option<std::thread::JoinHandle<()>>,
-}
-
-/// Where a process's leading worker sends complete times.
-#[derive(Clone, Debug)]
-pub struct ViewFeed(crossbeam_channel::Sender<Fed>);
-
-impl ViewApplier {
-    /// Starts the thread that applies to `view`.
-    pub fn start(view: Arc<ServingView>) -> std::io::Result<Self> {
-        let (tx, rx) = crossbeam_channel::unbounded::<Fed>();
-        let thread = std::thread::Builder::new()
-            .name("dongflow-view".into())
-            .spawn(move || {
-                let mut next: Option<Fed> = None;
-                while let Some(fed) = next.take().or_else(|| rx.recv().ok()) {
-                    match fed {
-                        Fed::Ahead(changes) => view.prepare(changes),
-                        Fed::Complete(mut changes, mut as_of) => {
-                            // Completions queued up meanwhile become one version: fewer, larger
-                            // steps. Changes applied ahead wait for the version before them.
-                            while let Ok(more) = rx.try_recv() {
-                                match more {
-                                    Fed::Complete(more, later) => {
-                                        changes.extend(more);
-                                        as_of = later;
-                                    }
-                                    ahead => {
-                                        next = Some(ahead);
-                                        break;
-                                    }
-                                }
-                            }
-                            view.advance(changes, as_of);
-                        }
-                    }
-                }
-            })?;
-        Ok(Self {
-            feed: Some(ViewFeed(tx)),
-            thread: Some(thread),
-        })
-    }
-
-    /// The feed for the leading worker (the thread ends once every copy is dropped).
-    pub fn take_feed(&mut self) -> Option<ViewFeed> {
-        self.feed.take()
-    }
-
-    /// Waits until everything fed has been applied.
-    pub fn join(mut self) {
-        self.feed = None;
-        if let Some(thread) = self.thread.take() {
-            let _ = thread.join();
-        }
-    }
-}
-
-/// Feeds a process's serving view from the dataflow's per-time changes: every change goes to the
-/// first worker of every process (one copy per process, moved, not cloned, within one), which
-/// hands the changes of each complete time to the process's [`ViewApplier`]. Every worker builds the
-/// same operators, as timely requires; only leaders hold a `feed`.
-pub fn attach_view(
-    streams: &Changelogs<'_>,
-    feed: Option<ViewFeed>,
-    workers: usize,
-    processes: usize,
-) {
-    let districts = streams.districts.clone().map(ViewChange::District);
-    let riders = streams.riders.clone().map(ViewChange::Rider);
-    let leader = move |process: usize| (process * workers) as u64;
-    let to_leaders = districts.concat(riders).flat_map(move |change| {
-        // One copy per process; the last one is the change itself.
-        let copies = (1..processes).map({
-            let change = change.clone();
-            move |p| (p, change.clone())
-        });
-        copies.chain(std::iter::once((0, change)))
-    });
-    let mut pending: BTreeMap<Time, Vec<ViewChange>> = BTreeMap::new();
-    let mut published: Time = 0;
-    to_leaders.sink(
-        Exchange::new(move |(p, _): &(usize, ViewChange)| leader(*p)),
-        "Serve: View",
-        move |(input, frontier)| {
-            input.for_each(|_, changes| {
-                for (_, change) in changes.drain(..) {
-                    pending.entry(change.time()).or_default().push(change);
-                }
-            });
-            let Some(feed) = &feed else {
-                return;
-            };
-            // Every time before the frontier is complete: no change for it is still on its way.
-            // An empty frontier (the dataflow has finished) completes every time.
-            let (rest, as_of) = match frontier.frontier().first() {
-                Some(&next) => (pending.split_off(&next), next.saturating_sub(1)),
-                None => (
-                    BTreeMap::new(),
-                    pending
-                        .keys()
-                        .next_back()
-                        .copied()
-                        .unwrap_or(0)
-                        .max(published),
-                ),
-            };
-            // `split_off` left the complete times in `pending` and returned the rest.
-            let done = std::mem::replace(&mut pending, rest);
-            if as_of > published || !done.is_empty() {
-                published = published.max(as_of);
-                // The applier is gone only when the process is stopping.
-                let _ = feed
-                    .0
-                    .send(Fed::Complete(done.into_values().flatten().collect(), as_of));
-            }
-            // Every time before the frontier has gone: the frontier's own changes can be applied
-            // ahead, to be shown when it completes.
-            if let Some(early) = frontier
-                .frontier()
-                .first()
-                .and_then(|next| pending.remove(next))
-            {
-                let _ = feed.0.send(Fed::Ahead(early));
-            }
-        },
-    );
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::checkpoint::Restored;
     use dongflow_connectors::{Coord, DeliveryStatus, RiderStatus};
-    use dongflow_dataflow::types::{DeliveryRow, RiderRow};
+    use dongflow_dataflow::stages::DeliveryState;
+    use dongflow_dataflow::types::{DeliveryBrief, DeliveryRow, RiderRow};
     use dongflow_dataflow::upsert::StateSnapshot;
 
     fn rider(status: RiderStatus, district: DistrictId, ts: u64) -> RiderRow {
@@ -650,7 +374,7 @@ mod tests {
     }
 
     #[test]
-    fn a_checkpoint_view_computes_snapshots_and_counts_from_the_upsert_state() {
+    fn a_stale_view_seeded_from_a_checkpoint_has_its_snapshots_and_counts() {
         let riders = vec![
             (Id::from("r-1"), rider(RiderStatus::OnShift, 1, 7)),
             (Id::from("r-2"), rider(RiderStatus::ShiftStarted, 1, 7)),
@@ -695,14 +419,15 @@ mod tests {
             },
             offsets: Default::default(),
             published: None,
+            cut: None,
         };
-        let view = CheckpointView::new();
+        let view = ServingView::new_stale();
         assert_eq!(
             view.answer(&Query::Districts),
             None,
-            "nothing before it is filled"
+            "nothing before it is seeded"
         );
-        view.fill(Arc::new(restored));
+        view.advance(seed_changes(&restored), restored.time);
         let all = view.answer(&Query::Districts).expect("filled");
         assert_eq!((all.as_of, all.stale), (500, true));
         let counts = |on, delivering, active, waiting| DistrictCounts {
@@ -731,7 +456,7 @@ mod tests {
             Some(AnswerBody::Rider(None))
         );
         assert_eq!(ids(view.answer(&Query::RidersOf(1))), ["r-1", "r-2"]);
-        view.clear();
+        view.release();
         assert_eq!(view.answer(&Query::Districts), None);
     }
 }
