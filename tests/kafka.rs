@@ -4,6 +4,8 @@
 //! headers, and HTTP must show what the changelog shows.
 
 mod common;
+#[path = "kafka/crashes.rs"]
+mod crashes;
 #[path = "kafka/secure.rs"]
 mod secure;
 
