@@ -31,7 +31,7 @@ fn sources(events: Vec<SimEvent>) -> Vec<Box<dyn EventSource>> {
 fn wait_complete(engine: &Engine, riders: u64) -> Duration {
     let started = Instant::now();
     loop {
-        if let Ok(answer) = engine.query(&Query::Districts) {
+        if let Ok(answer) = engine.handle().query(&Query::Districts) {
             if let dongflow::AnswerBody::Districts(counts) = answer.body {
                 let on_shift: u64 = counts.iter().map(|(_, c)| c.riders_on_shift).sum();
                 if on_shift == riders {

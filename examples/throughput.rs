@@ -35,7 +35,7 @@ fn main() {
     config.max_in_flight = arg(5, config.max_in_flight);
     let started = Instant::now();
     let engine = Engine::start(config, sources).expect("engine starts");
-    while !engine.drained() {
+    while !engine.handle().drained() {
         std::thread::sleep(Duration::from_micros(200));
     }
     let elapsed = started.elapsed();

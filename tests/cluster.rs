@@ -25,7 +25,7 @@ struct Cluster(Vec<Engine>);
 
 impl Drop for Cluster {
     fn drop(&mut self) {
-        self.0.iter().for_each(|e| e.request_stop());
+        self.0.iter().for_each(|e| e.handle().request_stop());
         self.0.clear();
     }
 }
@@ -117,7 +117,7 @@ fn every_key_answers_alike_from_every_process() {
             std::thread::sleep(Duration::from_millis(1));
         }
         let taken = now_ms();
-        while engines.0.iter().any(|e| e.as_of() < taken) {
+        while engines.0.iter().any(|e| e.handle().as_of() < taken) {
             assert!(Instant::now() < deadline, "as_of did not move");
             std::thread::sleep(Duration::from_millis(1));
         }

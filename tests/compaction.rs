@@ -33,7 +33,7 @@ fn steady_riders_keep_traces_bounded() {
             .collect();
         harness.send(&events);
         harness.sync();
-        sizes.push(harness.engine.sizes().expect("sizes"));
+        sizes.push(harness.engine.handle().sizes().expect("sizes"));
     }
     let last = sizes.last().expect("60 rounds");
     assert_eq!(last.riders, riders);

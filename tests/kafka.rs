@@ -1488,10 +1488,11 @@ fn stale_until_ready(name: &str, seed: u64, from: StaleFrom) {
             "the records' as_of: {body}"
         );
         if first_stale.is_none() && from == StaleFrom::Checkpoint {
-            assert_eq!(
-                body["as_of"].as_u64(),
-                checkpoint_time,
-                "the checkpoint's time"
+            // The checkpoint's time, or that of the restored state republished to the new topics
+            // if the view read them after it was.
+            assert!(
+                body["as_of"].as_u64() >= checkpoint_time,
+                "at least the checkpoint's time: {body}"
             );
         }
         assert_eq!(

@@ -40,7 +40,11 @@ fn run_with(
         let expected_counts = model.counts();
         rounds_with_active +=
             usize::from(expected_counts.values().any(|c| c.active_deliveries > 0));
-        let answer = harness.engine.query(&Query::Districts).expect("districts");
+        let answer = harness
+            .engine
+            .handle()
+            .query(&Query::Districts)
+            .expect("districts");
         let AnswerBody::Districts(counts) = answer.body else {
             panic!("wrong answer kind")
         };
@@ -55,6 +59,7 @@ fn run_with(
             let id = Id::from(format!("r-{r}"));
             let answer = harness
                 .engine
+                .handle()
                 .query(&Query::Rider(id.clone()))
                 .expect("rider");
             let AnswerBody::Rider(snapshot) = answer.body else {
@@ -69,6 +74,7 @@ fn run_with(
         for d in expected_counts.keys().copied().chain([0, 3]) {
             let answer = harness
                 .engine
+                .handle()
                 .query(&Query::RidersOf(d))
                 .expect("riders of district");
             let AnswerBody::Riders(riders) = answer.body else {
@@ -80,7 +86,11 @@ fn run_with(
                 .map(|(id, s)| (id.clone(), s.clone()))
                 .collect();
             assert_eq!(riders, want, "riders of {d}, {context}");
-            let answer = harness.engine.query(&Query::District(d)).expect("district");
+            let answer = harness
+                .engine
+                .handle()
+                .query(&Query::District(d))
+                .expect("district");
             assert_eq!(
                 answer.body,
                 AnswerBody::District(expected_counts.get(&d).copied().unwrap_or_default()),
@@ -88,7 +98,8 @@ fn run_with(
             );
         }
     }
-    let counters = harness.engine.counters();
+    let handle = harness.engine.handle();
+    let counters = handle.counters();
     let stale = counters.riders.stale.load(Ordering::Relaxed)
         + counters.deliveries.stale.load(Ordering::Relaxed);
     assert_eq!(stale, model.stale, "stale events, seed {seed}");
@@ -153,7 +164,7 @@ fn a_checkpoint_seeds_a_stale_view_that_answers_as_the_live_one() {
             .extend((0..index.len() as u32).flat_map(|d| [Query::District(d), Query::RidersOf(d)]));
         let live: Vec<AnswerBody> = queries
             .iter()
-            .map(|q| harness.engine.query(q).expect("live answer").body)
+            .map(|q| harness.engine.handle().query(q).expect("live answer").body)
             .collect();
         assert!(
             live.iter()

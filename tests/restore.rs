@@ -85,11 +85,11 @@ fn ready_once_in(published: bool) {
         .collect();
     let engine = Engine::start(config, sources).expect("engine starts");
     let deadline = Instant::now() + Duration::from_secs(60);
-    while !(engine.as_of() > 0 && engine.caught_up()) {
+    while !(engine.handle().as_of() > 0 && engine.handle().caught_up()) {
         assert!(Instant::now() < deadline, "never ready");
         std::thread::sleep(Duration::from_micros(100));
     }
-    let on_shift: u64 = match engine.query(&Query::Districts).map(|a| a.body) {
+    let on_shift: u64 = match engine.handle().query(&Query::Districts).map(|a| a.body) {
         Ok(AnswerBody::Districts(d)) => d.iter().map(|(_, c)| c.riders_on_shift).sum(),
         other => panic!("no districts: {other:?}"),
     };

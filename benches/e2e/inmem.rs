@@ -33,7 +33,7 @@ pub fn simulator_events(riders: usize, n: usize) -> Vec<SimEvent> {
 }
 
 fn districts_of(engine: &Engine) -> Vec<(u32, DistrictCounts)> {
-    match engine.query(&Query::Districts).map(|a| a.body) {
+    match engine.handle().query(&Query::Districts).map(|a| a.body) {
         Ok(AnswerBody::Districts(d)) => d,
         other => panic!("no districts answer: {other:?}"),
     }
@@ -67,17 +67,19 @@ pub fn engine_run(
     let started = Instant::now();
     let engine =
         Engine::start(EngineConfig::new(workers, index.clone()), sources).expect("engine starts");
-    while !engine.drained() {
+    while !engine.handle().drained() {
         std::thread::sleep(Duration::from_micros(200));
     }
     let rate = events.len() as f64 / started.elapsed().as_secs_f64();
     let outcome = Outcome {
         districts: districts_of(&engine),
         snapshots: sample_ids()
-            .map(|id| match engine.query(&Query::Rider(id)).map(|a| a.body) {
-                Ok(AnswerBody::Rider(s)) => s,
-                other => panic!("no rider answer: {other:?}"),
-            })
+            .map(
+                |id| match engine.handle().query(&Query::Rider(id)).map(|a| a.body) {
+                    Ok(AnswerBody::Rider(s)) => s,
+                    other => panic!("no rider answer: {other:?}"),
+                },
+            )
             .collect(),
     };
     engine.stop();

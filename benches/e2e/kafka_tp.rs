@@ -128,19 +128,23 @@ pub fn engine(inputs: &Inputs, workers: usize, run: usize, progress: &Progress) 
     let started = Instant::now();
     let pipeline = Pipeline::start(config).expect("pipeline");
     let mut last = Instant::now();
-    while !(pipeline.caught_up() && pipeline.producer_in_flight() == 0) {
+    while !(pipeline.handle().caught_up() && pipeline.producer_in_flight() == 0) {
         std::thread::sleep(Duration::from_millis(1));
         if last.elapsed() > Duration::from_millis(500) {
             last = Instant::now();
             progress.update(&format!(
                 "{} of {} events in",
-                pipeline.events_in(),
+                pipeline.handle().events_in(),
                 inputs.events
             ));
         }
     }
     let secs = started.elapsed().as_secs_f64();
-    assert_eq!(pipeline.events_in(), inputs.events, "every event went in");
+    assert_eq!(
+        pipeline.handle().events_in(),
+        inputs.events,
+        "every event went in"
+    );
     let metrics = pipeline.kafka_metrics();
     let written: u64 = metrics.delivered[1..]
         .iter()

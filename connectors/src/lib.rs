@@ -2,16 +2,14 @@
 //!
 //! This crate owns the outside formats and the sources of events. It has no dataflow in it.
 //!
-//! - [`events`]: the rider and delivery events of CONTRACT section 2, their JSON decoding (pure,
-//!   with a typed error for each bad input of section 4) and encoding.
-//! - [`error`]: [`DecodeError`], one variant per kind of bad input.
+//! - [`events`], [`error`]: the records (crate `dongflow-records`), re-exported: the events these
+//!   sources produce and the errors of bad input.
 //! - [`simulator`]: a seeded generator of realistic Seoul rider and delivery traffic.
 //! - [`source`]: the per-worker [`source::EventSource`] trait and in-memory sources.
 //! - [`kafka`]: the Kafka source, the producer for dead letters and changelogs, the topic watch and
 //!   the embedded broker.
 
-pub mod error;
-pub mod events;
+pub use dongflow_records::{error, events};
 pub mod kafka;
 pub mod simulator;
 pub mod source;

@@ -5,7 +5,7 @@ use std::rc::Rc;
 use std::sync::Arc;
 
 use differential_dataflow::operators::arrange::Arranged;
-use dongflow_connectors::{DeliveryEvent, Id, RiderEvent};
+use dongflow_records::{DeliveryEvent, Id, RiderEvent};
 use timely::dataflow::Stream;
 
 use crate::districts::DistrictId;
@@ -70,7 +70,7 @@ pub struct Outputs<'s> {
 ///
 /// ```
 /// use dongflow_dataflow::{build, districts::DistrictIndex, peek::read_all, DataflowCounters, WorkerState};
-/// use dongflow_connectors::{Coord, DeliveryEvent, RiderEvent, RiderStatus};
+/// use dongflow_records::{Coord, DeliveryEvent, RiderEvent, RiderStatus};
 /// use timely::dataflow::operators::{vec::Input, Probe};
 /// use std::sync::Arc;
 ///

@@ -13,7 +13,7 @@
 use std::collections::HashMap;
 use std::path::Path;
 
-use dongflow_connectors::Coord;
+use dongflow_records::Coord;
 use geo::{
     BoundingRect, Coord as GeoCoord, InteriorPoint, Intersects, LineString, MultiPolygon, Polygon,
 };
@@ -247,7 +247,7 @@ impl DistrictIndex {
     ///
     /// ```
     /// use dongflow_dataflow::districts::{DistrictIndex, UNASSIGNED};
-    /// use dongflow_connectors::Coord;
+    /// use dongflow_records::Coord;
     /// let index = DistrictIndex::builtin_seoul();
     /// let gangnam = index.lookup(Coord { lat: 37.5089, lon: 127.0631 }); // 코엑스
     /// assert_eq!(index.name(gangnam), "서울특별시 강남구");

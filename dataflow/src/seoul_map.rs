@@ -35,7 +35,7 @@ impl DistrictIndex {
     ///
     /// ```
     /// use dongflow_dataflow::districts::DistrictIndex;
-    /// use dongflow_connectors::Coord;
+    /// use dongflow_records::Coord;
     /// let index = DistrictIndex::seoul_dongs().unwrap();
     /// assert_eq!(index.len(), 425);
     /// let yeoksam = index.lookup(Coord { lat: 37.5007, lon: 127.0363 }); // 역삼역

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use differential_dataflow::operators::arrange::{Arranged, TraceAgent};
 use differential_dataflow::trace::implementations::{ValBuilder, ValSpine};
 use differential_dataflow::VecCollection;
-use dongflow_connectors::{Coord, DeliveryEvent, Id, Millis, RiderEvent};
+use dongflow_records::{Coord, DeliveryEvent, Id, Millis, RiderEvent};
 use rustc_hash::FxHashMap;
 use serde::{Deserialize, Serialize};
 use timely::dataflow::channels::pact::Pipeline;
@@ -60,7 +60,7 @@ impl Located for DeliveryEvent {
 ///
 /// ```
 /// use dongflow_dataflow::{districts::DistrictIndex, stages::enrich_with_district};
-/// use dongflow_connectors::{Coord, RiderEvent, RiderStatus};
+/// use dongflow_records::{Coord, RiderEvent, RiderStatus};
 /// use timely::dataflow::operators::{ToStream, Capture, capture::Extract};
 /// use std::sync::Arc;
 ///
@@ -220,7 +220,7 @@ pub type RiderPositions<'s> = VecCollection<'s, Time, (Id, RiderPosition), Diff>
 /// ```
 /// use dongflow_dataflow::stages::split_riders;
 /// use dongflow_dataflow::types::{RiderCore, RiderPart, RiderPosition};
-/// use dongflow_connectors::{Id, RiderStatus};
+/// use dongflow_records::{Id, RiderStatus};
 /// use differential_dataflow::input::Input;
 /// use timely::dataflow::operators::{Capture, capture::Extract};
 ///
@@ -256,12 +256,12 @@ pub fn split_riders<'s>(
 /// ```
 /// use dongflow_dataflow::stages::join_inputs;
 /// use dongflow_dataflow::types::{DeliveryRow, JoinSide, RiderCore};
-/// use dongflow_connectors::DeliveryStatus;
+/// use dongflow_records::DeliveryStatus;
 /// use differential_dataflow::input::Input;
 /// use timely::dataflow::operators::{Capture, capture::Extract};
 ///
 /// let rx = timely::example(|scope| {
-///     let riders = scope.new_collection_from(Vec::<(dongflow_connectors::Id, RiderCore)>::new()).1;
+///     let riders = scope.new_collection_from(Vec::<(dongflow_records::Id, RiderCore)>::new()).1;
 ///     let d = |status, rider: Option<&str>| ("d-1".into(), DeliveryRow { status, delivery_type: None, pickup: None,
 ///         pickup_district: 0, dropoff: None, rider_id: rider.map(Into::into), vehicle: None, ts: 1 });
 ///     // Only the assigned delivery with a rider joins; the waiting one does not.
@@ -292,7 +292,7 @@ pub fn join_inputs<'s>(
 /// ```
 /// use dongflow_dataflow::stages::{join_inputs, join_riders_deliveries};
 /// use dongflow_dataflow::types::{DeliveryRow, RiderCore};
-/// use dongflow_connectors::{DeliveryStatus, RiderStatus};
+/// use dongflow_records::{DeliveryStatus, RiderStatus};
 /// use differential_dataflow::input::Input;
 /// use timely::dataflow::operators::{Capture, capture::Extract};
 ///
@@ -340,7 +340,7 @@ pub fn join_riders_deliveries<'s>(
 /// ```
 /// use dongflow_dataflow::stages::{contributions, join_inputs, join_riders_deliveries};
 /// use dongflow_dataflow::types::{Contribution, DeliveryRow, RiderCore};
-/// use dongflow_connectors::{DeliveryStatus, Id, RiderStatus};
+/// use dongflow_records::{DeliveryStatus, Id, RiderStatus};
 /// use differential_dataflow::input::Input;
 /// use timely::dataflow::operators::{Capture, capture::Extract};
 ///
@@ -429,7 +429,7 @@ pub fn count_by_district<'s>(
 /// ```
 /// use dongflow_dataflow::stages::{join_inputs, join_riders_deliveries, rider_changes};
 /// use dongflow_dataflow::types::{DeliveryRow, RiderCore, RiderPosition};
-/// use dongflow_connectors::{Id, RiderStatus};
+/// use dongflow_records::{Id, RiderStatus};
 /// use differential_dataflow::input::Input;
 /// use timely::dataflow::operators::{Capture, capture::Extract};
 ///
@@ -649,7 +649,7 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
-    use dongflow_connectors::{DeliveryStatus, RiderStatus};
+    use dongflow_records::{DeliveryStatus, RiderStatus};
 
     fn rider(
         ts: u64,

@@ -1,6 +1,6 @@
 //! The records that flow through the dataflow, defined once.
 
-use dongflow_connectors::{Coord, DeliveryStatus, Id, Millis, RiderStatus};
+use dongflow_records::{Coord, DeliveryStatus, Id, Millis, RiderStatus};
 use serde::{Deserialize, Serialize};
 
 use crate::districts::DistrictId;

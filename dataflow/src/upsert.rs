@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 
 use differential_dataflow::hashable::Hashable;
 use differential_dataflow::{AsCollection, VecCollection};
-use dongflow_connectors::Id;
+use dongflow_records::Id;
 use rustc_hash::FxHashMap;
 use serde::{Deserialize, Serialize};
 use timely::container::CapacityContainerBuilder;
@@ -289,7 +289,7 @@ type Stash<E> = BTreeMap<Time, (Capability<Time>, Vec<Vec<E>>)>;
 /// use dongflow_dataflow::upsert::{upsert, UpsertCounters, UpsertState};
 /// use dongflow_dataflow::stages::{Enriched, RiderRule};
 /// use dongflow_dataflow::types::RiderPart;
-/// use dongflow_connectors::{RiderEvent, RiderStatus};
+/// use dongflow_records::{RiderEvent, RiderStatus};
 /// use timely::dataflow::operators::{ToStream, Capture, capture::Extract};
 /// use std::sync::Arc;
 ///
@@ -453,7 +453,7 @@ mod tests {
     use super::*;
     use crate::stages::{DeliveryRule, DeliveryState, Enriched};
     use crate::types::DeliveryRow;
-    use dongflow_connectors::{DeliveryEvent, DeliveryStatus};
+    use dongflow_records::{DeliveryEvent, DeliveryStatus};
     use timely::dataflow::operators::capture::{Capture, Extract};
     use timely::dataflow::operators::vec::Input;
     use timely::dataflow::operators::Probe;

@@ -8,9 +8,9 @@
 use std::collections::HashMap;
 use std::path::PathBuf;
 
-use dongflow_connectors::Coord;
 use dongflow_dataflow::districts::{DistrictIndex, UNASSIGNED, UNASSIGNED_CODE};
 use dongflow_dataflow::DistrictError;
+use dongflow_records::Coord;
 use geo::Intersects;
 
 fn data_file(name: &str) -> Option<PathBuf> {

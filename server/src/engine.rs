@@ -198,13 +198,6 @@ pub struct Engine {
     applier: Option<ViewApplier>,
 }
 
-impl std::ops::Deref for Engine {
-    type Target = EngineHandle;
-    fn deref(&self) -> &EngineHandle {
-        &self.handle
-    }
-}
-
 impl std::fmt::Debug for Engine {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         self.handle.fmt(f)

@@ -471,7 +471,8 @@ fn demo(args: DemoArgs) -> Result<(), Failure> {
     Ok(())
 }
 
-fn print_summary(engine: &Pipeline, index: &DistrictIndex, elapsed: Duration) {
+fn print_summary(pipeline: &Pipeline, index: &DistrictIndex, elapsed: Duration) {
+    let engine = pipeline.handle();
     let Ok(answer) = engine.query(&Query::Districts) else {
         println!("[{:>5.1}s] no state yet", elapsed.as_secs_f64());
         return;

@@ -60,7 +60,7 @@ pub enum PipelineError {
     Checkpoint(#[from] CheckpointError),
 }
 
-/// A running pipeline. It dereferences to its [`Engine`].
+/// A running pipeline.
 pub struct Pipeline {
     engine: Option<Engine>,
     watch: Arc<TopicWatch>,
@@ -71,13 +71,6 @@ pub struct Pipeline {
     /// Where a clean stop records that its changelog is complete: the state dir and process, and
     /// the brokers and topics it was published to.
     mark: Option<(PathBuf, usize, Published)>,
-}
-
-impl std::ops::Deref for Pipeline {
-    type Target = Engine;
-    fn deref(&self) -> &Engine {
-        self.engine.as_ref().expect("the engine runs until stop")
-    }
 }
 
 impl Pipeline {
@@ -196,6 +189,14 @@ impl Pipeline {
             stale,
             mark,
         })
+    }
+
+    /// A handle on the engine, for queries and progress.
+    pub fn handle(&self) -> crate::EngineHandle {
+        self.engine
+            .as_ref()
+            .expect("the engine runs until stop")
+            .handle()
     }
 
     /// The view that answers (stale) while the live state is not ready.

@@ -47,7 +47,7 @@ pub fn heap_held(
     let engine =
         Engine::start(EngineConfig::new(workers, index.clone()), sources).expect("engine starts");
     let deadline = Instant::now() + limit;
-    while !engine.drained() {
+    while !engine.handle().drained() {
         assert!(
             Instant::now() < deadline,
             "the engine did not take its input"
@@ -55,18 +55,18 @@ pub fn heap_held(
         std::thread::sleep(Duration::from_millis(1));
     }
     // Steady state: the arrangements have finished merging what the burst left.
-    let mut last = engine.sizes().expect("sizes");
+    let mut last = engine.handle().sizes().expect("sizes");
     let mut still = 0;
     while still < 5 {
         assert!(Instant::now() < deadline, "the state never settled");
         std::thread::sleep(Duration::from_millis(100));
-        let now = engine.sizes().expect("sizes");
+        let now = engine.handle().sizes().expect("sizes");
         still = if now == last { still + 1 } else { 0 };
         last = now;
     }
     let change = region.change();
     let heap_bytes = change.bytes_allocated as i64 - change.bytes_deallocated as i64;
-    let counts = match engine.query(&Query::Districts).map(|a| a.body) {
+    let counts = match engine.handle().query(&Query::Districts).map(|a| a.body) {
         Ok(AnswerBody::Districts(d)) => d,
         other => panic!("no districts answer: {other:?}"),
     };

@@ -345,11 +345,11 @@ impl Harness {
             std::thread::sleep(Duration::from_micros(200));
         }
         let taken = now_ms();
-        while self.engine.as_of() < taken {
+        while self.engine.handle().as_of() < taken {
             assert!(Instant::now() < deadline, "as_of did not reach {taken}");
             std::thread::sleep(Duration::from_micros(200));
         }
-        while !self.engine.ready() {
+        while !self.engine.handle().ready() {
             assert!(Instant::now() < deadline, "the engine did not become ready");
             std::thread::sleep(Duration::from_micros(200));
         }

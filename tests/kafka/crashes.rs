@@ -31,7 +31,7 @@ impl History {
             .iter()
             .rev()
             .find(|(t, _)| *t <= from)
-            .map_or(None, |(_, v)| v.clone());
+            .and_then(|(_, v)| v.clone());
         let mut values = vec![at_from];
         values.extend(
             versions

@@ -6,8 +6,8 @@
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
 
-use dongflow_connectors::events::{decode_delivery, decode_rider, encode_delivery, encode_rider};
-use dongflow_connectors::{
+use dongflow_records::events::{decode_delivery, decode_rider, encode_delivery, encode_rider};
+use dongflow_records::{
     Coord, DecodeError, DeliveryEvent, DeliveryStatus, Id, RiderEvent, RiderStatus,
 };
 use rand::rngs::SmallRng;

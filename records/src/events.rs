@@ -355,7 +355,7 @@ fn object_text(bytes: &[u8]) -> Result<&str, DecodeError> {
 /// Decodes a rider event from its JSON bytes.
 ///
 /// ```
-/// use dongflow_connectors::events::{decode_rider, RiderStatus};
+/// use dongflow_records::events::{decode_rider, RiderStatus};
 /// let e = decode_rider(br#"{"rider_id":"r-1","status":"ON_SHIFT","ts":5,"extra":true}"#).unwrap();
 /// assert_eq!((e.rider_id.as_str(), e.status, e.ts), ("r-1", RiderStatus::OnShift, 5));
 /// assert!(decode_rider(br#"{"rider_id":"r-1","status":"NAPPING","ts":5}"#).is_err());
@@ -378,7 +378,7 @@ pub fn decode_rider(bytes: &[u8]) -> Result<RiderEvent, DecodeError> {
 /// Decodes a delivery event from its JSON bytes.
 ///
 /// ```
-/// use dongflow_connectors::events::{decode_delivery, DeliveryStatus};
+/// use dongflow_records::events::{decode_delivery, DeliveryStatus};
 /// let e = decode_delivery(br#"{"delivery_id":"d-9","status":"ASSIGNED","rider_id":"r-17","ts":7}"#).unwrap();
 /// assert_eq!(e.status, DeliveryStatus::Assigned);
 /// assert_eq!(e.rider_id.as_deref(), Some("r-17"));
