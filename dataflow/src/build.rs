@@ -69,31 +69,35 @@ pub struct Outputs<'s> {
 /// Wires the dataflow: enrich, upsert, split riders, join, count, arrange.
 ///
 /// ```
-/// use dongflow_dataflow::{build, districts::DistrictIndex, peek::read_all, DataflowCounters, WorkerState};
+/// use dongflow_dataflow::{build, build::changelogs, districts::DistrictIndex, DataflowCounters, WorkerState};
 /// use dongflow_records::{Coord, DeliveryEvent, RiderEvent, RiderStatus};
-/// use timely::dataflow::operators::{vec::Input, Probe};
+/// use timely::dataflow::operators::{capture::Extract, vec::Input, Capture, Probe};
 /// use std::sync::Arc;
 ///
-/// timely::execute_directly(|worker| {
+/// let (tx, rx) = std::sync::mpsc::channel();
+/// timely::execute_directly(move |worker| {
 ///     let index = Arc::new(DistrictIndex::builtin_seoul());
 ///     let coex = index.id_of("1168000000").unwrap(); // 강남구
 ///     let state = WorkerState::new(1_000);
-///     let (mut riders, mut deliveries, mut counts, probe) = worker.dataflow::<u64, _, _>(|scope| {
+///     let (mut riders, mut deliveries, probe) = worker.dataflow::<u64, _, _>(|scope| {
 ///         let (riders, rider_stream) = scope.new_input::<RiderEvent>();
 ///         let (deliveries, delivery_stream) = scope.new_input::<DeliveryEvent>();
 ///         let out = build(rider_stream, delivery_stream, index.clone(), &state, &DataflowCounters::default());
 ///         let (probe, _) = out.counts.stream.clone().probe();
-///         (riders, deliveries, out.counts.trace, probe)
+///         changelogs(&out, Default::default()).districts.capture_into(tx.clone());
+///         (riders, deliveries, probe)
 ///     });
 ///     let at = Some(Coord { lat: 37.5089, lon: 127.0631 });
 ///     riders.send(RiderEvent { rider_id: "r-1".into(), status: RiderStatus::ShiftStarted, rider_type: None, location: at, ts: 1 });
 ///     riders.advance_to(1);
 ///     deliveries.advance_to(1);
 ///     worker.step_while(|| probe.less_than(&1));
-///     let counts = read_all(&mut counts, 0);
-///     assert_eq!(counts.len(), 1);
-///     assert_eq!((counts[0].0, counts[0].1.riders_on_shift, counts[0].1.riders_idle()), (coex, 1, 1));
 /// });
+/// let changes: Vec<_> = rx.extract().into_iter().flat_map(|(_, v)| v).collect();
+/// let coex = DistrictIndex::builtin_seoul().id_of("1168000000").unwrap();
+/// let counts = changes[0].value.expect("nonzero counts");
+/// assert_eq!((changes.len(), changes[0].key), (1, coex));
+/// assert_eq!((counts.riders_on_shift, counts.riders_idle()), (1, 1));
 /// ```
 pub fn build<'s>(
     riders: Stream<'s, Time, Vec<RiderEvent>>,

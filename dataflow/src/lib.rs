@@ -11,7 +11,7 @@
 //! - [`stages`]: one function per stage (enrich, upsert rules, join, count, changes per time,
 //!   rider changes).
 //! - [`build`](mod@build): the one place that wires the stages.
-//! - [`peek`]: reading an arrangement at one `as_of` time.
+//! - [`trace_size`]: how many updates a trace holds, for metrics.
 //! - [`error`]: this crate's errors.
 //!
 //! ```text
@@ -28,9 +28,9 @@ pub mod build;
 pub mod builtin_map;
 pub mod districts;
 pub mod error;
-pub mod peek;
 pub mod seoul_map;
 pub mod stages;
+pub mod trace_size;
 pub mod types;
 pub mod upsert;
 

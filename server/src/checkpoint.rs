@@ -252,7 +252,9 @@ impl Writer {
         workers: usize,
     ) -> Result<Writer, CheckpointError> {
         fs::create_dir_all(&state_dir).map_err(io(&state_dir))?;
-        let (tx, rx) = crossbeam_channel::unbounded();
+        // Two checkpoints' parts at most: a writer that far behind (a slow disk) makes workers
+        // skip a checkpoint (see the engine's `collect_checkpoint`) rather than hold its state.
+        let (tx, rx) = crossbeam_channel::bounded(2 * workers);
         let status = WriteStatus::default();
         let report = status.clone();
         let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
@@ -291,7 +293,7 @@ impl Writer {
     pub fn sender(&self) -> Sender<WorkerPart> {
         self.parts
             .clone()
-            .unwrap_or_else(|| crossbeam_channel::unbounded().0)
+            .unwrap_or_else(|| crossbeam_channel::bounded(0).0)
     }
 
     /// The last checkpoint written.

@@ -1,5 +1,5 @@
-//! The engine: timely workers running the dataflow, each fed by its own source, answering peeks
-//! from its arrangements between steps and compacting its traces as time moves on.
+//! The engine: timely workers running the dataflow, each fed by its own source, publishing how much
+//! state it holds between steps and compacting its traces as time moves on.
 
 use std::cell::Cell;
 use std::collections::VecDeque;
@@ -8,13 +8,12 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use crossbeam_channel::Receiver;
 use differential_dataflow::trace::TraceReader;
 use dongflow_connectors::source::{EventSource, Polled};
 use dongflow_dataflow::build::{changelogs, Changelogs};
 use dongflow_dataflow::districts::DistrictIndex;
-use dongflow_dataflow::peek::trace_len;
 use dongflow_dataflow::stages::{CountsTrace, SnapshotTrace};
+use dongflow_dataflow::trace_size::trace_len;
 use dongflow_dataflow::types::{Change, Time};
 use dongflow_dataflow::upsert::owner;
 use dongflow_dataflow::{build, DataflowCounters, WorkerState};
@@ -33,7 +32,7 @@ use crate::changelog::{
     ChangelogSink, ClearedTopic, Clearing, ClearingProgress, HeldKeysSource, WorkerTopics, Writer,
 };
 use crate::checkpoint::{retract_published, Restored, WorkerPart};
-use crate::query::{Answer, PeekRequest, Query, QueryError, Shared, StateSizes};
+use crate::query::{Answer, Query, QueryError, Shared, StateSizes};
 use crate::view::{attach_view, ServingView, ViewApplier, ViewFeed};
 
 /// How the engine runs.
@@ -51,8 +50,6 @@ pub struct EngineConfig {
     pub max_in_flight: usize,
     /// How long an idle worker parks before it advances time again.
     pub idle_park: Duration,
-    /// How long a query waits for the workers.
-    pub query_timeout: Duration,
     /// The timely cluster this process belongs to; `None` for a single process.
     pub cluster: Option<ClusterSpec>,
     /// Where the changelog goes; `None` writes none.
@@ -103,7 +100,6 @@ impl EngineConfig {
             max_batch: 200_000,
             max_in_flight: 2,
             idle_park: Duration::from_millis(1),
-            query_timeout: Duration::from_secs(5),
             cluster: None,
             changelog: None,
             checkpoint: None,
@@ -186,7 +182,7 @@ pub struct EngineHandle {
 impl std::fmt::Debug for EngineHandle {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("EngineHandle")
-            .field("workers", &self.shared.peeks.len())
+            .field("workers", &self.shared.sizes.len())
             .finish()
     }
 }
@@ -258,7 +254,7 @@ impl Engine {
                 workers,
             });
         }
-        let (shared, peek_rx) = Shared::new(workers, config.query_timeout);
+        let shared = Shared::new(workers);
         let everywhere = workers * config.cluster.as_ref().map_or(1, |c| c.addresses.len());
         let progress = Arc::new(InputProgress {
             pushed: (0..workers).map(|_| AtomicU64::new(0)).collect(),
@@ -273,8 +269,7 @@ impl Engine {
         let slots: Mutex<Vec<Option<WorkerSlot>>> = Mutex::new(
             sources
                 .into_iter()
-                .zip(peek_rx)
-                .map(|(source, peeks)| Some(WorkerSlot { source, peeks }))
+                .map(|source| Some(WorkerSlot { source }))
                 .collect(),
         );
         let timely_config = timely::Config {
@@ -571,7 +566,6 @@ fn log_cleared(cleared: Option<usize>, what: &str, me: Writer) {
 
 struct WorkerSlot {
     source: Box<dyn EventSource>,
-    peeks: Receiver<PeekRequest>,
 }
 
 /// Next offset per `(topic, partition, offset)`, as sources report them.
@@ -820,7 +814,7 @@ impl WorkerLoop {
             }
             self.collect_checkpoint();
             self.publish_completed();
-            self.answer_peeks();
+            self.publish_sizes();
             self.compact();
         }
     }
@@ -888,8 +882,16 @@ impl WorkerLoop {
             offsets: self.positions_base.clone(),
             pause: p1 + p2,
         };
-        if settings.parts.send(part).is_err() {
-            tracing::warn!("checkpoint writer gone; part {at} dropped");
+        match settings.parts.try_send(part) {
+            Ok(()) => {}
+            Err(crossbeam_channel::TrySendError::Full(_)) => {
+                tracing::warn!(
+                    "the checkpoint writer is two checkpoints behind; checkpoint {at} skipped"
+                )
+            }
+            Err(crossbeam_channel::TrySendError::Disconnected(_)) => {
+                tracing::warn!("checkpoint writer gone; part {at} dropped")
+            }
         }
         self.pending = None;
         if self.shared.stop.load(Ordering::Acquire)
@@ -908,18 +910,18 @@ impl WorkerLoop {
         }
     }
 
-    fn answer_peeks(&mut self) {
-        while let Ok(request) = self.slot.peeks.try_recv() {
-            let sizes = StateSizes {
-                riders: self.state.riders.borrow().len(),
-                deliveries: self.state.deliveries.borrow().len(),
-                snapshot_updates: trace_len(&self.snapshots),
-                changelog_riders: self.changelog_riders.get(),
-                count_updates: trace_len(&self.counts),
-            };
-            // The asker may have timed out and gone; nothing to do then.
-            let _ = request.reply.send(sizes);
-        }
+    /// Says how much state this worker holds, for `/metrics` (a few counters: cheap every round).
+    fn publish_sizes(&mut self) {
+        let sizes = StateSizes {
+            riders: self.state.riders.borrow().len(),
+            deliveries: self.state.deliveries.borrow().len(),
+            snapshot_updates: trace_len(&self.snapshots),
+            changelog_riders: self.changelog_riders.get(),
+            count_updates: trace_len(&self.counts),
+        };
+        *self.shared.sizes[self.index]
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = sizes;
     }
 
     /// Lets the traces forget history no query can ask for any more, so memory stays bounded.

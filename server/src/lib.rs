@@ -1,10 +1,11 @@
 //! The dongflow engine and server: the worker loop, queries, HTTP and metrics.
 //!
-//! - [`engine`]: starts the timely workers, feeds them from their sources, answers peeks, compacts.
+//! - [`engine`]: starts the timely workers, feeds them from their sources, publishes their state sizes,
+//!   compacts.
 //! - [`view`]: the serving view every process keeps, fed by the dataflow one complete time at a time,
 //!   and the stale view of the same type (the checkpoint and the changelog) that answers until the
 //!   live one is ready; HTTP answers are reads of one of them.
-//! - [`query`]: typed queries and answers; peeks of the workers' arrangements (state sizes).
+//! - [`query`]: typed queries and answers; what the workers share with the query side.
 //! - [`checkpoint`]: checkpoint files: writing them atomically, finding the newest usable one, and
 //!   the marks of a clean stop whose changelog is complete.
 //! - [`changelog`]: the changelog topics of CONTRACT section 5, written as times complete; clearing the

@@ -1,13 +1,11 @@
 //! Queries and answers: typed requests from the HTTP side, answered from the serving view
 //! ([`crate::view`]) at one consistent `as_of`; and what the query side shares with the workers
-//! (their completed times, and peeks for the sizes of their state).
+//! (their completed times, and the sizes of their state as they publish them).
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::Thread;
-use std::time::Duration;
 
-use crossbeam_channel::{Receiver, Sender};
 use dongflow_connectors::Id;
 use dongflow_dataflow::districts::DistrictId;
 use dongflow_dataflow::types::{DistrictCounts, Snapshot, Time};
@@ -63,9 +61,6 @@ pub enum QueryError {
     /// The engine is stopping or stopped.
     #[error("engine is shut down")]
     ShutDown,
-    /// A worker did not answer in time.
-    #[error("a worker did not answer within {0:?}")]
-    Timeout(Duration),
 }
 
 /// How much state the workers hold, summed over workers.
@@ -93,38 +88,27 @@ impl std::ops::AddAssign for StateSizes {
     }
 }
 
-/// A request for a worker's state sizes, with where to reply.
-#[derive(Debug)]
-pub(crate) struct PeekRequest {
-    pub reply: Sender<StateSizes>,
-}
-
 /// What the workers and the query side of one process share.
 #[derive(Debug)]
 pub(crate) struct Shared {
     /// Per worker: the greatest time it has completed (0: none yet).
     pub completed: Vec<AtomicU64>,
-    /// Per worker: where to send peeks.
-    pub peeks: Vec<Sender<PeekRequest>>,
-    /// Per worker: its thread, to wake it when a peek arrives.
+    /// Per worker: the sizes of its state, as it last published them (every loop round).
+    pub sizes: Vec<Mutex<StateSizes>>,
+    /// Per worker: its thread, to wake it when the engine stops.
     pub threads: Mutex<Vec<Option<Thread>>>,
     /// Set when the engine is asked to stop.
     pub stop: AtomicBool,
-    /// How long a peek waits for a worker.
-    pub timeout: Duration,
 }
 
 impl Shared {
-    pub fn new(workers: usize, timeout: Duration) -> (Arc<Self>, Vec<Receiver<PeekRequest>>) {
-        let (senders, receivers) = (0..workers).map(|_| crossbeam_channel::unbounded()).unzip();
-        let shared = Self {
+    pub fn new(workers: usize) -> Arc<Self> {
+        Arc::new(Self {
             completed: (0..workers).map(|_| AtomicU64::new(0)).collect(),
-            peeks: senders,
+            sizes: (0..workers).map(|_| Mutex::default()).collect(),
             threads: Mutex::new(vec![None; workers]),
             stop: AtomicBool::new(false),
-            timeout,
-        };
-        (Arc::new(shared), receivers)
+        })
     }
 
     /// The least time every worker has completed; 0 when some worker has completed none. Traces
@@ -137,32 +121,14 @@ impl Shared {
             .unwrap_or(0)
     }
 
-    fn wake(&self) {
-        let threads = self.threads.lock().unwrap_or_else(|e| e.into_inner());
-        threads.iter().flatten().for_each(Thread::unpark);
-    }
-
-    /// The sizes of every worker's state, summed.
+    /// The sizes of every worker's state, summed, as the workers last published them.
     pub fn sizes(&self) -> Result<StateSizes, QueryError> {
         if self.stop.load(Ordering::Acquire) {
             return Err(QueryError::ShutDown);
         }
-        let (reply, replies) = crossbeam_channel::bounded(self.peeks.len());
-        for worker in &self.peeks {
-            let request = PeekRequest {
-                reply: reply.clone(),
-            };
-            worker.send(request).map_err(|_| QueryError::ShutDown)?;
-        }
-        drop(reply);
-        self.wake();
-        let deadline = std::time::Instant::now() + self.timeout;
         let mut total = StateSizes::default();
-        for _ in 0..self.peeks.len() {
-            total += replies.recv_deadline(deadline).map_err(|e| match e {
-                crossbeam_channel::RecvTimeoutError::Timeout => QueryError::Timeout(self.timeout),
-                crossbeam_channel::RecvTimeoutError::Disconnected => QueryError::ShutDown,
-            })?;
+        for worker in &self.sizes {
+            total += *worker.lock().unwrap_or_else(|e| e.into_inner());
         }
         Ok(total)
     }

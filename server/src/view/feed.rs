@@ -13,6 +13,9 @@ use timely::dataflow::operators::Concat;
 
 use super::{ServingView, ViewChange};
 
+/// Complete times (and changes applied ahead) the view thread may have queued.
+const VIEW_QUEUE: usize = 256;
+
 /// What the leading worker hands the thread that applies it.
 #[derive(Debug)]
 enum Fed {
@@ -38,7 +41,10 @@ pub struct ViewFeed(crossbeam_channel::Sender<Fed>);
 impl ViewApplier {
     /// Starts the thread that applies to `view`.
     pub fn start(view: Arc<ServingView>) -> std::io::Result<Self> {
-        let (tx, rx) = crossbeam_channel::unbounded::<Fed>();
+        // Bounded: when the view thread is this far behind, the leading worker waits for it
+        // (answers would be that stale anyway) instead of queueing without limit. It queues times,
+        // not records, and coalesces what is queued into one version, so it rarely fills.
+        let (tx, rx) = crossbeam_channel::bounded::<Fed>(VIEW_QUEUE);
         let thread = std::thread::Builder::new()
             .name("dongflow-view".into())
             .spawn(move || {
