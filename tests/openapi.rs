@@ -96,6 +96,42 @@ fn validate(doc: &Value, schema: &Value, value: &Value, at: &str) {
     }
 }
 
+/// A push feed's first event (`snapshot`) validates against the schema the document gives it.
+fn check_feed(doc: &Value, client: &Client, route: &str, path: &str) {
+    use std::io::BufRead;
+    let response = client
+        .agent
+        .get(&format!("{}{path}", client.base))
+        .call()
+        .expect("the feed answers");
+    assert_eq!(response.status().as_u16(), 200, "{path}");
+    let spec = &doc["paths"][route]["get"]["responses"]["200"];
+    assert!(spec["content"]["text/event-stream"].is_object(), "{route}");
+    let content_type = response
+        .headers()
+        .get("content-type")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_owned();
+    assert_eq!(content_type, "text/event-stream", "{path}");
+    let reader = std::io::BufReader::new(response.into_body().into_reader());
+    let mut event = String::new();
+    for line in reader.lines().map_while(Result::ok) {
+        if let Some(kind) = line.strip_prefix("event: ") {
+            event = kind.to_owned();
+        }
+        if let Some(data) = line.strip_prefix("data: ") {
+            assert_eq!(event, "snapshot", "{path}: the first event");
+            let value: Value = serde_json::from_str(data).expect("json data");
+            let schema = &spec["x-dongflow-events"]["snapshot"];
+            assert!(schema.is_object(), "{route}: the snapshot's schema");
+            validate(doc, schema, &value, path);
+            return;
+        }
+    }
+    panic!("{path}: no event");
+}
+
 #[test]
 fn every_route_answers_as_documented() {
     let index = builtin();
@@ -146,6 +182,16 @@ fn every_route_answers_as_documented() {
         ),
         ("/v1/riders/{rider_id}", format!("/v1/riders/{rider}"), 200),
         (
+            "/v1/riders/{rider_id}/changes",
+            format!("/v1/riders/{rider}/changes"),
+            200,
+        ),
+        (
+            "/v1/districts/changes",
+            "/v1/districts/changes".to_string(),
+            200,
+        ),
+        (
             "/v1/riders/{rider_id}",
             "/v1/riders/nobody".to_string(),
             404,
@@ -174,6 +220,10 @@ fn every_route_answers_as_documented() {
         );
     }
     for (route, path, status) in requests {
+        if route.ends_with("/changes") {
+            check_feed(&doc, &client, route, &path);
+            continue;
+        }
         let (got, content_type, body) = get(&path);
         assert_eq!(got, status, "{path}: {body}");
         let response = resolve(

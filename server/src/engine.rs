@@ -400,6 +400,11 @@ impl EngineHandle {
             .for_each(std::thread::Thread::unpark);
     }
 
+    /// The live serving view (push feeds follow its versions).
+    pub fn view(&self) -> Arc<ServingView> {
+        self.view.clone()
+    }
+
     /// Answers a query from the serving view, at one consistent `as_of`.
     pub fn query(&self, query: &Query) -> Result<Answer, QueryError> {
         if self.shared.stop.load(Ordering::Acquire) && self.shared.as_of() == 0 {

@@ -63,6 +63,8 @@ fn bearer_tokens_guard_every_route_but_the_probes_and_rotate_on_sighup() {
         "/v1/districts/1168000000",
         "/v1/districts/1168000000/riders",
         "/v1/riders/r-1",
+        "/v1/districts/changes",
+        "/v1/riders/r-1/changes",
         "/v1/districts.geojson",
         "/metrics",
         "/openapi.json",

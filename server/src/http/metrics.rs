@@ -156,6 +156,7 @@ pub fn text(app: &App) -> prometheus::Result<String> {
             one(b.undecodable()),
         )?;
     }
+    feeds(&mut scrape, app)?;
     let mut families = app.metrics.registry.gather();
     // A family with no samples (a partition-less input, say) is not written: the format has no
     // room for one.
@@ -167,6 +168,50 @@ pub fn text(app: &App) -> prometheus::Result<String> {
     );
     families.sort_by(|a, b| a.name().cmp(b.name()));
     prometheus::TextEncoder::new().encode_to_string(&families)
+}
+
+/// The push feeds: clients, events, folding, and the versions the views hold for them.
+fn feeds(scrape: &mut Scrape, app: &App) -> prometheus::Result<()> {
+    use std::sync::atomic::Ordering::Relaxed;
+    let f = &app.feeds;
+    scrape.gauge(
+        "dongflow_feed_clients",
+        "Push feed connections open.",
+        &[],
+        one(f.open.load(Relaxed) as f64),
+    )?;
+    scrape.counter(
+        "dongflow_feed_events_total",
+        "Push feed events sent, by event.",
+        &["event"],
+        vec![
+            (vec!["snapshot".into()], f.snapshots.load(Relaxed)),
+            (vec!["changes".into()], f.changes.load(Relaxed)),
+        ],
+    )?;
+    scrape.counter(
+        "dongflow_feed_folded_versions_total",
+        "Versions a slow feed client received folded into a later event (latest value per key).",
+        &[],
+        one(f.folded.load(Relaxed)),
+    )?;
+    scrape.counter(
+        "dongflow_feed_resnapshots_total",
+        "Snapshots sent because the view no longer held every version a client had not read.",
+        &[],
+        one(f.resnapshots.load(Relaxed)),
+    )?;
+    let mut held = vec![(vec!["live".to_owned()], app.engine.view().held())];
+    if let Some(stale) = app.stale.as_ref().and_then(|s| s.serving()) {
+        held.push((vec!["stale".to_owned()], stale.held()));
+    }
+    scrape.gauge(
+        "dongflow_feed_held_changes",
+        "Changes the serving views hold for push feeds to resume from, by view.",
+        &["view"],
+        held.into_iter().map(|(l, (_, c))| (l, c as f64)).collect(),
+    )?;
+    Ok(())
 }
 
 fn engine(scrape: &mut Scrape, app: &App) -> prometheus::Result<()> {

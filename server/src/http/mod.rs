@@ -31,6 +31,7 @@ use tokio::net::TcpListener;
 
 pub mod auth;
 mod canned;
+mod feed;
 mod metrics;
 pub mod tls;
 
@@ -67,7 +68,11 @@ pub struct App {
     kafka: Option<Arc<KafkaMetrics>>,
     stale: Option<Arc<StaleView>>,
     checkpoints: Option<WriteStatus>,
+    feeds: feed::FeedMetrics,
 }
+
+/// A response body: a whole answer, or a push feed's events as they come.
+type Body = http_body_util::Either<Full<Bytes>, feed::FeedBody>;
 
 impl std::fmt::Debug for App {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -88,6 +93,7 @@ impl App {
             kafka: None,
             stale: None,
             checkpoints: None,
+            feeds: feed::FeedMetrics::default(),
         })
     }
 
@@ -112,6 +118,7 @@ impl App {
             kafka: Some(kafka),
             stale,
             checkpoints,
+            feeds: feed::FeedMetrics::default(),
         })
     }
 }
@@ -198,18 +205,65 @@ async fn handle(
     app: Arc<App>,
     tokens: Option<Arc<Tokens>>,
     req: Request<Incoming>,
-) -> Result<Response<Full<Bytes>>, Infallible> {
+) -> Result<Response<Body>, Infallible> {
     let started = Instant::now();
     // A request that cannot be authenticated is answered here and never reaches the view.
     let (route, response) = match tokens.filter(|_| needs_token(req.uri().path())) {
         Some(t) if !t.admits(req.headers().get(AUTHORIZATION).map(HeaderValue::as_bytes)) => {
-            unauthorized(&req)
+            let (route, response) = unauthorized(&req);
+            (route, response.map(Body::Left))
         }
-        _ => route(&app, &req).await,
+        _ => match feed_route(&app, &req) {
+            Some(feed) => feed,
+            None => {
+                let (route, response) = route(&app, &req).await;
+                (route, response.map(Body::Left))
+            }
+        },
     };
     app.metrics
         .observe(route, response.status(), started.elapsed());
     Ok(response)
+}
+
+/// The push feeds' routes: the feed's response, or `None` for any other route.
+fn feed_route(app: &Arc<App>, req: &Request<Incoming>) -> Option<(&'static str, Response<Body>)> {
+    let parts: Vec<&str> = req
+        .uri()
+        .path()
+        .trim_start_matches('/')
+        .split('/')
+        .collect();
+    let (route, of) = match parts.as_slice() {
+        ["v1", "districts", "changes"] => (routes::DISTRICT_CHANGES, feed::FeedOf::Districts),
+        ["v1", "riders", id, "changes"] => {
+            let of = match segment(id) {
+                Some(id) if !id.is_empty() => feed::FeedOf::Rider(id.into()),
+                _ => {
+                    let e = error(StatusCode::BAD_REQUEST, "rider id is not valid UTF-8");
+                    return Some((routes::RIDER_CHANGES, e.map(Body::Left)));
+                }
+            };
+            (routes::RIDER_CHANGES, of)
+        }
+        _ => return None,
+    };
+    if req.method() != Method::GET {
+        let mut response = error(StatusCode::METHOD_NOT_ALLOWED, "only GET is supported");
+        response
+            .headers_mut()
+            .insert(hyper::header::ALLOW, HeaderValue::from_static("GET"));
+        return Some((route, response.map(Body::Left)));
+    }
+    let last_event_id = req
+        .headers()
+        .get("last-event-id")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse().ok());
+    Some((
+        route,
+        feed::respond(app, of, last_event_id).map(Body::Right),
+    ))
 }
 
 /// Whether a path needs a token when tokens are configured: all but the probes (CONTRACT section 6).
@@ -293,6 +347,8 @@ mod routes {
     pub const DISTRICT: &str = "/v1/districts/{code}";
     pub const DISTRICT_RIDERS: &str = "/v1/districts/{code}/riders";
     pub const RIDER: &str = "/v1/riders/{rider_id}";
+    pub const DISTRICT_CHANGES: &str = "/v1/districts/changes";
+    pub const RIDER_CHANGES: &str = "/v1/riders/{rider_id}/changes";
     pub const GEOJSON: &str = "/v1/districts.geojson";
     pub const METRICS: &str = "/metrics";
     pub const HEALTHZ: &str = "/healthz";

@@ -30,10 +30,12 @@ use serde::{Deserialize, Serialize};
 use crate::query::{Answer, AnswerBody, Query};
 
 mod feed;
+pub mod history;
 mod seed;
 mod stale;
 
 pub use feed::{attach_view, ViewApplier, ViewFeed};
+use history::{History, Recorded, Version};
 pub use seed::seed_changes;
 pub use stale::{StaleSource, StaleView};
 
@@ -73,26 +75,33 @@ struct Maps {
 }
 
 impl Maps {
-    fn apply(&mut self, change: ViewChange) {
+    /// Applies one change; says what it recorded, for feeds (a copy of the counts, or another
+    /// reference to the snapshot).
+    fn apply(&mut self, change: ViewChange) -> Option<Recorded> {
         match change {
-            ViewChange::District(c) => match c.value {
-                Some(counts) => {
-                    self.districts.insert(c.key, counts);
+            ViewChange::District(c) => {
+                match c.value {
+                    Some(counts) => {
+                        self.districts.insert(c.key, counts);
+                    }
+                    None => {
+                        self.districts.remove(&c.key);
+                    }
                 }
-                None => {
-                    self.districts.remove(&c.key);
-                }
-            },
+                Some(Recorded::District(c.key, c.value))
+            }
             ViewChange::Rider(c) => {
                 let new_district = c.value.as_ref().map(|s| s.rider.district);
-                let old = match c.value {
-                    Some(snapshot) => self.riders.insert(c.key.clone(), Arc::new(snapshot)),
+                let snapshot = c.value.map(Arc::new);
+                let recorded = Some(Recorded::Rider(c.key.clone(), snapshot.clone()));
+                let old = match snapshot {
+                    Some(snapshot) => self.riders.insert(c.key.clone(), snapshot),
                     None => self.riders.remove(&c.key),
                 };
                 let old_district = old.map(|s| s.rider.district);
                 // Most changes are pings within a district: the district's list stays as it is.
                 if old_district == new_district {
-                    return;
+                    return recorded;
                 }
                 if let Some(district) = old_district {
                     if let Some(set) = self.by_district.get_mut(&district) {
@@ -105,9 +114,18 @@ impl Maps {
                 if let Some(district) = new_district {
                     self.by_district.entry(district).or_default().insert(c.key);
                 }
+                recorded
             }
         }
     }
+}
+
+/// The writer's side of a view: the next version while changes are applied ahead to it, and what
+/// they changed, for the history.
+#[derive(Debug, Default)]
+struct Writing {
+    next: Option<Maps>,
+    recorded: Vec<Recorded>,
 }
 
 /// The latest complete state, shared by the worker that applies it and the threads that read it.
@@ -115,41 +133,81 @@ impl Maps {
 /// Readers load the current version with one atomic operation and never wait: not for the writer,
 /// and not for another reader that the scheduler has paused (which, with a reader-writer lock,
 /// would hold up the writer and so every reader queued behind it).
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct ServingView {
     maps: ArcSwap<Maps>,
     /// Serialises writers, and holds the next version while changes of a time not yet complete
     /// are applied ahead to it (see [`ServingView::prepare`]).
-    writer: Mutex<Option<Maps>>,
+    writer: Mutex<Writing>,
+    /// Recent versions, for push feeds (recorded once a feed subscribes).
+    history: Mutex<History>,
+    /// Says each new version's `as_of` to the feeds waiting for one.
+    notify: tokio::sync::watch::Sender<Time>,
 }
 
 impl ServingView {
+    fn with(maps: Maps) -> Arc<Self> {
+        Arc::new(Self {
+            maps: ArcSwap::from_pointee(maps),
+            writer: Mutex::default(),
+            history: Mutex::default(),
+            notify: tokio::sync::watch::Sender::new(0),
+        })
+    }
+
     /// An empty live view (no state yet).
     pub fn new() -> Arc<Self> {
-        Arc::new(Self::default())
+        Self::with(Maps::default())
     }
 
     /// An empty stale view: its answers say `stale: true`.
     pub fn new_stale() -> Arc<Self> {
-        let maps = Maps {
+        Self::with(Maps {
             stale: true,
             ..Maps::default()
-        };
-        Arc::new(Self {
-            maps: ArcSwap::from_pointee(maps),
-            writer: Mutex::default(),
         })
     }
 
-    /// Lets the contents go: it answers nothing from now on.
+    /// Lets the contents go: it answers nothing from now on, and its history is forgotten.
     pub fn release(&self) {
         let mut writing = self.write();
-        *writing = None;
+        *writing = Writing::default();
         let stale = self.maps.load().stale;
+        self.history().clear(0);
         self.maps.store(Arc::new(Maps {
             stale,
             ..Maps::default()
         }));
+        self.notify.send_replace(0);
+    }
+
+    fn history(&self) -> MutexGuard<'_, History> {
+        self.history.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Wakes on every new version from now on, and records versions for [`ServingView::since`]
+    /// from the current one on.
+    pub fn subscribe(&self) -> tokio::sync::watch::Receiver<Time> {
+        let rx = self.notify.subscribe();
+        let mut history = self.history();
+        history.record_from(self.as_of());
+        rx
+    }
+
+    /// The versions after `as_of` that changed anything, oldest first; `None` when the view no
+    /// longer holds all of them (see [`history`]).
+    pub fn since(&self, as_of: Time) -> Option<Vec<Arc<Version>>> {
+        self.history().since(as_of)
+    }
+
+    /// Versions and changes held for feeds.
+    pub fn held(&self) -> (usize, usize) {
+        self.history().held()
+    }
+
+    /// Whether the view's contents come from the changelog (and a checkpoint).
+    pub fn stale(&self) -> bool {
+        self.maps.load().stale
     }
 
     /// The district ids and rider ids the view holds, `as_of` aside.
@@ -160,7 +218,7 @@ impl ServingView {
         (districts, riders)
     }
 
-    fn write(&self) -> MutexGuard<'_, Option<Maps>> {
+    fn write(&self) -> MutexGuard<'_, Writing> {
         self.writer.lock().unwrap_or_else(|e| e.into_inner())
     }
 
@@ -183,12 +241,21 @@ impl ServingView {
         if as_of < current.as_of {
             return;
         }
-        let mut next = writing.take().unwrap_or_else(|| Maps::clone(&current));
+        let mut next = writing.next.take().unwrap_or_else(|| Maps::clone(&current));
+        let mut recorded = std::mem::take(&mut writing.recorded);
         for change in changes {
-            next.apply(change);
+            recorded.extend(next.apply(change));
         }
         next.as_of = as_of;
+        // Held and shown under the history's lock, which a feed subscribes under: a feed either
+        // subscribed before (and finds this version held) or sees these maps as its start.
+        let mut history = self.history();
+        if history.recording() {
+            history.push(Version::of(recorded, as_of));
+        }
         self.maps.store(Arc::new(next));
+        drop(history);
+        self.notify.send_replace(as_of);
     }
 
     /// Applies changes of the earliest time not yet complete to the next version, without showing
@@ -198,9 +265,10 @@ impl ServingView {
     /// while the dataflow still works on it, instead of after.
     pub fn prepare(&self, changes: impl IntoIterator<Item = ViewChange>) {
         let mut writing = self.write();
-        let next = writing.get_or_insert_with(|| Maps::clone(&self.maps.load_full()));
+        let Writing { next, recorded } = &mut *writing;
+        let next = next.get_or_insert_with(|| Maps::clone(&self.maps.load_full()));
         for change in changes {
-            next.apply(change);
+            recorded.extend(next.apply(change));
         }
     }
 

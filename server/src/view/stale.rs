@@ -413,6 +413,13 @@ impl StaleView {
         self.view.answer(query)
     }
 
+    /// The serving view behind the answers, once it answers (push feeds follow its versions).
+    pub fn serving(&self) -> Option<Arc<ServingView>> {
+        self.loaded
+            .load(Ordering::Acquire)
+            .then(|| self.view.clone())
+    }
+
     /// The keys the changelog held a value for when reading began, once all of it is read.
     pub fn held_keys(&self) -> Option<Arc<HeldKeys>> {
         self.held.get().cloned()

@@ -1,0 +1,341 @@
+//! Push feeds (CONTRACT section 6): a client that applies every event of `/v1/districts/changes`
+//! (or a rider's feed) to the first snapshot holds exactly the plain answer; `Last-Event-ID`
+//! resumes with the changes the process holds, or a snapshot beyond them; a client that reads
+//! nothing while events flow costs the engine a bounded history, and its next events bring it to
+//! the current state.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::io::BufRead;
+use std::time::{Duration, Instant};
+
+use common::{builtin, serve, Client, Harness, Scenario};
+use dongflow::EngineConfig;
+use dongflow_connectors::simulator::SimEvent;
+use serde_json::Value;
+
+/// One Server-Sent Event (or a comment line, with `kind` "comment").
+#[derive(Clone, Debug)]
+struct Event {
+    kind: String,
+    id: Option<u64>,
+    data: Value,
+}
+
+/// A feed connection whose events a thread reads as they come.
+struct Feed {
+    events: crossbeam_channel::Receiver<Event>,
+}
+
+impl Feed {
+    fn open(base: &str, path: &str, last_event_id: Option<u64>) -> Feed {
+        let agent: ureq::Agent = ureq::Agent::config_builder()
+            .http_status_as_error(false)
+            .build()
+            .into();
+        let mut request = agent.get(&format!("{base}{path}"));
+        if let Some(id) = last_event_id {
+            request = request.header("Last-Event-ID", &id.to_string());
+        }
+        let response = request.call().expect("the feed answers");
+        assert_eq!(response.status().as_u16(), 200);
+        let content_type = response
+            .headers()
+            .get("content-type")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default()
+            .to_owned();
+        assert_eq!(content_type, "text/event-stream");
+        let reader = std::io::BufReader::new(response.into_body().into_reader());
+        // One event at a time: a test that stops taking events stops reading the socket, as a
+        // slow client would.
+        let (tx, rx) = crossbeam_channel::bounded(1);
+        std::thread::spawn(move || {
+            let (mut kind, mut id, mut data) = (String::new(), None, String::new());
+            for line in reader.lines().map_while(Result::ok) {
+                if let Some(comment) = line.strip_prefix(':') {
+                    let _ = tx.send(Event {
+                        kind: "comment".into(),
+                        id: None,
+                        data: Value::String(comment.trim().into()),
+                    });
+                } else if let Some(k) = line.strip_prefix("event: ") {
+                    kind = k.to_owned();
+                } else if let Some(i) = line.strip_prefix("id: ") {
+                    id = i.parse().ok();
+                } else if let Some(d) = line.strip_prefix("data: ") {
+                    data.push_str(d);
+                } else if line.is_empty() && !kind.is_empty() {
+                    let json: Value = serde_json::from_str(&data).expect("event data is JSON");
+                    data.clear();
+                    let event = Event {
+                        kind: std::mem::take(&mut kind),
+                        id: id.take(),
+                        data: json,
+                    };
+                    if tx.send(event).is_err() {
+                        return;
+                    }
+                }
+            }
+        });
+        Feed { events: rx }
+    }
+
+    /// The next event (comments skipped), within 30 s.
+    fn next(&self) -> Event {
+        loop {
+            let e = self
+                .events
+                .recv_timeout(Duration::from_secs(30))
+                .expect("an event within 30 s");
+            if e.kind != "comment" {
+                return e;
+            }
+        }
+    }
+}
+
+/// The districts a client holds from a district feed.
+#[derive(Debug, Default)]
+struct Districts {
+    as_of: u64,
+    by_code: BTreeMap<String, Value>,
+}
+
+impl Districts {
+    /// Applies one event; checks `id` is its `as_of` and `as_of` never goes back.
+    fn apply(&mut self, e: &Event) {
+        let as_of = e.data["as_of"].as_u64().expect("as_of");
+        assert_eq!(e.id, Some(as_of), "id: is the as_of");
+        assert!(
+            as_of >= self.as_of,
+            "as_of went back: {} after {}",
+            as_of,
+            self.as_of
+        );
+        self.as_of = as_of;
+        match e.kind.as_str() {
+            "snapshot" => self.by_code = by_code(&e.data["districts"]),
+            "changes" => {
+                self.by_code.extend(by_code(&e.data["districts"]));
+                for code in e.data["removed"].as_array().expect("removed") {
+                    let code = code.as_str().expect("a code");
+                    assert!(
+                        self.by_code.remove(code).is_some(),
+                        "{code} removed, not held"
+                    );
+                }
+            }
+            other => panic!("event {other}"),
+        }
+    }
+}
+
+fn by_code(list: &Value) -> BTreeMap<String, Value> {
+    list.as_array()
+        .expect("a list")
+        .iter()
+        .map(|d| (d["code"].as_str().expect("code").to_owned(), d.clone()))
+        .collect()
+}
+
+/// Reads events into `state` until it equals the plain answer (which stays put once the input
+/// stops); returns how many events that took.
+fn follow_until_plain(feed: &Feed, state: &mut Districts, client: &Client) -> usize {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut n = 0;
+    loop {
+        let (_, plain) = client.json("/v1/districts");
+        if by_code(&plain["districts"]) == state.by_code {
+            assert!(state.as_of <= plain["as_of"].as_u64().expect("as_of"));
+            return n;
+        }
+        assert!(Instant::now() < deadline, "the feed never reached {plain}");
+        match feed.events.recv_timeout(Duration::from_millis(200)) {
+            Ok(e) if e.kind == "comment" => {}
+            Ok(e) => {
+                state.apply(&e);
+                n += 1;
+            }
+            Err(_) => {}
+        }
+    }
+}
+
+fn events(scenario: &mut Scenario, n: usize) -> Vec<SimEvent> {
+    (0..n).map(|_| scenario.next_event()).collect()
+}
+
+#[test]
+fn applying_every_event_to_the_snapshot_gives_the_plain_answer() {
+    for workers in [1, 2, 4] {
+        let index = builtin();
+        let harness = Harness::start(EngineConfig::new(workers, index.clone()), 4);
+        let server = serve(&harness, &index);
+        let client = Client::new(&server);
+        let base = client.base.clone();
+        let mut scenario = Scenario::new(71 + workers as u64, &index, 200, 400);
+        harness.send(&events(&mut scenario, 2_000));
+        harness.sync();
+        let feed = Feed::open(&base, "/v1/districts/changes", None);
+        let mut state = Districts::default();
+        let first = feed.next();
+        assert_eq!(first.kind, "snapshot");
+        assert_eq!(first.data["stale"], Value::Bool(false));
+        state.apply(&first);
+        let mut changes = 0;
+        for _ in 0..10 {
+            harness.send(&events(&mut scenario, 1_000));
+            harness.sync();
+            changes += follow_until_plain(&feed, &mut state, &client);
+        }
+        assert!(
+            changes >= 10,
+            "{workers} workers: only {changes} change events"
+        );
+
+        // A rider's feed, the same way.
+        let (_, plain) = client.json("/v1/districts");
+        let code = plain["districts"][0]["code"]
+            .as_str()
+            .expect("a district")
+            .to_owned();
+        let (_, riders) = client.json(&format!("/v1/districts/{code}/riders"));
+        let id = riders["riders"][0]["rider_id"]
+            .as_str()
+            .expect("a rider")
+            .to_owned();
+        let rider_feed = Feed::open(&base, &format!("/v1/riders/{id}/changes"), None);
+        let mut rider = rider_feed.next();
+        assert_eq!(rider.kind, "snapshot");
+        harness.send(&events(&mut scenario, 3_000));
+        harness.sync();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let (status, mut plain) = client.json(&format!("/v1/riders/{id}"));
+            let mut held = rider.data.clone();
+            let gone = held.get("removed") == Some(&Value::Bool(true));
+            let same = match status {
+                200 => {
+                    plain.as_object_mut().map(|o| o.remove("as_of"));
+                    held.as_object_mut().map(|o| o.remove("as_of"));
+                    held == plain
+                }
+                _ => gone,
+            };
+            if same {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "rider feed never reached {plain}"
+            );
+            if let Ok(e) = rider_feed.events.recv_timeout(Duration::from_millis(200)) {
+                if e.kind != "comment" {
+                    assert_eq!(e.kind, "changes");
+                    assert!(e.id >= rider.id, "as_of went back");
+                    rider = e;
+                }
+            }
+        }
+        server.stop();
+    }
+}
+
+#[test]
+fn last_event_id_resumes_with_the_changes_held_or_a_snapshot_beyond_them() {
+    let index = builtin();
+    let harness = Harness::start(EngineConfig::new(2, index.clone()), 4);
+    let server = serve(&harness, &index);
+    let client = Client::new(&server);
+    let base = client.base.clone();
+    let mut scenario = Scenario::new(81, &index, 200, 400);
+    harness.send(&events(&mut scenario, 2_000));
+    harness.sync();
+    let mut state = Districts::default();
+    {
+        let feed = Feed::open(&base, "/v1/districts/changes", None);
+        state.apply(&feed.next());
+        harness.send(&events(&mut scenario, 1_000));
+        harness.sync();
+        follow_until_plain(&feed, &mut state, &client);
+    }
+    // Gone a while: more happens meanwhile.
+    harness.send(&events(&mut scenario, 3_000));
+    harness.sync();
+    let feed = Feed::open(&base, "/v1/districts/changes", Some(state.as_of));
+    let first = feed.next();
+    assert_eq!(first.kind, "changes", "resumed: {first:?}");
+    assert!(first.id > Some(state.as_of));
+    state.apply(&first);
+    follow_until_plain(&feed, &mut state, &client);
+    // An id the process does not hold (before it recorded anything): a fresh snapshot.
+    let feed = Feed::open(&base, "/v1/districts/changes", Some(1));
+    let first = feed.next();
+    assert_eq!(first.kind, "snapshot");
+    let mut fresh = Districts::default();
+    fresh.apply(&first);
+    follow_until_plain(&feed, &mut fresh, &client);
+    server.stop();
+}
+
+/// A client that reads nothing while many events flow: the engine holds a bounded history (no
+/// queue per client), and when the client reads again, its next events (folded, or a snapshot)
+/// bring it to the current state. An idle feed says it is alive every 15 s.
+#[test]
+fn a_client_that_reads_nothing_costs_a_bounded_history_and_catches_up() {
+    let index = builtin();
+    let harness = Harness::start(EngineConfig::new(2, index.clone()), 4);
+    let server = serve(&harness, &index);
+    let client = Client::new(&server);
+    let base = client.base.clone();
+    let mut scenario = Scenario::new(91, &index, 5_000, 8_000);
+    harness.send(&events(&mut scenario, 5_000));
+    harness.sync();
+    let feed = Feed::open(&base, "/v1/districts/changes", None);
+    let mut state = Districts::default();
+    state.apply(&feed.next());
+    // The test stops taking events: the socket fills and the engine's task for it waits.
+    // Many small batches: many versions, more than the sockets' buffers hold.
+    for round in 0..900 {
+        harness.send(&events(&mut scenario, 300));
+        harness.sync();
+        if round % 50 != 0 {
+            continue;
+        }
+        let (_, _, metrics) = client.get("/metrics");
+        let held = common::sample(&metrics, "dongflow_feed_held_changes{view=\"live\"}")
+            .expect("held changes");
+        assert!(
+            held <= dongflow::view::history::HELD_CHANGES as f64,
+            "the history is bounded: {held}"
+        );
+    }
+    // Reading again: the current state, without replaying every version one by one.
+    let n = follow_until_plain(&feed, &mut state, &client);
+    let (_, _, metrics) = client.get("/metrics");
+    let folded = common::sample(&metrics, "dongflow_feed_folded_versions_total").unwrap_or(0.0);
+    let resnapshots = common::sample(&metrics, "dongflow_feed_resnapshots_total").unwrap_or(0.0);
+    eprintln!("caught up in {n} events: {folded} versions folded, {resnapshots} snapshots again");
+    assert!(
+        folded + resnapshots > 0.0,
+        "a client that fell behind gets folded changes or a snapshot ({n} events)"
+    );
+    // Idle: a comment line within 15 s (and a little).
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let quiet = Feed::open(&base, "/v1/riders/r-nobody/changes", None);
+    assert_eq!(quiet.next().data["removed"], Value::Bool(true));
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let e = quiet
+            .events
+            .recv_timeout(left)
+            .expect("a keep-alive comment");
+        if e.kind == "comment" {
+            break;
+        }
+    }
+    server.stop();
+}
