@@ -7,95 +7,13 @@
 mod common;
 
 use std::collections::BTreeMap;
-use std::io::BufRead;
 use std::time::{Duration, Instant};
 
+use common::sse::{Event, Feed};
 use common::{builtin, serve, Client, Harness, Scenario};
 use dongflow::EngineConfig;
 use dongflow_connectors::simulator::SimEvent;
 use serde_json::Value;
-
-/// One Server-Sent Event (or a comment line, with `kind` "comment").
-#[derive(Clone, Debug)]
-struct Event {
-    kind: String,
-    id: Option<u64>,
-    data: Value,
-}
-
-/// A feed connection whose events a thread reads as they come.
-struct Feed {
-    events: crossbeam_channel::Receiver<Event>,
-}
-
-impl Feed {
-    fn open(base: &str, path: &str, last_event_id: Option<u64>) -> Feed {
-        let agent: ureq::Agent = ureq::Agent::config_builder()
-            .http_status_as_error(false)
-            .build()
-            .into();
-        let mut request = agent.get(&format!("{base}{path}"));
-        if let Some(id) = last_event_id {
-            request = request.header("Last-Event-ID", &id.to_string());
-        }
-        let response = request.call().expect("the feed answers");
-        assert_eq!(response.status().as_u16(), 200);
-        let content_type = response
-            .headers()
-            .get("content-type")
-            .and_then(|v| v.to_str().ok())
-            .unwrap_or_default()
-            .to_owned();
-        assert_eq!(content_type, "text/event-stream");
-        let reader = std::io::BufReader::new(response.into_body().into_reader());
-        // One event at a time: a test that stops taking events stops reading the socket, as a
-        // slow client would.
-        let (tx, rx) = crossbeam_channel::bounded(1);
-        std::thread::spawn(move || {
-            let (mut kind, mut id, mut data) = (String::new(), None, String::new());
-            for line in reader.lines().map_while(Result::ok) {
-                if let Some(comment) = line.strip_prefix(':') {
-                    let _ = tx.send(Event {
-                        kind: "comment".into(),
-                        id: None,
-                        data: Value::String(comment.trim().into()),
-                    });
-                } else if let Some(k) = line.strip_prefix("event: ") {
-                    kind = k.to_owned();
-                } else if let Some(i) = line.strip_prefix("id: ") {
-                    id = i.parse().ok();
-                } else if let Some(d) = line.strip_prefix("data: ") {
-                    data.push_str(d);
-                } else if line.is_empty() && !kind.is_empty() {
-                    let json: Value = serde_json::from_str(&data).expect("event data is JSON");
-                    data.clear();
-                    let event = Event {
-                        kind: std::mem::take(&mut kind),
-                        id: id.take(),
-                        data: json,
-                    };
-                    if tx.send(event).is_err() {
-                        return;
-                    }
-                }
-            }
-        });
-        Feed { events: rx }
-    }
-
-    /// The next event (comments skipped), within 30 s.
-    fn next(&self) -> Event {
-        loop {
-            let e = self
-                .events
-                .recv_timeout(Duration::from_secs(30))
-                .expect("an event within 30 s");
-            if e.kind != "comment" {
-                return e;
-            }
-        }
-    }
-}
 
 /// The districts a client holds from a district feed.
 #[derive(Debug, Default)]

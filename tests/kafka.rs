@@ -1517,12 +1517,31 @@ fn stale_until_ready(name: &str, seed: u64, from: StaleFrom) {
         (stale_answers >= 3).then_some(())
     });
     eprintln!("first stale answer ({from:?}) {first_stale:?} after the process was started");
+    // A push feed opened now follows the stale view, then the live one with a fresh snapshot.
+    let feed = common::sse::Feed::open(&run.http, "/v1/districts/changes", None);
+    let first = feed.next();
+    assert_eq!(
+        (first.kind.as_str(), &first.data["stale"]),
+        ("snapshot", &Value::Bool(true))
+    );
+    assert_eq!(
+        by_code(&first.data["districts"]),
+        without_as_of(districts_before.clone())
+    );
     for topic in leaderless {
         for p in 0..PARTITIONS {
             embedded.set_leader(topic, p, Some(1)).expect("leader back");
         }
     }
     ready(&run.http);
+    let mut last = first.id;
+    let live = eventually(Duration::from_secs(60), "a live snapshot", || {
+        let e = feed.next();
+        assert!(e.id >= last, "as_of went back: {:?} after {last:?}", e.id);
+        last = e.id;
+        (e.kind == "snapshot" && e.data["stale"] == Value::Bool(false)).then_some(e)
+    });
+    assert!(live.data["districts"].is_array());
     check_http_equals_model(&run.http, &input);
     let topics = match from {
         // The replay clears the riders whose whole shift fell in the first part: they are in the
