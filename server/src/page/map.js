@@ -184,6 +184,26 @@ function formatAsOf(asOf) {
   return new Date(asOf).toISOString().replace('T', ' ').replace('Z', ' UTC');
 }
 
+/** How far behind the input an answer is, from its `as_of` (the time it reflects) and now. */
+function formatBehind(ms) {
+  if (!isFinite(ms)) return '—';
+  if (ms < 1000) return 'under 1 s behind';
+  if (ms < 120000) return Math.round(ms / 1000) + ' s behind';
+  return Math.round(ms / 60000) + ' min behind';
+}
+
+/** One Server-Sent Event block as `{kind, data}`; `null` for a comment or anything else. */
+function parseEvent(block) {
+  let kind = null;
+  let data = '';
+  for (const line of block.split('\n')) {
+    if (line.startsWith('event: ')) kind = line.slice(7);
+    else if (line.startsWith('data: ')) data += line.slice(6);
+  }
+  if (!kind || !data) return null;
+  return { kind, data: JSON.parse(data) };
+}
+
 /** The largest value of `key` among the districts of an answer (0 when none). */
 function maxOf(districts, key) {
   let max = 0;
@@ -286,8 +306,64 @@ function start() {
       return;
     }
     draw(collection);
+    follow();
+  }
+
+  /**
+   * Follows the district feed (`/v1/districts/changes`): a snapshot, then only what changed, as
+   * the engine pushes it. While the feed cannot be had, the page polls `/v1/districts` every
+   * second, and tries the feed again every 5 s.
+   */
+  async function follow() {
+    state.source = 'feed';
+    try {
+      await readFeed();
+    } catch (e) {
+      // Fall through to polling.
+    }
+    state.source = 'poll';
+    const poller = setInterval(refresh, 1000);
     refresh();
-    setInterval(refresh, 1000);
+    setTimeout(() => {
+      clearInterval(poller);
+      follow();
+    }, 5000);
+  }
+
+  /** Reads the feed until it ends or fails, applying every event. */
+  async function readFeed() {
+    const r = await api('/v1/districts/changes');
+    if (!r.ok || !r.body) throw new Error('no feed: ' + r.status);
+    const reader = r.body.getReader();
+    const decoder = new TextDecoder();
+    let buffer = '';
+    for (;;) {
+      const { value, done } = await reader.read();
+      if (done) throw new Error('the feed ended');
+      buffer += decoder.decode(value, { stream: true });
+      let end;
+      while ((end = buffer.indexOf('\n\n')) >= 0) {
+        const block = buffer.slice(0, end);
+        buffer = buffer.slice(end + 2);
+        const event = parseEvent(block);
+        if (event) applyEvent(event.kind, event.data);
+      }
+    }
+  }
+
+  /** One feed event: a snapshot replaces the districts, changes update and remove some. */
+  function applyEvent(kind, body) {
+    state.failingSince = null;
+    if (kind === 'snapshot') {
+      state.byCode = new Map(body.districts.map((d) => [d.code, d]));
+    } else if (kind === 'changes') {
+      for (const d of body.districts) state.byCode.set(d.code, d);
+      for (const code of body.removed) state.byCode.delete(code);
+    } else {
+      return;
+    }
+    const districts = [...state.byCode.values()].sort((a, b) => (a.code < b.code ? -1 : 1));
+    show({ as_of: body.as_of, stale: body.stale, districts });
   }
 
   function draw(collection) {
@@ -419,8 +495,14 @@ function start() {
       setStatus('The engine has no answer yet: ' + (body && body.error ? body.error : r.status), 'wait');
       return;
     }
-    state.latest = body;
     state.byCode = new Map(body.districts.map((d) => [d.code, d]));
+    show(body);
+  }
+
+  /** Shows one state of the districts: colours, the selected district, totals, the status line. */
+  function show(body) {
+    state.latest = body;
+    state.updates = (state.updates || 0) + 1;
     paint();
     showDistrict();
     const unassigned = state.byCode.get('unassigned');
@@ -433,11 +515,13 @@ function start() {
     $('totals').textContent = totals.on + ' riders on shift, ' + totals.delivering + ' delivering, ' +
       totals.waiting + ' waiting deliveries' +
       (unassigned ? ' (' + unassigned.riders_on_shift + ' riders outside every district)' : '');
+    const how = state.source === 'feed' ? 'pushed' : 'polled every second';
+    const behind = formatBehind(Date.now() - body.as_of);
     if (body.stale) {
-      setStatus('as of ' + formatAsOf(body.as_of) + ' — STALE: answered from the changelog while the ' +
-        'engine catches up', 'stale');
+      setStatus('as of ' + formatAsOf(body.as_of) + ' (' + behind + ') — STALE: answered from the ' +
+        'changelog while the engine catches up; ' + how, 'stale');
     } else {
-      setStatus('as of ' + formatAsOf(body.as_of) + ' — live', 'live');
+      setStatus('as of ' + formatAsOf(body.as_of) + ' (' + behind + ') — live, ' + how, 'live');
     }
   }
 
@@ -536,7 +620,7 @@ function esc(s) {
 if (typeof module === 'object' && module.exports) {
   module.exports = {
     MEASURES, EMPTY_FILL, bounds, projection, simplify, pathData, zoomBox, clampBox, fitBox, colourScale, legendStops, formatValue,
-    formatAsOf, maxOf, zeroDistrict, esc,
+    formatAsOf, formatBehind, parseEvent, maxOf, zeroDistrict, esc,
   };
 }
 if (typeof document !== 'undefined') {

@@ -160,3 +160,15 @@ test('fitBox frames the given boxes with a margin and the map aspect ratio', () 
   assert.deepEqual(map.fitBox([], whole), whole);
   assert.deepEqual(map.fitBox([{ x: -10, y: 0, w: 1100, h: 10 }], whole), whole);
 });
+
+test('parseEvent reads one Server-Sent Event and skips comments', () => {
+  const e = map.parseEvent('event: changes\nid: 17\ndata: {"as_of":17,"districts":[],"removed":["x"]}');
+  assert.deepEqual(e, { kind: 'changes', data: { as_of: 17, districts: [], removed: ['x'] } });
+  assert.equal(map.parseEvent(': keep-alive'), null);
+});
+
+test('formatBehind says how far behind the input an answer is', () => {
+  assert.equal(map.formatBehind(300), 'under 1 s behind');
+  assert.equal(map.formatBehind(4_400), '4 s behind');
+  assert.equal(map.formatBehind(600_000), '10 min behind');
+});
