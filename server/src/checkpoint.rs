@@ -228,10 +228,19 @@ impl WriteStatus {
 /// `None` when it cannot.
 pub type CutSource = std::sync::Arc<dyn Fn(Time) -> Option<Published> + Send + Sync>;
 
+/// Says whether a checkpoint may be written now; asked again (every 10 ms, up to
+/// [`HOLD_LIMIT`]) until it may: a checkpoint must not pass input whose outputs could still be lost
+/// (a bad record's dead letter not yet acknowledged).
+pub type Hold = std::sync::Arc<dyn Fn() -> Box<dyn Fn() -> bool + Send> + Send + Sync>;
+
+/// How long a checkpoint waits for its [`Hold`] before it is skipped.
+const HOLD_LIMIT: Duration = Duration::from_secs(10);
+
 /// Writes this process's parts of checkpoints as the workers hand them over.
 pub struct Writer {
     parts: Option<Sender<WorkerPart>>,
     cut: std::sync::Arc<std::sync::OnceLock<CutSource>>,
+    hold: std::sync::Arc<std::sync::OnceLock<Hold>>,
     stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
     thread: Option<JoinHandle<()>>,
     status: WriteStatus,
@@ -261,6 +270,8 @@ impl Writer {
         let flag = stop.clone();
         let cut: std::sync::Arc<std::sync::OnceLock<CutSource>> = Default::default();
         let cuts = cut.clone();
+        let hold: std::sync::Arc<std::sync::OnceLock<Hold>> = Default::default();
+        let holds = hold.clone();
         let thread = std::thread::Builder::new()
             .name("dongflow-checkpoint".into())
             .spawn(move || {
@@ -272,16 +283,22 @@ impl Writer {
                     processes,
                     workers,
                 };
-                write_loop(&rx, &flag, &me, &cuts, &report)
+                write_loop(&rx, &flag, &me, (&cuts, &holds), &report)
             })
             .map_err(io(Path::new("checkpoint thread")))?;
         Ok(Writer {
             parts: Some(tx),
             cut,
+            hold,
             stop,
             thread: Some(thread),
             status,
         })
+    }
+
+    /// Writes each checkpoint only once `hold` says it may (see [`Hold`]).
+    pub fn hold_with(&self, hold: Hold) {
+        let _ = self.hold.set(hold);
     }
 
     /// Records with each checkpoint where `source` says the changelog reflects it.
@@ -329,7 +346,7 @@ fn write_loop(
     rx: &Receiver<WorkerPart>,
     stop: &std::sync::atomic::AtomicBool,
     me: &Process<'_>,
-    cuts: &std::sync::OnceLock<CutSource>,
+    (cuts, holds): (&std::sync::OnceLock<CutSource>, &std::sync::OnceLock<Hold>),
     report: &WriteStatus,
 ) {
     let Process {
@@ -359,6 +376,20 @@ fn write_loop(
         let mut parts = pending.remove(&time).unwrap_or_default();
         // An older time that never completed will not complete any more.
         pending.retain(|t, _| *t > time);
+        if let Some(hold) = holds.get() {
+            let may = hold();
+            let deadline = Instant::now() + HOLD_LIMIT;
+            while !may() && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            if !may() {
+                tracing::warn!(
+                    "checkpoint {time} skipped: dead letters of the input it covers were not \
+                     acknowledged within {HOLD_LIMIT:?}"
+                );
+                continue;
+            }
+        }
         // Asked once every part is here: the changelog has had the longest to catch up.
         let cut = cuts.get().and_then(|source| source(time));
         match write_with_cut(state_dir, process, processes, &mut parts, cut) {

@@ -163,6 +163,14 @@ impl Pipeline {
             HeldKeysSource(Arc::new(move || stale.held_keys()))
         });
         if let Some(writer) = &writer {
+            // A checkpoint passes the offsets of bad records: their dead letters must be
+            // acknowledged first, or a crash would lose them (the restart reads on after them).
+            let dead_letters = producer.clone();
+            writer.hold_with(Arc::new(move || {
+                let sent = dead_letters.dead_letters_sent();
+                let dead_letters = dead_letters.clone();
+                Box::new(move || dead_letters.dead_letters_acknowledged(sent))
+            }));
             // Each checkpoint records where the changelog reflects it, so that a restart's stale
             // view reads only what came after.
             producer.track_changelog();

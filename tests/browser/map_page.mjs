@@ -20,6 +20,7 @@ mkdirSync(ARTIFACTS, { recursive: true });
 
 const DARKEST = '#bd0026';
 const EMPTY = '#eef0f2';
+const ZERO = '#fffdf3';
 
 function check(condition, message) {
   if (!condition) throw new Error('check failed: ' + message);
@@ -97,7 +98,7 @@ const fills = (page) => page.evaluate(() => Object.fromEntries(
   [...window.dongflowMap.paths].map(([code, p]) => [code, p.getAttribute('fill')])));
 
 /** True when the district with the greatest value of the chosen measure has the darkest fill. */
-const colourFollowsCounts = (page) => page.evaluate(({ darkest, empty }) => {
+const colourFollowsCounts = (page) => page.evaluate(({ darkest, empty, zero }) => {
   const s = window.dongflowMap;
   if (!s.latest) return false;
   let top = null;
@@ -105,11 +106,14 @@ const colourFollowsCounts = (page) => page.evaluate(({ darkest, empty }) => {
   if (!top || !(top[s.measure] > 0)) return false;
   for (const [code, path] of s.paths) {
     const d = s.byCode.get(code);
-    const value = d ? d[s.measure] : 0;
-    if ((value > 0) !== (path.getAttribute('fill') !== empty)) return false;
+    const fill = path.getAttribute('fill');
+    // No activity, none of this measure, and some of it each have their own fills.
+    if (!d && fill !== empty) return false;
+    if (d && !(d[s.measure] > 0) && fill !== zero) return false;
+    if (d && d[s.measure] > 0 && (fill === empty || fill === zero)) return false;
   }
   return s.paths.get(top.code).getAttribute('fill') === darkest;
-}, { darkest: DARKEST, empty: EMPTY });
+}, { darkest: DARKEST, empty: EMPTY, zero: ZERO });
 
 async function newPage(browser, options = {}) {
   const context = await browser.newContext(options);
@@ -145,6 +149,16 @@ async function builtInMap(browser) {
     const { page, errors } = await newPage(browser, { viewport: { width: 1280, height: 860 } });
     await load(page, demo.url, n);
     check(await page.locator('#count').textContent() === `${n} districts`, 'the district count is shown');
+    check((await page.locator('#legend').textContent()).includes('no activity'), 'the legend tells no activity apart');
+    // Names where they fit: more of them once zoomed in.
+    const named = () => page.evaluate(() =>
+      [...document.querySelectorAll('#labels text')].filter((t) => t.getAttribute('visibility') === 'visible').length);
+    const namedWhole = await named();
+    await page.click('#zoom-in');
+    await page.click('#zoom-in');
+    const namedZoomed = await named();
+    check(namedZoomed > namedWhole && namedZoomed > 0, `names shown: ${namedWhole} on the whole map, ${namedZoomed} zoomed in`);
+    await page.click('#zoom-all');
 
     // The page follows the district feed: what the engine shows reaches the map within 200 ms
     // (median of 10 samples), without polling.
@@ -247,6 +261,9 @@ async function builtInMap(browser) {
     await phone.page.touchscreen.tap(tx, ty);
     await eventually('the tapped district in the panel', async () =>
       (await phone.page.locator('#district h2').textContent()).includes(busy.name));
+    const sheet = await phone.page.locator('#district').boundingBox();
+    check(sheet && sheet.y >= 0 && sheet.y + sheet.height <= 844 + 1,
+      `the tapped district's figures are in view without scrolling: ${JSON.stringify(sheet)}`);
     await phone.page.screenshot({ path: join(ARTIFACTS, 'map-phone.png'), fullPage: true });
     check(phone.errors.length === 0, 'phone console errors: ' + phone.errors.join('; '));
 

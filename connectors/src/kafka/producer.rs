@@ -61,6 +61,40 @@ pub struct Counting {
     metrics: Arc<KafkaMetrics>,
     quiet: Quiet,
     landed: Landed,
+    dead_letters: DeadLetters,
+}
+
+/// The dead letters sent and not yet acknowledged, by sequence number: a checkpoint must not pass
+/// a bad record whose dead letter could still be lost ([`Producer::dead_letters_sent`]).
+#[derive(Debug, Default)]
+struct DeadLetters {
+    /// The next sequence number.
+    next: std::sync::atomic::AtomicU64,
+    /// Sent, not yet acknowledged (delivered or refused for good).
+    pending: Mutex<std::collections::BTreeSet<u64>>,
+}
+
+impl DeadLetters {
+    fn sent(&self) -> u64 {
+        let mut pending = self.pending.lock().unwrap_or_else(|e| e.into_inner());
+        let seq = self.next.fetch_add(1, Ordering::AcqRel);
+        pending.insert(seq);
+        seq
+    }
+
+    fn acknowledged(&self, seq: u64) {
+        let mut pending = self.pending.lock().unwrap_or_else(|e| e.into_inner());
+        pending.remove(&seq);
+    }
+
+    /// Every dead letter before this sequence number is acknowledged.
+    fn acknowledged_before(&self) -> u64 {
+        let pending = self.pending.lock().unwrap_or_else(|e| e.into_inner());
+        pending
+            .first()
+            .copied()
+            .unwrap_or_else(|| self.next.load(Ordering::Acquire))
+    }
 }
 
 /// The record header that carries a changelog tombstone's `as_of` (a value carries it in its JSON).
@@ -117,6 +151,10 @@ impl ProducerContext for Counting {
 
     fn delivery(&self, result: &DeliveryResult<'_>, opaque: usize) {
         let kind = OutputKind::from_index(opaque & 3);
+        if kind == OutputKind::DeadLetter {
+            // Delivered or refused for good: either way nothing more will come of it.
+            self.dead_letters.acknowledged((opaque >> 2) as u64);
+        }
         match result {
             Ok(message) => {
                 if kind != OutputKind::DeadLetter {
@@ -204,6 +242,7 @@ impl Producer {
                 metrics: metrics.clone(),
                 quiet: Quiet::default(),
                 landed: Landed::default(),
+                dead_letters: DeadLetters::default(),
             })?;
         Ok(Self { inner, metrics })
     }
@@ -231,6 +270,22 @@ impl Producer {
             })
         });
         self.send_with(kind, topic, Some(key), value, headers, as_of);
+    }
+
+    /// How many dead letters have been sent so far (a sequence number for
+    /// [`Producer::dead_letters_acknowledged`]).
+    pub fn dead_letters_sent(&self) -> u64 {
+        self.inner
+            .context()
+            .dead_letters
+            .next
+            .load(Ordering::Acquire)
+    }
+
+    /// Whether every one of the first `sent` dead letters has been acknowledged by the broker
+    /// (delivered, or refused for good and counted).
+    pub fn dead_letters_acknowledged(&self, sent: u64) -> bool {
+        self.inner.context().dead_letters.acknowledged_before() >= sent
     }
 
     /// Starts noting where changelog records land, for [`Producer::changelog_cut`].
@@ -292,7 +347,8 @@ impl Producer {
                 key: "source_offset",
                 value: Some(&offset),
             });
-        self.send_with(OutputKind::DeadLetter, topic, key, value, Some(h), 0);
+        let seq = self.inner.context().dead_letters.sent();
+        self.send_with(OutputKind::DeadLetter, topic, key, value, Some(h), seq);
     }
 
     fn send_with(
@@ -338,6 +394,10 @@ impl Producer {
                 Err((e, _)) => {
                     self.metrics.failed[kind as usize].fetch_add(1, Ordering::Relaxed);
                     tracing::error!(topic, output = kind.label(), "cannot send a record: {e}");
+                    if kind == OutputKind::DeadLetter {
+                        // Never sent: counted as failed, and not waited for.
+                        self.inner.context().dead_letters.acknowledged(as_of);
+                    }
                     return;
                 }
             }
@@ -430,6 +490,32 @@ mod tests {
             metrics.delivered[OutputKind::RiderChangelog as usize].load(Ordering::Relaxed),
             0
         );
+    }
+
+    /// A dead letter counts as acknowledged only once the broker has it.
+    #[test]
+    fn dead_letters_are_waited_for_until_acknowledged() {
+        let broker = EmbeddedBroker::start(&[TopicSpec::new("dlq", 1)]).expect("mock cluster");
+        let producer = Producer::new(
+            &broker.bootstrap().as_str().into(),
+            Arc::new(KafkaMetrics::default()),
+        )
+        .expect("producer");
+        assert!(producer.dead_letters_acknowledged(producer.dead_letters_sent()));
+        let headers = DeadLetterHeaders {
+            error: "malformed JSON",
+            reason: "malformed_json",
+            source_topic: "riders",
+            source_partition: 0,
+            source_offset: 7,
+        };
+        producer.dead_letter("dlq", None, Some(b"{"), &headers);
+        let sent = producer.dead_letters_sent();
+        assert_eq!(sent, 1);
+        // Still lingering in the producer (100 ms): not acknowledged.
+        assert!(!producer.dead_letters_acknowledged(sent));
+        producer.flush(Duration::from_secs(10)).expect("delivered");
+        assert!(producer.dead_letters_acknowledged(sent));
     }
 
     /// A cut at time `T` is the first offset of a later time, or the end of what was delivered;

@@ -1,5 +1,6 @@
 // The live map page: draws /v1/districts.geojson as SVG, fills each district by a chosen measure from
-// /v1/districts (refreshed every second), shows a district's counts on hover or tap, and finds a rider.
+// the district feed (or /v1/districts, polled, without it), shows a district's counts on hover or
+// tap, names districts where they fit, and finds a rider.
 //
 // The pure parts (projection, simplification, path strings, colour scale, formatting) are exported for
 // node's test runner (map.test.js); the browser part starts only where there is a document.
@@ -136,18 +137,21 @@ function fitBox(boxes, whole) {
 
 /** Fill of a district with no activity at all (or with no answer yet). */
 const EMPTY_FILL = '#eef0f2';
+/** A district with activity, but none of the chosen measure: not the same as no activity at all. */
+const ZERO_FILL = '#fffdf3';
 /** The sequential scale's two ends: pale yellow to deep red, readable on screens and in grey print. */
 const LOW = [255, 237, 160];
 const HIGH = [189, 0, 38];
 
 /**
- * A colour scale for values in [0, max]: 0 is the neutral empty fill, anything above 0 runs from LOW to
- * HIGH on a square-root curve (counts are skewed: a few busy districts would flatten a linear scale).
+ * A colour scale for values in [0, max]: 0 is its own pale fill (a district with no activity at all is
+ * EMPTY_FILL, chosen by the caller), anything above 0 runs from LOW to HIGH on a square-root curve
+ * (counts are skewed: a few busy districts would flatten a linear scale).
  */
 function colourScale(max) {
   const top = max > 0 ? max : 1;
   return (value) => {
-    if (!(value > 0)) return EMPTY_FILL;
+    if (!(value > 0)) return ZERO_FILL;
     const t = Math.sqrt(Math.min(value, top) / top);
     return rgb(mix(LOW, HIGH, t));
   };
@@ -161,15 +165,34 @@ function rgb([r, g, b]) {
   return '#' + [r, g, b].map((v) => v.toString(16).padStart(2, '0')).join('');
 }
 
-/** Legend stops for `max`: [value, colour] pairs from 0 to max. */
-function legendStops(max, count) {
+/**
+ * Legend stops for `max`: [value, colour] pairs, 0 first, then values spaced evenly in colour (not in
+ * value: on the square-root scale even value steps would skip the pale colours most districts have).
+ * Each colour is the one a district with that value is filled with; `integer` rounds the values (counts)
+ * and drops repeats.
+ */
+function legendStops(max, count, integer = false) {
   const scale = colourScale(max);
-  const stops = [];
-  for (let i = 0; i < count; i++) {
-    const value = count === 1 ? max : (max * i) / (count - 1);
+  const stops = [[0, scale(0)]];
+  for (let i = 1; i < count; i++) {
+    const t = i / (count - 1);
+    let value = max * t * t;
+    if (integer) value = Math.max(1, Math.round(value));
+    if (!(max > 0) || stops.some(([v]) => v === value)) continue;
     stops.push([value, scale(value)]);
   }
   return stops;
+}
+
+/** `n thing` or `n things`. */
+function plural(n, one, many = one + 's') {
+  return n + ' ' + (n === 1 ? one : many);
+}
+
+/** The short name of a district for its label: the last part of its full name (the dong). */
+function shortName(name) {
+  const parts = String(name).split(' ');
+  return parts[parts.length - 1];
 }
 
 /** A measure's value for display: counts as integers, pressure with two decimals. */
@@ -235,6 +258,7 @@ function start() {
     highlighted: null, // code of the searched rider's district
     failingSince: null,
     proj: null,
+    labels: new Map(), // code -> its <text> and the district's size in map units
   };
   window.dongflowMap = state; // for the browser test and for curious operators
 
@@ -388,6 +412,20 @@ function start() {
       state.paths.set(code, path);
     }
     svg.appendChild(group);
+    // Names, shown where they fit at the current zoom (see showLabels).
+    const labels = document.createElementNS(svgNS, 'g');
+    labels.setAttribute('id', 'labels');
+    for (const [code, path] of state.paths) {
+      const b = path.getBBox();
+      const text = document.createElementNS(svgNS, 'text');
+      text.setAttribute('x', (b.x + b.width / 2).toFixed(1));
+      text.setAttribute('y', (b.y + b.height / 2).toFixed(1));
+      text.setAttribute('class', 'label');
+      text.textContent = shortName(state.names.get(code));
+      labels.appendChild(text);
+      state.labels.set(code, { text, width: b.width, height: b.height, chars: text.textContent.length });
+    }
+    svg.appendChild(labels);
     state.whole = { x: 0, y: 0, w: proj.width, h: proj.height };
     state.view = { ...state.whole };
     enableZoom(svg);
@@ -405,12 +443,29 @@ function start() {
       const code = e.target.dataset && e.target.dataset.code;
       if (code) selectDistrict(code);
     });
-    $('count').textContent = collection.features.length + ' districts';
+    $('count').textContent = plural(collection.features.length, 'district');
+    showLabels();
+    window.addEventListener('resize', showLabels);
   }
 
   function setView(box) {
     state.view = box;
     $('map').setAttribute('viewBox', [box.x, box.y, box.w, box.h].map((v) => v.toFixed(2)).join(' '));
+    showLabels();
+  }
+
+  /** Shows a district's name where it fits inside the district at the current zoom, at 11 px. */
+  function showLabels() {
+    const shown = $('map').getBoundingClientRect().width;
+    if (!(shown > 0) || !state.view) return;
+    const px = shown / state.view.w; // screen pixels per map unit
+    const size = 11 / px;
+    for (const { text, width, height, chars } of state.labels.values()) {
+      // Hangul is about as wide as it is tall.
+      const fits = width * px >= chars * 11 + 4 && height * px >= 14;
+      text.setAttribute('visibility', fits ? 'visible' : 'hidden');
+      if (fits) text.setAttribute('font-size', size.toFixed(3));
+    }
   }
 
   /** Wheel zooms around the pointer, a drag pans, the buttons zoom, show all, or fit the activity. */
@@ -465,6 +520,8 @@ function start() {
       path.classList.add('selected');
       path.parentNode.appendChild(path); // on top, so its outline shows whole
     }
+    // On a phone the panel is a sheet over the bottom of the screen once a district is picked.
+    $('district').classList.add('picked');
     showDistrict();
   }
 
@@ -512,9 +569,9 @@ function start() {
       t.waiting += d.waiting_deliveries;
       return t;
     }, { on: 0, delivering: 0, waiting: 0 });
-    $('totals').textContent = totals.on + ' riders on shift, ' + totals.delivering + ' delivering, ' +
-      totals.waiting + ' waiting deliveries' +
-      (unassigned ? ' (' + unassigned.riders_on_shift + ' riders outside every district)' : '');
+    $('totals').textContent = plural(totals.on, 'rider') + ' on shift, ' + totals.delivering + ' delivering, ' +
+      plural(totals.waiting, 'waiting delivery', 'waiting deliveries') +
+      (unassigned ? ' (' + plural(unassigned.riders_on_shift, 'rider') + ' outside every district)' : '');
     const how = state.source === 'feed' ? 'pushed' : 'polled every second';
     const behind = formatBehind(Date.now() - body.as_of);
     if (body.stale) {
@@ -532,7 +589,8 @@ function start() {
     const scale = colourScale(max);
     for (const [code, path] of state.paths) {
       const d = state.byCode.get(code);
-      const fill = scale(d ? d[key] : 0);
+      // No activity at all is told apart from none of this measure.
+      const fill = d ? scale(d[key]) : EMPTY_FILL;
       // Only changed fills are written: the page repaints in place, without flicker.
       if (path.getAttribute('fill') !== fill) path.setAttribute('fill', fill);
     }
@@ -540,11 +598,11 @@ function start() {
   }
 
   function drawLegend(key, max) {
-    const stops = legendStops(max, 6);
+    const stops = legendStops(max, 6, key !== 'pressure');
     const label = MEASURES.find((m) => m.key === key).label;
-    $('legend').innerHTML = '<span class="legend-title">' + esc(label) + '</span>' + stops.map(([v, c]) =>
-      '<span class="stop"><i style="background:' + c + '"></i>' + formatValue(key, key === 'pressure' ? v :
-        Math.round(v)) + '</span>').join('');
+    const swatch = (colour, text) => '<span class="stop"><i style="background:' + colour + '"></i>' + text + '</span>';
+    $('legend').innerHTML = '<span class="legend-title">' + esc(label) + '</span>' + swatch(EMPTY_FILL, 'no activity') +
+      stops.map(([v, c]) => swatch(c, formatValue(key, v))).join('');
   }
 
   async function findRider(id) {
@@ -619,7 +677,7 @@ function esc(s) {
 
 if (typeof module === 'object' && module.exports) {
   module.exports = {
-    MEASURES, EMPTY_FILL, bounds, projection, simplify, pathData, zoomBox, clampBox, fitBox, colourScale, legendStops, formatValue,
+    MEASURES, EMPTY_FILL, ZERO_FILL, plural, shortName, bounds, projection, simplify, pathData, zoomBox, clampBox, fitBox, colourScale, legendStops, formatValue,
     formatAsOf, formatBehind, parseEvent, maxOf, zeroDistrict, esc,
   };
 }

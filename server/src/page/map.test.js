@@ -85,11 +85,12 @@ const lightness = (hex) => {
   return 0.2126 * r + 0.7152 * g + 0.0722 * b;
 };
 
-test('the colour scale is neutral at zero and darkens monotonically up to the maximum', () => {
+test('the colour scale has its own fill for zero and darkens monotonically up to the maximum', () => {
   const scale = map.colourScale(40);
-  assert.equal(scale(0), map.EMPTY_FILL);
-  assert.equal(scale(undefined), map.EMPTY_FILL);
-  assert.notEqual(scale(1), map.EMPTY_FILL);
+  assert.equal(scale(0), map.ZERO_FILL);
+  assert.equal(scale(undefined), map.ZERO_FILL);
+  assert.notEqual(map.ZERO_FILL, map.EMPTY_FILL, 'zero of a measure is not no activity');
+  assert.notEqual(scale(1), map.ZERO_FILL);
   let last = Infinity;
   for (let v = 1; v <= 40; v++) {
     const l = lightness(scale(v));
@@ -103,16 +104,29 @@ test('the colour scale is neutral at zero and darkens monotonically up to the ma
 
 test('a scale whose maximum is zero still colours positive values', () => {
   const scale = map.colourScale(0);
-  assert.equal(scale(0), map.EMPTY_FILL);
+  assert.equal(scale(0), map.ZERO_FILL);
   assert.equal(scale(1), '#bd0026');
 });
 
-test('legend stops run from 0 to the maximum with the scale colours', () => {
-  const stops = map.legendStops(10, 6);
-  assert.equal(stops.length, 6);
-  assert.deepEqual(stops.map(([v]) => v), [0, 2, 4, 6, 8, 10]);
-  assert.equal(stops[0][1], map.EMPTY_FILL);
-  assert.equal(stops[5][1], map.colourScale(10)(10));
+test('legend stops are spaced in colour, and each is the colour its value is filled with', () => {
+  const scale = map.colourScale(100);
+  const stops = map.legendStops(100, 6, true);
+  assert.deepEqual(stops.map(([v]) => v), [0, 4, 16, 36, 64, 100]);
+  for (const [v, c] of stops) assert.equal(c, scale(v), `the swatch of ${v}`);
+  // Evenly spaced in lightness, so the pale colours most districts have are in the legend.
+  const l = stops.slice(1).map(([, c]) => lightness(c));
+  const steps = l.slice(1).map((x, i) => l[i] - x);
+  assert.ok(Math.max(...steps) < 2.5 * Math.min(...steps), `uneven steps ${steps}`);
+  // Small counts: whole numbers, no repeats.
+  assert.deepEqual(map.legendStops(3, 6, true).map(([v]) => v), [0, 1, 2, 3]);
+  assert.deepEqual(map.legendStops(0, 6, true), [[0, map.ZERO_FILL]]);
+});
+
+test('plurals and short names read right', () => {
+  assert.equal(map.plural(1, 'rider'), '1 rider');
+  assert.equal(map.plural(2, 'rider'), '2 riders');
+  assert.equal(map.plural(0, 'waiting delivery', 'waiting deliveries'), '0 waiting deliveries');
+  assert.equal(map.shortName('서울특별시 강남구 역삼1동'), '역삼1동');
 });
 
 test('values and times are formatted for people', () => {
