@@ -87,3 +87,63 @@ impl Feed {
         }
     }
 }
+
+/// Many feed connections read by one client thread (a tokio runtime of one thread, at the lowest
+/// priority: the clients stand in for other machines, and a thread per client would outweigh the
+/// engine's own threads on a small machine). Counts each connection's events.
+pub struct ManyFeeds {
+    pub events: Vec<std::sync::Arc<std::sync::atomic::AtomicU64>>,
+}
+
+impl ManyFeeds {
+    pub fn open(addr: std::net::SocketAddr, path: &str, clients: usize) -> ManyFeeds {
+        use std::sync::atomic::{AtomicU64, Ordering};
+        use std::sync::Arc;
+        let events: Vec<Arc<AtomicU64>> = (0..clients).map(|_| Arc::default()).collect();
+        let counters = events.clone();
+        let request = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\n\r\n");
+        let (opened_tx, opened_rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let tid = rustix::thread::gettid();
+            let _ = rustix::process::setpriority_process(Some(tid), 19);
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("a client runtime");
+            runtime.block_on(async move {
+                use tokio::io::{AsyncReadExt, AsyncWriteExt};
+                let mut tasks = Vec::new();
+                for counter in counters {
+                    let mut stream = tokio::net::TcpStream::connect(addr)
+                        .await
+                        .expect("connects");
+                    stream.write_all(request.as_bytes()).await.expect("asks");
+                    tasks.push(tokio::spawn(async move {
+                        let mut buf = vec![0u8; 64 * 1024];
+                        // The end of the last read, for an `event: ` split between two reads.
+                        let mut tail: Vec<u8> = Vec::new();
+                        loop {
+                            let n = match stream.read(&mut buf).await {
+                                Ok(0) | Err(_) => return,
+                                Ok(n) => n,
+                            };
+                            tail.extend_from_slice(&buf[..n]);
+                            let found = tail.windows(7).filter(|w| w == b"event: ").count();
+                            counter.fetch_add(found as u64, Ordering::Relaxed);
+                            let keep = tail.len().saturating_sub(6);
+                            tail.drain(..keep);
+                        }
+                    }));
+                }
+                let _ = opened_tx.send(());
+                for t in tasks {
+                    let _ = t.await;
+                }
+            });
+        });
+        opened_rx
+            .recv_timeout(Duration::from_secs(60))
+            .expect("every client connected");
+        ManyFeeds { events }
+    }
+}

@@ -12,12 +12,14 @@
 //!   connection (a view behind what was sent is waited for).
 //! - **Resumption.** `Last-Event-ID: AS_OF` resumes with the changes after it when the view holds
 //!   them, else starts with a snapshot.
+//! - **Paced.** At most one event per 20 ms per feed; versions in between are folded into the
+//!   next event. Feed tasks run on a runtime thread of their own, beside the one answering queries.
 //! - A comment line every 15 s keeps an idle connection open through proxies.
 
 use std::convert::Infallible;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -38,6 +40,11 @@ use crate::Query;
 
 /// How often an idle feed sends a comment line.
 const KEEP_ALIVE: Duration = Duration::from_secs(15);
+/// The least time between two events of one feed: versions in between are folded into the next
+/// event (each key's latest value), so a feed costs the engine at most 50 events a second however
+/// fast versions come, and a change still reaches a client within a few tens of milliseconds.
+const PACE: Duration = Duration::from_millis(20);
+
 /// How often a waiting feed looks again whether another view should answer (the live state became
 /// ready), besides every new version.
 const RECHECK: Duration = Duration::from_secs(1);
@@ -65,6 +72,19 @@ pub struct FeedMetrics {
     /// Snapshots sent because the view no longer held what a client had not read.
     pub resnapshots: AtomicU64,
 }
+
+/// The district feed's last events, rendered once for every client at the same place: clients
+/// that keep up ask for the same event, and it is rendered once, not once per client.
+#[derive(Debug, Default)]
+pub struct Rendered {
+    /// `(stale, as_of)` and the snapshot event.
+    snapshot: Mutex<Option<((bool, Time), Bytes)>>,
+    /// `(stale, from, to)` and the changes event of the versions after `from` up to `to`.
+    changes: Mutex<Option<(ChangesKey, Option<Bytes>)>>,
+}
+
+/// Which changes event: from the stale view or not, after which `as_of`, up to which.
+type ChangesKey = (bool, Time, Time);
 
 /// The body of a feed response: the events its task writes, one at a time.
 pub struct FeedBody(tokio::sync::mpsc::Receiver<Bytes>);
@@ -104,7 +124,12 @@ pub fn respond(app: &Arc<App>, of: FeedOf, last_event_id: Option<Time>) -> Respo
     // One event waits at most: a slow client holds back its own task, nothing else.
     let (tx, rx) = tokio::sync::mpsc::channel(1);
     let app = app.clone();
-    tokio::spawn(async move {
+    let runtime = app
+        .feed_runtime
+        .get()
+        .cloned()
+        .unwrap_or_else(tokio::runtime::Handle::current);
+    runtime.spawn(async move {
         app.feeds.open.fetch_add(1, Ordering::Relaxed);
         run(&app, &of, last_event_id, &tx).await;
         app.feeds.open.fetch_sub(1, Ordering::Relaxed);
@@ -147,6 +172,7 @@ async fn run(
                     return;
                 }
                 quiet_since = tokio::time::Instant::now();
+                tokio::time::sleep_until(quiet_since + PACE).await;
                 continue;
             }
         }
@@ -217,18 +243,41 @@ fn next_event(
             .folded
             .fetch_add(versions.len() as u64 - 1, Ordering::Relaxed);
     }
-    let folded = match versions.len() {
-        1 => None,
-        _ => Some(Version::fold(&versions)),
-    };
-    let version = folded.as_ref().unwrap_or(&versions[0]);
     *sent = Some(Position {
         source,
         as_of: last,
     });
-    let data = changes(app, of, version, source == Source::Stale)?;
+    let stale = source == Source::Stale;
+    let render = || {
+        let folded = match versions.len() {
+            1 => None,
+            _ => Some(Version::fold(&versions)),
+        };
+        let version = folded.as_ref().unwrap_or(&versions[0]);
+        let data = changes(app, of, version, stale)?;
+        Some(event("changes", last, &data))
+    };
+    let rendered = match of {
+        FeedOf::Districts => {
+            let key = (stale, position.as_of, last);
+            let mut cache = app
+                .feed_events
+                .changes
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
+            match cache.as_ref().filter(|(k, _)| *k == key) {
+                Some((_, event)) => event.clone(),
+                None => {
+                    let event = render();
+                    *cache = Some((key, event.clone()));
+                    event
+                }
+            }
+        }
+        FeedOf::Rider(_) => render(),
+    }?;
     app.feeds.changes.fetch_add(1, Ordering::Relaxed);
-    Some(event("changes", last, &data))
+    Some(rendered)
 }
 
 /// The snapshot event of `view` now.
@@ -243,6 +292,22 @@ fn snapshot(
         FeedOf::Districts => Query::Districts,
         FeedOf::Rider(id) => Query::Rider(id.clone()),
     };
+    let key = (view.stale(), view.as_of());
+    if let FeedOf::Districts = of {
+        let cache = app
+            .feed_events
+            .snapshot
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        if let Some((_, event)) = cache.as_ref().filter(|(k, _)| *k == key) {
+            *sent = Some(Position {
+                source,
+                as_of: key.1,
+            });
+            app.feeds.snapshots.fetch_add(1, Ordering::Relaxed);
+            return Some(event.clone());
+        }
+    }
     let answer = view.answer(&query)?;
     let data = match (&answer.body, of) {
         (AnswerBody::Districts(counts), _) => serde_json::to_vec(&DistrictsView::new(
@@ -262,7 +327,15 @@ fn snapshot(
         as_of: answer.as_of,
     });
     app.feeds.snapshots.fetch_add(1, Ordering::Relaxed);
-    Some(event("snapshot", answer.as_of, &data))
+    let event = event("snapshot", answer.as_of, &data);
+    if let FeedOf::Districts = of {
+        let key = (answer.stale, answer.as_of);
+        *app.feed_events
+            .snapshot
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = Some((key, event.clone()));
+    }
+    Some(event)
 }
 
 /// A rider as a feed shows it: its snapshot, or that it is gone.

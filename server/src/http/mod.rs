@@ -69,6 +69,10 @@ pub struct App {
     stale: Option<Arc<StaleView>>,
     checkpoints: Option<WriteStatus>,
     feeds: feed::FeedMetrics,
+    feed_events: feed::Rendered,
+    /// Where feed tasks run: a runtime of their own, so that a thousand feeds waking at each
+    /// version do not queue ahead of a point query (set by [`HttpServer`]; else the caller's).
+    feed_runtime: std::sync::OnceLock<tokio::runtime::Handle>,
 }
 
 /// A response body: a whole answer, or a push feed's events as they come.
@@ -94,6 +98,8 @@ impl App {
             stale: None,
             checkpoints: None,
             feeds: feed::FeedMetrics::default(),
+            feed_events: feed::Rendered::default(),
+            feed_runtime: std::sync::OnceLock::new(),
         })
     }
 
@@ -119,6 +125,8 @@ impl App {
             stale,
             checkpoints,
             feeds: feed::FeedMetrics::default(),
+            feed_events: feed::Rendered::default(),
+            feed_runtime: std::sync::OnceLock::new(),
         })
     }
 }
@@ -173,6 +181,14 @@ pub async fn serve(
         let (app, tokens, acceptor) = (app.clone(), security.tokens.clone(), acceptor.clone());
         tokio::spawn(async move {
             let Some(acceptor) = acceptor else {
+                // A plain connection that asks for a feed is served on the feeds' runtime: its
+                // events are written there, not among the answers to point queries.
+                if let Some(feeds) = app.feed_runtime.get().cloned() {
+                    if asks_for_a_feed(&stream).await {
+                        feeds.spawn(connection(stream, app, tokens));
+                        return;
+                    }
+                }
                 return connection(stream, app, tokens).await;
             };
             match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
@@ -182,6 +198,27 @@ pub async fn serve(
             }
         });
     }
+}
+
+/// Whether a plain connection's first request is for a push feed (`GET /v1/.../changes`), read
+/// without taking it from the connection. A client that sends nothing within the header timeout
+/// is left to the server's own handling of it.
+async fn asks_for_a_feed(stream: &tokio::net::TcpStream) -> bool {
+    let mut buf = [0u8; 256];
+    let peeked = tokio::time::timeout(Duration::from_secs(10), stream.peek(&mut buf)).await;
+    let Ok(Ok(n)) = peeked else {
+        return false;
+    };
+    let line = &buf[..n];
+    let Some(rest) = line.strip_prefix(b"GET ") else {
+        return false;
+    };
+    let path_end = rest
+        .iter()
+        .position(|b| *b == b' ' || *b == b'?')
+        .unwrap_or(rest.len());
+    let path = &rest[..path_end];
+    path.starts_with(b"/v1/") && path.ends_with(b"/changes")
 }
 
 /// Serves the requests of one connection, plain or TLS.
@@ -660,6 +697,14 @@ impl HttpServer {
             .thread_name("dongflow-http")
             .enable_all()
             .build()?;
+        let feeds = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .thread_name("dongflow-feeds")
+            // Pushing changes is background work beside a point query, as the workers are.
+            .on_thread_start(crate::engine::yield_to_queries)
+            .enable_all()
+            .build()?;
+        let _ = app.feed_runtime.set(feeds.handle().clone());
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
         if let Some(tokens) = &security.tokens {
             // Registered here, before the server answers, so that a SIGHUP from then on re-reads
@@ -684,8 +729,9 @@ impl HttpServer {
                         Err(e) => tracing::error!("cannot serve HTTP: {e}"),
                     }
                 });
-                // Requests still running get a moment to finish.
+                // Requests still running get a moment to finish; feeds end with their clients.
                 runtime.shutdown_timeout(Duration::from_secs(2));
+                feeds.shutdown_timeout(Duration::from_millis(100));
             })?;
         Ok(Self {
             addr,
