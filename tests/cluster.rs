@@ -99,6 +99,12 @@ fn every_key_answers_alike_from_every_process() {
         .http_status_as_error(false)
         .build()
         .into();
+    // A district feed on each process, followed through every round.
+    let feeds: Vec<common::sse::Feed> = urls
+        .iter()
+        .map(|u| common::sse::Feed::open(u, "/v1/districts/changes", None))
+        .collect();
+    let mut fed: Vec<common::sse::Districts> = feeds.iter().map(|_| Default::default()).collect();
     let mut scenario = Scenario::new(5, &index, 20, 40);
     let mut model = Model::default();
     for round in 0..4 {
@@ -129,6 +135,15 @@ fn every_key_answers_alike_from_every_process() {
             .map(|u| without_as_of(get(&agent, &format!("{u}/v1/districts")).1))
             .collect();
         assert_eq!(answers[0], answers[1], "round {round}");
+        // Each process's feed, applied to its first snapshot, is its plain answer.
+        for ((feed, state), url) in feeds.iter().zip(&mut fed).zip(&urls) {
+            common::sse::follow_until_plain(feed, state, &common::Client::at(url.clone()));
+            assert_eq!(
+                state.by_code,
+                common::sse::by_code(&answers[0]["districts"]),
+                "the feed of {url}, round {round}"
+            );
+        }
         let codes: Vec<&str> = answers[0]["districts"]
             .as_array()
             .expect("districts")

@@ -6,81 +6,13 @@
 
 mod common;
 
-use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
-use common::sse::{Event, Feed};
+use common::sse::{follow_until_plain, Districts, Feed};
 use common::{builtin, serve, Client, Harness, Scenario};
 use dongflow::EngineConfig;
 use dongflow_connectors::simulator::SimEvent;
 use serde_json::Value;
-
-/// The districts a client holds from a district feed.
-#[derive(Debug, Default)]
-struct Districts {
-    as_of: u64,
-    by_code: BTreeMap<String, Value>,
-}
-
-impl Districts {
-    /// Applies one event; checks `id` is its `as_of` and `as_of` never goes back.
-    fn apply(&mut self, e: &Event) {
-        let as_of = e.data["as_of"].as_u64().expect("as_of");
-        assert_eq!(e.id, Some(as_of), "id: is the as_of");
-        assert!(
-            as_of >= self.as_of,
-            "as_of went back: {} after {}",
-            as_of,
-            self.as_of
-        );
-        self.as_of = as_of;
-        match e.kind.as_str() {
-            "snapshot" => self.by_code = by_code(&e.data["districts"]),
-            "changes" => {
-                self.by_code.extend(by_code(&e.data["districts"]));
-                for code in e.data["removed"].as_array().expect("removed") {
-                    let code = code.as_str().expect("a code");
-                    assert!(
-                        self.by_code.remove(code).is_some(),
-                        "{code} removed, not held"
-                    );
-                }
-            }
-            other => panic!("event {other}"),
-        }
-    }
-}
-
-fn by_code(list: &Value) -> BTreeMap<String, Value> {
-    list.as_array()
-        .expect("a list")
-        .iter()
-        .map(|d| (d["code"].as_str().expect("code").to_owned(), d.clone()))
-        .collect()
-}
-
-/// Reads events into `state` until it equals the plain answer (which stays put once the input
-/// stops); returns how many events that took.
-fn follow_until_plain(feed: &Feed, state: &mut Districts, client: &Client) -> usize {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let mut n = 0;
-    loop {
-        let (_, plain) = client.json("/v1/districts");
-        if by_code(&plain["districts"]) == state.by_code {
-            assert!(state.as_of <= plain["as_of"].as_u64().expect("as_of"));
-            return n;
-        }
-        assert!(Instant::now() < deadline, "the feed never reached {plain}");
-        match feed.events.recv_timeout(Duration::from_millis(200)) {
-            Ok(e) if e.kind == "comment" => {}
-            Ok(e) => {
-                state.apply(&e);
-                n += 1;
-            }
-            Err(_) => {}
-        }
-    }
-}
 
 fn events(scenario: &mut Scenario, n: usize) -> Vec<SimEvent> {
     (0..n).map(|_| scenario.next_event()).collect()

@@ -1,8 +1,11 @@
 //! A Server-Sent Events client for the push feeds' tests: a thread reads a feed's events as they
 //! come, one at a time.
 
+use std::collections::BTreeMap;
 use std::io::BufRead;
-use std::time::Duration;
+use std::time::{Duration, Instant};
+
+use super::Client;
 
 use serde_json::Value;
 
@@ -145,5 +148,72 @@ impl ManyFeeds {
             .recv_timeout(Duration::from_secs(60))
             .expect("every client connected");
         ManyFeeds { events }
+    }
+}
+
+/// The districts a client holds from a district feed.
+#[derive(Debug, Default)]
+pub struct Districts {
+    pub as_of: u64,
+    pub by_code: BTreeMap<String, Value>,
+}
+
+impl Districts {
+    /// Applies one event; checks `id` is its `as_of` and `as_of` never goes back.
+    pub fn apply(&mut self, e: &Event) {
+        let as_of = e.data["as_of"].as_u64().expect("as_of");
+        assert_eq!(e.id, Some(as_of), "id: is the as_of");
+        assert!(
+            as_of >= self.as_of,
+            "as_of went back: {} after {}",
+            as_of,
+            self.as_of
+        );
+        self.as_of = as_of;
+        match e.kind.as_str() {
+            "snapshot" => self.by_code = by_code(&e.data["districts"]),
+            "changes" => {
+                self.by_code.extend(by_code(&e.data["districts"]));
+                for code in e.data["removed"].as_array().expect("removed") {
+                    let code = code.as_str().expect("a code");
+                    assert!(
+                        self.by_code.remove(code).is_some(),
+                        "{code} removed, not held"
+                    );
+                }
+            }
+            other => panic!("event {other}"),
+        }
+    }
+}
+
+pub fn by_code(list: &Value) -> BTreeMap<String, Value> {
+    list.as_array()
+        .expect("a list")
+        .iter()
+        .map(|d| (d["code"].as_str().expect("code").to_owned(), d.clone()))
+        .collect()
+}
+
+/// Reads events into `state` until it equals the plain answer (which stays put once the input
+/// stops); returns how many events that took.
+pub fn follow_until_plain(feed: &Feed, state: &mut Districts, client: &Client) -> usize {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut n = 0;
+    loop {
+        let (_, plain) = client.json("/v1/districts");
+        if by_code(&plain["districts"]) == state.by_code {
+            assert!(state.as_of <= plain["as_of"].as_u64().expect("as_of"));
+            return n;
+        }
+        assert!(Instant::now() < deadline, "the feed never reached {plain}");
+        match feed.events.recv_timeout(Duration::from_millis(200)) {
+            Ok(e) if e.kind == "comment" => {}
+            Ok(e) => {
+                state.apply(&e);
+                n += 1;
+            }
+            Err(_) => {}
+        }
     }
 }
