@@ -76,7 +76,11 @@ fn main() {
     let load = started.elapsed();
     // What a restarting process answers (stale) first: the stale view seeded from the checkpoint.
     let view = ServingView::new_stale();
-    view.advance(seed_changes(&restored), restored.time);
+    let seeding = Instant::now();
+    let changes = seed_changes(&restored);
+    let seed = seeding.elapsed();
+    view.advance(changes, restored.time);
+    let applied = seeding.elapsed() - seed;
     assert_eq!(view.riders(), riders, "the stale view has every rider");
     let first_stale = started.elapsed();
     drop(view);
@@ -110,6 +114,8 @@ fn main() {
         "checkpoint_worker_pause_ms": report.pause.as_secs_f64() * 1000.0,
         "restore_load_s": load.as_secs_f64(),
         "restore_first_stale_answer_s": first_stale.as_secs_f64(),
+        "stale_seed_changes_s": seed.as_secs_f64(),
+        "stale_seed_apply_s": applied.as_secs_f64(),
         "restore_until_complete_s": restore_total.as_secs_f64(),
         "replay_until_complete_s": replay.as_secs_f64(),
     });

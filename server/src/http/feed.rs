@@ -185,11 +185,19 @@ async fn run(
         }
         let keep_alive = quiet_since + KEEP_ALIVE;
         tokio::select! {
-            _ = live.changed() => {}
+            // A view whose sender is gone never wakes the feed again (no busy loop).
             _ = async {
-                match &mut stale {
-                    Some(rx) => { let _ = rx.changed().await; }
-                    None => std::future::pending::<()>().await,
+                if live.changed().await.is_err() {
+                    std::future::pending::<()>().await;
+                }
+            } => {}
+            _ = async {
+                let woke = match &mut stale {
+                    Some(rx) => rx.changed().await.is_ok(),
+                    None => false,
+                };
+                if !woke {
+                    std::future::pending::<()>().await;
                 }
             } => {}
             () = tokio::time::sleep(RECHECK) => {}

@@ -58,6 +58,12 @@ impl ViewChange {
     }
 }
 
+/// A persistent hash map with a fast hash (FxHash, as the dataflow's state uses): SipHash made
+/// seeding a million riders several times slower. Keys are ids the input chose; a flood of
+/// colliding ids slows one HAMT node's lookups, it cannot make an answer wrong.
+type FastMap<K, V> =
+    imbl::GenericHashMap<K, V, rustc_hash::FxBuildHasher, imbl::shared_ptr::DefaultSharedPtr>;
+
 /// One version of the view: everything at one `as_of`. Cloning is O(1) (persistent maps share
 /// their structure), so each complete time makes a new version without copying the old one.
 #[derive(Clone, Debug, Default)]
@@ -69,9 +75,9 @@ struct Maps {
     /// Districts with any nonzero count.
     districts: imbl::OrdMap<DistrictId, DistrictCounts>,
     /// Riders on shift.
-    riders: imbl::HashMap<Id, Arc<Snapshot>>,
+    riders: FastMap<Id, Arc<Snapshot>>,
     /// Riders on shift by district, sorted by id.
-    by_district: imbl::HashMap<DistrictId, imbl::OrdSet<Id>>,
+    by_district: FastMap<DistrictId, imbl::OrdSet<Id>>,
 }
 
 impl Maps {
