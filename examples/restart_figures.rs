@@ -9,9 +9,9 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use dongflow::checkpoint::{load_latest, Writer};
 use dongflow::demo::partition;
 use dongflow::engine::CheckpointSettings;
+use dongflow::recovery::{load_latest, Writer};
 use dongflow::view::{seed_changes, ServingView};
 use dongflow::{Engine, EngineConfig, Query};
 use dongflow_connectors::simulator::{fixed_state, SimEvent};

@@ -3,6 +3,8 @@
 //! must equal the plain model, the dead-letter topic must hold exactly the bad records with their
 //! headers, and HTTP must show what the changelog shows.
 
+#[path = "kafka/clusters.rs"]
+mod clusters;
 mod common;
 #[path = "kafka/crashes.rs"]
 mod crashes;
@@ -132,51 +134,72 @@ struct Input {
 }
 
 fn scenario(t: &Topics, index: &DistrictIndex, seed: u64, events: usize) -> Input {
+    scenario_in_parts(t, index, seed, &[events])
+        .pop()
+        .expect("one part")
+}
+
+/// One scenario cut in parts of `sizes` events: each part's records, and the model's answers after
+/// it (of every part up to it).
+fn scenario_in_parts(t: &Topics, index: &DistrictIndex, seed: u64, sizes: &[usize]) -> Vec<Input> {
     let mut scenario = Scenario::new(seed, index, 60, 150);
     let mut model = Model::default();
     let bad = bad_records(t);
-    let mut records = Vec::new();
+    let events: usize = sizes.iter().sum();
     let every = events / bad.len();
-    for i in 0..events {
-        let e = scenario.next_event();
-        model.apply(index, &e);
-        let topic = match e {
-            SimEvent::Rider(_) => &t.riders,
-            SimEvent::Delivery(_) => &t.deliveries,
-        };
-        records.push(Record::new(
-            topic,
-            Some(e.key().as_bytes()),
-            Some(&e.encode()),
-        ));
-        if i % every == 0 {
-            if let Some((r, _)) = bad.get(i / every) {
-                records.push(r.clone());
+    let mut parts = Vec::new();
+    let mut i = 0;
+    for size in sizes {
+        let mut records = Vec::new();
+        for _ in 0..*size {
+            let e = scenario.next_event();
+            model.apply(index, &e);
+            let topic = match e {
+                SimEvent::Rider(_) => &t.riders,
+                SimEvent::Delivery(_) => &t.deliveries,
+            };
+            records.push(Record::new(
+                topic,
+                Some(e.key().as_bytes()),
+                Some(&e.encode()),
+            ));
+            if i % every == 0 {
+                if let Some((r, _)) = bad.get(i / every) {
+                    records.push(r.clone());
+                }
             }
+            i += 1;
         }
+        parts.push(Input {
+            records,
+            bad: bad.clone(),
+            expected_riders: model_riders(index, &model),
+            expected_districts: model_districts(index, &model),
+        });
     }
-    let expected_riders = model
+    parts
+}
+
+fn model_riders(index: &DistrictIndex, model: &Model) -> BTreeMap<String, Value> {
+    model
         .snapshots()
         .iter()
         .map(|(id, s)| {
             let v = serde_json::to_value(RiderView::new(index, id, s)).expect("json");
             (id.to_string(), v)
         })
-        .collect();
-    let expected_districts = model
+        .collect()
+}
+
+fn model_districts(index: &DistrictIndex, model: &Model) -> BTreeMap<String, Value> {
+    model
         .counts()
         .iter()
         .map(|(d, c)| {
             let v = serde_json::to_value(DistrictView::new(index, *d, c)).expect("json");
             (index.code(*d).to_owned(), v)
         })
-        .collect();
-    Input {
-        records,
-        bad,
-        expected_riders,
-        expected_districts,
-    }
+        .collect()
 }
 
 /// Every metric the dashboard and the alerting rules of docs/operations use (the engine's own and

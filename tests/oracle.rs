@@ -138,8 +138,8 @@ fn oracle_long_sequence() {
 /// upsert state, `view::seed_changes`) whose answers equal the live view's, on 1 and 3 workers.
 #[test]
 fn a_checkpoint_seeds_a_stale_view_that_answers_as_the_live_one() {
-    use dongflow::checkpoint::{load_latest, Writer};
     use dongflow::engine::CheckpointSettings;
+    use dongflow::recovery::{load_latest, Writer};
     use dongflow::view::{seed_changes, ServingView};
     for (seed, workers) in [(61, 1), (62, 3), (63, 3)] {
         let index = builtin();

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use dongflow::changelog::ChangelogSink;
-use dongflow::checkpoint::Restored;
+use dongflow::recovery::Restored;
 use dongflow::{AnswerBody, Engine, EngineConfig, Query};
 use dongflow_connectors::simulator::fixed_state;
 use dongflow_connectors::source::{EventSource, VecSource};
@@ -74,6 +74,7 @@ fn ready_once_in(published: bool) {
         offsets: HashMap::new(),
         published: None,
         cut: None,
+        partial: false,
     };
     let mut config = EngineConfig::new(2, index);
     config.restore = Some(Arc::new(restored));

@@ -17,6 +17,7 @@ use dongflow_dataflow::trace_size::trace_len;
 use dongflow_dataflow::types::{Change, Time};
 use dongflow_dataflow::upsert::owner;
 use dongflow_dataflow::{build, DataflowCounters, WorkerState};
+use serde::{Deserialize, Serialize};
 use thiserror::Error;
 use timely::dataflow::channels::pact::Pipeline;
 use timely::dataflow::operators::generic::operator::Operator;
@@ -31,8 +32,8 @@ use timely::WorkerConfig;
 use crate::changelog::{
     ChangelogSink, ClearedTopic, Clearing, ClearingProgress, HeldKeysSource, WorkerTopics, Writer,
 };
-use crate::checkpoint::{retract_published, Restored, WorkerPart};
 use crate::query::{Answer, Query, QueryError, Shared, StateSizes};
+use crate::recovery::{retract_published, Restored, WorkerPart};
 use crate::view::{attach_view, ServingView, ViewApplier, ViewFeed};
 
 /// How the engine runs.
@@ -153,6 +154,16 @@ struct InputProgress {
 }
 
 impl InputProgress {
+    /// Records a stop of the cluster at `at`; an earlier one wins (no worker has reached either
+    /// yet, see [`STOP_MARGIN`]).
+    fn stop_at(&self, at: Time) {
+        let _ = self
+            .final_at
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |now| {
+                (now == 0 || at < now).then_some(at)
+            });
+    }
+
     /// The latest time pushed when the last source of the cluster caught up with what it had at
     /// start: once that time is complete, the state is current. `None` until every source of every
     /// process has caught up.
@@ -376,17 +387,10 @@ impl Engine {
 }
 
 impl EngineHandle {
-    /// Asks the workers to stop, without waiting: they stop taking input, take a last checkpoint
-    /// (when checkpointing) and finish.
+    /// Asks the workers to stop, without waiting: the request goes to every process of the
+    /// cluster through the dataflow, and at one time agreed there every worker stops taking input,
+    /// takes a last checkpoint (when checkpointing) and finishes.
     pub fn request_stop(&self) {
-        // A little in the future, so that no worker has passed it yet: every worker's part of
-        // the last checkpoint is cut at the same time.
-        let _ = self.progress.final_at.compare_exchange(
-            0,
-            now_ms() + 20,
-            Ordering::AcqRel,
-            Ordering::Acquire,
-        );
         self.shared.stop.store(true, Ordering::Release);
         let threads = self
             .shared
@@ -455,6 +459,12 @@ impl EngineHandle {
     /// The time of the checkpoint taken at a clean stop (0: not stopping).
     pub fn final_checkpoint_at(&self) -> Time {
         self.progress.final_at.load(Ordering::Acquire)
+    }
+
+    /// Whether the cluster is stopping: some process was asked to, and every process stops at the
+    /// time the dataflow told them ([`EngineHandle::final_checkpoint_at`]).
+    pub fn stopping(&self) -> bool {
+        self.final_checkpoint_at() > 0
     }
 
     /// Events pushed into the dataflow so far.
@@ -582,10 +592,16 @@ struct WorkerLoop {
     slot: WorkerSlot,
     riders_in: InputHandle<Time, dongflow_connectors::RiderEvent>,
     deliveries_in: InputHandle<Time, dongflow_connectors::DeliveryEvent>,
-    /// Where this worker says, once, that its source has caught up: `(global worker, time)`.
-    caught_up_in: InputHandle<Time, (usize, Time)>,
-    /// Whether it has said so.
+    /// Where this worker tells every worker of the cluster, once each, that its source has caught
+    /// up and (the first of each process) that a stop was asked for.
+    control_in: InputHandle<Time, Control>,
+    /// Whether it has said that its source caught up.
     caught_up_sent: bool,
+    /// Whether it has passed on this process's stop request.
+    stop_sent: bool,
+    /// The time through which this worker has received every control message (see
+    /// [`attach_control`]): its inputs go at most [`STOP_MARGIN`] beyond it.
+    control_through: Rc<Cell<Time>>,
     probe: ProbeHandle<Time>,
     snapshots: SnapshotTrace,
     /// How many riders the rider changelog stage holds.
@@ -611,24 +627,59 @@ struct WorkerLoop {
     positions_base: Offsets,
 }
 
-/// Every worker's caught-up mark goes to every worker (each process keeps them all, in
-/// [`InputProgress::caught_up_everywhere`]): through the dataflow, so that no process needs a shared
-/// folder or its peers' HTTP to know when the whole cluster's input is in.
-fn attach_caught_up_marks(
-    marks: Stream<'_, Time, Vec<(usize, Time)>>,
+/// What workers tell every worker of the cluster, through the dataflow, so that no process needs a
+/// shared folder or its peers' HTTP to know it.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+enum Control {
+    /// A worker's source has caught up with what it had at start; the time of its last push then.
+    CaughtUp {
+        /// Global worker index.
+        worker: usize,
+        /// The time of its last push.
+        at: Time,
+    },
+    /// A process was asked to stop: the whole cluster stops at this message's time plus
+    /// [`STOP_MARGIN`], with a last checkpoint at that time on every process.
+    Stop,
+}
+
+/// How far past a stop request's time the cluster's last checkpoint falls. No worker's inputs go
+/// more than this beyond the time through which it has received every control message, so every
+/// worker learns of a stop before its inputs pass the stop's checkpoint time: the stop's checkpoint
+/// is cut at one time everywhere, whichever process was asked and however late the others hear.
+const STOP_MARGIN: Time = 250;
+
+/// Every control message goes to every worker: caught-up marks into
+/// [`InputProgress::caught_up_everywhere`], a stop into [`InputProgress::final_at`] (the earliest
+/// stop wins); `through` learns the time through which every message has arrived.
+fn attach_control(
+    messages: Stream<'_, Time, Vec<Control>>,
     progress: Arc<InputProgress>,
+    through: Rc<Cell<Time>>,
 ) {
     use timely::dataflow::operators::vec::Broadcast;
-    marks
+    messages
         .broadcast()
-        .sink(Pipeline, "caught up marks", move |(input, _)| {
-            input.for_each(|_, marks| {
-                for (worker, at) in marks.drain(..) {
-                    if let Some(mark) = progress.caught_up_everywhere.get(worker) {
-                        mark.fetch_max(at, Ordering::AcqRel);
+        .sink(Pipeline, "control", move |(input, frontier)| {
+            input.for_each(|time, messages| {
+                for message in messages.drain(..) {
+                    match message {
+                        Control::CaughtUp { worker, at } => {
+                            if let Some(mark) = progress.caught_up_everywhere.get(worker) {
+                                mark.fetch_max(at, Ordering::AcqRel);
+                            }
+                        }
+                        Control::Stop => {
+                            if let Some(at) = time.least() {
+                                progress.stop_at(at + STOP_MARGIN);
+                            }
+                        }
                     }
                 }
             });
+            // Drained first: every message before the frontier has been seen.
+            let next = frontier.frontier().iter().next().copied();
+            through.set(next.map_or(Time::MAX, |t| t.saturating_sub(1)));
         });
 }
 
@@ -644,7 +695,8 @@ impl WorkerLoop {
     ) -> Self {
         let mut riders_in = InputHandle::new();
         let mut deliveries_in = InputHandle::new();
-        let mut caught_up_in = InputHandle::new();
+        let mut control_in = InputHandle::new();
+        let control_through: Rc<Cell<Time>> = Rc::default();
         let probe = ProbeHandle::new();
         let state = WorkerState::new(config.terminal_ttl);
         let processes = config.cluster.as_ref().map_or(1, |c| c.addresses.len());
@@ -680,7 +732,11 @@ impl WorkerLoop {
         let (snapshots, counts) = worker.dataflow::<Time, _, _>(|scope| {
             let riders = scope.input_from(&mut riders_in);
             let deliveries = scope.input_from(&mut deliveries_in);
-            attach_caught_up_marks(scope.input_from(&mut caught_up_in), progress.clone());
+            attach_control(
+                scope.input_from(&mut control_in),
+                progress.clone(),
+                control_through.clone(),
+            );
             let out = build(riders, deliveries, districts.clone(), &state, counters);
             let streams = changelogs(&out, changelog_riders.clone());
             if let Some(sink) = &config.changelog {
@@ -712,7 +768,7 @@ impl WorkerLoop {
             // are the restored state alone.
             riders_in.advance_to(at + 1);
             deliveries_in.advance_to(at + 1);
-            caught_up_in.advance_to(at + 1);
+            control_in.advance_to(at + 1);
         }
         let index = worker.index() % config.workers;
         shared.threads.lock().unwrap_or_else(|e| e.into_inner())[index] =
@@ -722,8 +778,10 @@ impl WorkerLoop {
             slot,
             riders_in,
             deliveries_in,
-            caught_up_in,
+            control_in,
             caught_up_sent: false,
+            stop_sent: false,
+            control_through,
             probe,
             snapshots,
             changelog_riders,
@@ -760,7 +818,8 @@ impl WorkerLoop {
         // dearly) and keeps answers fresh; the source buffers meanwhile.
         let mut in_flight: VecDeque<Time> = VecDeque::new();
         loop {
-            let stopping = self.shared.stop.load(Ordering::Acquire);
+            // Stopping once the cluster has agreed when (not when this process was asked).
+            let stopping = self.progress.final_at.load(Ordering::Acquire) > 0;
             if stopping
                 && (self.checkpoint.is_none()
                     || (self.final_sent
@@ -768,19 +827,30 @@ impl WorkerLoop {
             {
                 break;
             }
-            // Every worker advances every input to the wall clock, or the frontier would stop.
-            let now = now_ms().max(*self.riders_in.time());
+            // Every worker advances every input to the wall clock, or the frontier would stop; the
+            // data inputs no further than STOP_MARGIN past the control messages seen.
+            let wall = now_ms();
+            let heard = self.control_through.get().saturating_add(STOP_MARGIN);
+            let now = wall.min(heard).max(*self.riders_in.time());
+            // Input is taken only at the wall clock's time (a tombstone's ttl counts from it):
+            // while the control messages lag (at start, or behind a slow peer), none is taken.
+            let held_back = heard < wall;
             // Asked before the inputs pass the time, so no upsert can have gone beyond it.
-            self.request_checkpoint(now, stopping);
+            self.request_checkpoint(now, stopping, held_back);
             self.riders_in.advance_to(now);
             self.deliveries_in.advance_to(now);
-            self.caught_up_in.advance_to(now);
+            self.control_in
+                .advance_to(wall.max(*self.control_in.time()));
+            if !self.stop_sent && self.index == 0 && self.shared.stop.load(Ordering::Acquire) {
+                self.stop_sent = true;
+                self.control_in.send(Control::Stop);
+            }
             while in_flight.front().is_some_and(|t| !self.probe.less_equal(t)) {
                 in_flight.pop_front();
             }
             let polled = if ended {
                 Polled::Ended
-            } else if stopping || in_flight.len() >= self.max_in_flight {
+            } else if stopping || held_back || in_flight.len() >= self.max_in_flight {
                 Polled::Idle
             } else {
                 self.slot
@@ -806,7 +876,10 @@ impl WorkerLoop {
             if !self.caught_up_sent && self.slot.source.caught_up() {
                 let last = self.progress.pushed[self.index].load(Ordering::Acquire);
                 self.caught_up_sent = true;
-                self.caught_up_in.send((self.global_index, last.max(1)));
+                self.control_in.send(Control::CaughtUp {
+                    worker: self.global_index,
+                    at: last.max(1),
+                });
             }
             if polled == Polled::Ended && !ended {
                 ended = true;
@@ -824,8 +897,9 @@ impl WorkerLoop {
         }
     }
 
-    /// Asks the upserts for their state at the next checkpoint time, once `now` reaches it.
-    fn request_checkpoint(&mut self, now: Time, stopping: bool) {
+    /// Asks the upserts for their state at the next checkpoint time, once `now` reaches it (a
+    /// scheduled one not while input is held back: its time would not be the wall clock's).
+    fn request_checkpoint(&mut self, now: Time, stopping: bool, held_back: bool) {
         let Some(settings) = &self.checkpoint else {
             return;
         };
@@ -846,6 +920,9 @@ impl WorkerLoop {
             }
             at
         } else {
+            if held_back {
+                return;
+            }
             let due = now - now % settings.interval.max(1);
             if due <= self.last_checkpoint {
                 return;

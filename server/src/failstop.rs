@@ -14,14 +14,23 @@
 //! without that worker either.
 
 use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 /// Why the process must stop, once it must.
 static FAILED: OnceLock<String> = OnceLock::new();
 
-/// How long a peer may not be reached before it counts as lost.
-pub const PEER_TIMEOUT: Duration = Duration::from_secs(3);
+/// Set once the cluster stops cleanly: peers that go away after that have stopped too.
+static STANDING_DOWN: AtomicBool = AtomicBool::new(false);
+
+/// How long a peer may not be reached before it counts as lost: with a probe's own timeout and
+/// [`GRACE`], a lost peer ends the process within 5 s (CONTRACT section 7).
+pub const PEER_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// How long a failed process answers `/readyz` 503 before it exits, so that a load balancer or a
+/// supervisor polling it sees the failure rather than a connection refused.
+const GRACE: Duration = Duration::from_millis(500);
 
 /// How often each peer is tried.
 const PROBE_EVERY: Duration = Duration::from_millis(500);
@@ -30,12 +39,35 @@ const PROBE_EVERY: Duration = Duration::from_millis(500);
 /// HTTP servers at slightly different moments).
 const FIRST_ANSWER_WITHIN: Duration = Duration::from_secs(20);
 
-/// Records that the process must stop; the first reason is kept.
+/// Records that the process must stop, and stops it: `/readyz` answers 503 from now on, and after
+/// [`GRACE`] the process exits 1 with one line saying why. The first reason is kept.
 pub fn fail(reason: impl Into<String>) {
     let reason = reason.into();
-    if FAILED.set(reason.clone()).is_ok() {
-        tracing::error!("{reason}");
+    if FAILED.set(reason.clone()).is_err() {
+        return;
     }
+    tracing::error!("{reason}");
+    let exit = move || {
+        std::thread::sleep(GRACE);
+        eprintln!(
+            "dongflow: {reason}; exiting so that a supervisor restarts every process of the \
+             cluster from its checkpoint"
+        );
+        std::process::exit(1);
+    };
+    if std::thread::Builder::new()
+        .name("dongflow-fail-stop".into())
+        .spawn(exit)
+        .is_err()
+    {
+        std::process::exit(1);
+    }
+}
+
+/// Says that the cluster is stopping cleanly: from now on a peer that cannot be reached has
+/// stopped, not failed.
+pub fn stand_down() {
+    STANDING_DOWN.store(true, Ordering::Release);
 }
 
 /// Why the process must stop, if it must.
@@ -83,7 +115,7 @@ pub fn watch_peers(peers: &[String], me: usize) -> std::io::Result<()> {
         .spawn(move || {
             let started = Instant::now();
             let mut last_answer: Vec<Option<Instant>> = vec![None; targets.len()];
-            while failure().is_none() {
+            while failure().is_none() && !STANDING_DOWN.load(Ordering::Acquire) {
                 for (i, (process, url)) in targets.iter().enumerate() {
                     if reachable(url) {
                         last_answer[i] = Some(Instant::now());
@@ -93,7 +125,7 @@ pub fn watch_peers(peers: &[String], me: usize) -> std::io::Result<()> {
                         Some(t) => t.elapsed() >= PEER_TIMEOUT,
                         None => started.elapsed() >= FIRST_ANSWER_WITHIN,
                     };
-                    if lost {
+                    if lost && !STANDING_DOWN.load(Ordering::Acquire) {
                         fail(format!(
                             "lost a peer of the timely cluster (process {process} at {url} not \
                              reachable for {PEER_TIMEOUT:?})"

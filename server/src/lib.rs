@@ -6,8 +6,9 @@
 //!   and the stale view of the same type (the checkpoint and the changelog) that answers until the
 //!   live one is ready; HTTP answers are reads of one of them.
 //! - [`query`]: typed queries and answers; what the workers share with the query side.
-//! - [`checkpoint`]: checkpoint files: writing them atomically, finding the newest usable one, and
-//!   the marks of a clean stop whose changelog is complete.
+//! - [`recovery`]: checkpoint files: writing them atomically, finding the newest usable one (in a
+//!   cluster, the newest every process can restore, agreed through the dataflow), and the marks of
+//!   a clean stop whose changelog is complete.
 //! - [`changelog`]: the changelog topics of CONTRACT section 5, written as times complete; clearing the
 //!   keys earlier runs left that the caught-up state lacks.
 //! - [`render`]: the JSON of CONTRACT section 6 (district objects, rider snapshots).
@@ -21,7 +22,6 @@
 //! - [`demo`]: simulator settings, the stop signal, and the by-id partitioning rule of in-process feeds.
 
 pub mod changelog;
-pub mod checkpoint;
 pub mod cli;
 pub mod demo;
 pub mod engine;
@@ -29,6 +29,7 @@ pub mod failstop;
 pub mod http;
 pub mod pipeline;
 pub mod query;
+pub mod recovery;
 pub mod render;
 pub mod report;
 pub mod view;

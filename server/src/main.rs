@@ -9,7 +9,6 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use clap::Parser;
-use dongflow::checkpoint::load_latest;
 use dongflow::cli::{
     BuiltinMap, Cli, ClusterArgs, Command, DemoArgs, GenerateArgs, HttpSecurityArgs,
     KafkaPropertyArgs, LogFormat, MapArgs, RunArgs, StartFrom,
@@ -19,6 +18,7 @@ use dongflow::engine::{now_ms, ClusterSpec};
 use dongflow::failstop;
 use dongflow::http::{App, HttpSecurity, HttpServer, Tokens};
 use dongflow::pipeline::{Pipeline, PipelineConfig};
+use dongflow::recovery::{restore, Shape};
 use dongflow::render::DistrictsView;
 use dongflow::{AnswerBody, EngineConfig, Query};
 use dongflow_connectors::kafka::generate::{generate as produce, GenerateConfig};
@@ -222,17 +222,17 @@ fn scheme(security: &HttpSecurity) -> &'static str {
     }
 }
 
-/// Waits for SIGINT/SIGTERM, or for the producer to fail for good: then the process must end with
-/// exit 1, so that a supervisor restarts it and the restart publishes the state again. A lost
-/// cluster peer ends the process at once (exit 1): its workers cannot stop cleanly without it.
+/// Waits for SIGINT/SIGTERM, for another process of the cluster to have been asked to stop (the
+/// whole cluster stops at one time, see [`dongflow::EngineHandle::stopping`]), or for the producer to
+/// fail for good: then the process must end with exit 1, so that a supervisor restarts it and the
+/// restart publishes the state again. (A lost cluster peer ends the process by itself: see
+/// [`failstop`].)
 fn wait_for_stop(stop: &AtomicBool, pipeline: &Pipeline) -> Option<Failure> {
+    let engine = pipeline.handle();
     while !stop.load(Ordering::Relaxed) {
-        if let Some(reason) = failstop::failure() {
-            eprintln!(
-                "dongflow: {reason}; exiting so that a supervisor restarts every process of the \
-                 cluster from its checkpoint"
-            );
-            std::process::exit(1);
+        if engine.stopping() {
+            tracing::info!("the cluster is stopping (another process was asked to)");
+            break;
         }
         if let Some(reason) = pipeline.producer_failure() {
             return Some(
@@ -274,6 +274,15 @@ const EMBEDDED_LINGER_MS: &str = "1000";
 /// How often the demo asks whether the embedded broker has begun dropping changelog records.
 const TRIM_CHECK_EVERY: Duration = Duration::from_secs(10);
 
+/// Which process of which cluster this run is, for the checkpoints it can restore.
+fn shape(cluster: &Option<ClusterSpec>, workers: usize) -> Shape {
+    Shape {
+        process: cluster.as_ref().map_or(0, |c| c.process),
+        processes: cluster.as_ref().map_or(1, |c| c.addresses.len()),
+        workers,
+    }
+}
+
 fn run(args: RunArgs) -> Result<(), Failure> {
     let cluster = cluster_spec(&args.cluster)?;
     check_peer_urls(&args.http_peers, &cluster)?;
@@ -291,7 +300,13 @@ fn run(args: RunArgs) -> Result<(), Failure> {
     let (start, restore) = match args.start_from {
         StartFrom::Latest => (StartAt::Latest, None),
         StartFrom::Earliest => (StartAt::Earliest, None),
-        StartFrom::Checkpoint => match load_latest(&args.state_dir) {
+        StartFrom::Checkpoint => match restore(
+            &args.state_dir,
+            shape(&cluster, args.cluster.workers as usize),
+            cluster.as_ref().map(|c| c.addresses.as_slice()),
+        )
+        .context("choosing the checkpoint to restore")?
+        {
             Some(r) => (StartAt::Earliest, Some(Arc::new(r))),
             None => {
                 tracing::info!(
@@ -354,6 +369,9 @@ fn run(args: RunArgs) -> Result<(), Failure> {
     let _ = std::io::stdout().flush();
     let fatal = wait_for_stop(&stop, &pipeline);
     tracing::info!("stopping");
+    if fatal.is_none() {
+        failstop::stand_down();
+    }
     server.stop();
     pipeline.stop(Duration::from_secs(if fatal.is_some() { 1 } else { 30 }));
     drop(embedded);

@@ -13,11 +13,11 @@ use dongflow_connectors::source::EventSource;
 use thiserror::Error;
 
 use crate::changelog::{HeldKeysSource, KafkaChangelog};
-use crate::checkpoint::{
+use crate::engine::{CheckpointSettings, Engine, EngineConfig, EngineError};
+use crate::recovery::{
     mark_published, CheckpointError, CutSource, Published, Restored, WriteReport, WriteStatus,
     Writer,
 };
-use crate::engine::{CheckpointSettings, Engine, EngineConfig, EngineError};
 use crate::report::Chain;
 use crate::view::{StaleSource, StaleView};
 

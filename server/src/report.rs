@@ -22,7 +22,7 @@ impl fmt::Display for Chain<'_> {
 #[cfg(test)]
 mod tests {
     use super::Chain;
-    use crate::checkpoint::CheckpointError;
+    use crate::recovery::CheckpointError;
 
     #[test]
     fn a_chain_names_each_cause_once() {

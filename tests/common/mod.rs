@@ -535,3 +535,4 @@ pub fn sample(text: &str, series: &str) -> Option<f64> {
 
 pub mod heap;
 pub mod kafka;
+pub mod netns;

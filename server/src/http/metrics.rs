@@ -16,8 +16,8 @@ use prometheus::proto::MetricFamily;
 use prometheus::{Counter, GaugeVec, HistogramOpts, HistogramVec, IntCounterVec, Opts, Registry};
 
 use super::App;
-use crate::checkpoint::WriteStatus;
 use crate::engine::now_ms;
+use crate::recovery::WriteStatus;
 
 /// The content type of the text format.
 pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";

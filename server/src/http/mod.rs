@@ -15,7 +15,7 @@ use dongflow_connectors::kafka::KafkaMetrics;
 use dongflow_dataflow::districts::DistrictId;
 use dongflow_dataflow::types::{DistrictCounts, Time};
 
-use crate::checkpoint::WriteStatus;
+use crate::recovery::WriteStatus;
 use crate::view::StaleView;
 use dongflow_dataflow::districts::DistrictIndex;
 use http_body_util::Full;

@@ -312,7 +312,7 @@ impl ServingView {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::checkpoint::Restored;
+    use crate::recovery::Restored;
     use dongflow_connectors::{Coord, DeliveryStatus, RiderStatus};
     use dongflow_dataflow::stages::DeliveryState;
     use dongflow_dataflow::types::{DeliveryBrief, DeliveryRow, RiderRow};
@@ -494,6 +494,7 @@ mod tests {
             offsets: Default::default(),
             published: None,
             cut: None,
+            partial: false,
         };
         let view = ServingView::new_stale();
         assert_eq!(

@@ -11,7 +11,7 @@ use dongflow_dataflow::stages::DeliveryState;
 use dongflow_dataflow::types::{Change, Contribution, DeliveryBrief, DistrictCounts, Snapshot};
 
 use super::ViewChange;
-use crate::checkpoint::Restored;
+use crate::recovery::Restored;
 
 /// Every district with a nonzero count and every rider on shift of `restored`, at its time.
 pub fn seed_changes(restored: &Restored) -> Vec<ViewChange> {

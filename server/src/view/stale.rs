@@ -34,8 +34,8 @@ use serde::Deserialize;
 
 use super::{seed_changes, ServingView, ViewChange};
 use crate::changelog::HeldKeys;
-use crate::checkpoint::{Published, Restored};
 use crate::query::{Answer, Query};
+use crate::recovery::{Published, Restored};
 use crate::render::{decode_district, decode_district_key, decode_rider, DecodeError};
 
 /// Where a stale view's contents come from.
@@ -294,9 +294,12 @@ impl StaleView {
             None => {
                 if let Some(r) = &reader.source.restored {
                     tracing::info!(
-                        "stale view: checkpoint {} does not say where the changelog reflects it; \
-                         reading the changelog whole",
-                        r.time
+                        "stale view: checkpoint {} {}; reading the changelog whole",
+                        r.time,
+                        match r.partial {
+                            true => "holds only this process's part of the cluster's state",
+                            false => "does not say where the changelog reflects it",
+                        }
                     );
                 }
             }

@@ -4,12 +4,13 @@
 //! Layout: `checkpoint-<T>/process-<p>-worker-<g>.bin` (bincode of a [`WorkerPart`]) and, written
 //! last, `checkpoint-<T>/process-<p>.manifest.json` listing every file of that process with its size
 //! and checksum. A checkpoint is complete when the manifests of all its processes are there and every
-//! file matches its manifest; anything else is reported and skipped, never trusted. Files are written
-//! to a temporary name, synced and renamed. After each write, checkpoints older than the newest
-//! complete one are deleted; that one never is, and of those newer than it (being written, or
-//! waiting for other processes' manifests) at most two are kept, so disk use stays bounded even when
-//! processes do not share a state dir. Pruning judges completeness by manifests and file sizes and
-//! reads no checkpoint back.
+//! file matches its manifest; anything else is reported and skipped, never trusted. In a cluster whose
+//! processes keep their own state dirs, each dir holds only its process's parts: a restart of the same
+//! shape restores every process from its own part at the newest time all of them have ([`usable`],
+//! agreed in [`super::agree`]). Files are written to a temporary name, synced and renamed. After each
+//! write, [`prune`] deletes what is older than the newest complete checkpoint (never that one) and
+//! keeps a few newer ones, so disk use stays bounded. Pruning judges completeness by manifests and
+//! file sizes and reads no checkpoint back.
 //!
 //! A clean stop whose changelog records were all acknowledged adds
 //! `checkpoint-<T>/process-<p>.published.json` ([`mark_published`]): a restore from `T` then need not
@@ -33,8 +34,10 @@ use crate::report::Chain;
 
 /// Version of the files' layout; a checkpoint of another version is skipped.
 const FORMAT: u32 = 1;
-/// How many checkpoint directories are kept at most.
+/// How many checkpoint directories being written (or other processes' parts) are kept at most.
 const KEEP: usize = 2;
+/// How many of this process's complete parts are kept beside the newest complete checkpoint.
+const KEEP_OWN: usize = 3;
 
 /// One worker's part of a checkpoint.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -76,6 +79,32 @@ pub struct Restored {
     /// read from its beginning. `None` when a process did not know its cut (its changelog was not
     /// yet cleared of what earlier runs left, say); the changelog is then read whole.
     pub cut: Option<Published>,
+    /// Whether this holds only this process's workers' parts (a cluster whose processes keep
+    /// their own state dirs): each worker still finds all it owns, but the state is not the whole
+    /// cluster's, so it cannot seed a view of every key.
+    pub partial: bool,
+}
+
+/// The cluster a run is: which checkpoints it can restore depends on it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Shape {
+    /// This process.
+    pub process: usize,
+    /// Processes in the cluster.
+    pub processes: usize,
+    /// Workers in each process.
+    pub workers: usize,
+}
+
+/// A checkpoint this process can restore.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Usable {
+    /// Its time.
+    pub time: Time,
+    /// Whether every process's part is in this state dir (a single process, or a shared folder):
+    /// then any shape restores it; else only this process's part is, which only a cluster of the
+    /// same shape restores, every process from its own part at the same time.
+    pub whole: bool,
 }
 
 /// A changelog position: these brokers and topics, up to these offsets. As a clean stop's mark,
@@ -401,7 +430,7 @@ fn write_loop(
                     r.pause
                 );
                 *report.last.lock().unwrap_or_else(|e| e.into_inner()) = Some(r);
-                prune(state_dir);
+                prune(state_dir, process);
             }
             Err(e) => {
                 report
@@ -600,16 +629,27 @@ fn checkpoints(state_dir: &Path) -> Vec<(Time, PathBuf)> {
     found
 }
 
-/// Deletes every checkpoint older than the newest complete one, which is never deleted, and of the
-/// newer ones (being written, or waiting for other processes' manifests) all but the newest
-/// [`KEEP`], so disk use stays bounded even when no checkpoint completes in this directory.
-fn prune(state_dir: &Path) {
+/// Deletes every checkpoint older than the newest complete one, which is never deleted. Of the newer
+/// ones, this process's own complete parts are kept, the newest [`KEEP_OWN`] (in a cluster whose
+/// processes keep their own state dirs, a restart restores the newest time that every process
+/// still has, so each keeps a few), and of the others (being written, or other processes' parts
+/// waiting for their peers) the newest [`KEEP`], so that disk use stays bounded.
+fn prune(state_dir: &Path, process: usize) {
     let all = checkpoints(state_dir);
     let newest_complete = all.iter().position(|(_, path)| is_complete(path));
+    let (mut own, mut other) = (0, 0);
     for (i, (_, path)) in all.iter().enumerate() {
         let delete = match newest_complete {
-            Some(complete) => i > complete || (i < complete && i >= KEEP),
-            None => i >= KEEP,
+            Some(complete) if i > complete => true,
+            Some(complete) if i == complete => false,
+            _ if own_part_complete(path, process) => {
+                own += 1;
+                own > KEEP_OWN
+            }
+            _ => {
+                other += 1;
+                other > KEEP
+            }
         };
         if delete {
             if let Err(e) = fs::remove_dir_all(path) {
@@ -617,6 +657,11 @@ fn prune(state_dir: &Path) {
             }
         }
     }
+}
+
+/// Whether this process's part of a checkpoint directory is all there.
+fn own_part_complete(dir: &Path, process: usize) -> bool {
+    own_manifest(dir, process).is_ok_and(|m| has_files(dir, &m))
 }
 
 /// The manifests of one checkpoint directory, with the processes they are of, when there is one
@@ -628,20 +673,7 @@ fn complete_manifests(
     for entry in fs::read_dir(dir).map_err(io(dir))?.flatten() {
         let name = entry.file_name().to_string_lossy().into_owned();
         if name.ends_with(".manifest.json") {
-            let path = entry.path();
-            let bytes = fs::read(&path).map_err(io(&path))?;
-            let manifest: Manifest =
-                serde_json::from_slice(&bytes).map_err(|e| CheckpointError::Manifest {
-                    path: path.clone(),
-                    reason: e.to_string(),
-                })?;
-            if manifest.format != FORMAT {
-                return Err(CheckpointError::Manifest {
-                    path,
-                    reason: format!("format {} (this version reads {FORMAT})", manifest.format),
-                });
-            }
-            manifests.push(manifest);
+            manifests.push(read_manifest(&entry.path())?);
         }
     }
     let expected = manifests.first().map_or(1, |m| m.processes);
@@ -661,16 +693,110 @@ fn complete_manifests(
 /// (no file is read: pruning after every write must not read the checkpoint back; a restore
 /// checks the checksums).
 fn is_complete(dir: &Path) -> bool {
-    complete_manifests(dir).is_ok_and(|(manifests, _)| {
-        manifests
-            .iter()
-            .flat_map(|m| &m.files)
-            .all(|f| fs::metadata(dir.join(&f.name)).is_ok_and(|meta| meta.len() == f.bytes))
-    })
+    complete_manifests(dir).is_ok_and(|(manifests, _)| manifests.iter().all(|m| has_files(dir, m)))
+}
+
+/// Whether every file a manifest lists is there at its size.
+fn has_files(dir: &Path, manifest: &Manifest) -> bool {
+    manifest
+        .files
+        .iter()
+        .all(|f| fs::metadata(dir.join(&f.name)).is_ok_and(|meta| meta.len() == f.bytes))
 }
 
 fn load_dir(dir: &Path) -> Result<Restored, CheckpointError> {
     let (manifests, processes) = complete_manifests(dir)?;
+    load_manifests(dir, &manifests, processes.into_iter().collect())
+}
+
+/// One process's manifest in a checkpoint directory.
+fn own_manifest(dir: &Path, process: usize) -> Result<Manifest, CheckpointError> {
+    read_manifest(&dir.join(format!("process-{process}.manifest.json")))
+}
+
+/// A manifest of the format this version writes.
+fn read_manifest(path: &Path) -> Result<Manifest, CheckpointError> {
+    let path = path.to_owned();
+    let bytes = fs::read(&path).map_err(io(&path))?;
+    let manifest: Manifest =
+        serde_json::from_slice(&bytes).map_err(|e| CheckpointError::Manifest {
+            path: path.clone(),
+            reason: e.to_string(),
+        })?;
+    if manifest.format != FORMAT {
+        return Err(CheckpointError::Manifest {
+            path,
+            reason: format!("format {} (this version reads {FORMAT})", manifest.format),
+        });
+    }
+    Ok(manifest)
+}
+
+/// Why this process's own part of a checkpoint does not fit the cluster that runs, if it does not.
+fn misfit(manifest: &Manifest, shape: Shape) -> Option<String> {
+    let (processes, workers) = (manifest.processes, manifest.files.len());
+    (processes != shape.processes || workers != shape.workers).then(|| {
+        format!(
+            "written by {processes} process(es) × {workers} worker(s), this run is {} × {}: \
+             another shape restores only from every process's part in one folder (a shared \
+             --state-dir)",
+            shape.processes, shape.workers
+        )
+    })
+}
+
+/// The checkpoints in `state_dir` this process of `shape` can restore, newest first. Judged by
+/// manifests and file sizes (a restore checks the checksums); each one skipped is logged with why.
+pub fn usable(state_dir: &Path, shape: Shape) -> Vec<Usable> {
+    let mut found = Vec::new();
+    for (time, dir) in checkpoints(state_dir) {
+        if is_complete(&dir) {
+            found.push(Usable { time, whole: true });
+            continue;
+        }
+        if shape.processes == 1 {
+            tracing::info!(
+                "checkpoint {time} skipped: not every process's part is in {}",
+                dir.display()
+            );
+            continue;
+        }
+        let fits = own_manifest(&dir, shape.process).and_then(|m| match misfit(&m, shape) {
+            Some(why) => Err(CheckpointError::Corrupt {
+                path: dir.clone(),
+                reason: why,
+            }),
+            None => Ok(m),
+        });
+        match fits {
+            Ok(m) if has_files(&dir, &m) => found.push(Usable { time, whole: false }),
+            Ok(_) => tracing::info!("checkpoint {time} skipped: a file is missing or short"),
+            Err(e) => tracing::info!("checkpoint {time} skipped: {}", Chain(&e)),
+        }
+    }
+    found
+}
+
+/// Loads the checkpoint `which` of `state_dir`: every part when it is whole, else this process's.
+pub fn load(state_dir: &Path, which: Usable, shape: Shape) -> Result<Restored, CheckpointError> {
+    let dir = dir_of(state_dir, which.time);
+    if which.whole {
+        return load_dir(&dir);
+    }
+    let manifest = own_manifest(&dir, shape.process)?;
+    let mut restored = load_manifests(&dir, std::slice::from_ref(&manifest), vec![shape.process])?;
+    restored.partial = true;
+    // The process's own cut covers only the changelog partitions its workers wrote.
+    restored.cut = None;
+    Ok(restored)
+}
+
+/// Loads the parts the manifests of `processes` list.
+fn load_manifests(
+    dir: &Path,
+    manifests: &[Manifest],
+    processes: Vec<usize>,
+) -> Result<Restored, CheckpointError> {
     let mut restored = Restored {
         time: manifests[0].time,
         ..Restored::default()
@@ -702,12 +828,11 @@ fn load_dir(dir: &Path) -> Result<Restored, CheckpointError> {
     restored.riders.entries.sort_by(|a, b| a.0.cmp(&b.0));
     restored.riders.time = restored.time;
     restored.deliveries.time = restored.time;
-    let processes: Vec<usize> = processes.into_iter().collect();
     restored.published = load_published(dir, &processes);
     restored.cut = match &restored.published {
         // Everything through the checkpoint was acknowledged and nothing later sent.
         Some(published) => Some(published.clone()),
-        None => merged_cut(&manifests),
+        None => merged_cut(manifests),
     };
     Ok(restored)
 }
@@ -741,22 +866,35 @@ fn load_part(dir: &Path, file: &FileEntry, time: Time) -> Result<WorkerPart, Che
     Ok(part)
 }
 
+/// Says which checkpoint a restart restores, and what it holds.
+pub fn log_restoring(r: &Restored) {
+    tracing::info!(
+        "restoring checkpoint {}{}: {} riders, {} deliveries, {} partition offsets ({} records \
+         before them){}",
+        r.time,
+        if r.partial {
+            " (this process's part)"
+        } else {
+            ""
+        },
+        r.riders.entries.len(),
+        r.deliveries.entries.len(),
+        r.offsets.len(),
+        r.offsets.values().sum::<i64>(),
+        if r.published.is_some() {
+            "; written at a clean stop with its changelog published"
+        } else {
+            ""
+        }
+    );
+}
+
 /// The newest complete checkpoint in `state_dir`; unusable ones are logged and skipped.
 pub fn load_latest(state_dir: &Path) -> Option<Restored> {
     for (time, dir) in checkpoints(state_dir) {
         match load_dir(&dir) {
             Ok(r) => {
-                tracing::info!(
-                    "restoring checkpoint {time}: {} riders, {} deliveries, {} partition offsets{}",
-                    r.riders.entries.len(),
-                    r.deliveries.entries.len(),
-                    r.offsets.len(),
-                    if r.published.is_some() {
-                        "; written at a clean stop with its changelog published"
-                    } else {
-                        ""
-                    }
-                );
+                log_restoring(&r);
                 return Some(r);
             }
             Err(e) => tracing::warn!("skipping checkpoint {time}: {}", Chain(&e)),
@@ -990,7 +1128,7 @@ mod tests {
         let dir = temp("prune");
         for t in [100, 200, 300] {
             written(&dir, t);
-            prune(&dir);
+            prune(&dir, 0);
         }
         let left: Vec<Time> = checkpoints(&dir).into_iter().map(|(t, _)| t).collect();
         assert_eq!(left, vec![300]);
@@ -999,15 +1137,22 @@ mod tests {
     #[test]
     fn the_newest_complete_checkpoint_is_never_deleted() {
         // Complete at 100; later ones each lack process 1's manifest (a cluster whose other
-        // process writes elsewhere, or has not written yet): 100 stays, with the newest two after it.
+        // process writes elsewhere, or has not written yet): 100 stays, with this process's
+        // newest three parts after it, and of process 1's parts alone the newest two.
         let dir = temp("prune-keep-complete");
         written(&dir, 100);
-        for t in [200, 300, 400] {
+        for t in [200, 300, 400, 500] {
             write(&dir, 0, 2, &mut [part(t, 0, 7)]).expect("written");
-            prune(&dir);
+            prune(&dir, 0);
         }
         let left: Vec<Time> = checkpoints(&dir).into_iter().map(|(t, _)| t).collect();
-        assert_eq!(left, vec![400, 300, 100]);
+        assert_eq!(left, vec![500, 400, 300, 100]);
+        for t in [600, 700, 800] {
+            write(&dir, 1, 2, &mut [part(t, 1, 7)]).expect("written");
+            prune(&dir, 0);
+        }
+        let left: Vec<Time> = checkpoints(&dir).into_iter().map(|(t, _)| t).collect();
+        assert_eq!(left, vec![800, 700, 500, 400, 300, 100]);
         assert_eq!(load_latest(&dir).map(|r| r.time), Some(100));
     }
 
@@ -1017,8 +1162,90 @@ mod tests {
         written(&dir, 100);
         let newer = written(&dir, 200);
         truncate(&newer.join("process-0-worker-1.bin"));
-        prune(&dir);
+        prune(&dir, 0);
         let left: Vec<Time> = checkpoints(&dir).into_iter().map(|(t, _)| t).collect();
         assert_eq!(left, vec![200, 100], "100 is the newest complete one");
+    }
+
+    /// A part of one rider for worker `worker` at `time`.
+    fn rider_part(time: Time, worker: usize, id: &str) -> WorkerPart {
+        let mut p = part(time, worker, worker as i64 + 10);
+        let row = RiderRow {
+            status: dongflow_connectors::RiderStatus::OnShift,
+            rider_type: None,
+            location: None,
+            district: 0,
+            ts: 1,
+        };
+        p.riders.entries.push((id.into(), row));
+        p
+    }
+
+    #[test]
+    fn each_process_of_a_cluster_restores_its_own_part_from_its_own_dir() {
+        let (a, b) = (temp("own-a"), temp("own-b"));
+        let shape = |process| Shape {
+            process,
+            processes: 2,
+            workers: 1,
+        };
+        for t in [100, 200] {
+            write(&a, 0, 2, &mut [rider_part(t, 0, "r0")]).expect("written");
+            write(&b, 1, 2, &mut [rider_part(t, 1, "r1")]).expect("written");
+        }
+        let usable_a = usable(&a, shape(0));
+        assert_eq!(
+            usable_a,
+            [200, 100].map(|time| Usable { time, whole: false })
+        );
+        let restored = load(&a, usable_a[0], shape(0)).expect("loads");
+        assert!(restored.partial);
+        assert_eq!(
+            restored.cut, None,
+            "a process's own cut is not the changelog's"
+        );
+        assert_eq!(restored.time, 200);
+        let ids: Vec<&str> = restored
+            .riders
+            .entries
+            .iter()
+            .map(|e| e.0.as_str())
+            .collect();
+        assert_eq!(ids, ["r0"]);
+        assert_eq!(restored.offsets.get(&("rider-events".into(), 0)), Some(&10));
+        // Process 1 restores only from its own dir's parts.
+        assert!(usable(&a, shape(1)).is_empty());
+        // Another shape cannot use a part alone; a single process cannot either.
+        let wider = Shape {
+            workers: 2,
+            ..shape(0)
+        };
+        assert!(usable(&a, wider).is_empty());
+        let single = Shape {
+            process: 0,
+            processes: 1,
+            workers: 2,
+        };
+        assert!(usable(&a, single).is_empty());
+        // Both parts in one folder make it whole: any shape restores it.
+        write(&a, 1, 2, &mut [rider_part(200, 1, "r1")]).expect("written");
+        assert_eq!(
+            usable(&a, single)[0],
+            Usable {
+                time: 200,
+                whole: true
+            }
+        );
+        let whole = load(
+            &a,
+            Usable {
+                time: 200,
+                whole: true,
+            },
+            single,
+        )
+        .expect("loads");
+        assert!(!whole.partial);
+        assert_eq!(whole.riders.entries.len(), 2);
     }
 }
