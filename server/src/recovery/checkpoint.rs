@@ -761,17 +761,15 @@ pub fn usable(state_dir: &Path, shape: Shape) -> Vec<Usable> {
             );
             continue;
         }
-        let fits = own_manifest(&dir, shape.process).and_then(|m| match misfit(&m, shape) {
-            Some(why) => Err(CheckpointError::Corrupt {
-                path: dir.clone(),
-                reason: why,
+        let why_not = match own_manifest(&dir, shape.process) {
+            Err(e) => Some(Chain(&e).to_string()),
+            Ok(m) => misfit(&m, shape).or_else(|| {
+                (!has_files(&dir, &m)).then(|| "a file is missing or short".to_owned())
             }),
-            None => Ok(m),
-        });
-        match fits {
-            Ok(m) if has_files(&dir, &m) => found.push(Usable { time, whole: false }),
-            Ok(_) => tracing::info!("checkpoint {time} skipped: a file is missing or short"),
-            Err(e) => tracing::info!("checkpoint {time} skipped: {}", Chain(&e)),
+        };
+        match why_not {
+            None => found.push(Usable { time, whole: false }),
+            Some(why) => tracing::info!("checkpoint {time} skipped: {why}"),
         }
     }
     found
