@@ -181,66 +181,26 @@ impl Live {
     /// Probes freshness for `duration`, one probe every `every`: returns each probe's time from
     /// produce to visible over HTTP, in µs, sorted.
     pub fn freshness(&self, duration: Duration, every: Duration, progress: &Progress) -> Vec<u32> {
-        const PROBES: usize = 8;
-        let producer: BaseProducer = ClientConfig::new()
-            .set("bootstrap.servers", &self.bootstrap)
-            // Each probe goes out at once: the figure is the engine's, not a producer's batching.
-            .set("linger.ms", "0")
-            .create()
-            .expect("probe producer");
+        let mut probes = Probes::start(self);
         let agent = Self::agent();
-        let send = |id: &str, status: &str, ts: u64| {
-            let value = format!(
-                r#"{{"rider_id":"{id}","status":"{status}","location":{{"lat":37.5665,"lon":126.978}},"ts":{ts}}}"#
-            );
-            producer
-                .send(BaseRecord::to(TOPICS[0]).key(id).payload(&value))
-                .map_err(|(e, _)| e)
-                .expect("probe sent");
-            producer.poll(Duration::ZERO);
-        };
-        // `updated_ts` of a probe rider, once it is on shift.
-        let seen = |id: &str| -> Option<u64> {
-            let mut r = agent
-                .get(&format!("http://{}/v1/riders/{id}", self.http))
-                .call()
-                .ok()?;
-            if r.status().as_u16() != 200 {
-                return None;
-            }
-            let v: serde_json::Value = r.body_mut().read_json().ok()?;
-            v.get("updated_ts")?.as_u64()
-        };
-        let ids: Vec<String> = (0..PROBES).map(|i| format!("probe-{i}")).collect();
-        let mut last_ts = now_ms();
-        for id in &ids {
-            send(id, "SHIFT_STARTED", last_ts);
-        }
-        let deadline = Instant::now() + Duration::from_secs(60);
-        while !ids.iter().all(|id| seen(id).is_some()) {
-            assert!(Instant::now() < deadline, "probe riders never showed");
-            std::thread::sleep(Duration::from_millis(10));
-        }
         let started = Instant::now();
         let mut samples = Vec::new();
         let mut k = 0;
         while started.elapsed() < duration {
-            let slot = started + every * k as u32;
-            if let Some(wait) = slot.checked_duration_since(Instant::now()) {
-                std::thread::sleep(wait);
-            }
-            let id = &ids[k % PROBES];
+            wait_until(started + every * k as u32);
+            let (probe, ts) = probes.ping(k);
             k += 1;
-            let ts = now_ms().max(last_ts + 1);
-            last_ts = ts;
             let sent = Instant::now();
-            send(id, "ON_SHIFT", ts);
             let limit = sent + Duration::from_secs(10);
-            while seen(id).is_none_or(|t| t < ts) && Instant::now() < limit {
+            while self
+                .updated_ts(&agent, &probes.ids[probe])
+                .is_none_or(|t| t < ts)
+                && Instant::now() < limit
+            {
                 std::thread::sleep(Duration::from_micros(500));
-                producer.poll(Duration::ZERO);
+                probes.producer.poll(Duration::ZERO);
             }
-            samples.push(sent.elapsed().as_micros().min(u128::from(u32::MAX)) as u32);
+            samples.push(micros(sent.elapsed()));
             if k.is_multiple_of(20) {
                 progress.update(&format!(
                     "{k} probes, last {:.1} ms",
@@ -250,6 +210,116 @@ impl Live {
         }
         samples.sort_unstable();
         samples
+    }
+
+    /// `updated_ts` of rider `id`, once it is on shift.
+    fn updated_ts(&self, agent: &ureq::Agent, id: &str) -> Option<u64> {
+        let mut r = agent
+            .get(&format!("http://{}/v1/riders/{id}", self.http))
+            .call()
+            .ok()?;
+        if r.status().as_u16() != 200 {
+            return None;
+        }
+        let v: serde_json::Value = r.body_mut().read_json().ok()?;
+        v.get("updated_ts")?.as_u64()
+    }
+
+    /// For `duration`, a probe ping every `every` (the probes in turn, so that each moves less
+    /// often than once a second): each ping's time from produced to received, by a client of
+    /// `GET /v1/riders/{probe}/changes` and by a client polling `GET /v1/riders/{probe}` once a
+    /// second, as a dashboard does. Returns (feed, polling) latencies in µs, sorted.
+    pub fn feed_and_poll(
+        &self,
+        duration: Duration,
+        every: Duration,
+        progress: &Progress,
+    ) -> (Vec<u32>, Vec<u32>) {
+        let mut probes = Probes::start(self);
+        let stop = Arc::new(AtomicBool::new(false));
+        // Per probe: (ts, when a client received it), as they come.
+        type Seen = Arc<std::sync::Mutex<Vec<(u64, Instant)>>>;
+        let (fed, polled): (Vec<Seen>, Vec<Seen>) = probes
+            .ids
+            .iter()
+            .map(|_| (Seen::default(), Seen::default()))
+            .unzip();
+        for (i, id) in probes.ids.iter().enumerate() {
+            let url = format!("http://{}/v1/riders/{id}/changes", self.http);
+            let (sink, flag) = (fed[i].clone(), stop.clone());
+            std::thread::spawn(move || follow_feed(&url, &sink, &flag));
+            let sink = polled[i].clone();
+            let (flag, phase) = (
+                stop.clone(),
+                Duration::from_secs(1) * i as u32 / PROBES as u32,
+            );
+            let (http, id) = (self.http, id.clone());
+            std::thread::spawn(move || {
+                let (agent, started) = (Self::agent(), Instant::now() + phase);
+                let url = format!("http://{http}/v1/riders/{id}");
+                for k in 0.. {
+                    wait_until(started + Duration::from_secs(k));
+                    if flag.load(Ordering::Relaxed) {
+                        return;
+                    }
+                    let ts = agent.get(&url).call().ok().and_then(|mut r| {
+                        let v: serde_json::Value = r.body_mut().read_json().ok()?;
+                        v.get("updated_ts")?.as_u64()
+                    });
+                    if let Some(ts) = ts {
+                        lock(&sink).push((ts, Instant::now()));
+                    }
+                }
+            });
+        }
+        let mut sent: Vec<(usize, u64, Instant)> = Vec::new();
+        let started = Instant::now();
+        let mut k = 0;
+        while started.elapsed() < duration {
+            wait_until(started + every * k as u32);
+            let (probe, ts) = probes.ping(k);
+            sent.push((probe, ts, Instant::now()));
+            k += 1;
+            if k.is_multiple_of(20) {
+                progress.update(&format!("{k} pings to the feed and polling clients"));
+            }
+        }
+        // The last pings reach the pollers within their next poll.
+        let latency = |seen: &[Seen], probe: usize, ts: u64, at: Instant| {
+            lock(&seen[probe])
+                .iter()
+                .find(|(t, _)| *t >= ts)
+                .map(|(_, received)| micros(received.saturating_duration_since(at)))
+        };
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < deadline
+            && !sent.iter().all(|&(p, ts, at)| {
+                latency(&fed, p, ts, at).is_some() && latency(&polled, p, ts, at).is_some()
+            })
+        {
+            std::thread::sleep(Duration::from_millis(50));
+            probes.producer.poll(Duration::ZERO);
+        }
+        stop.store(true, Ordering::Relaxed);
+        let collect = |seen: &[Seen]| {
+            let mut v: Vec<u32> = sent
+                .iter()
+                .map(|&(p, ts, at)| latency(seen, p, ts, at).unwrap_or(u32::MAX))
+                .collect();
+            v.sort_unstable();
+            v
+        };
+        (collect(&fed), collect(&polled))
+    }
+
+    /// The engine's CPU over `duration`, in cores (user and system time from `/proc`).
+    pub fn cpu(&self, duration: Duration) -> f64 {
+        let process = procfs::process::Process::new(self.child.id() as i32).expect("the engine");
+        let ticks = || process.stat().map_or(0.0, |s| (s.utime + s.stime) as f64);
+        let clock_ticks = procfs::ticks_per_second() as f64;
+        let (before, started) = (ticks(), Instant::now());
+        std::thread::sleep(duration);
+        (ticks() - before) / clock_ticks / started.elapsed().as_secs_f64()
     }
 
     /// Input records not read yet by the engine, over all partitions (its
@@ -290,5 +360,108 @@ pub fn map(file: Option<&Path>) -> Map {
     Map {
         file: file.map(Path::to_path_buf),
         codes: index.districts().iter().map(|d| d.code.clone()).collect(),
+    }
+}
+
+/// Probe riders near the city hall, each ping with the wall clock as `ts`, produced at once.
+struct Probes {
+    producer: BaseProducer,
+    ids: Vec<String>,
+    last_ts: u64,
+}
+
+/// Probe riders of a measurement.
+const PROBES: usize = 8;
+
+impl Probes {
+    /// Starts every probe's shift and waits until the engine shows each.
+    fn start(live: &Live) -> Probes {
+        let producer: BaseProducer = ClientConfig::new()
+            .set("bootstrap.servers", &live.bootstrap)
+            // Each probe goes out at once: the figure is the engine's, not a producer's batching.
+            .set("linger.ms", "0")
+            .create()
+            .expect("probe producer");
+        let probes = Probes {
+            producer,
+            ids: (0..PROBES).map(|i| format!("probe-{i}")).collect(),
+            last_ts: now_ms(),
+        };
+        for i in 0..PROBES {
+            probes.send(i, "SHIFT_STARTED", probes.last_ts);
+        }
+        let agent = Live::agent();
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while !probes
+            .ids
+            .iter()
+            .all(|id| live.updated_ts(&agent, id).is_some())
+        {
+            assert!(Instant::now() < deadline, "probe riders never showed");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        probes
+    }
+
+    fn send(&self, probe: usize, status: &str, ts: u64) {
+        let id = &self.ids[probe];
+        let value = format!(
+            r#"{{"rider_id":"{id}","status":"{status}","location":{{"lat":37.5665,"lon":126.978}},"ts":{ts}}}"#
+        );
+        self.producer
+            .send(BaseRecord::to(TOPICS[0]).key(id).payload(&value))
+            .map_err(|(e, _)| e)
+            .expect("probe sent");
+        self.producer.poll(Duration::ZERO);
+    }
+
+    /// Ping `k`: probe `k % PROBES` goes `ON_SHIFT` with a new `ts`; returns the probe and `ts`.
+    fn ping(&mut self, k: usize) -> (usize, u64) {
+        let ts = now_ms().max(self.last_ts + 1);
+        self.last_ts = ts;
+        let probe = k % PROBES;
+        self.send(probe, "ON_SHIFT", ts);
+        (probe, ts)
+    }
+}
+
+fn wait_until(at: Instant) {
+    if let Some(wait) = at.checked_duration_since(Instant::now()) {
+        std::thread::sleep(wait);
+    }
+}
+
+fn micros(d: Duration) -> u32 {
+    d.as_micros().min(u128::from(u32::MAX)) as u32
+}
+
+fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Reads a rider feed, keeping each event's `updated_ts` and when it came, until `stop`.
+fn follow_feed(url: &str, sink: &std::sync::Mutex<Vec<(u64, Instant)>>, stop: &AtomicBool) {
+    // No overall timeout: the stream stays open for the whole measurement.
+    let agent: ureq::Agent = ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .build()
+        .into();
+    let Ok(response) = agent.get(url).call() else {
+        return;
+    };
+    let reader = BufReader::new(response.into_body().into_reader());
+    for line in reader.lines().map_while(Result::ok) {
+        if stop.load(Ordering::Relaxed) {
+            return;
+        }
+        let Some(data) = line.strip_prefix("data: ") else {
+            continue;
+        };
+        let ts = serde_json::from_str::<serde_json::Value>(data)
+            .ok()
+            .and_then(|v| v.get("updated_ts")?.as_u64());
+        if let Some(ts) = ts {
+            lock(sink).push((ts, Instant::now()));
+        }
     }
 }

@@ -115,7 +115,7 @@ async fn connection(
 }
 
 /// Reads one response (headers and a `Content-Length` body); returns its status.
-async fn read_response(stream: &mut TcpStream, buf: &mut Vec<u8>) -> std::io::Result<u16> {
+pub async fn read_response(stream: &mut TcpStream, buf: &mut Vec<u8>) -> std::io::Result<u16> {
     buf.clear();
     let mut chunk = [0u8; 16 * 1024];
     loop {

@@ -9,15 +9,19 @@
 //! - [`kafka_tp`]: Kafka throughput against tansu, beside a bare consumer reading the same topics.
 //! - [`live`]: `dongflow run` on the embedded broker at fixed input rates: freshness probes, and
 //!   queries under load from the closed-loop [`load`] generator.
+//! - [`push`]: the push feeds beside 1-second polling (event to client), and the engine's CPU
+//!   with a [`crowd`] of feed clients beside one of pollers.
 //! - [`chart`], [`progress`]: the SVG chart, the progress display.
 
 mod baseline;
 mod chart;
+mod crowd;
 mod inmem;
 mod kafka_tp;
 mod live;
 mod load;
 mod progress;
+mod push;
 
 #[path = "../../tests/common/heap.rs"]
 mod heap_common;
@@ -88,13 +92,14 @@ dongflow end-to-end benchmark
 usage: cargo bench --bench e2e -- [options]
 
   --only LIST          sections to run, comma-separated (default: all):
-                       inmem, memory, kafka, freshness, queries
+                       inmem, memory, kafka, freshness, queries, push
   --runs N             runs of every figure; medians are reported (default 3)
   --out DIR            where e2e.json and e2e.svg go (default target/e2e)
   --events N           in-memory events (default 2000000)
   --riders N           simulated riders (default 100000)
   --kafka-events N     events produced to tansu (default 1000000)
   --rates LIST         freshness input rates in events/s (default 10000,50000,100000)
+  --feed-rates LIST    push feed input rates in events/s (default 10000,50000)
   --query-rate N       input rate while queries are measured (default 50000)
   --districts FILE     map of the live runs (default: the real Seoul map from
                        $DONGFLOW_DISTRICTS_DIR or ../shared/data/districts, else built-in)
@@ -113,12 +118,16 @@ struct Options {
     riders: usize,
     kafka_events: u64,
     rates: Vec<u64>,
+    feed_rates: Vec<u64>,
     query_rate: u64,
     districts: Option<PathBuf>,
     memory_fleets: Vec<usize>,
     probe_time: Duration,
     load_time: Duration,
 }
+
+/// Every section, in the order they run.
+const SECTIONS: [&str; 6] = ["inmem", "memory", "kafka", "freshness", "queries", "push"];
 
 fn default_districts() -> Option<PathBuf> {
     let dir = std::env::var("DONGFLOW_DISTRICTS_DIR")
@@ -133,15 +142,14 @@ fn default_districts() -> Option<PathBuf> {
 fn parse_options() -> Result<Options, String> {
     let mut o = Options {
         quick: false,
-        sections: ["inmem", "memory", "kafka", "freshness", "queries"]
-            .map(String::from)
-            .to_vec(),
+        sections: SECTIONS.map(String::from).to_vec(),
         runs: 3,
         out: PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/e2e"),
         events: 2_000_000,
         riders: 100_000,
         kafka_events: 1_000_000,
         rates: vec![10_000, 50_000, 100_000],
+        feed_rates: vec![10_000, 50_000],
         query_rate: 50_000,
         districts: default_districts(),
         memory_fleets: vec![100_000, 1_000_000],
@@ -168,6 +176,12 @@ fn parse_options() -> Result<Options, String> {
                     .map(|r| number(r.to_owned()))
                     .collect::<Result<_, _>>()?
             }
+            "--feed-rates" => {
+                o.feed_rates = value("--feed-rates")?
+                    .split(',')
+                    .map(|r| number(r.to_owned()))
+                    .collect::<Result<_, _>>()?
+            }
             "--query-rate" => o.query_rate = number(value("--query-rate")?)?,
             "--districts" => o.districts = Some(value("--districts")?.into()),
             "--quick" => {
@@ -177,6 +191,7 @@ fn parse_options() -> Result<Options, String> {
                 o.riders = 20_000;
                 o.kafka_events = 50_000;
                 o.rates = vec![10_000];
+                o.feed_rates = vec![10_000];
                 o.query_rate = 10_000;
                 o.memory_fleets = vec![20_000];
                 o.probe_time = Duration::from_secs(3);
@@ -186,7 +201,7 @@ fn parse_options() -> Result<Options, String> {
         }
     }
     for s in &o.sections {
-        if !["inmem", "memory", "kafka", "freshness", "queries"].contains(&s.as_str()) {
+        if !SECTIONS.contains(&s.as_str()) {
             return Err(format!("unknown section {s}"));
         }
     }
@@ -224,7 +239,8 @@ fn main() {
         + usize::from(has("memory")) * o.memory_fleets.len() * 2 * o.runs
         + usize::from(tansu.is_some()) * (2 + 3 * o.runs)
         + usize::from(has("freshness")) * o.rates.len() * o.runs
-        + usize::from(has("queries")) * o.runs;
+        + usize::from(has("queries")) * o.runs
+        + usize::from(has("push")) * o.feed_rates.len() * o.runs;
     let progress = Progress::new(steps);
     let mut report = json!({
         "machine": {
@@ -271,6 +287,17 @@ fn main() {
     }
     if has("queries") {
         queries(
+            &o,
+            &map,
+            &map_name,
+            &progress,
+            &mut report,
+            &mut rows,
+            &mut panels,
+        );
+    }
+    if has("push") {
+        push::section(
             &o,
             &map,
             &map_name,

@@ -125,6 +125,9 @@ pub enum EngineError {
     /// Timely could not start its workers.
     #[error("cannot start workers: {0}")]
     Timely(String),
+    /// The processes of the cluster could not connect.
+    #[error("cannot connect to the cluster's other processes")]
+    Connect(#[from] crate::cluster::ConnectError),
     /// A thread of the engine could not start.
     #[error("cannot start a thread")]
     Thread(#[from] std::io::Error),
@@ -283,18 +286,11 @@ impl Engine {
                 .map(|source| Some(WorkerSlot { source }))
                 .collect(),
         );
-        let timely_config = timely::Config {
-            communication: match &config.cluster {
-                None => timely::CommunicationConfig::Process(workers),
-                Some(c) => timely::CommunicationConfig::Cluster {
-                    threads: workers,
-                    process: c.process,
-                    addresses: c.addresses.clone(),
-                    report: false,
-                    zerocopy: false,
-                },
-            },
-            worker: worker_config(),
+        let (builders, others) = match &config.cluster {
+            None => timely::CommunicationConfig::Process(workers)
+                .try_build()
+                .map_err(EngineError::Timely)?,
+            Some(c) => crate::cluster::connect(c.process, &c.addresses, workers)?,
         };
         let view = ServingView::new();
         let mut applier = ViewApplier::start(view.clone())?;
@@ -302,37 +298,38 @@ impl Engine {
         let feed = Mutex::new(applier.take_feed());
         let (shared2, progress2, counters2) = (shared.clone(), progress.clone(), counters.clone());
         let retracted = std::sync::Barrier::new(workers);
-        let guards = timely::execute(timely_config, move |worker| {
-            // Global worker index = process * workers + local index.
-            let index = worker.index() % workers;
-            // Workers run once every process of the cluster is connected, so every process has
-            // loaded its checkpoint (and seen its marks) by now. Before any worker here can
-            // publish, the marks go: from now on the changelog may hold more than a checkpoint.
-            if index == 0 {
-                if let Some(settings) = &config.checkpoint {
-                    retract_marks(&settings.state_dir);
+        let guards =
+            timely::execute::execute_from(builders, others, worker_config(), move |worker| {
+                // Global worker index = process * workers + local index.
+                let index = worker.index() % workers;
+                // Workers run once every process of the cluster is connected, so every process has
+                // loaded its checkpoint (and seen its marks) by now. Before any worker here can
+                // publish, the marks go: from now on the changelog may hold more than a checkpoint.
+                if index == 0 {
+                    if let Some(settings) = &config.checkpoint {
+                        retract_marks(&settings.state_dir);
+                    }
                 }
-            }
-            retracted.wait();
-            yield_to_queries();
-            let slot = slots.lock().unwrap_or_else(|e| e.into_inner())[index].take();
-            let Some(slot) = slot else { return };
-            let feed = match index {
-                0 => feed.lock().unwrap_or_else(|e| e.into_inner()).take(),
-                _ => None,
-            };
-            let mut w = WorkerLoop::new(
-                worker,
-                slot,
-                &config,
-                shared2.clone(),
-                progress2.clone(),
-                &counters2,
-                feed,
-            );
-            w.run(worker);
-        })
-        .map_err(EngineError::Timely)?;
+                retracted.wait();
+                yield_to_queries();
+                let slot = slots.lock().unwrap_or_else(|e| e.into_inner())[index].take();
+                let Some(slot) = slot else { return };
+                let feed = match index {
+                    0 => feed.lock().unwrap_or_else(|e| e.into_inner()).take(),
+                    _ => None,
+                };
+                let mut w = WorkerLoop::new(
+                    worker,
+                    slot,
+                    &config,
+                    shared2.clone(),
+                    progress2.clone(),
+                    &counters2,
+                    feed,
+                );
+                w.run(worker);
+            })
+            .map_err(EngineError::Timely)?;
         Ok(Engine {
             handle: EngineHandle {
                 shared,

@@ -16,6 +16,8 @@
 //! - [`cli`]: the command line of CONTRACT section 1.
 //! - [`pipeline`]: the engine wired to Kafka sources, dead letters and changelogs; whether a restore
 //!   publishes its state again.
+//! - [`cluster`]: the connections between a cluster's processes (timely's handshake, retried
+//!   with a short retry, rather than timely's one a second).
 //! - [`failstop`]: a cluster process that loses a peer says so and stops (timely has no fault
 //!   tolerance: recovery is a restart of every process from its checkpoint).
 //! - [`report`]: an error and its causes on one line, for logs.
@@ -23,6 +25,7 @@
 
 pub mod changelog;
 pub mod cli;
+pub mod cluster;
 pub mod demo;
 pub mod engine;
 pub mod failstop;

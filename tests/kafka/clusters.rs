@@ -219,7 +219,8 @@ impl Cluster {
         self.processes.iter_mut().for_each(|p| *p = None);
     }
 
-    /// The checkpoint each process restored and the records before its offsets, from its log.
+    /// The checkpoint each process restored and the records before its offsets (the whole
+    /// checkpoint's), from its log.
     fn restored(&self) -> Vec<(u64, f64)> {
         (0..self.len())
             .map(|p| {
@@ -240,7 +241,8 @@ impl Cluster {
                     .and_then(|l| l.rsplit('(').next())
                     .and_then(|n| n.parse().ok())
                     .expect("records before the offsets");
-                assert!(line.contains("(this process's part)"), "{line}");
+                // Every process has the whole checkpoint by then: the processes share their parts.
+                assert!(!line.contains("(this process's part)"), "{line}");
                 (time, records)
             })
             .collect()
@@ -309,11 +311,19 @@ fn restores_after_a_fault(
     let restored = cluster.restored();
     let time = restored[0].0;
     assert!(
-        restored.iter().all(|(t, _)| *t == time),
-        "one checkpoint time on every process: {restored:?}"
+        restored.iter().all(|r| *r == restored[0]),
+        "one checkpoint, whole, on every process: {restored:?}"
     );
+    for p in 0..n {
+        let log = cluster.process(p).log();
+        assert!(
+            log.contains("the other processes' parts added to this state dir")
+                && log.contains("reading the changelog after its cut"),
+            "process {p} got the other parts and read only the changelog's tail: {log}"
+        );
+    }
     let produced: usize = parts.iter().map(|p| p.records.len()).sum();
-    let before_offsets: f64 = restored.iter().map(|(_, r)| r).sum();
+    let before_offsets = restored[0].1;
     assert!(before_offsets >= parts[0].records.len() as f64);
     assert_eq!(
         cluster.records_read(),
@@ -377,4 +387,64 @@ fn a_cluster_on_hosts_of_its_own_fail_stops_on_a_cut_link_and_restores() {
     restores_after_a_fault(&tansu, cluster, "netns", 47, |c, victim| {
         c.cut_one(victim, &net)
     });
+}
+
+/// A process killed while the cluster stops cleanly (SIGTERM to one process, `kill -9` of the
+/// other at once, before the last checkpoint can be complete): the survivor exits within 5 s
+/// rather than waiting for its lost peer, and the next start restores one time every process has,
+/// reads only what came after it, and holds the whole input.
+#[test]
+fn a_peer_killed_during_a_clean_stop_leaves_a_checkpoint_the_cluster_restores() {
+    let broker = Broker::embedded();
+    let test = "stop-kill";
+    let mut cluster = Cluster::new(&state_dir(test), 2);
+    let t = Topics::new(test);
+    broker.create(
+        &[&t.riders, &t.deliveries, &t.districts, &t.snapshots, &t.dlq],
+        PARTITIONS,
+    );
+    let bootstrap = broker.bootstrap();
+    let parts = scenario_in_parts(&t, &builtin(), 53, &[1_500, 600]);
+    produce(&bootstrap, &parts[0].records);
+    cluster.start(&t, &bootstrap, "1");
+    cluster.wait_ready_holding(&parts[0].expected_districts);
+    let before = cluster.written();
+    for chunk in parts[1].records.chunks(100) {
+        produce(&bootstrap, chunk);
+    }
+    cluster.wait_for_checkpoints(&before, 2);
+    let asked = Instant::now();
+    let _ = std::process::Command::new("/usr/bin/kill")
+        .args(["-TERM", &cluster.process(0).pid().to_string()])
+        .status();
+    drop(cluster.processes[1].take());
+    let code = eventually(Duration::from_secs(5), "the survivor to exit", || {
+        cluster.processes[0].as_mut().expect("running").exited()
+    });
+    eprintln!(
+        "the survivor exited {code:?} {:?} after the stop",
+        asked.elapsed()
+    );
+    cluster.processes[0] = None;
+
+    cluster.start(&t, &bootstrap, "1");
+    cluster.wait_ready_holding(&parts[1].expected_districts);
+    cluster.check_equals_model(&parts[1]);
+    let restored = cluster.restored();
+    assert!(
+        restored.iter().all(|r| *r == restored[0]),
+        "one checkpoint, whole, on every process: {restored:?}"
+    );
+    let produced: usize = parts.iter().map(|p| p.records.len()).sum();
+    let before_offsets = restored[0].1;
+    assert_eq!(
+        cluster.records_read(),
+        produced as f64 - before_offsets,
+        "the restart reads only what came after the checkpoint"
+    );
+    for p in cluster.processes.iter_mut() {
+        if let Some(process) = p.take() {
+            assert_eq!(process.terminate(), Some(0));
+        }
+    }
 }

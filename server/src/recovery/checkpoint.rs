@@ -210,6 +210,49 @@ fn dir_of(state_dir: &Path, time: Time) -> PathBuf {
     state_dir.join(format!("checkpoint-{time:020}"))
 }
 
+/// The files of process `process`'s part of checkpoint `time` (name, contents), to give the
+/// other processes of its cluster ([`add_parts`]).
+pub fn own_files(
+    state_dir: &Path,
+    time: Time,
+    process: usize,
+) -> Result<Vec<(String, Vec<u8>)>, CheckpointError> {
+    let dir = dir_of(state_dir, time);
+    let (dash, dot) = (format!("process-{process}-"), format!("process-{process}."));
+    let mut files = Vec::new();
+    for entry in fs::read_dir(&dir).map_err(io(&dir))? {
+        let path = entry.map_err(io(&dir))?.path();
+        let Some(name) = path.file_name().and_then(|n| n.to_str()).map(str::to_owned) else {
+            continue;
+        };
+        if (name.starts_with(&dash) || name.starts_with(&dot)) && !name.ends_with(".tmp") {
+            files.push((name, fs::read(&path).map_err(io(&path))?));
+        }
+    }
+    Ok(files)
+}
+
+/// Adds other processes' parts of checkpoint `time` to this state dir, each file atomically and
+/// the manifests and marks last (a part counts once its manifest is there), so that the
+/// checkpoint is whole here.
+pub fn add_parts(
+    state_dir: &Path,
+    time: Time,
+    files: &[(String, Vec<u8>)],
+) -> Result<(), CheckpointError> {
+    let dir = dir_of(state_dir, time);
+    let (data, last): (Vec<_>, Vec<_>) = files
+        .iter()
+        // Only names of this layout, never a path elsewhere.
+        .filter(|(name, _)| name.starts_with("process-") && !name.contains(['/', '\\']))
+        .partition(|(name, _)| !name.ends_with(".json"));
+    for (name, bytes) in data.into_iter().chain(last) {
+        write_atomic(&dir.join(name), bytes)?;
+    }
+    sync_dir(&dir);
+    Ok(())
+}
+
 /// Writes `bytes` to `path` atomically: temporary file, sync, rename.
 fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), CheckpointError> {
     let tmp = path.with_extension("tmp");

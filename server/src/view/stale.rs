@@ -73,11 +73,13 @@ impl StaleSource {
 
 /// How far one changelog partition has been read while the view loads.
 ///
-/// A partition is read once the next offset to read is at or past the high watermark of a fetch
-/// answer received since reading began: every record there at start is then in. The end offsets a
-/// broker lists ahead of time are not used, since some brokers list them imprecisely (one short of
-/// the last batch, or past records they never deliver) and the view would stop short or wait
-/// forever; and a partition whose records were all removed (retention, delete-records: low
+/// A partition is read once the next offset to read is at or past the high watermark of the first
+/// fetch answer received since reading began: every record there at start is then in. Not a later
+/// answer's: this run may be publishing its state again into the same topics meanwhile, and a
+/// reader chasing that would load only once the publishing ends (minutes at a million riders). The
+/// end offsets a broker lists ahead of time are not used, since some brokers list them imprecisely
+/// (one short of the last batch, or past records they never deliver) and the view would stop short
+/// or wait forever; and a partition whose records were all removed (retention, delete-records: low
 /// watermark == high watermark) is read at once, with nothing in it.
 #[derive(Debug)]
 struct Reading {
@@ -86,17 +88,30 @@ struct Reading {
     start: i64,
     /// The offset after the last record read, once one is.
     next: Option<i64>,
+    /// The high watermark of the first fetch answer seen.
+    target: Option<i64>,
 }
 
 impl Reading {
-    fn caught_up(&self, watermarks: &Watermarks, topic: &str, partition: i32) -> bool {
+    fn new(start: i64) -> Reading {
+        Reading {
+            start,
+            next: None,
+            target: None,
+        }
+    }
+
+    fn caught_up(&mut self, watermarks: &Watermarks, topic: &str, partition: i32) -> bool {
         let Some((low, high)) = watermarks.of(topic, partition) else {
             return false;
         };
-        if high < 0 {
-            return false;
+        if self.target.is_none() && high >= 0 {
+            self.target = Some(high);
         }
-        self.next.unwrap_or(self.start).max(low) >= high
+        let Some(target) = self.target else {
+            return false;
+        };
+        self.next.unwrap_or(self.start).max(low) >= target
     }
 }
 
@@ -461,9 +476,11 @@ impl Reader {
         // A topic the broker does not list holds nothing from earlier runs: it is not waited for
         // (the changelog's clearing waits for this view's keys). One listed with an error is asked
         // again.
+        let asked = Instant::now();
         let md = self.consumers[0]
             .fetch_metadata(None, Duration::from_secs(5))
             .ok()?;
+        let metadata = asked.elapsed();
         let mut partitions = [0usize; 2];
         for (i, name) in self.topics.iter().enumerate() {
             if let Some(t) = md.topics().iter().find(|t| t.name() == name) {
@@ -487,6 +504,7 @@ impl Reader {
         // one request for all of a topic's partitions (the timestamp -2, `Offset::Beginning`,
         // asks for the earliest offset).
         let mut reading = BTreeMap::new();
+        let asked = Instant::now();
         for (i, consumer) in self.consumers.iter().enumerate() {
             if partitions[i] == 0 {
                 continue;
@@ -508,17 +526,21 @@ impl Reader {
                     _ => 0,
                 };
                 let start = start_of(i, e.partition()).unwrap_or(0).max(listed_low);
-                reading.insert((i, e.partition()), Reading { start, next: None });
+                reading.insert((i, e.partition()), Reading::new(start));
             }
         }
+        // How long the broker took to answer is worth a line: a slow one delays the view.
         tracing::info!(
-            "stale view: reading {} changelog partitions{}",
+            "stale view: reading {} changelog partitions{} (the broker listed them in {:?} and \
+             their first offsets in {:?})",
             reading.len(),
             if self.cut.is_empty() {
                 ""
             } else {
                 " from the checkpoint's cut"
-            }
+            },
+            metadata,
+            asked.elapsed()
         );
         Some(reading)
     }
