@@ -271,6 +271,34 @@ fn a_cluster_restores_its_own_dirs_after_a_kill(n: usize, test: &str, seed: u64)
     restores_after_a_fault(&broker, cluster, test, seed, |c, victim| c.kill_one(victim));
 }
 
+/// Fresh topics for `test` and a scenario in parts of `sizes`: the first part produced before
+/// `cluster` starts (readiness means all of it, on every process), the second in steps while each
+/// process checkpoints on its own disk, until every process has written two more.
+fn started_with_checkpoints(
+    broker: &Broker,
+    cluster: &mut Cluster,
+    test: &str,
+    seed: u64,
+    sizes: &[usize],
+) -> (Topics, String, Vec<Input>) {
+    let t = Topics::new(test);
+    broker.create(
+        &[&t.riders, &t.deliveries, &t.districts, &t.snapshots, &t.dlq],
+        PARTITIONS,
+    );
+    let bootstrap = broker.bootstrap();
+    let parts = scenario_in_parts(&t, &builtin(), seed, sizes);
+    produce(&bootstrap, &parts[0].records);
+    cluster.start(&t, &bootstrap, "1");
+    cluster.wait_ready_holding(&parts[0].expected_districts);
+    let before = cluster.written();
+    for chunk in parts[1].records.chunks(100) {
+        produce(&bootstrap, chunk);
+    }
+    cluster.wait_for_checkpoints(&before, 2);
+    (t, bootstrap, parts)
+}
+
 /// The scenario of [`a_cluster_restores_its_own_dirs_after_a_kill`] on `cluster`, with `fault`
 /// instead of the kill.
 fn restores_after_a_fault(
@@ -280,24 +308,9 @@ fn restores_after_a_fault(
     seed: u64,
     fault: impl FnOnce(&mut Cluster, usize),
 ) {
-    let t = Topics::new(test);
-    broker.create(
-        &[&t.riders, &t.deliveries, &t.districts, &t.snapshots, &t.dlq],
-        PARTITIONS,
-    );
-    let bootstrap = broker.bootstrap();
     let n = cluster.len();
-    let parts = scenario_in_parts(&t, &builtin(), seed, &[1_500, 600, 600]);
-    produce(&bootstrap, &parts[0].records);
-    cluster.start(&t, &bootstrap, "1");
-    // Readiness means the whole input: every partition of every process.
-    cluster.wait_ready_holding(&parts[0].expected_districts);
-    // Input arrives in steps; each process checkpoints on its own disk meanwhile.
-    let before = cluster.written();
-    for chunk in parts[1].records.chunks(100) {
-        produce(&bootstrap, chunk);
-    }
-    cluster.wait_for_checkpoints(&before, 2);
+    let (t, bootstrap, parts) =
+        started_with_checkpoints(broker, &mut cluster, test, seed, &[1_500, 600, 600]);
     // More arrives, and one process dies mid-stream, at a moment the seed picks.
     let victim = (seed as usize) % n;
     let (arriving, later) = parts[2].records.split_at(300);
@@ -398,21 +411,8 @@ fn a_peer_killed_during_a_clean_stop_leaves_a_checkpoint_the_cluster_restores() 
     let broker = Broker::embedded();
     let test = "stop-kill";
     let mut cluster = Cluster::new(&state_dir(test), 2);
-    let t = Topics::new(test);
-    broker.create(
-        &[&t.riders, &t.deliveries, &t.districts, &t.snapshots, &t.dlq],
-        PARTITIONS,
-    );
-    let bootstrap = broker.bootstrap();
-    let parts = scenario_in_parts(&t, &builtin(), 53, &[1_500, 600]);
-    produce(&bootstrap, &parts[0].records);
-    cluster.start(&t, &bootstrap, "1");
-    cluster.wait_ready_holding(&parts[0].expected_districts);
-    let before = cluster.written();
-    for chunk in parts[1].records.chunks(100) {
-        produce(&bootstrap, chunk);
-    }
-    cluster.wait_for_checkpoints(&before, 2);
+    let (t, bootstrap, parts) =
+        started_with_checkpoints(&broker, &mut cluster, test, 53, &[1_500, 600]);
     let asked = Instant::now();
     let _ = std::process::Command::new("/usr/bin/kill")
         .args(["-TERM", &cluster.process(0).pid().to_string()])
