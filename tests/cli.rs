@@ -323,7 +323,9 @@ fn the_demo_keeps_its_changelog_topics_whole() {
     };
     // More than the old layout held: four partitions of about 70,000 rider records each.
     let needed = 4 * 80_000;
-    let deadline = Instant::now() + Duration::from_secs(240);
+    // A bound, not a duration: the loop ends as soon as enough is written (a loaded machine that
+    // runs other tests beside this one writes more slowly).
+    let deadline = Instant::now() + Duration::from_secs(480);
     loop {
         let riders = watermarks("rider-changelog");
         let written: i64 = riders.iter().map(|(_, high)| high).sum();
@@ -343,7 +345,7 @@ fn the_demo_keeps_its_changelog_topics_whole() {
         }
         assert!(
             Instant::now() < deadline,
-            "only {written} rider changelog records in 240 s"
+            "only {written} rider changelog records in 480 s"
         );
         std::thread::sleep(Duration::from_millis(500));
     }

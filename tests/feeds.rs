@@ -194,7 +194,10 @@ fn a_client_that_reads_nothing_costs_a_bounded_history_and_catches_up() {
 /// the deadline) and point queries stay fast, since each version's event is rendered once and
 /// shared, feeds are paced and run beside the queries, not among them. The bound here (10 ms) is a
 /// guard against regressions on a busy 2-core machine that runs the clients too; the figure
-/// (p99 about 3-4 ms here, against a target of 2 ms) is in docs/status.md.
+/// (p99 about 3-4 ms here, against a target of 2 ms) is in docs/status.md. Every client has its
+/// snapshot before the input moves, and then gets a change: after the input stops, each client is
+/// at a position of its own, a fold and a render of its own on the feeds' thread, which in this
+/// debug build takes about a minute for all of them (the bound is 300 s).
 #[test]
 fn a_thousand_feed_clients_leave_ingest_and_point_queries_fast() {
     use dongflow::http::{App, HttpServer};
@@ -221,6 +224,19 @@ fn a_thousand_feed_clients_leave_ingest_and_point_queries_fast() {
         .as_str()
         .expect("a rider")
         .to_owned();
+    let least = || {
+        feeds
+            .events
+            .iter()
+            .map(|f| f.load(std::sync::atomic::Ordering::Relaxed))
+            .min()
+            .unwrap_or(0)
+    };
+    // Every client has its snapshot before the input moves: a snapshot answered only after the
+    // last change would leave its client nothing to receive.
+    common::kafka::eventually(Duration::from_secs(60), "every client's snapshot", || {
+        (least() >= 1).then_some(())
+    });
     let started = Instant::now();
     let mut latencies = Vec::new();
     for _ in 0..20 {
@@ -236,28 +252,37 @@ fn a_thousand_feed_clients_leave_ingest_and_point_queries_fast() {
     let ingest = started.elapsed();
     latencies.sort();
     let p99 = latencies[latencies.len() * 99 / 100];
-    let least = || {
-        feeds
-            .events
-            .iter()
-            .map(|f| f.load(std::sync::atomic::Ordering::Relaxed))
-            .min()
-            .unwrap_or(0)
-    };
-    let deadline = Instant::now() + Duration::from_secs(30);
+    // A bound on liveness, not a speed: every client at its own position after the input stops is
+    // a fold and a render of its own, on the feeds' one thread (of this debug build).
+    let waited = Instant::now();
+    let deadline = waited + Duration::from_secs(300);
     while least() < 2 {
-        assert!(
-            Instant::now() < deadline,
-            "a client never got a change: {}",
-            least()
-        );
+        if Instant::now() >= deadline {
+            let metrics = client.get("/metrics").2;
+            let feed_lines: Vec<&str> = metrics
+                .lines()
+                .filter(|l| l.starts_with("dongflow_feed"))
+                .collect();
+            panic!(
+                "a client never got a change: {} clients at 1 event, {} connections ended; {}",
+                feeds
+                    .events
+                    .iter()
+                    .filter(|f| f.load(std::sync::atomic::Ordering::Relaxed) < 2)
+                    .count(),
+                feeds.ended.load(std::sync::atomic::Ordering::Relaxed),
+                feed_lines.join("; ")
+            );
+        }
         std::thread::sleep(Duration::from_millis(20));
     }
     let least = least();
     eprintln!(
         "1,000 feeds: 20,000 events in {ingest:?}, point query p50 {:?} p99 {p99:?}, \
-         events per client at least {least}",
-        latencies[latencies.len() / 2]
+         events per client at least {least}, every client's first change within {:?} of the \
+         input's end",
+        latencies[latencies.len() / 2],
+        waited.elapsed()
     );
     assert!(least >= 2, "every client got its snapshot and changes");
     assert!(

@@ -96,6 +96,8 @@ impl Feed {
 /// engine's own threads on a small machine). Counts each connection's events.
 pub struct ManyFeeds {
     pub events: Vec<std::sync::Arc<std::sync::atomic::AtomicU64>>,
+    /// Connections that ended (the server closed them, or a read failed).
+    pub ended: std::sync::Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl ManyFeeds {
@@ -104,6 +106,8 @@ impl ManyFeeds {
         use std::sync::Arc;
         let events: Vec<Arc<AtomicU64>> = (0..clients).map(|_| Arc::default()).collect();
         let counters = events.clone();
+        let ended = std::sync::Arc::new(AtomicU64::new(0));
+        let ends = ended.clone();
         let request = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\n\r\n");
         let (opened_tx, opened_rx) = std::sync::mpsc::channel();
         std::thread::spawn(move || {
@@ -121,13 +125,17 @@ impl ManyFeeds {
                         .await
                         .expect("connects");
                     stream.write_all(request.as_bytes()).await.expect("asks");
+                    let ends = ends.clone();
                     tasks.push(tokio::spawn(async move {
                         let mut buf = vec![0u8; 64 * 1024];
                         // The end of the last read, for an `event: ` split between two reads.
                         let mut tail: Vec<u8> = Vec::new();
                         loop {
                             let n = match stream.read(&mut buf).await {
-                                Ok(0) | Err(_) => return,
+                                Ok(0) | Err(_) => {
+                                    ends.fetch_add(1, Ordering::Relaxed);
+                                    return;
+                                }
                                 Ok(n) => n,
                             };
                             tail.extend_from_slice(&buf[..n]);
@@ -147,7 +155,7 @@ impl ManyFeeds {
         opened_rx
             .recv_timeout(Duration::from_secs(60))
             .expect("every client connected");
-        ManyFeeds { events }
+        ManyFeeds { events, ended }
     }
 }
 
