@@ -194,10 +194,34 @@ fn cluster_arguments_are_checked() {
 }
 
 /// Starts the binary, returns it with the lines it printed up to its HTTP URL, and the URL.
+/// A `dongflow` child killed when dropped: a test that fails leaves no process behind to slow the
+/// tests after it.
+struct Spawned(std::process::Child);
+
+impl std::ops::Deref for Spawned {
+    type Target = std::process::Child;
+    fn deref(&self) -> &std::process::Child {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for Spawned {
+    fn deref_mut(&mut self) -> &mut std::process::Child {
+        &mut self.0
+    }
+}
+
+impl Drop for Spawned {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 fn start(
     args: &[&str],
 ) -> (
-    std::process::Child,
+    Spawned,
     Vec<String>,
     String,
     std::thread::JoinHandle<Vec<String>>,
@@ -223,10 +247,15 @@ fn start(
         .expect("it prints its HTTP URL");
     // Keep reading stdout so that the child never blocks on a full pipe.
     let reader = std::thread::spawn(move || lines.map_while(Result::ok).collect());
-    (child, seen, url.trim_end_matches('/').to_string(), reader)
+    (
+        Spawned(child),
+        seen,
+        url.trim_end_matches('/').to_string(),
+        reader,
+    )
 }
 
-fn sigterm_exits_0(mut child: std::process::Child) {
+fn sigterm_exits_0(mut child: Spawned) {
     let killed = Command::new("kill")
         .args(["-TERM", &child.id().to_string()])
         .status()
