@@ -292,3 +292,13 @@ fn a_thousand_feed_clients_leave_ingest_and_point_queries_fast() {
     assert!(p99 < Duration::from_millis(10), "point query p99 {p99:?}");
     server.stop();
 }
+
+/// The many-clients tests count events by bytes; an event split between two reads counts once,
+/// a comment not at all.
+#[test]
+fn an_event_split_between_reads_counts_once() {
+    let mut c = common::event_count::EventCounter::default();
+    assert_eq!(c.count(b"event: snapshot\ndata: {}\n\neve"), 1);
+    assert_eq!(c.count(b"nt: changes\n"), 1);
+    assert_eq!(c.count(b": keep-alive\n\n"), 0);
+}

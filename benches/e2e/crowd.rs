@@ -90,18 +90,13 @@ impl Drop for Crowd {
 /// Reads the stream, counting `event: ` lines.
 async fn feed(mut stream: TcpStream, stop: &AtomicBool, count: &AtomicU64) -> std::io::Result<()> {
     let mut buf = vec![0u8; 64 * 1024];
-    // The end of the last read, for an `event: ` split between two reads.
-    let mut tail: Vec<u8> = Vec::new();
+    let mut events = crate::event_count::EventCounter::default();
     while !stop.load(Ordering::Relaxed) {
         let n = stream.read(&mut buf).await?;
         if n == 0 {
             return Ok(());
         }
-        tail.extend_from_slice(&buf[..n]);
-        let found = tail.windows(7).filter(|w| w == b"event: ").count();
-        count.fetch_add(found as u64, Ordering::Relaxed);
-        let keep = tail.len().saturating_sub(6);
-        tail.drain(..keep);
+        count.fetch_add(events.count(&buf[..n]), Ordering::Relaxed);
     }
     Ok(())
 }

@@ -23,6 +23,8 @@ mod load;
 mod progress;
 mod push;
 
+#[path = "../../tests/common/event_count.rs"]
+mod event_count;
 #[path = "../../tests/common/heap.rs"]
 mod heap_common;
 #[allow(dead_code)]

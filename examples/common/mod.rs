@@ -9,10 +9,11 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use dongflow_connectors::kafka::generate::send_event;
 use dongflow_connectors::kafka::{create_topics, TopicSpec};
 use dongflow_connectors::simulator::SimEvent;
 use rdkafka::config::ClientConfig;
-use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
+use rdkafka::producer::{BaseProducer, Producer};
 
 pub const PARTITIONS: i32 = 4;
 
@@ -123,22 +124,7 @@ pub fn produce(bootstrap: &str, topics: &Topics, events: &[SimEvent]) -> f64 {
         .expect("producer");
     let started = Instant::now();
     for event in events {
-        let topic = match event {
-            SimEvent::Rider(_) => &topics.riders,
-            SimEvent::Delivery(_) => &topics.deliveries,
-        };
-        let payload = event.encode();
-        let key = event.key().as_bytes().to_vec();
-        let mut record = BaseRecord::to(topic).key(&key[..]).payload(&payload[..]);
-        loop {
-            match producer.send(record) {
-                Ok(()) => break,
-                Err((_, back)) => {
-                    record = back;
-                    producer.poll(Duration::from_millis(10));
-                }
-            }
-        }
+        send_event(&producer, event, &topics.riders, &topics.deliveries).expect("event sent");
         producer.poll(Duration::ZERO);
     }
     producer

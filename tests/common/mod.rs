@@ -3,6 +3,7 @@
 
 #![allow(dead_code)]
 
+pub mod event_count;
 pub mod sse;
 
 use std::collections::{BTreeMap, HashMap};

@@ -128,8 +128,7 @@ impl ManyFeeds {
                     let ends = ends.clone();
                     tasks.push(tokio::spawn(async move {
                         let mut buf = vec![0u8; 64 * 1024];
-                        // The end of the last read, for an `event: ` split between two reads.
-                        let mut tail: Vec<u8> = Vec::new();
+                        let mut events = super::event_count::EventCounter::default();
                         loop {
                             let n = match stream.read(&mut buf).await {
                                 Ok(0) | Err(_) => {
@@ -138,11 +137,7 @@ impl ManyFeeds {
                                 }
                                 Ok(n) => n,
                             };
-                            tail.extend_from_slice(&buf[..n]);
-                            let found = tail.windows(7).filter(|w| w == b"event: ").count();
-                            counter.fetch_add(found as u64, Ordering::Relaxed);
-                            let keep = tail.len().saturating_sub(6);
-                            tail.drain(..keep);
+                            counter.fetch_add(events.count(&buf[..n]), Ordering::Relaxed);
                         }
                     }));
                 }

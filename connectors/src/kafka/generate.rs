@@ -53,6 +53,34 @@ impl ProducerContext for CountFailures {
     }
 }
 
+/// Sends `event` to its topic (`rider_topic` or `delivery_topic`, by its kind), keyed by its id;
+/// while librdkafka's queue is full, serves delivery reports until there is room.
+pub fn send_event<C: ProducerContext<DeliveryOpaque = ()>>(
+    producer: &BaseProducer<C>,
+    event: &SimEvent,
+    rider_topic: &str,
+    delivery_topic: &str,
+) -> Result<(), RdError> {
+    let topic = match event {
+        SimEvent::Rider(_) => rider_topic,
+        SimEvent::Delivery(_) => delivery_topic,
+    };
+    let payload = event.encode();
+    let key = event.key().as_bytes();
+    let mut record = BaseRecord::to(topic).key(key).payload(&payload[..]);
+    loop {
+        match producer.send(record) {
+            Ok(()) => return Ok(()),
+            Err((RdError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
+                // The broker is behind: serve delivery reports until there is room.
+                record = back;
+                producer.poll(Duration::from_millis(1));
+            }
+            Err((e, _)) => return Err(e),
+        }
+    }
+}
+
 /// Produces the simulator's events until the limit, the duration or `stop`; `progress` is called
 /// about every 100 ms with the events sent so far. Waits for every event to be delivered.
 pub fn generate(
@@ -95,24 +123,12 @@ pub fn generate(
             }
         }
         let event = simulator.next_event();
-        let topic = match event {
-            SimEvent::Rider(_) => &config.rider_topic,
-            SimEvent::Delivery(_) => &config.delivery_topic,
-        };
-        let payload = event.encode();
-        let key = event.key().as_bytes().to_vec();
-        let mut record = BaseRecord::to(topic).key(&key[..]).payload(&payload[..]);
-        loop {
-            match producer.send(record) {
-                Ok(()) => break,
-                Err((RdError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
-                    // The broker is behind: serve delivery reports until there is room.
-                    record = back;
-                    producer.poll(Duration::from_millis(1));
-                }
-                Err((e, _)) => return Err(e.into()),
-            }
-        }
+        send_event(
+            &producer,
+            &event,
+            &config.rider_topic,
+            &config.delivery_topic,
+        )?;
         sent += 1;
         if sent.is_multiple_of(4096) {
             producer.poll(Duration::ZERO);
