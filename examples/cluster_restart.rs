@@ -7,7 +7,8 @@
 //! earliest offsets, publishes every rider and writes a scheduled checkpoint. Then RUNS times, in
 //! turn:
 //! - `kill -9` of process 1 (process 0 exits 1 by itself), and a restart of both: time from spawn
-//!   to each process's first answer for a rider (stale) and until both answer `/readyz` 200;
+//!   to each process's first answer for a rider (stale), until both answer `/readyz` 200, and
+//!   until their changelog is reconciled with the state (with the rider records written again);
 //! - one process `-w 2` restoring the same checkpoint (both parts copied into one state dir, as a
 //!   shared folder restores any shape), also as after a kill: the same times; then `kill -9`.
 //!
@@ -118,6 +119,14 @@ fn records_read(r: &Run) -> f64 {
     r.metric("dongflow_kafka_records_read_total")
 }
 
+/// Seconds from the process's start until its changelog is reconciled with its caught-up state.
+fn reconciled(r: &Run) -> f64 {
+    r.until("the changelog reconciled", Duration::from_secs(1800), |r| {
+        r.get("/readyz").is_some() && r.metric("dongflow_changelog_unreconciled_topics") == 0.0
+    })
+    .as_secs_f64()
+}
+
 fn riders_published(r: &Run) -> f64 {
     r.metric("dongflow_output_records_written_total{output=\"rider_changelog\"}")
 }
@@ -202,6 +211,8 @@ fn main() {
     let mut fail_stop = vec![];
     let (mut cluster_answer, mut cluster_ready, mut cluster_read) = (vec![], vec![], vec![]);
     let (mut single_answer, mut single_ready, mut single_read) = (vec![], vec![], vec![]);
+    let (mut cluster_reconciled, mut cluster_written) = (vec![], vec![]);
+    let (mut single_reconciled, mut single_written) = (vec![], vec![]);
     let mut all_stale = true;
     let mut times = vec![];
     let mut cluster = cluster;
@@ -238,6 +249,8 @@ fn main() {
         single_answer.push(answered);
         single_ready.push(ready_at.as_secs_f64());
         single_read.push(records_read(&single));
+        single_reconciled.push(reconciled(&single));
+        single_written.push(riders_published(&single));
         peak_rss[2] = peak_rss[2].max(single.peak_rss());
         let log = single.kill();
         times.push(restored(&log));
@@ -259,6 +272,9 @@ fn main() {
         cluster_answer.push(answered);
         cluster_ready.push(ready_at.as_secs_f64());
         cluster_read.push(restarted.iter().map(records_read).sum::<f64>());
+        let reconciled_at = restarted.iter().map(reconciled).fold(0.0, f64::max);
+        cluster_reconciled.push(reconciled_at);
+        cluster_written.push(restarted.iter().map(riders_published).sum::<f64>());
         let logs: Vec<String> = restarted.iter().map(Run::log).collect();
         if std::env::var_os("CLUSTER_RESTART_LOG").is_some() {
             eprintln!("{}", logs.join("\n"));
@@ -294,6 +310,10 @@ fn main() {
         "single_first_rider_answer_s": stats(single_answer),
         "single_ready_s": stats(single_ready),
         "single_records_read_at_ready": stats(single_read),
+        "cluster_changelog_reconciled_s": stats(cluster_reconciled),
+        "cluster_rider_records_written_again": cluster_written,
+        "single_changelog_reconciled_s": stats(single_reconciled),
+        "single_rider_records_written_again": single_written,
         "first_answers_were_stale": all_stale,
         "peak_rss_bytes": { "process_0": peak_rss[0], "process_1": peak_rss[1], "single": peak_rss[2] },
     });

@@ -1,6 +1,7 @@
 //! The changelog topics of CONTRACT section 5: each changed district and rider, per dataflow
-//! time, rendered exactly as HTTP shows it, with `as_of`; and the clearing of keys that earlier
-//! runs left there and this run's state lacks ([`Clearing`]).
+//! time, rendered exactly as HTTP shows it, with `as_of`; and, for a run that cannot trust them to
+//! hold its state, their reconciling with it once caught up: only what differs is written, and the
+//! keys earlier runs left there and this run's state lacks are tombstoned ([`Clearing`]).
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -12,7 +13,7 @@ use dongflow_dataflow::types::{Change, DistrictCounts, Snapshot, Time};
 use dongflow_dataflow::upsert::owner;
 use serde::Serialize;
 
-use crate::render::{DistrictView, RiderView};
+use crate::render::{DistrictView, Fingerprint, RiderView};
 
 /// A changelog value: the object's own fields and `as_of`.
 #[derive(Clone, Debug, PartialEq, Serialize)]
@@ -107,14 +108,24 @@ pub fn write_riders(
     }
 }
 
-/// The keys the changelog topics held a value for (their latest record not a tombstone) when this
-/// run began reading them: what earlier runs published.
+/// A key the changelog topics held a value for (its latest record not a tombstone) when this run
+/// began reading them, with the [`Fingerprint`] of that value (`None`: its latest record could not
+/// be read back, so it is always written again).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HeldKey {
+    /// The record key: a district code or a rider id.
+    pub key: String,
+    /// What its value renders, hashed.
+    pub fingerprint: Option<u64>,
+}
+
+/// What the changelog topics held when this run began reading them: what earlier runs published.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct HeldKeys {
     /// District codes.
-    pub districts: Vec<String>,
+    pub districts: Vec<HeldKey>,
     /// Rider ids.
-    pub riders: Vec<String>,
+    pub riders: Vec<HeldKey>,
 }
 
 /// Says the changelog's [`HeldKeys`] once they are read, `None` until then.
@@ -140,30 +151,35 @@ impl std::fmt::Debug for HeldKeysSource {
 /// One changelog topic as a worker's [`Clearing`] sees it.
 pub trait ClearedTopic<K, V> {
     /// This topic's part of the held keys.
-    fn held<'a>(&self, keys: &'a HeldKeys) -> &'a [String];
+    fn held<'a>(&self, keys: &'a HeldKeys) -> &'a [HeldKey];
     /// The dataflow key of the record key `held`; `None` if the state can never hold it.
     fn key_of(&self, held: &str) -> Option<K>;
     /// Whether this worker writes the record key `held` (its owner, by the dataflow's exchange).
     fn owns(&self, held: &str) -> bool;
-    /// Writes one complete time's changes.
+    /// What a value renders, hashed (see [`Fingerprint`]).
+    fn fingerprint(&self, value: &V) -> u64;
+    /// Writes changes (a `None` value is a tombstone), in the order given.
     fn write(&self, changes: &[Change<K, V>]);
     /// Writes a tombstone for the record key `held`, at dataflow time `as_of`.
     fn tombstone(&self, held: &str, as_of: Time);
 }
 
-/// One worker's writes to one changelog topic, and the clearing of the keys that earlier runs
-/// left there and this run's state lacks.
+/// One worker's writes to one changelog topic, and the reconciling of what earlier runs left there
+/// with this run's state.
 ///
-/// A run that does not restore a checkpoint marked at a clean stop publishes its state again. A
-/// key the changelog holds and that state lacks would keep its old value, since the replay may
-/// never change it again. Such a key comes from a run that crashed after the restored checkpoint,
-/// or from a run before the state dir was emptied. So each worker notes which keys its writes
-/// leave present, learns the held keys it owns (once the stale view has read them all), and
-/// once the state has caught up with the input (a complete time, not a passing one), tombstones
-/// the held keys absent then. Writes never wait: a key this run wrote and the view read back is
-/// either present (kept) or absent (tombstoned again, which changes nothing).
-pub struct Clearing<K> {
-    stage: Stage<K>,
+/// A run that does not restore a checkpoint marked at a clean stop cannot trust the changelog to
+/// hold its state: a run that crashed after the restored checkpoint may have written more than
+/// it (or lost records in flight), and a run before the state dir was emptied may have left keys
+/// the replay never changes again. So until the state has caught up with the input (a complete
+/// time, not a passing one) and the held keys are known (read by the stale view), each worker
+/// folds its changes per key instead of writing them; then it writes, per key it owns, the final
+/// value where it differs from the held one (by [`Fingerprint`]), and a tombstone for each held key
+/// its state lacks. A changelog that already holds the state (a restart after a kill, with nothing
+/// new) is not written again, and one that does not never goes back to the older checkpoint's
+/// values on the way. From then on, writes go straight through. With no held key of its own, a
+/// worker writes straight through from the start.
+pub struct Clearing<K, V> {
+    stage: Stage<K, V>,
     progress: Arc<ClearingProgress>,
 }
 
@@ -190,27 +206,69 @@ impl ClearingProgress {
     }
 }
 
-enum Stage<K> {
-    /// Noting the keys present, until the held keys are known and the state has caught up.
-    Noting {
-        present: std::collections::HashSet<K>,
+/// What a worker's clearing of one topic wrote.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Cleared {
+    /// Final values and tombstones of the keys this run changed, where the changelog differed.
+    pub written: usize,
+    /// Keys whose held value was already this run's final one: not written again.
+    pub unchanged: usize,
+    /// Held keys the caught-up state lacks, tombstoned.
+    pub tombstoned: usize,
+}
+
+/// The held keys one worker owns.
+struct Owned<K> {
+    /// By dataflow key, with the fingerprint of the held value.
+    keys: std::collections::HashMap<K, Option<u64>>,
+    /// Record keys the state can never hold (a code the map does not know).
+    foreign: Vec<String>,
+}
+
+impl<K: std::hash::Hash + Eq> Owned<K> {
+    fn of<V>(topic: &impl ClearedTopic<K, V>, held: &HeldKeys) -> Self {
+        let mut owned = Owned {
+            keys: Default::default(),
+            foreign: Vec::new(),
+        };
+        for h in topic.held(held).iter().filter(|h| topic.owns(&h.key)) {
+            match topic.key_of(&h.key) {
+                Some(k) => {
+                    owned.keys.insert(k, h.fingerprint);
+                }
+                None => owned.foreign.push(h.key.clone()),
+            }
+        }
+        owned
+    }
+
+    fn is_empty(&self) -> bool {
+        self.keys.is_empty() && self.foreign.is_empty()
+    }
+}
+
+enum Stage<K, V> {
+    /// Folding this run's changes per key, until the held keys are known and the state has caught
+    /// up.
+    Holding {
+        pending: std::collections::HashMap<K, Change<K, V>>,
         source: HeldKeysSource,
         /// The held keys this worker owns, once known.
-        owned: Option<Vec<String>>,
+        owned: Option<Owned<K>>,
     },
     /// Cleared, or nothing to clear: writes go straight through.
     Done,
 }
 
-impl<K: std::hash::Hash + Eq + Clone> Clearing<K> {
+impl<K: std::hash::Hash + Eq + Clone, V> Clearing<K, V> {
     /// Clears the keys `held` will say; `None` clears nothing (the changelog holds the restored
     /// state).
     pub fn new(held: Option<HeldKeysSource>, progress: Arc<ClearingProgress>) -> Self {
         let stage = match held {
             Some(source) => {
                 progress.uncleared.fetch_add(1, Ordering::AcqRel);
-                Stage::Noting {
-                    present: Default::default(),
+                Stage::Holding {
+                    pending: Default::default(),
                     source,
                     owned: None,
                 }
@@ -220,52 +278,43 @@ impl<K: std::hash::Hash + Eq + Clone> Clearing<K> {
         Self { stage, progress }
     }
 
-    /// Writes complete times' changes, given in time order. `clear_after` is the time through
-    /// which the state must be complete before the held keys it lacks are tombstoned (`None`:
-    /// not known yet); `complete` says whether a time is complete. Returns how many keys were
-    /// tombstoned, once.
-    pub fn offer<V>(
+    /// Takes complete times' changes, given in time order. `clear_after` is the time through
+    /// which the state must be complete before the held keys are reconciled with it (`None`: not
+    /// known yet); `complete` says whether a time is complete. Returns what the clearing wrote,
+    /// once.
+    pub fn offer(
         &mut self,
         batches: Vec<Vec<Change<K, V>>>,
         clear_after: Option<Time>,
         complete: impl Fn(Time) -> bool,
         topic: &impl ClearedTopic<K, V>,
-    ) -> Option<usize> {
+    ) -> Option<Cleared> {
         let mut cleared = None;
-        if let Stage::Noting { source, owned, .. } = &mut self.stage {
+        if let Stage::Holding { source, owned, .. } = &mut self.stage {
             if owned.is_none() {
                 if let Some(keys) = source.get() {
-                    let mine: Vec<String> = topic
-                        .held(&keys)
-                        .iter()
-                        .filter(|k| topic.owns(k))
-                        .cloned()
-                        .collect();
-                    *owned = Some(mine);
+                    *owned = Some(Owned::of(topic, &keys));
                 }
             }
-            if owned.as_ref().is_some_and(Vec::is_empty) {
+            if owned.as_ref().is_some_and(Owned::is_empty) {
                 cleared = Some(self.clear(topic, 0));
             }
         }
         for batch in batches {
-            if let Stage::Noting { present, owned, .. } = &mut self.stage {
+            if let Stage::Holding { pending, owned, .. } = &mut self.stage {
                 let time = batch.first().map(|c| c.time);
                 let due = clear_after.is_some_and(|t| time.is_some_and(|time| time > t));
-                if due && owned.is_some() {
-                    cleared = Some(self.clear(topic, clear_after.unwrap_or(0)));
-                } else {
-                    for change in &batch {
-                        match change.value {
-                            Some(_) => present.insert(change.key.clone()),
-                            None => present.remove(&change.key),
-                        };
+                if !(due && owned.is_some()) {
+                    for change in batch {
+                        pending.insert(change.key.clone(), change);
                     }
+                    continue;
                 }
+                cleared = Some(self.clear(topic, clear_after.unwrap_or(0)));
             }
             topic.write(&batch);
         }
-        if let Stage::Noting { owned: Some(_), .. } = &self.stage {
+        if let Stage::Holding { owned: Some(_), .. } = &self.stage {
             if let Some(through) = clear_after.filter(|t| complete(*t)) {
                 cleared = Some(self.clear(topic, through));
             }
@@ -273,27 +322,47 @@ impl<K: std::hash::Hash + Eq + Clone> Clearing<K> {
         cleared
     }
 
-    /// Tombstones the owned held keys the state lacks, whose state is complete `through` a time
-    /// (the tombstones' time).
-    fn clear<V>(&mut self, topic: &impl ClearedTopic<K, V>, through: Time) -> usize {
-        let Stage::Noting {
-            present,
-            owned: Some(owned),
+    /// Writes the folded changes where the changelog differs, and tombstones the owned held keys
+    /// the state lacks, whose state is complete `through` a time (the tombstones' time).
+    fn clear(&mut self, topic: &impl ClearedTopic<K, V>, through: Time) -> Cleared {
+        let Stage::Holding {
+            pending,
+            owned: Some(Owned { mut keys, foreign }),
             ..
         } = std::mem::replace(&mut self.stage, Stage::Done)
         else {
-            return 0;
+            return Cleared::default();
         };
-        let mut n = 0;
-        for key in owned {
-            if topic.key_of(&key).is_none_or(|k| !present.contains(&k)) {
-                topic.tombstone(&key, through);
-                n += 1;
+        let mut out = Vec::with_capacity(pending.len());
+        let mut unchanged = 0;
+        for (key, change) in pending {
+            let held = keys.remove(&key);
+            match (&change.value, held) {
+                (Some(v), Some(Some(fp))) if topic.fingerprint(v) == fp => unchanged += 1,
+                // Gone again, and never in the changelog: nothing to remove.
+                (None, None) => {}
+                _ => out.push(change),
             }
+        }
+        let written = out.len();
+        let tombstoned = keys.len() + foreign.len();
+        out.extend(keys.into_keys().map(|key| Change {
+            key,
+            value: None,
+            time: through,
+        }));
+        out.sort_by_key(|c| c.time);
+        topic.write(&out);
+        for key in &foreign {
+            topic.tombstone(key, through);
         }
         self.progress.through.fetch_max(through, Ordering::AcqRel);
         self.progress.uncleared.fetch_sub(1, Ordering::AcqRel);
-        n
+        Cleared {
+            written,
+            unchanged,
+            tombstoned,
+        }
     }
 }
 
@@ -321,8 +390,11 @@ pub struct WorkerTopics {
 }
 
 impl ClearedTopic<DistrictId, DistrictCounts> for WorkerTopics {
-    fn held<'a>(&self, keys: &'a HeldKeys) -> &'a [String] {
+    fn held<'a>(&self, keys: &'a HeldKeys) -> &'a [HeldKey] {
         &keys.districts
+    }
+    fn fingerprint(&self, value: &DistrictCounts) -> u64 {
+        value.fingerprint()
     }
     fn key_of(&self, held: &str) -> Option<DistrictId> {
         self.index.id_of(held)
@@ -343,8 +415,11 @@ impl ClearedTopic<DistrictId, DistrictCounts> for WorkerTopics {
 }
 
 impl ClearedTopic<Id, Snapshot> for WorkerTopics {
-    fn held<'a>(&self, keys: &'a HeldKeys) -> &'a [String] {
+    fn held<'a>(&self, keys: &'a HeldKeys) -> &'a [HeldKey] {
         &keys.riders
+    }
+    fn fingerprint(&self, value: &Snapshot) -> u64 {
+        value.fingerprint()
     }
     fn key_of(&self, held: &str) -> Option<Id> {
         Some(Id::from(held))
@@ -367,12 +442,13 @@ mod tests {
 
     use super::*;
 
-    /// A topic of `u32` keys that logs what is written, owning the even keys.
+    /// A topic of `u32` keys and values (a value is its own fingerprint) that logs what is
+    /// written, owning the even keys.
     #[derive(Default)]
     struct Logged(RefCell<Vec<String>>);
 
     impl ClearedTopic<u32, u64> for Logged {
-        fn held<'a>(&self, keys: &'a HeldKeys) -> &'a [String] {
+        fn held<'a>(&self, keys: &'a HeldKeys) -> &'a [HeldKey] {
             &keys.riders
         }
         fn key_of(&self, held: &str) -> Option<u32> {
@@ -383,6 +459,9 @@ mod tests {
                 .parse::<u32>()
                 .is_ok_and(|k| k % 2 == 0)
         }
+        fn fingerprint(&self, value: &u64) -> u64 {
+            *value
+        }
         fn write(&self, changes: &[Change<u32, u64>]) {
             for c in changes {
                 let value = c.value.map_or("null".to_owned(), |v| v.to_string());
@@ -391,16 +470,23 @@ mod tests {
                     .push(format!("{}={value}@{}", c.key, c.time));
             }
         }
-        fn tombstone(&self, held: &str, _as_of: Time) {
-            self.0.borrow_mut().push(format!("{held}=null (cleared)"));
+        fn tombstone(&self, held: &str, as_of: Time) {
+            self.0
+                .borrow_mut()
+                .push(format!("{held}=null@{as_of} (foreign)"));
         }
     }
 
     impl Logged {
+        /// What was written, in order.
         fn take(&self) -> Vec<String> {
+            self.0.take()
+        }
+
+        /// What was written, sorted (a clearing writes the keys of one time in hash order).
+        fn take_sorted(&self) -> Vec<String> {
             let mut log = self.0.take();
-            // Tombstones of one clearing come in hash order.
-            log.sort_by_key(|l| !l.ends_with("(cleared)"));
+            log.sort();
             log
         }
     }
@@ -416,10 +502,17 @@ mod tests {
         (HeldKeysSource(Arc::new(move || c.get().cloned())), cell)
     }
 
-    fn held(keys: &[&str]) -> Arc<HeldKeys> {
+    /// Held keys with their values (`None`: unreadable).
+    fn held(keys: &[(&str, Option<u64>)]) -> Arc<HeldKeys> {
         Arc::new(HeldKeys {
             districts: Vec::new(),
-            riders: keys.iter().map(|k| (*k).to_owned()).collect(),
+            riders: keys
+                .iter()
+                .map(|(k, v)| HeldKey {
+                    key: (*k).to_owned(),
+                    fingerprint: *v,
+                })
+                .collect(),
         })
     }
 
@@ -434,73 +527,128 @@ mod tests {
     }
 
     #[test]
-    fn held_keys_the_caught_up_state_lacks_are_tombstoned_once_it_is_complete() {
+    fn the_catch_up_is_folded_and_only_what_the_changelog_lacks_is_written_once_complete() {
         let uncleared = Arc::new(ClearingProgress::default());
         let (source, cell) = later();
         let mut clearing = Clearing::new(Some(source), uncleared.clone());
         assert_eq!(uncleared.uncleared(), 1);
         let topic = Logged::default();
-        // Writes go at once, while the held keys are read.
+        // Folded while the held keys are read, caught up or not.
         let first = vec![change(2, Some(20), 5), change(4, Some(40), 5)];
         let cleared = clearing.offer(vec![first], Some(9), |_| true, &topic);
         assert_eq!(cleared, None, "the held keys are not known yet");
-        assert_eq!(topic.take(), ["2=20@5", "4=40@5"]);
+        assert_eq!(topic.take(), Vec::<String>::new());
 
-        // Held: 2 (set, then gone), 4 (set), 6 and 8 (not set before the clearing), 10 (not a
-        // key the state can hold); 3 is another worker's.
-        cell.set(held(&["2", "3", "4", "6", "8", "10x"]))
-            .expect("set once");
-        let second = vec![change(2, None, 7), change(8, Some(80), 7)];
+        // Held: 2 (then gone), 4 (another value), 6 (the same value), 12 (unreadable), 14 (not
+        // in this run's state), 10x (not a key the state can hold); 3 is another worker's. 8 is
+        // new.
+        let keys = held(&[
+            ("2", Some(20)),
+            ("3", Some(3)),
+            ("4", Some(41)),
+            ("6", Some(60)),
+            ("10x", Some(1)),
+            ("12", None),
+            ("14", Some(1)),
+        ]);
+        cell.set(keys).expect("set once");
+        let second = vec![
+            change(2, None, 7),
+            change(8, Some(80), 7),
+            change(12, Some(12), 7),
+        ];
         let cleared = clearing.offer(vec![second], Some(9), |t| t < 7, &topic);
         assert_eq!(cleared, None, "not before the caught-up time is complete");
-        assert_eq!(topic.take(), ["2=null@7", "8=80@7"]);
+        assert_eq!(topic.take(), Vec::<String>::new());
 
-        // Time 9 completes with no change of this worker's: the state lacks 2, 6 and 10x.
-        let cleared = clearing.offer(Vec::new(), Some(9), |t| t <= 9, &topic);
-        assert_eq!(cleared, Some(3));
-        let mut log = topic.take();
-        log.sort();
+        // Time 9 completes.
+        let third = vec![change(6, Some(60), 8)];
+        let cleared = clearing.offer(vec![third], Some(9), |t| t <= 9, &topic);
         assert_eq!(
-            log,
-            ["10x=null (cleared)", "2=null (cleared)", "6=null (cleared)"]
+            cleared,
+            Some(Cleared {
+                written: 4,
+                unchanged: 1,
+                tombstoned: 2
+            })
+        );
+        assert_eq!(
+            topic.take_sorted(),
+            [
+                "10x=null@9 (foreign)",
+                "12=12@7",
+                "14=null@9",
+                "2=null@7",
+                "4=40@5",
+                "8=80@7"
+            ]
         );
         assert_eq!(uncleared.uncleared(), 0);
+        assert_eq!(uncleared.whole_from(), Some(9));
 
-        // From then on, straight through.
+        // From then on, straight through, the same value or not.
         let cleared = clearing.offer(
-            vec![vec![change(6, Some(6), 10)]],
+            vec![vec![change(6, Some(60), 10)]],
             Some(9),
             |_| true,
             &topic,
         );
-        assert_eq!((cleared, topic.take()), (None, vec!["6=6@10".to_owned()]));
+        assert_eq!((cleared, topic.take()), (None, vec!["6=60@10".to_owned()]));
+    }
+
+    #[test]
+    fn a_key_back_at_its_held_value_after_the_catch_up_is_not_written() {
+        let (source, cell) = later();
+        cell.set(held(&[("2", Some(5))])).expect("set once");
+        let mut clearing = Clearing::new(Some(source), Arc::default());
+        let topic = Logged::default();
+        let batches = vec![vec![change(2, Some(6), 3)], vec![change(2, Some(5), 4)]];
+        let cleared = clearing.offer(batches, Some(4), |t| t <= 4, &topic);
+        assert_eq!(
+            cleared,
+            Some(Cleared {
+                written: 0,
+                unchanged: 1,
+                tombstoned: 0
+            })
+        );
+        assert_eq!(topic.take(), Vec::<String>::new());
     }
 
     #[test]
     fn a_change_after_the_caught_up_time_comes_after_the_clearing() {
         let (source, cell) = later();
-        cell.set(held(&["2", "4"])).expect("set once");
+        cell.set(held(&[("2", Some(9)), ("4", Some(1))]))
+            .expect("set once");
         let mut clearing = Clearing::new(Some(source), Arc::default());
         let topic = Logged::default();
         // The caught-up time is 9; a batch of time 10 arrives before its completion is seen.
         let batches = vec![vec![change(4, Some(1), 8)], vec![change(2, Some(2), 10)]];
         let cleared = clearing.offer(batches, Some(9), |_| false, &topic);
-        assert_eq!(cleared, Some(1));
-        // In the order written: the time-8 change, the clearing, then the time-10 change.
-        assert_eq!(topic.0.take(), ["4=1@8", "2=null (cleared)", "2=2@10"]);
+        assert_eq!(
+            cleared,
+            Some(Cleared {
+                written: 0,
+                unchanged: 1,
+                tombstoned: 1
+            })
+        );
+        // The clearing at 9 (4 unchanged, 2 lacking), then the time-10 change.
+        assert_eq!(topic.take(), ["2=null@9", "2=2@10"]);
     }
 
     #[test]
     fn with_no_held_key_of_its_own_a_worker_is_done_at_once() {
         let uncleared = Arc::new(ClearingProgress::default());
         let (source, cell) = later();
-        cell.set(held(&["3", "5"])).expect("set once");
+        cell.set(held(&[("3", Some(3)), ("5", Some(5))]))
+            .expect("set once");
         let mut clearing = Clearing::new(Some(source), uncleared.clone());
         let topic = Logged::default();
         let cleared = clearing.offer(vec![vec![change(2, Some(2), 1)]], None, |_| false, &topic);
         assert_eq!(
             cleared,
-            Some(0),
+            Some(Cleared::default()),
             "nothing it owns to clear, caught up or not"
         );
         assert_eq!(uncleared.uncleared(), 0);

@@ -30,7 +30,8 @@ use timely::progress::frontier::AntichainRef;
 use timely::WorkerConfig;
 
 use crate::changelog::{
-    ChangelogSink, ClearedTopic, Clearing, ClearingProgress, HeldKeysSource, WorkerTopics, Writer,
+    ChangelogSink, Cleared, ClearedTopic, Clearing, ClearingProgress, HeldKeysSource, WorkerTopics,
+    Writer,
 };
 use crate::query::{Answer, Query, QueryError, Shared, StateSizes};
 use crate::recovery::{retract_published, Restored, WorkerPart};
@@ -62,12 +63,14 @@ pub struct EngineConfig {
     pub restore: Option<Arc<Restored>>,
     /// Whether the changelog already holds the restored state (a clean stop published it, and
     /// nothing since; see [`Restored::published`]). It is then shown downstream at the
-    /// checkpoint's own time and not published again; otherwise it is published again, at the
-    /// restart's time, so that a changelog that lost records in a crash is made whole.
+    /// checkpoint's own time and not published again; otherwise it is shown at the restart's
+    /// time, and the changelog is reconciled with it once caught up (see [`Clearing`]), so that a
+    /// changelog that lost records in a crash is made whole.
     pub restore_published: bool,
-    /// The keys the changelog held at start, once read: once the state has caught up, each
-    /// worker tombstones the held keys it owns and the state lacks (see [`Clearing`]). `None`
-    /// clears nothing (the changelog holds the restored state).
+    /// The keys the changelog held at start, with their values' fingerprints, once read: once the
+    /// state has caught up, each worker writes what differs of the keys it owns and tombstones
+    /// the held keys the state lacks (see [`Clearing`]). `None` writes straight through (the
+    /// changelog holds the restored state).
     pub changelog_held: Option<HeldKeysSource>,
 }
 
@@ -453,6 +456,11 @@ impl EngineHandle {
         self.progress.changelog_clearing.whole_from()
     }
 
+    /// Workers' changelog topics not yet reconciled with the caught-up state (see [`Clearing`]).
+    pub fn changelog_unreconciled(&self) -> u64 {
+        self.progress.changelog_clearing.uncleared()
+    }
+
     /// The time of the checkpoint taken at a clean stop (0: not stopping).
     pub fn final_checkpoint_at(&self) -> Time {
         self.progress.final_at.load(Ordering::Acquire)
@@ -524,26 +532,24 @@ fn attach_changelog(
 }
 
 /// One changelog stream's sink operator.
-struct ChangelogSinkOp<K> {
+struct ChangelogSinkOp<K, V> {
     topics: WorkerTopics,
-    clearing: Clearing<K>,
+    clearing: Clearing<K, V>,
     progress: Arc<InputProgress>,
     what: &'static str,
 }
 
-impl<K> ChangelogSinkOp<K>
+impl<K, V> ChangelogSinkOp<K, V>
 where
     K: differential_dataflow::hashable::Hashable<Output = u64>
         + std::hash::Hash
         + Eq
         + Clone
         + 'static,
+    V: Clone + 'static,
+    WorkerTopics: ClearedTopic<K, V>,
 {
-    fn attach<V>(mut self, stream: &Stream<'_, Time, Vec<Change<K, V>>>, name: &str)
-    where
-        V: Clone + 'static,
-        WorkerTopics: ClearedTopic<K, V>,
-    {
+    fn attach(mut self, stream: &Stream<'_, Time, Vec<Change<K, V>>>, name: &str) {
         let me = self.topics.me;
         // Pipeline: the changelog streams are already partitioned by key, so each key is written
         // by one worker, in time order.
@@ -566,14 +572,19 @@ where
     }
 }
 
-fn log_cleared(cleared: Option<usize>, what: &str, me: Writer) {
-    match cleared {
-        Some(0) | None => {}
-        Some(n) => tracing::info!(
-            "worker {}: {n} {what} the changelog held and the caught-up state lacks tombstoned",
-            me.worker
-        ),
+fn log_cleared(cleared: Option<Cleared>, what: &str, me: Writer) {
+    let Some(c) = cleared else { return };
+    if c == Cleared::default() {
+        return;
     }
+    tracing::info!(
+        "worker {}: changelog reconciled with the caught-up state: {} {what} written, {} \
+         unchanged (not written again), {} the state lacks tombstoned",
+        me.worker,
+        c.written,
+        c.unchanged,
+        c.tombstoned
+    );
 }
 
 struct WorkerSlot {

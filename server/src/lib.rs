@@ -9,13 +9,14 @@
 //! - [`recovery`]: checkpoint files: writing them atomically, finding the newest usable one (in a
 //!   cluster, the newest every process can restore, agreed through the dataflow), and the marks of
 //!   a clean stop whose changelog is complete.
-//! - [`changelog`]: the changelog topics of CONTRACT section 5, written as times complete; clearing the
-//!   keys earlier runs left that the caught-up state lacks.
+//! - [`changelog`]: the changelog topics of CONTRACT section 5, written as times complete; after a
+//!   restart that cannot trust them, reconciled with the caught-up state (only what differs
+//!   written, the keys earlier runs left that the state lacks tombstoned).
 //! - [`render`]: the JSON of CONTRACT section 6 (district objects, rider snapshots).
 //! - [`http`]: the HTTP API of CONTRACT section 6 (hyper), metrics, health.
 //! - [`cli`]: the command line of CONTRACT section 1.
-//! - [`pipeline`]: the engine wired to Kafka sources, dead letters and changelogs; whether a restore
-//!   publishes its state again.
+//! - [`pipeline`]: the engine wired to Kafka sources, dead letters and changelogs; whether the
+//!   changelog holds a restored state or is reconciled with it.
 //! - [`cluster`]: the connections between a cluster's processes (timely's handshake, retried
 //!   with a short retry, rather than timely's one a second).
 //! - [`failstop`]: a cluster process that loses a peer says so and stops (timely has no fault

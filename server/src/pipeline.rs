@@ -377,14 +377,14 @@ fn changelog_holds(restored: &Restored, now: &Published, producer: &Producer) ->
     let time = restored.time;
     let Some(then) = &restored.published else {
         tracing::info!(
-            "checkpoint {time}: no clean stop marked its changelog; its state is republished"
+            "checkpoint {time}: no clean stop marked its changelog; the changelog is reconciled with its state once caught up"
         );
         return false;
     };
     if !then.same_changelog(now) {
         tracing::info!(
             "checkpoint {time}: its changelog went to {} ({}, {}), this run's goes to {} ({}, {}); \
-             its state is republished",
+             the changelog is reconciled with its state once caught up",
             then.brokers,
             then.district_topic,
             then.rider_topic,
@@ -397,7 +397,9 @@ fn changelog_holds(restored: &Restored, now: &Published, producer: &Producer) ->
     let ends = match changelog_ends(producer, now) {
         Ok(ends) => ends,
         Err(e) => {
-            tracing::info!("checkpoint {time}: {e}; its state is republished");
+            tracing::info!(
+                "checkpoint {time}: {e}; the changelog is reconciled with its state once caught up"
+            );
             return false;
         }
     };
@@ -409,7 +411,7 @@ fn changelog_holds(restored: &Restored, now: &Published, producer: &Producer) ->
         if found.is_none_or(|now| now < *end) {
             tracing::info!(
                 "checkpoint {time}: {topic}[{partition}] ended at {end} and now at {found:?} \
-                 (recreated?); its state is republished"
+                 (recreated?); the changelog is reconciled with its state once caught up"
             );
             return false;
         }

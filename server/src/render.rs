@@ -127,6 +127,46 @@ impl<'a> RiderView<'a> {
     }
 }
 
+/// A hash of what a changelog value renders, `as_of` aside: two values with the same fingerprint
+/// render the same record (up to a 64-bit hash collision), so a run that finds the changelog
+/// holding a value's fingerprint need not write it again.
+pub trait Fingerprint {
+    /// The hash of the rendered fields.
+    fn fingerprint(&self) -> u64;
+}
+
+fn hashed(f: impl FnOnce(&mut std::collections::hash_map::DefaultHasher)) -> u64 {
+    use std::hash::Hasher;
+    // Fixed keys: the same value hashes the same in every thread of the process.
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    f(&mut h);
+    h.finish()
+}
+
+impl Fingerprint for DistrictCounts {
+    fn fingerprint(&self) -> u64 {
+        // The derived fields (`riders_idle`, `pressure`) follow from these.
+        hashed(|h| std::hash::Hash::hash(self, h))
+    }
+}
+
+impl Fingerprint for Snapshot {
+    /// Exactly the fields [`RiderView`] renders: a delivery's own `ts` only through `updated_ts`.
+    fn fingerprint(&self) -> u64 {
+        use std::hash::Hash;
+        hashed(|h| {
+            let r = &self.rider;
+            (r.status, &r.rider_type, r.district, self.updated_ts()).hash(h);
+            r.location
+                .map(|c| (c.lat.to_bits(), c.lon.to_bits()))
+                .hash(h);
+            for d in &self.deliveries {
+                (&d.delivery_id, d.status, &d.vehicle).hash(h);
+            }
+        })
+    }
+}
+
 /// A value with `as_of` and `stale` beside its own fields.
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct Stamped<T> {
@@ -328,6 +368,28 @@ mod tests {
         .expect("rendered");
         let (back, as_of) = decode_rider(&index, &written).expect("read back");
         assert_eq!(as_of, 77);
+        assert_eq!(
+            back.fingerprint(),
+            snapshot.fingerprint(),
+            "renders the same"
+        );
+        let mut moved = snapshot.clone();
+        moved.rider.location = Some(Coord {
+            lat: 37.5,
+            lon: 127.0276,
+        });
+        assert_ne!(
+            moved.fingerprint(),
+            snapshot.fingerprint(),
+            "a rendered field"
+        );
+        let mut earlier = snapshot.clone();
+        earlier.rider.ts = 900;
+        assert_eq!(
+            earlier.fingerprint(),
+            snapshot.fingerprint(),
+            "the rider's own ts shows only through updated_ts (2,000 either way)"
+        );
         let again = serde_json::to_vec(&Changelogged {
             value: RiderView::new(&index, "r-17", &back),
             as_of,

@@ -262,6 +262,12 @@ fn engine(scrape: &mut Scrape, app: &App) -> prometheus::Result<()> {
         &[],
         one(f64::from(u8::from(super::ready(app)))),
     )?;
+    scrape.gauge(
+        "dongflow_changelog_unreconciled_topics",
+        "Workers' changelog topics whose changes are held back until the caught-up state is compared with what the changelog held at start (after a restart without a clean stop's mark); 0 once the changelog holds exactly this run's state.",
+        &[],
+        one(engine.changelog_unreconciled() as f64),
+    )?;
     let as_of = engine.as_of();
     // Seconds, as Prometheus' conventions want (promtool flags a `_milliseconds` unit).
     scrape.gauge(

@@ -216,11 +216,19 @@ impl ServingView {
         self.maps.load().stale
     }
 
-    /// The district ids and rider ids the view holds, `as_of` aside.
-    pub fn keys(&self) -> (Vec<DistrictId>, Vec<Id>) {
+    /// Every district and rider the view holds, each as `district` or `rider` says.
+    pub fn entries<D, R>(
+        &self,
+        district: impl Fn(DistrictId, &DistrictCounts) -> D,
+        rider: impl Fn(&Id, &Snapshot) -> R,
+    ) -> (Vec<D>, Vec<R>) {
         let maps = self.maps.load();
-        let districts = maps.districts.keys().copied().collect();
-        let riders = maps.riders.keys().cloned().collect();
+        let districts = maps
+            .districts
+            .iter()
+            .map(|(d, c)| district(*d, c))
+            .collect();
+        let riders = maps.riders.iter().map(|(r, s)| rider(r, s)).collect();
         (districts, riders)
     }
 

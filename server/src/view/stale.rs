@@ -12,8 +12,9 @@
 //!    began, then follows the topics as they grow;
 //! 4. once the live state is ready it lets everything go.
 //!
-//! It also says which keys the changelog held ([`StaleView::held_keys`]): a run that publishes its
-//! state again clears the ones its state lacks.
+//! It also says which keys the changelog held, with a fingerprint of each value
+//! ([`StaleView::held_keys`]): a run that cannot trust the changelog to hold its state writes only
+//! what differs, and tombstones the keys its state lacks.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -33,10 +34,10 @@ use rdkafka::{ClientContext, Message, Offset, TopicPartitionList};
 use serde::Deserialize;
 
 use super::{seed_changes, ServingView, ViewChange};
-use crate::changelog::HeldKeys;
+use crate::changelog::{HeldKey, HeldKeys};
 use crate::query::{Answer, Query};
 use crate::recovery::{Published, Restored};
-use crate::render::{decode_district, decode_district_key, decode_rider, DecodeError};
+use crate::render::{decode_district, decode_district_key, decode_rider, DecodeError, Fingerprint};
 
 /// Where a stale view's contents come from.
 #[derive(Clone, Debug)]
@@ -245,6 +246,10 @@ struct Decoded {
     newest: Time,
     /// Keys (district topic?, key) whose latest record could not be read back.
     unreadable: BTreeSet<(bool, String)>,
+    /// When the seeded checkpoint is not what this run's topics hold (its changelog went to other
+    /// topics): what the records read say, per key (district topic?, key), by fingerprint, so
+    /// that the held keys are the topics' and not the seed's.
+    records: Option<BTreeMap<(bool, String), u64>>,
 }
 
 impl StaleView {
@@ -268,6 +273,7 @@ impl StaleView {
             seeded_at: 0,
             newest: 0,
             unreadable: BTreeSet::new(),
+            records: None,
         };
         let mut reader = Reader {
             source,
@@ -289,6 +295,9 @@ impl StaleView {
                 self.view.prepare(seed_changes(restored));
                 reader.read.seeded_at = restored.time;
                 reader.read.newest = restored.time;
+                if cut.is_none() {
+                    reader.read.records = Some(BTreeMap::new());
+                }
                 if let Some(cut) = cut {
                     reader.cut = cut
                         .ends
@@ -556,6 +565,9 @@ impl Decoded {
     ) -> Result<Option<ViewChange>, DecodeError> {
         let index = &self.index;
         let Some(value) = m.payload() else {
+            if let Some(records) = &mut self.records {
+                records.remove(&(district, key.to_owned()));
+            }
             // A tombstone says its time in a header; one without is taken as new.
             let as_of = tombstone_time(m);
             if as_of.is_some_and(|t| t <= self.seeded_at) {
@@ -593,6 +605,15 @@ impl Decoded {
                 })
             }
         };
+        if let Some(records) = &mut self.records {
+            let fingerprint = match &change {
+                ViewChange::District(c) => c.value.as_ref().map(Fingerprint::fingerprint),
+                ViewChange::Rider(c) => c.value.as_ref().map(Fingerprint::fingerprint),
+            };
+            if let Some(fp) = fingerprint {
+                records.insert((district, key.to_owned()), fp);
+            }
+        }
         if change.time() <= self.seeded_at {
             return Ok(None);
         }
@@ -600,24 +621,60 @@ impl Decoded {
         Ok(Some(change))
     }
 
-    /// The keys the view holds a value for, and those whose latest record could not be read.
+    /// The keys the view holds a value for, with their values' fingerprints, and those whose
+    /// latest record could not be read (always written again).
     fn held_keys(&self, view: &ServingView) -> HeldKeys {
-        let (districts, riders) = view.keys();
-        let mut held_districts: BTreeSet<String> = districts
-            .into_iter()
-            .map(|d| self.index.code(d).to_owned())
-            .collect();
-        let mut held_riders: BTreeSet<String> = riders.into_iter().map(|r| r.to_string()).collect();
-        for (district, key) in &self.unreadable {
-            match district {
-                true => held_districts.insert(key.clone()),
-                false => held_riders.insert(key.clone()),
-            };
+        let (mut districts, mut riders) = match &self.records {
+            Some(records) => {
+                let held = |district: bool| {
+                    records
+                        .iter()
+                        .filter(|((d, _), _)| *d == district)
+                        .map(|((_, key), fp)| HeldKey {
+                            key: key.clone(),
+                            fingerprint: Some(*fp),
+                        })
+                        .collect::<Vec<_>>()
+                };
+                (held(true), held(false))
+            }
+            None => self.view_keys(view),
+        };
+        if !self.unreadable.is_empty() {
+            for (district, keys) in [(true, &mut districts), (false, &mut riders)] {
+                let mut unread: BTreeSet<&String> = self
+                    .unreadable
+                    .iter()
+                    .filter(|(d, _)| *d == district)
+                    .map(|(_, k)| k)
+                    .collect();
+                for held in keys.iter_mut() {
+                    if unread.remove(&held.key) {
+                        held.fingerprint = None;
+                    }
+                }
+                keys.extend(unread.into_iter().map(|key| HeldKey {
+                    key: key.clone(),
+                    fingerprint: None,
+                }));
+            }
         }
-        HeldKeys {
-            districts: held_districts.into_iter().collect(),
-            riders: held_riders.into_iter().collect(),
-        }
+        HeldKeys { districts, riders }
+    }
+
+    /// The keys the view holds, with their values' fingerprints: what the topics hold when the
+    /// view is the checkpoint they reflect plus the records after its cut, or the topics alone.
+    fn view_keys(&self, view: &ServingView) -> (Vec<HeldKey>, Vec<HeldKey>) {
+        view.entries(
+            |d, counts| HeldKey {
+                key: self.index.code(d).to_owned(),
+                fingerprint: Some(counts.fingerprint()),
+            },
+            |id, snapshot| HeldKey {
+                key: id.to_string(),
+                fingerprint: Some(snapshot.fingerprint()),
+            },
+        )
     }
 }
 
