@@ -60,7 +60,6 @@ fn main() {
     config.checkpoint = Some(CheckpointSettings {
         interval: 3_600_000,
         parts: writer.sender(),
-        state_dir: dir.clone(),
     });
     let started = Instant::now();
     let engine =

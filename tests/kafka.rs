@@ -1095,8 +1095,10 @@ fn the_stale_view_says_its_keys_when_the_live_state_is_ready_first() {
     records.push(record(&t.districts, &b, None));
     produce(&bootstrap, &records);
 
-    // Live from the start: the view never answers, and still says the keys.
+    // Live from the start: the view never answers, and still says the keys, even when asked to
+    // let go (as HTTP asks once the live state is ready) before it has read them.
     let view = changelog_view(&bootstrap, &t, true);
+    view.release();
     let held = eventually(Duration::from_secs(30), "the held keys", || {
         assert!(
             view.answer(&dongflow::Query::Districts).is_none(),

@@ -151,7 +151,6 @@ fn a_checkpoint_seeds_a_stale_view_that_answers_as_the_live_one() {
             // Only the clean stop's checkpoint: the state it seeds is the live one at the end.
             interval: 3_600_000,
             parts: writer.sender(),
-            state_dir: dir.clone(),
         });
         let harness = Harness::start(config, 4);
         let mut scenario = Scenario::new(seed, &index, 40, 90);

@@ -5,7 +5,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use dongflow::changelog::ChangelogSink;
+use dongflow::changelog::{ChangelogOutputs, ChangelogSink};
 use dongflow::recovery::Restored;
 use dongflow::{AnswerBody, Engine, EngineConfig, Query};
 use dongflow_connectors::simulator::fixed_state;
@@ -80,7 +80,12 @@ fn ready_once_in(published: bool) {
     config.restore = Some(Arc::new(restored));
     config.restore_published = published;
     let sink = Arc::new(Counting::default());
-    config.changelog = Some(sink.clone());
+    config.outputs = Some(Arc::new(ChangelogOutputs {
+        sink: sink.clone(),
+        index: config.districts.clone(),
+        held: None,
+        progress: Arc::default(),
+    }));
     let sources: Vec<Box<dyn EventSource>> = (0..2)
         .map(|_| Box::new(VecSource::new(Vec::new())) as Box<dyn EventSource>)
         .collect();

@@ -322,14 +322,28 @@ pub struct GenerateArgs {
     pub kafka: KafkaPropertyArgs,
 }
 
+/// A command-line value that is not what its flag takes.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ValueError {
+    /// Not a duration.
+    #[error("`{0}` is not a duration like 500ms, 10s, 2m or 1h")]
+    Duration(String),
+    /// A zero interval.
+    #[error("`{0}` must be more than zero")]
+    Zero(String),
+    /// Not a start time.
+    #[error("`{0}` is neither `now` nor milliseconds since the Unix epoch")]
+    StartTs(String),
+}
+
 /// Parses `500ms`, `10s`, `2m`, `1h`, `1h 30m` (humantime's units); a bare number is seconds.
-pub fn parse_duration(s: &str) -> Result<Duration, String> {
+pub fn parse_duration(s: &str) -> Result<Duration, ValueError> {
     let s = s.trim();
-    if let Ok(seconds) = s.parse::<f64>() {
-        return Duration::try_from_secs_f64(seconds).map_err(|e| format!("`{s}`: {e}"));
-    }
-    humantime::parse_duration(s)
-        .map_err(|e| format!("`{s}` is not a duration like 500ms, 10s, 2m or 1h ({e})"))
+    let parsed = match s.parse::<f64>() {
+        Ok(seconds) => Duration::try_from_secs_f64(seconds).ok(),
+        Err(_) => humantime::parse_duration(s).ok(),
+    };
+    parsed.ok_or_else(|| ValueError::Duration(s.to_owned()))
 }
 
 /// Where `generate`'s simulated clock starts.
@@ -346,27 +360,27 @@ impl StartTs {
     pub fn ms(self) -> u64 {
         match self {
             StartTs::At(ms) => ms,
-            StartTs::Now => crate::engine::now_ms(),
+            StartTs::Now => dongflow_connectors::now_ms(),
         }
     }
 }
 
 /// Parses `now` or milliseconds since the Unix epoch.
-pub fn parse_start_ts(s: &str) -> Result<StartTs, String> {
+pub fn parse_start_ts(s: &str) -> Result<StartTs, ValueError> {
     if s.eq_ignore_ascii_case("now") {
         return Ok(StartTs::Now);
     }
     s.parse()
         .map(StartTs::At)
-        .map_err(|_| format!("`{s}` is neither `now` nor milliseconds since the Unix epoch"))
+        .map_err(|_| ValueError::StartTs(s.to_owned()))
 }
 
 /// As [`parse_duration`], refusing zero: a checkpoint every instant, or deliveries forgotten as
 /// soon as they end, is never what is meant.
-pub fn parse_interval(s: &str) -> Result<Duration, String> {
+pub fn parse_interval(s: &str) -> Result<Duration, ValueError> {
     let d = parse_duration(s)?;
     if d.is_zero() {
-        return Err(format!("`{s}` must be more than zero"));
+        return Err(ValueError::Zero(s.to_owned()));
     }
     Ok(d)
 }
@@ -386,7 +400,11 @@ mod tests {
         assert!(parse_duration("ten").is_err());
         assert!(parse_duration("5 parsecs").is_err());
         assert_eq!(parse_interval("6h"), Ok(Duration::from_secs(6 * 3600)));
-        assert!(parse_interval("0s").is_err_and(|e| e.contains("more than zero")));
+        assert_eq!(parse_interval("0s"), Err(ValueError::Zero("0s".into())));
+        assert_eq!(
+            parse_duration("ten").map_err(|e| e.to_string()),
+            Err("`ten` is not a duration like 500ms, 10s, 2m or 1h".into())
+        );
         assert!(parse_interval("0").is_err());
     }
 

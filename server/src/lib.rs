@@ -1,7 +1,7 @@
 //! The dongflow engine and server: the worker loop, queries, HTTP and metrics.
 //!
 //! - [`engine`]: starts the timely workers, feeds them from their sources, publishes their state sizes,
-//!   compacts.
+//!   compacts; answers from the live serving view; other outputs are attached to it.
 //! - [`view`]: the serving view every process keeps, fed by the dataflow one complete time at a time,
 //!   and the stale view of the same type (the checkpoint and the changelog) that answers until the
 //!   live one is ready; HTTP answers are reads of one of them.
@@ -9,20 +9,26 @@
 //! - [`recovery`]: checkpoint files: writing them atomically, finding the newest usable one (in a
 //!   cluster, the newest every process can restore, agreed through the dataflow), and the marks of
 //!   a clean stop whose changelog is complete.
-//! - [`changelog`]: the changelog topics of CONTRACT section 5, written as times complete; after a
-//!   restart that cannot trust them, reconciled with the caught-up state (only what differs
-//!   written, the keys earlier runs left that the state lacks tombstoned).
+//! - [`changelog`]: the changelog topics of CONTRACT section 5, an output attached to every worker,
+//!   written as times complete; after a restart that cannot trust them, reconciled with the
+//!   caught-up state (only what differs written, the keys earlier runs left that the state lacks
+//!   tombstoned).
 //! - [`render`]: the JSON of CONTRACT section 6 (district objects, rider snapshots).
 //! - [`http`]: the HTTP API of CONTRACT section 6 (hyper), metrics, health.
 //! - [`cli`]: the command line of CONTRACT section 1.
-//! - [`pipeline`]: the engine wired to Kafka sources, dead letters and changelogs; whether the
-//!   changelog holds a restored state or is reconciled with it.
+//! - [`pipeline`]: the one composition root: the engine wired to Kafka sources, dead letters,
+//!   changelog outputs, the stale view, checkpoints and marks; whether the changelog holds a
+//!   restored state or is reconciled with it.
 //! - [`cluster`]: the connections between a cluster's processes (timely's handshake, retried
 //!   with a short retry, rather than timely's one a second).
 //! - [`failstop`]: a cluster process that loses a peer says so and stops (timely has no fault
 //!   tolerance: recovery is a restart of every process from its checkpoint).
 //! - [`report`]: an error and its causes on one line, for logs.
 //! - [`demo`]: simulator settings, the stop signal, and the by-id partitioning rule of in-process feeds.
+//! - `priority`: the workers' lower thread priority.
+//!
+//! Dependencies run one way: `render` ← `changelog` ← `view` ← `engine` ← `pipeline` ← `http` ←
+//! `main`, with `query`, `recovery` and `cluster` below the engine.
 
 pub mod changelog;
 pub mod cli;
@@ -32,6 +38,7 @@ pub mod engine;
 pub mod failstop;
 pub mod http;
 pub mod pipeline;
+mod priority;
 pub mod query;
 pub mod recovery;
 pub mod render;

@@ -16,7 +16,7 @@ use dongflow::cli::{
 use dongflow::demo::{sim_config, stop_on_signal};
 use dongflow::engine::{now_ms, ClusterSpec};
 use dongflow::failstop;
-use dongflow::http::{App, HttpSecurity, HttpServer, Tokens};
+use dongflow::http::{App, HttpSecurity, HttpServer, PipelineStatus, Tokens};
 use dongflow::pipeline::{Pipeline, PipelineConfig};
 use dongflow::recovery::{restore, Shape};
 use dongflow::render::DistrictsView;
@@ -203,13 +203,13 @@ fn serve(
     listener: std::net::TcpListener,
     security: HttpSecurity,
 ) -> Result<HttpServer, Failure> {
-    let app = App::with_kafka(
-        pipeline.handle(),
-        index.clone(),
-        pipeline.kafka_metrics(),
-        Some(pipeline.stale_view()),
-        pipeline.checkpoint_status(),
-    );
+    let status = PipelineStatus {
+        kafka: pipeline.kafka_metrics(),
+        stale: Some(pipeline.stale_view()),
+        checkpoints: pipeline.checkpoint_status(),
+        changelog: Some(pipeline.changelog_progress()),
+    };
+    let app = App::with_kafka(pipeline.handle(), index.clone(), status);
     Ok(HttpServer::start_on(listener, app, 2, security).context("cannot serve HTTP")?)
 }
 

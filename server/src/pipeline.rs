@@ -1,5 +1,7 @@
-//! The engine wired to Kafka: a [`KafkaSource`] per worker, the topic watch, the producer for dead
-//! letters and changelogs. `dongflow run` and `dongflow demo` both start one.
+//! The composition root: the engine wired to Kafka (a [`KafkaSource`] per worker, the topic watch,
+//! the producer for dead letters and changelogs), the changelog outputs and their reconciling, the
+//! stale view, the checkpoint writer and the marks of a clean stop. `dongflow run` and `dongflow
+//! demo` both start one.
 
 use std::path::PathBuf;
 use std::sync::atomic::Ordering;
@@ -12,11 +14,11 @@ use dongflow_connectors::kafka::{
 use dongflow_connectors::source::EventSource;
 use thiserror::Error;
 
-use crate::changelog::{HeldKeysSource, KafkaChangelog};
-use crate::engine::{CheckpointSettings, Engine, EngineConfig, EngineError};
+use crate::changelog::{ChangelogOutputs, ClearingProgress, HeldKeysSource, KafkaChangelog};
+use crate::engine::{CheckpointSettings, Engine, EngineConfig, EngineError, Hook};
 use crate::recovery::{
-    mark_published, CheckpointError, CutSource, Published, Restored, WriteReport, WriteStatus,
-    Writer,
+    mark_published, retract_published, CheckpointError, CutSource, Published, Restored,
+    WriteReport, WriteStatus, Writer,
 };
 use crate::report::Chain;
 use crate::view::{StaleSource, StaleView};
@@ -68,6 +70,8 @@ pub struct Pipeline {
     metrics: Arc<KafkaMetrics>,
     writer: Option<Writer>,
     stale: Arc<StaleView>,
+    /// How far the workers have reconciled the changelog with their state.
+    reconciled: Arc<ClearingProgress>,
     /// Where a clean stop records that its changelog is complete: the state dir and process, and
     /// the brokers and topics it was published to.
     mark: Option<(PathBuf, usize, Published)>,
@@ -125,21 +129,17 @@ impl Pipeline {
             .as_ref()
             .is_some_and(|r| changelog_holds(r, &published_to, &producer));
         let mut engine_config = config.engine;
-        engine_config.checkpoint = match (&writer, &config.state_dir) {
-            (Some(w), Some(dir)) => Some(CheckpointSettings {
-                interval: config.checkpoint_interval.as_millis().max(1) as u64,
-                parts: w.sender(),
-                state_dir: dir.clone(),
-            }),
-            _ => None,
-        };
+        engine_config.checkpoint = writer.as_ref().map(|w| CheckpointSettings {
+            interval: config.checkpoint_interval.as_millis().max(1) as u64,
+            parts: w.sender(),
+        });
         engine_config.restore = config.restore.clone();
         engine_config.restore_published = restore_published;
-        engine_config.changelog = Some(Arc::new(KafkaChangelog {
-            producer: producer.clone(),
-            district_topic: config.district_changelog_topic.clone(),
-            rider_topic: config.rider_changelog_topic.clone(),
-        }));
+        if let Some(dir) = config.state_dir.clone() {
+            // From the first record published on, the changelog may hold more than any
+            // checkpoint: the marks saying otherwise go before.
+            engine_config.before_publishing = Some(Hook(Arc::new(move || retract_marks(&dir))));
+        }
         // Filled in once the engine runs; until then the live state is not ready.
         let engine_handle: Arc<std::sync::OnceLock<crate::EngineHandle>> = Arc::default();
         let live = engine_handle.clone();
@@ -156,12 +156,23 @@ impl Pipeline {
             },
             live_ready,
         )?;
-        // A run that publishes its state again first clears what earlier runs left in the
-        // changelog and that state lacks: it needs the changelog's keys, which the stale view reads.
-        engine_config.changelog_held = (!restore_published).then(|| {
+        // A run that cannot trust the changelog to hold its state reconciles the two once caught
+        // up: it needs what the changelog held, which the stale view reads.
+        let held = (!restore_published).then(|| {
             let stale = stale.clone();
             HeldKeysSource(Arc::new(move || stale.held_keys()))
         });
+        let reconciled = Arc::new(ClearingProgress::default());
+        engine_config.outputs = Some(Arc::new(ChangelogOutputs {
+            sink: Arc::new(KafkaChangelog {
+                producer: producer.clone(),
+                district_topic: config.district_changelog_topic.clone(),
+                rider_topic: config.rider_changelog_topic.clone(),
+            }),
+            index: engine_config.districts.clone(),
+            held,
+            progress: reconciled.clone(),
+        }));
         if let Some(writer) = &writer {
             // A checkpoint passes the offsets of bad records: their dead letters must be
             // acknowledged first, or a crash would lose them (the restart reads on after them).
@@ -179,7 +190,7 @@ impl Pipeline {
                 &metrics,
                 &published_to,
                 config.restore.as_deref(),
-                engine_handle.clone(),
+                reconciled.clone(),
             ));
         }
         let mark = config
@@ -195,6 +206,7 @@ impl Pipeline {
             metrics,
             writer,
             stale,
+            reconciled,
             mark,
         })
     }
@@ -210,6 +222,11 @@ impl Pipeline {
     /// The view that answers (stale) while the live state is not ready.
     pub fn stale_view(&self) -> Arc<StaleView> {
         self.stale.clone()
+    }
+
+    /// How far the workers have reconciled the changelog with their state, for `/metrics`.
+    pub fn changelog_progress(&self) -> Arc<ClearingProgress> {
+        self.reconciled.clone()
     }
 
     /// The last checkpoint this process wrote.
@@ -249,6 +266,14 @@ impl Pipeline {
             let handle = engine.handle();
             clean = engine.stop();
             final_at = handle.final_checkpoint_at();
+        }
+        let unreconciled = self.reconciled.uncleared();
+        if unreconciled > 0 {
+            tracing::warn!(
+                "the changelog was not yet reconciled with the state ({unreconciled} worker \
+                 topics): a restart reconciles it again"
+            );
+            clean = false;
         }
         let written = self.writer.take().and_then(Writer::finish);
         self.stale.stop();
@@ -308,7 +333,7 @@ fn cut_source(
     metrics: &Arc<KafkaMetrics>,
     changelog: &Published,
     restored: Option<&Restored>,
-    engine: Arc<std::sync::OnceLock<crate::EngineHandle>>,
+    reconciled: Arc<ClearingProgress>,
 ) -> CutSource {
     let (producer, metrics, changelog) = (producer.clone(), metrics.clone(), changelog.clone());
     let earlier: Vec<(String, i32, i64)> = restored
@@ -317,7 +342,7 @@ fn cut_source(
         .map(|cut| cut.ends)
         .unwrap_or_default();
     Arc::new(move |time| {
-        let whole_from = engine.get()?.changelog_whole_from()?;
+        let whole_from = reconciled.whole_from()?;
         let refused: u64 = [OutputKind::DistrictChangelog, OutputKind::RiderChangelog]
             .iter()
             .map(|k| metrics.failed[*k as usize].load(Ordering::Relaxed))
@@ -418,4 +443,16 @@ fn changelog_holds(restored: &Restored, now: &Published, producer: &Producer) ->
     }
     tracing::info!("checkpoint {time}: the changelog holds its state (marked at a clean stop); not published again");
     true
+}
+
+/// Deletes the state dir's changelog marks, saying so.
+fn retract_marks(state_dir: &std::path::Path) {
+    match retract_published(state_dir) {
+        Ok(0) => {}
+        Ok(n) => tracing::info!("{n} changelog mark(s) retracted: this run publishes on"),
+        Err(e) => tracing::error!(
+            "cannot retract a changelog mark ({e}): a restart from that checkpoint would not \
+             publish its state again; delete it by hand"
+        ),
+    }
 }

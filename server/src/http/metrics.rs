@@ -16,8 +16,8 @@ use prometheus::proto::MetricFamily;
 use prometheus::{Counter, GaugeVec, HistogramOpts, HistogramVec, IntCounterVec, Opts, Registry};
 
 use super::App;
-use crate::engine::now_ms;
 use crate::recovery::WriteStatus;
+use dongflow_connectors::now_ms;
 
 /// The content type of the text format.
 pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
@@ -148,6 +148,14 @@ pub fn text(app: &App) -> prometheus::Result<String> {
     if let Some(kafka) = &app.kafka {
         self::kafka(&mut scrape, kafka)?;
     }
+    if let Some(c) = &app.changelog {
+        scrape.gauge(
+            "dongflow_changelog_unreconciled_topics",
+            "Workers' changelog topics whose changes are held back until the caught-up state is compared with what the changelog held at start (after a restart without a clean stop's mark); 0 once the changelog holds exactly this run's state.",
+            &[],
+            one(c.uncleared() as f64),
+        )?;
+    }
     if let Some(b) = &app.stale {
         scrape.counter(
             "dongflow_changelog_undecodable_records_total",
@@ -261,12 +269,6 @@ fn engine(scrape: &mut Scrape, app: &App) -> prometheus::Result<()> {
         "1 when /readyz answers 200.",
         &[],
         one(f64::from(u8::from(super::ready(app)))),
-    )?;
-    scrape.gauge(
-        "dongflow_changelog_unreconciled_topics",
-        "Workers' changelog topics whose changes are held back until the caught-up state is compared with what the changelog held at start (after a restart without a clean stop's mark); 0 once the changelog holds exactly this run's state.",
-        &[],
-        one(engine.changelog_unreconciled() as f64),
     )?;
     let as_of = engine.as_of();
     // Seconds, as Prometheus' conventions want (promtool flags a `_milliseconds` unit).

@@ -39,6 +39,7 @@ pub use auth::{TokenFileError, Tokens};
 use metrics::HttpMetrics;
 pub use tls::TlsError;
 
+use crate::changelog::ClearingProgress;
 use crate::engine::EngineHandle;
 use crate::query::{Answer, AnswerBody, Query, QueryError};
 use crate::render::{DistrictView, DistrictsView, RiderView, RidersView, Stamped};
@@ -68,6 +69,7 @@ pub struct App {
     kafka: Option<Arc<KafkaMetrics>>,
     stale: Option<Arc<StaleView>>,
     checkpoints: Option<WriteStatus>,
+    changelog: Option<Arc<ClearingProgress>>,
     feeds: feed::FeedMetrics,
     feed_events: feed::Rendered,
     /// Where feed tasks run: a runtime of their own, so that a thousand feeds waking at each
@@ -97,6 +99,7 @@ impl App {
             kafka: None,
             stale: None,
             checkpoints: None,
+            changelog: None,
             feeds: feed::FeedMetrics::default(),
             feed_events: feed::Rendered::default(),
             feed_runtime: std::sync::OnceLock::new(),
@@ -104,15 +107,13 @@ impl App {
     }
 
     /// The HTTP application of an engine that reads from and writes to Kafka: `/metrics` also
-    /// shows the Kafka counters and consumer lag, and until the live state is ready, answers come
-    /// with `"stale": true` from `stale` (the checkpoint and the changelog read back).
-    /// `checkpoints` says how checkpoint writes go, for `/metrics`.
+    /// shows the Kafka counters and consumer lag, the checkpoint writes and the changelog's
+    /// reconciling, and until the live state is ready, answers come with `"stale": true` from the
+    /// stale view (the checkpoint and the changelog read back).
     pub fn with_kafka(
         engine: EngineHandle,
         index: Arc<DistrictIndex>,
-        kafka: Arc<KafkaMetrics>,
-        stale: Option<Arc<StaleView>>,
-        checkpoints: Option<WriteStatus>,
+        pipeline: PipelineStatus,
     ) -> Arc<Self> {
         let geojson = Bytes::from(index.to_geojson().to_string());
         Arc::new(Self {
@@ -121,14 +122,28 @@ impl App {
             geojson,
             districts_body: Mutex::default(),
             metrics: HttpMetrics::default(),
-            kafka: Some(kafka),
-            stale,
-            checkpoints,
+            kafka: Some(pipeline.kafka),
+            stale: pipeline.stale,
+            checkpoints: pipeline.checkpoints,
+            changelog: pipeline.changelog,
             feeds: feed::FeedMetrics::default(),
             feed_events: feed::Rendered::default(),
             feed_runtime: std::sync::OnceLock::new(),
         })
     }
+}
+
+/// What the HTTP side shows of a pipeline over Kafka.
+#[derive(Clone, Debug)]
+pub struct PipelineStatus {
+    /// The Kafka counters and lag.
+    pub kafka: Arc<KafkaMetrics>,
+    /// The stale view, answering until the live state is ready.
+    pub stale: Option<Arc<StaleView>>,
+    /// How checkpoint writes go (`None` without a state dir).
+    pub checkpoints: Option<WriteStatus>,
+    /// How far the changelog is reconciled with the state.
+    pub changelog: Option<Arc<ClearingProgress>>,
 }
 
 /// Who may ask, and over what: bearer tokens (`--http-token-file`) and TLS (`--http-tls-cert`).
@@ -701,7 +716,7 @@ impl HttpServer {
             .worker_threads(1)
             .thread_name("dongflow-feeds")
             // Pushing changes is background work beside a point query, as the workers are.
-            .on_thread_start(crate::engine::yield_to_queries)
+            .on_thread_start(crate::priority::yield_to_queries)
             .enable_all()
             .build()?;
         let _ = app.feed_runtime.set(feeds.handle().clone());

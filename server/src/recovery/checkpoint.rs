@@ -348,7 +348,7 @@ impl Writer {
             .name("dongflow-checkpoint".into())
             .spawn(move || {
                 // Writing is background work: answers go first.
-                crate::engine::yield_to_queries();
+                crate::priority::yield_to_queries();
                 let me = Process {
                     state_dir: &state_dir,
                     process,

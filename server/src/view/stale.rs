@@ -462,9 +462,11 @@ impl StaleView {
         self.view.as_of()
     }
 
-    /// Stops reading and lets the contents go (the live state has taken over).
+    /// Stops reading and lets the contents go (the live state has taken over); not before the
+    /// view has loaded what the changelog held, which the changelog's reconciling needs (the
+    /// reader lets go by itself then, once the live state is ready).
     pub fn release(&self) {
-        if self.thread.request_stop() {
+        if !self.loaded.load(Ordering::Acquire) || self.thread.request_stop() {
             return;
         }
         self.view.release();

@@ -1,112 +1,13 @@
-//! The changelog topics of CONTRACT section 5: each changed district and rider, per dataflow
-//! time, rendered exactly as HTTP shows it, with `as_of`; and, for a run that cannot trust them to
-//! hold its state, their reconciling with it once caught up: only what differs is written, and the
-//! keys earlier runs left there and this run's state lacks are tombstoned ([`Clearing`]).
+//! Reconciling the changelog topics with a state that cannot trust them: see [`Clearing`].
 
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
-use dongflow_connectors::kafka::{OutputKind, Producer};
-use dongflow_connectors::Id;
-use dongflow_dataflow::districts::{DistrictId, DistrictIndex};
-use dongflow_dataflow::types::{Change, DistrictCounts, Snapshot, Time};
-use dongflow_dataflow::upsert::owner;
-use serde::Serialize;
+use dongflow_dataflow::types::{Change, Time};
 
-use crate::render::{DistrictView, Fingerprint, RiderView};
-
-/// A changelog value: the object's own fields and `as_of`.
-#[derive(Clone, Debug, PartialEq, Serialize)]
-pub struct Changelogged<T> {
-    /// The object's own fields.
-    #[serde(flatten)]
-    pub value: T,
-    /// The dataflow time of the change.
-    pub as_of: Time,
-}
-
-/// Where changelog records go, each with its dataflow time. `value: None` is a tombstone.
-pub trait ChangelogSink: Send + Sync + std::fmt::Debug {
-    /// A district record, keyed by district code.
-    fn district(&self, code: &str, value: Option<&[u8]>, as_of: Time);
-    /// A rider record, keyed by rider id.
-    fn rider(&self, rider_id: &str, value: Option<&[u8]>, as_of: Time);
-}
-
-/// The changelog sink of a Kafka producer.
-#[derive(Debug)]
-pub struct KafkaChangelog {
-    /// The process's producer.
-    pub producer: Arc<Producer>,
-    /// `--district-changelog-topic`.
-    pub district_topic: String,
-    /// `--rider-changelog-topic`.
-    pub rider_topic: String,
-}
-
-impl ChangelogSink for KafkaChangelog {
-    fn district(&self, code: &str, value: Option<&[u8]>, as_of: Time) {
-        self.producer.send_changelog(
-            OutputKind::DistrictChangelog,
-            &self.district_topic,
-            code.as_bytes(),
-            value,
-            as_of,
-        );
-    }
-
-    fn rider(&self, rider_id: &str, value: Option<&[u8]>, as_of: Time) {
-        self.producer.send_changelog(
-            OutputKind::RiderChangelog,
-            &self.rider_topic,
-            rider_id.as_bytes(),
-            value,
-            as_of,
-        );
-    }
-}
-
-fn to_json<T: Serialize>(value: T, as_of: Time) -> Option<Vec<u8>> {
-    match serde_json::to_vec(&Changelogged { value, as_of }) {
-        Ok(bytes) => Some(bytes),
-        Err(e) => {
-            tracing::error!("cannot render a changelog record: {e}");
-            None
-        }
-    }
-}
-
-/// Writes district changes, but for those at or before `published` (already in the changelog).
-pub fn write_districts(
-    sink: &dyn ChangelogSink,
-    index: &DistrictIndex,
-    changes: &[Change<DistrictId, DistrictCounts>],
-    published: Time,
-) {
-    for change in changes.iter().filter(|c| c.time > published) {
-        let value = change
-            .value
-            .as_ref()
-            .and_then(|counts| to_json(DistrictView::new(index, change.key, counts), change.time));
-        sink.district(index.code(change.key), value.as_deref(), change.time);
-    }
-}
-
-/// Writes rider changes, but for those at or before `published` (already in the changelog).
-pub fn write_riders(
-    sink: &dyn ChangelogSink,
-    index: &DistrictIndex,
-    changes: &[Change<Id, Snapshot>],
-    published: Time,
-) {
-    for change in changes.iter().filter(|c| c.time > published) {
-        let value = change
-            .value
-            .as_ref()
-            .and_then(|s| to_json(RiderView::new(index, &change.key, s), change.time));
-        sink.rider(&change.key, value.as_deref(), change.time);
-    }
-}
+#[cfg(doc)]
+use crate::render::Fingerprint;
 
 /// A key the changelog topics held a value for (its latest record not a tombstone) when this run
 /// began reading them, with the [`Fingerprint`] of that value (`None`: its latest record could not
@@ -220,7 +121,7 @@ pub struct Cleared {
 /// The held keys one worker owns.
 struct Owned<K> {
     /// By dataflow key, with the fingerprint of the held value.
-    keys: std::collections::HashMap<K, Option<u64>>,
+    keys: HashMap<K, Option<u64>>,
     /// Record keys the state can never hold (a code the map does not know).
     foreign: Vec<String>,
 }
@@ -251,7 +152,7 @@ enum Stage<K, V> {
     /// Folding this run's changes per key, until the held keys are known and the state has caught
     /// up.
     Holding {
-        pending: std::collections::HashMap<K, Change<K, V>>,
+        pending: HashMap<K, Change<K, V>>,
         source: HeldKeysSource,
         /// The held keys this worker owns, once known.
         owned: Option<Owned<K>>,
@@ -363,75 +264,6 @@ impl<K: std::hash::Hash + Eq + Clone, V> Clearing<K, V> {
             unchanged,
             tombstoned,
         }
-    }
-}
-
-/// Which worker of how many writes a key.
-#[derive(Clone, Copy, Debug)]
-pub struct Writer {
-    /// This worker's index in the whole cluster.
-    pub worker: usize,
-    /// Workers in the whole cluster.
-    pub workers: usize,
-}
-
-/// One worker's changelog topics: both the district and the rider topic, told apart by their
-/// keys and values.
-#[derive(Clone, Debug)]
-pub struct WorkerTopics {
-    /// Where records go.
-    pub sink: Arc<dyn ChangelogSink>,
-    /// The map, for codes.
-    pub index: Arc<DistrictIndex>,
-    /// Changes at or before this time are in the changelog already.
-    pub published: Time,
-    /// This worker.
-    pub me: Writer,
-}
-
-impl ClearedTopic<DistrictId, DistrictCounts> for WorkerTopics {
-    fn held<'a>(&self, keys: &'a HeldKeys) -> &'a [HeldKey] {
-        &keys.districts
-    }
-    fn fingerprint(&self, value: &DistrictCounts) -> u64 {
-        value.fingerprint()
-    }
-    fn key_of(&self, held: &str) -> Option<DistrictId> {
-        self.index.id_of(held)
-    }
-    /// A code the map does not know is no one's: worker 0 clears it.
-    fn owns(&self, held: &str) -> bool {
-        match self.index.id_of(held) {
-            Some(id) => owner(&id, self.me.workers) == self.me.worker,
-            None => self.me.worker == 0,
-        }
-    }
-    fn write(&self, changes: &[Change<DistrictId, DistrictCounts>]) {
-        write_districts(&*self.sink, &self.index, changes, self.published);
-    }
-    fn tombstone(&self, held: &str, as_of: Time) {
-        self.sink.district(held, None, as_of);
-    }
-}
-
-impl ClearedTopic<Id, Snapshot> for WorkerTopics {
-    fn held<'a>(&self, keys: &'a HeldKeys) -> &'a [HeldKey] {
-        &keys.riders
-    }
-    fn fingerprint(&self, value: &Snapshot) -> u64 {
-        value.fingerprint()
-    }
-    fn key_of(&self, held: &str) -> Option<Id> {
-        Some(Id::from(held))
-    }
-    fn owns(&self, held: &str) -> bool {
-        owner(&Id::from(held), self.me.workers) == self.me.worker
-    }
-    fn write(&self, changes: &[Change<Id, Snapshot>]) {
-        write_riders(&*self.sink, &self.index, changes, self.published);
-    }
-    fn tombstone(&self, held: &str, as_of: Time) {
-        self.sink.rider(held, None, as_of);
     }
 }
 
@@ -653,51 +485,5 @@ mod tests {
         );
         assert_eq!(uncleared.uncleared(), 0);
         assert_eq!(topic.take(), ["2=2@1"]);
-    }
-
-    #[test]
-    fn each_held_rider_has_one_owner_and_unknown_codes_go_to_worker_0() {
-        struct Nowhere;
-        impl std::fmt::Debug for Nowhere {
-            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-                f.write_str("Nowhere")
-            }
-        }
-        impl ChangelogSink for Nowhere {
-            fn district(&self, _: &str, _: Option<&[u8]>, _: Time) {}
-            fn rider(&self, _: &str, _: Option<&[u8]>, _: Time) {}
-        }
-        let index = Arc::new(DistrictIndex::builtin_seoul());
-        let workers = 3;
-        let topics = |worker| WorkerTopics {
-            sink: Arc::new(Nowhere),
-            index: index.clone(),
-            published: 0,
-            me: Writer { worker, workers },
-        };
-        let rider_owns = |w, id: &str| ClearedTopic::<Id, Snapshot>::owns(&topics(w), id);
-        let district_owns =
-            |w, code: &str| ClearedTopic::<DistrictId, DistrictCounts>::owns(&topics(w), code);
-        let mut riders_per_worker = vec![0; workers];
-        for i in 0..300 {
-            let id = format!("r-{i}");
-            let owners: Vec<usize> = (0..workers).filter(|w| rider_owns(*w, &id)).collect();
-            assert_eq!(owners.len(), 1, "{id}: {owners:?}");
-            assert_eq!(owners[0], owner(&Id::from(id.as_str()), workers));
-            riders_per_worker[owners[0]] += 1;
-        }
-        assert!(
-            riders_per_worker.iter().all(|n| *n > 50),
-            "{riders_per_worker:?}"
-        );
-        for id in 0..index.len() as DistrictId {
-            let code = index.code(id);
-            let owners: Vec<usize> = (0..workers).filter(|w| district_owns(*w, code)).collect();
-            assert_eq!(owners, [owner(&id, workers)], "{code}");
-        }
-        let owners: Vec<usize> = (0..workers)
-            .filter(|w| district_owns(*w, "9999999999"))
-            .collect();
-        assert_eq!(owners, [0], "a code the map does not know");
     }
 }
