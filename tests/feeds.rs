@@ -14,6 +14,22 @@ use dongflow::EngineConfig;
 use dongflow_connectors::simulator::SimEvent;
 use serde_json::Value;
 
+/// How much the process may grow in the last 20 s of the stuck client's 30: the state is a fixed
+/// set of ids and the history and the client's folded changes are bounded, so what grows here is
+/// allocator noise (the figure is printed).
+const MEMORY_GROWTH: u64 = 48 << 20;
+
+/// This process's resident memory (the engine runs in it).
+fn rss_bytes() -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").expect("/proc/self/status");
+    let kb: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("VmRSS");
+    kb * 1024
+}
+
 fn events(scenario: &mut Scenario, n: usize) -> Vec<SimEvent> {
     (0..n).map(|_| scenario.next_event()).collect()
 }
@@ -131,9 +147,10 @@ fn last_event_id_resumes_with_the_changes_held_or_a_snapshot_beyond_them() {
     server.stop();
 }
 
-/// A client that reads nothing while many events flow: the engine holds a bounded history (no
-/// queue per client), and when the client reads again, its next events (folded, or a snapshot)
-/// bring it to the current state. An idle feed says it is alive every 15 s.
+/// A client that reads nothing for 30 s while events flow at up to 50k/s: the engine holds a
+/// bounded history (no queue per client) and the process's memory stays flat after warm-up, and
+/// when the client reads again, its next events (folded, or a snapshot) bring it to the current
+/// state. An idle feed says it is alive every 15 s.
 #[test]
 fn a_client_that_reads_nothing_costs_a_bounded_history_and_catches_up() {
     let index = builtin();
@@ -147,14 +164,26 @@ fn a_client_that_reads_nothing_costs_a_bounded_history_and_catches_up() {
     let feed = Feed::open(&base, "/v1/districts/changes", None);
     let mut state = Districts::default();
     state.apply(&feed.next());
-    // The test stops taking events: the socket fills and the engine's task for it waits.
-    // Many small batches: many versions, more than the sockets' buffers hold.
-    for round in 0..900 {
-        harness.send(&events(&mut scenario, 300));
-        harness.sync();
-        if round % 50 != 0 {
+    // The test reads nothing for 30 s while events flow at 50k/s (or as fast as this build takes
+    // them in, if slower): the socket fills and the engine's task for it waits.
+    const RATE: f64 = 50_000.0;
+    const QUIET: Duration = Duration::from_secs(30);
+    let started = Instant::now();
+    let (mut sent, mut next_check) = (0u64, Duration::ZERO);
+    let mut rss_warm: Option<u64> = None;
+    while started.elapsed() < QUIET {
+        let due = (started.elapsed().as_secs_f64() * RATE) as u64;
+        if sent < due && harness.taken() {
+            let n = (due - sent).min(5_000) as usize;
+            harness.send(&events(&mut scenario, n));
+            sent += n as u64;
+        } else {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        if started.elapsed() < next_check {
             continue;
         }
+        next_check += Duration::from_secs(1);
         let (_, _, metrics) = client.get("/metrics");
         let held = common::sample(&metrics, "dongflow_feed_held_changes{view=\"live\"}")
             .expect("held changes");
@@ -162,7 +191,23 @@ fn a_client_that_reads_nothing_costs_a_bounded_history_and_catches_up() {
             held <= dongflow::view::history::HELD_CHANGES as f64,
             "the history is bounded: {held}"
         );
+        if rss_warm.is_none() && started.elapsed() >= Duration::from_secs(10) {
+            rss_warm = Some(rss_bytes());
+        }
     }
+    harness.sync();
+    let rate = sent as f64 / started.elapsed().as_secs_f64();
+    let (warm, end) = (rss_warm.expect("sampled at 10 s"), rss_bytes());
+    let grown = end.saturating_sub(warm);
+    eprintln!(
+        "{sent} events in {:?} ({rate:.0}/s) while the feed client read nothing; RSS {warm} \
+         bytes at 10 s, {end} at the end (+{grown})",
+        started.elapsed()
+    );
+    assert!(
+        grown < MEMORY_GROWTH,
+        "the process grew by {grown} bytes in the last 20 s of a stuck client"
+    );
     // Reading again: the current state, without replaying every version one by one.
     let n = follow_until_plain(&feed, &mut state, &client);
     let (_, _, metrics) = client.get("/metrics");

@@ -336,6 +336,11 @@ impl Harness {
         }
     }
 
+    /// Whether the workers have taken everything sent so far.
+    pub fn taken(&self) -> bool {
+        self.partitions.iter().all(|p| p.is_empty())
+    }
+
     /// Waits until everything sent has been taken in and is reflected at the engine's `as_of`, and
     /// the engine is ready (before that, answers are 503: never `stale: false` before ready).
     pub fn sync(&self) {

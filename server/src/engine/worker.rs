@@ -40,7 +40,7 @@ pub(crate) struct WorkerSlot {
 /// Next offset per `(topic, partition, offset)`, as sources report them.
 type Offsets = Vec<(String, i32, i64)>;
 
-/// One worker's loop: poll the source, push, step, publish progress, answer peeks, compact.
+/// One worker's loop: poll the source, push, step, cut checkpoint parts, publish progress, compact.
 pub(crate) struct WorkerLoop {
     index: usize,
     slot: WorkerSlot,
