@@ -122,7 +122,7 @@ fn records_read(r: &Run) -> f64 {
 /// Seconds from the process's start until its changelog is reconciled with its caught-up state.
 fn reconciled(r: &Run) -> f64 {
     r.until("the changelog reconciled", Duration::from_secs(1800), |r| {
-        r.get("/readyz").is_some() && r.metric("dongflow_changelog_unreconciled_topics") == 0.0
+        r.sample("dongflow_changelog_unreconciled_topics") == Some(0.0)
     })
     .as_secs_f64()
 }

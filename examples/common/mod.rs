@@ -231,17 +231,21 @@ impl Run {
         }
     }
 
+    /// A counter's value, 0 until `/metrics` shows it.
     pub fn metric(&self, name: &str) -> f64 {
-        self.get("/metrics")
-            .and_then(|(_, text)| {
-                text.lines()
-                    .find(|l| l.starts_with(name))?
-                    .rsplit_once(' ')?
-                    .1
-                    .parse()
-                    .ok()
-            })
-            .unwrap_or(0.0)
+        self.sample(name).unwrap_or(0.0)
+    }
+
+    /// One sample of `/metrics`, `None` while the process does not answer or does not show it.
+    pub fn sample(&self, name: &str) -> Option<f64> {
+        self.get("/metrics").and_then(|(_, text)| {
+            text.lines()
+                .find(|l| l.starts_with(name))?
+                .rsplit_once(' ')?
+                .1
+                .parse()
+                .ok()
+        })
     }
 
     /// Peak resident memory of the process so far, in bytes.

@@ -53,16 +53,26 @@ impl std::fmt::Debug for HeldKeysSource {
 pub trait ClearedTopic<K, V> {
     /// This topic's part of the held keys.
     fn held<'a>(&self, keys: &'a HeldKeys) -> &'a [HeldKey];
-    /// The dataflow key of the record key `held`; `None` if the state can never hold it.
-    fn key_of(&self, held: &str) -> Option<K>;
-    /// Whether this worker writes the record key `held` (its owner, by the dataflow's exchange).
-    fn owns(&self, held: &str) -> bool;
+    /// Whose the record key `held` is: this worker writes it when it owns its dataflow key (by
+    /// the dataflow's exchange).
+    fn owner_of(&self, held: &str) -> HeldBy<K>;
     /// What a value renders, hashed (see [`Fingerprint`]).
     fn fingerprint(&self, value: &V) -> u64;
     /// Writes changes (a `None` value is a tombstone), in the order given.
     fn write(&self, changes: &[Change<K, V>]);
     /// Writes a tombstone for the record key `held`, at dataflow time `as_of`.
     fn tombstone(&self, held: &str, as_of: Time);
+}
+
+/// Whose a held record key is, as one worker sees it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum HeldBy<K> {
+    /// Another worker's.
+    Other,
+    /// This worker's, as this dataflow key.
+    Me(K),
+    /// This worker's, and no key the state can ever hold (a code the map does not know).
+    MeUnknown,
 }
 
 /// One worker's writes to one changelog topic, and the reconciling of what earlier runs left there
@@ -132,12 +142,13 @@ impl<K: std::hash::Hash + Eq> Owned<K> {
             keys: Default::default(),
             foreign: Vec::new(),
         };
-        for h in topic.held(held).iter().filter(|h| topic.owns(&h.key)) {
-            match topic.key_of(&h.key) {
-                Some(k) => {
+        for h in topic.held(held) {
+            match topic.owner_of(&h.key) {
+                HeldBy::Other => {}
+                HeldBy::Me(k) => {
                     owned.keys.insert(k, h.fingerprint);
                 }
-                None => owned.foreign.push(h.key.clone()),
+                HeldBy::MeUnknown => owned.foreign.push(h.key.clone()),
             }
         }
         owned
@@ -283,13 +294,16 @@ mod tests {
         fn held<'a>(&self, keys: &'a HeldKeys) -> &'a [HeldKey] {
             &keys.riders
         }
-        fn key_of(&self, held: &str) -> Option<u32> {
-            held.parse().ok()
-        }
-        fn owns(&self, held: &str) -> bool {
-            held.trim_end_matches('x')
+        fn owner_of(&self, held: &str) -> HeldBy<u32> {
+            let even = held
+                .trim_end_matches('x')
                 .parse::<u32>()
-                .is_ok_and(|k| k % 2 == 0)
+                .is_ok_and(|k| k % 2 == 0);
+            match (even, held.parse()) {
+                (false, _) => HeldBy::Other,
+                (true, Ok(k)) => HeldBy::Me(k),
+                (true, Err(_)) => HeldBy::MeUnknown,
+            }
         }
         fn fingerprint(&self, value: &u64) -> u64 {
             *value

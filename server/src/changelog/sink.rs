@@ -14,7 +14,7 @@ use timely::dataflow::Stream;
 
 use super::{
     write_districts, write_riders, ChangelogSink, Cleared, ClearedTopic, Clearing,
-    ClearingProgress, HeldKey, HeldKeys, HeldKeysSource,
+    ClearingProgress, HeldBy, HeldKey, HeldKeys, HeldKeysSource,
 };
 use crate::engine::{CaughtUp, OutputWorker, Outputs};
 use crate::render::Fingerprint;
@@ -46,20 +46,27 @@ impl Outputs for ChangelogOutputs {
                 workers: at.workers,
             },
         };
-        let district_sink = SinkOp {
-            topics: topics.clone(),
-            clearing: Clearing::new(self.held.clone(), self.progress.clone()),
-            caught_up: at.caught_up.clone(),
-            what: "district(s)",
-        };
-        district_sink.attach(&streams.districts, "Sink: DistrictChangelog");
-        let rider_sink = SinkOp {
+        self.op(topics.clone(), at, "district(s)")
+            .attach(&streams.districts, "Sink: DistrictChangelog");
+        self.op(topics, at, "rider(s)")
+            .attach(&streams.riders, "Sink: RiderChangelog");
+    }
+}
+
+impl ChangelogOutputs {
+    /// One topic's sink operator for the worker `at`, with a clearing of its own.
+    fn op<K: std::hash::Hash + Eq + Clone, V>(
+        &self,
+        topics: WorkerTopics,
+        at: &OutputWorker,
+        what: &'static str,
+    ) -> SinkOp<K, V> {
+        SinkOp {
             topics,
             clearing: Clearing::new(self.held.clone(), self.progress.clone()),
             caught_up: at.caught_up.clone(),
-            what: "rider(s)",
-        };
-        rider_sink.attach(&streams.riders, "Sink: RiderChangelog");
+            what,
+        }
     }
 }
 
@@ -70,6 +77,19 @@ pub struct Writer {
     pub worker: usize,
     /// Workers in the whole cluster.
     pub workers: usize,
+}
+
+impl Writer {
+    /// `key`, if this worker writes it (its owner by the dataflow's exchange).
+    fn claim<K: differential_dataflow::hashable::Hashable<Output = u64>>(
+        self,
+        key: K,
+    ) -> HeldBy<K> {
+        match owner(&key, self.workers) == self.worker {
+            true => HeldBy::Me(key),
+            false => HeldBy::Other,
+        }
+    }
 }
 
 /// One worker's changelog topics: both the district and the rider topic, told apart by their
@@ -93,14 +113,12 @@ impl ClearedTopic<DistrictId, DistrictCounts> for WorkerTopics {
     fn fingerprint(&self, value: &DistrictCounts) -> u64 {
         value.fingerprint()
     }
-    fn key_of(&self, held: &str) -> Option<DistrictId> {
-        self.index.id_of(held)
-    }
     /// A code the map does not know is no one's: worker 0 clears it.
-    fn owns(&self, held: &str) -> bool {
+    fn owner_of(&self, held: &str) -> HeldBy<DistrictId> {
         match self.index.id_of(held) {
-            Some(id) => owner(&id, self.me.workers) == self.me.worker,
-            None => self.me.worker == 0,
+            Some(id) => self.me.claim(id),
+            None if self.me.worker == 0 => HeldBy::MeUnknown,
+            None => HeldBy::Other,
         }
     }
     fn write(&self, changes: &[Change<DistrictId, DistrictCounts>]) {
@@ -118,11 +136,8 @@ impl ClearedTopic<Id, Snapshot> for WorkerTopics {
     fn fingerprint(&self, value: &Snapshot) -> u64 {
         value.fingerprint()
     }
-    fn key_of(&self, held: &str) -> Option<Id> {
-        Some(Id::from(held))
-    }
-    fn owns(&self, held: &str) -> bool {
-        owner(&Id::from(held), self.me.workers) == self.me.worker
+    fn owner_of(&self, held: &str) -> HeldBy<Id> {
+        self.me.claim(Id::from(held))
     }
     fn write(&self, changes: &[Change<Id, Snapshot>]) {
         write_riders(&*self.sink, &self.index, changes, self.published);
@@ -212,9 +227,12 @@ mod tests {
             published: 0,
             me: Writer { worker, workers },
         };
-        let rider_owns = |w, id: &str| ClearedTopic::<Id, Snapshot>::owns(&topics(w), id);
-        let district_owns =
-            |w, code: &str| ClearedTopic::<DistrictId, DistrictCounts>::owns(&topics(w), code);
+        let rider_owns = |w, id: &str| {
+            ClearedTopic::<Id, Snapshot>::owner_of(&topics(w), id) == HeldBy::Me(Id::from(id))
+        };
+        let district_owns = |w, code: &str| {
+            ClearedTopic::<DistrictId, DistrictCounts>::owner_of(&topics(w), code) != HeldBy::Other
+        };
         let mut riders_per_worker = vec![0; workers];
         for i in 0..300 {
             let id = format!("r-{i}");
