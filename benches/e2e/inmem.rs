@@ -106,6 +106,10 @@ pub fn baseline_run(events: &[SimEvent], index: &Arc<DistrictIndex>) -> (f64, Ou
 pub struct MemoryPoint {
     pub riders: usize,
     pub deliveries: usize,
+    /// Ended deliveries, remembered for the terminal ttl.
+    pub ended: usize,
+    /// Deliveries the delivery upsert holds, ended ones included.
+    pub deliveries_held: usize,
     /// Heap the engine holds once the state is complete.
     pub heap_bytes: i64,
     /// Peak resident memory of the whole process.
@@ -116,31 +120,44 @@ pub struct MemoryPoint {
 
 /// Peak resident memory so far (`VmHWM`) of process `pid` (`"self"`: this one).
 pub fn peak_rss(pid: &str) -> u64 {
+    status_bytes(pid, "VmHWM:")
+}
+
+/// A memory figure of `/proc/PID/status` (`field` with its colon, e.g. `"VmRSS:"`), in bytes.
+pub fn status_bytes(pid: &str, field: &str) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .ok()
         .and_then(|s| {
-            let line = s.lines().find(|l| l.starts_with("VmHWM:"))?.to_owned();
+            let line = s.lines().find(|l| l.starts_with(field))?.to_owned();
             line.split_whitespace().nth(1)?.parse::<u64>().ok()
         })
         .map_or(0, |kb| kb * 1024)
 }
 
-/// Builds a state of `riders` riders on shift and `deliveries` active deliveries in a 2-worker
-/// engine, waits until its arrangements have stopped changing, and measures the heap it holds and
+/// Builds a state of `riders` riders on shift, `deliveries` active deliveries and `ended` ended
+/// deliveries in a 2-worker engine, waits until its arrangements have stopped changing, and measures the heap it holds and
 /// the process's peak RSS.
-pub fn memory_point(riders: usize, deliveries: usize, index: &Arc<DistrictIndex>) -> MemoryPoint {
+pub fn memory_point(
+    riders: usize,
+    deliveries: usize,
+    ended: usize,
+    index: &Arc<DistrictIndex>,
+) -> MemoryPoint {
     // No time limit that a slow machine could hit: the benchmark reports how long it takes.
     let held = heap_held(
         GLOBAL,
         2,
         riders,
         deliveries,
+        ended,
         index,
         Duration::from_secs(24 * 3600),
     );
     MemoryPoint {
         riders,
         deliveries,
+        ended,
+        deliveries_held: held.deliveries_held,
         heap_bytes: held.heap_bytes,
         peak_rss_bytes: peak_rss("self"),
         riders_on_shift: held.riders_on_shift,

@@ -322,19 +322,30 @@ impl Live {
         (ticks() - before) / clock_ticks / started.elapsed().as_secs_f64()
     }
 
-    /// Input records not read yet by the engine, over all partitions (its
-    /// `dongflow_consumer_lag_records`): near zero while ingest keeps up with the producer.
-    pub fn consumer_lag(&self) -> Option<f64> {
+    /// The engine process's id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// The sum of the engine's `/metrics` samples whose line starts with `series` (a name, or a
+    /// name with the opening of its labels).
+    pub fn metric(&self, series: &str) -> Option<f64> {
         let mut r = Self::agent()
             .get(&format!("http://{}/metrics", self.http))
             .call()
             .ok()?;
         let text = r.body_mut().read_to_string().ok()?;
-        let lags = text
+        let values = text
             .lines()
-            .filter(|l| l.starts_with("dongflow_consumer_lag_records{"))
+            .filter(|l| l.starts_with(series))
             .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok());
-        Some(lags.sum())
+        Some(values.sum())
+    }
+
+    /// Input records not read yet by the engine, over all partitions (its
+    /// `dongflow_consumer_lag_records`): near zero while ingest keeps up with the producer.
+    pub fn consumer_lag(&self) -> Option<f64> {
+        self.metric("dongflow_consumer_lag_records{")
     }
 
     /// Runs the load generator against `paths` for `duration`.

@@ -22,6 +22,7 @@ mod live;
 mod load;
 mod progress;
 mod push;
+mod soak;
 
 #[path = "../../tests/common/event_count.rs"]
 mod event_count;
@@ -94,7 +95,7 @@ dongflow end-to-end benchmark
 usage: cargo bench --bench e2e -- [options]
 
   --only LIST          sections to run, comma-separated (default: all):
-                       inmem, memory, kafka, freshness, queries, push
+                       inmem, memory, kafka, freshness, queries, push, soak
   --runs N             runs of every figure; medians are reported (default 3)
   --out DIR            where e2e.json and e2e.svg go (default target/e2e)
   --events N           in-memory events (default 2000000)
@@ -103,6 +104,7 @@ usage: cargo bench --bench e2e -- [options]
   --rates LIST         freshness input rates in events/s (default 10000,50000,100000)
   --feed-rates LIST    push feed input rates in events/s (default 10000,50000)
   --query-rate N       input rate while queries are measured (default 50000)
+  --soak-seconds N     how long the soak runs, a fifth of it warm-up (default 600)
   --districts FILE     map of the live runs (default: the real Seoul map from
                        $DONGFLOW_DISTRICTS_DIR or ../shared/data/districts, else built-in)
   --quick              small sizes and one run: a smoke test of the benchmark itself
@@ -126,10 +128,19 @@ struct Options {
     memory_fleets: Vec<usize>,
     probe_time: Duration,
     load_time: Duration,
+    soak_time: Duration,
 }
 
 /// Every section, in the order they run.
-const SECTIONS: [&str; 6] = ["inmem", "memory", "kafka", "freshness", "queries", "push"];
+const SECTIONS: [&str; 7] = [
+    "inmem",
+    "memory",
+    "kafka",
+    "freshness",
+    "queries",
+    "push",
+    "soak",
+];
 
 fn default_districts() -> Option<PathBuf> {
     let dir = std::env::var("DONGFLOW_DISTRICTS_DIR")
@@ -157,6 +168,7 @@ fn parse_options() -> Result<Options, String> {
         memory_fleets: vec![100_000, 1_000_000],
         probe_time: Duration::from_secs(15),
         load_time: Duration::from_secs(8),
+        soak_time: Duration::from_secs(600),
     };
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
@@ -185,6 +197,9 @@ fn parse_options() -> Result<Options, String> {
                     .collect::<Result<_, _>>()?
             }
             "--query-rate" => o.query_rate = number(value("--query-rate")?)?,
+            "--soak-seconds" => {
+                o.soak_time = Duration::from_secs(number(value("--soak-seconds")?)?.max(10))
+            }
             "--districts" => o.districts = Some(value("--districts")?.into()),
             "--quick" => {
                 o.quick = true;
@@ -198,6 +213,7 @@ fn parse_options() -> Result<Options, String> {
                 o.memory_fleets = vec![20_000];
                 o.probe_time = Duration::from_secs(3);
                 o.load_time = Duration::from_secs(2);
+                o.soak_time = Duration::from_secs(30);
             }
             other => return Err(format!("unknown option {other}")),
         }
@@ -216,7 +232,7 @@ fn main() {
     if args.get(1).map(String::as_str) == Some("--memory-point") {
         let n = |i: usize| args.get(i).and_then(|s| s.parse().ok()).unwrap_or(0);
         let index = Arc::new(DistrictIndex::builtin_seoul());
-        let point = inmem::memory_point(n(2), n(3), &index);
+        let point = inmem::memory_point(n(2), n(3), n(4), &index);
         println!("{}", serde_json::to_string(&point).expect("json"));
         return;
     }
@@ -238,11 +254,12 @@ fn main() {
         None
     };
     let steps = usize::from(has("inmem")) * (1 + 3 * o.runs)
-        + usize::from(has("memory")) * o.memory_fleets.len() * 2 * o.runs
+        + usize::from(has("memory")) * o.memory_fleets.len() * 3 * o.runs
         + usize::from(tansu.is_some()) * (2 + 3 * o.runs)
         + usize::from(has("freshness")) * o.rates.len() * o.runs
         + usize::from(has("queries")) * o.runs
-        + usize::from(has("push")) * o.feed_rates.len() * o.runs;
+        + usize::from(has("push")) * o.feed_rates.len() * o.runs
+        + usize::from(has("soak"));
     let progress = Progress::new(steps);
     let mut report = json!({
         "machine": {
@@ -311,6 +328,18 @@ fn main() {
     }
     if has("memory") {
         memory(&o, &progress, &mut report, &mut rows, &mut panels);
+    }
+    if has("soak") {
+        // After the memory section, whose bytes per ended delivery it sets aside.
+        soak::section(
+            &o,
+            &map,
+            &map_name,
+            &progress,
+            &mut report,
+            &mut rows,
+            &mut panels,
+        );
     }
     std::fs::create_dir_all(&o.out).expect("output dir");
     let json_path = o.out.join("e2e.json");
@@ -737,12 +766,13 @@ fn memory(
     rows: &mut Vec<[String; 3]>,
     panels: &mut Vec<Panel>,
 ) {
-    let point = |riders: usize, deliveries: usize| -> inmem::MemoryPoint {
+    let point = |riders: usize, deliveries: usize, ended: usize| -> inmem::MemoryPoint {
         let out = Command::new(std::env::current_exe().expect("own path"))
             .args([
                 "--memory-point",
                 &riders.to_string(),
                 &deliveries.to_string(),
+                &ended.to_string(),
             ])
             .output()
             .expect("memory measurement runs");
@@ -757,13 +787,16 @@ fn memory(
     let mut bars = Vec::new();
     for &riders in &o.memory_fleets {
         let deliveries = riders / 5;
-        let (mut per_rider, mut per_delivery, mut rss) = (Vec::new(), Vec::new(), Vec::new());
+        // As many ended deliveries as riders: a few hours of a platform's orders per rider on shift.
+        let ended = riders;
+        let (mut per_rider, mut per_delivery, mut per_ended, mut rss) =
+            (Vec::new(), Vec::new(), Vec::new(), Vec::new());
         for run in 1..=o.runs {
             progress.step(&format!(
                 "memory: {} riders on shift, run {run}",
                 chart::short(riders as f64)
             ));
-            let alone = point(riders, 0);
+            let alone = point(riders, 0, 0);
             assert_eq!(alone.riders_on_shift, riders as u64);
             progress.done(&format!(
                 "{} heap bytes",
@@ -773,20 +806,32 @@ fn memory(
                 "memory: and {} active deliveries, run {run}",
                 chart::short(deliveries as f64)
             ));
-            let both = point(riders, deliveries);
+            let both = point(riders, deliveries, 0);
             assert_eq!(both.active_deliveries, deliveries as u64);
             progress.done(&format!(
                 "{} heap bytes, peak RSS {}B",
                 chart::short(both.heap_bytes as f64),
                 chart::short(both.peak_rss_bytes as f64)
             ));
+            progress.step(&format!(
+                "memory: and {} ended deliveries, run {run}",
+                chart::short(ended as f64)
+            ));
+            let remembered = point(riders, deliveries, ended);
+            assert_eq!(remembered.deliveries_held, deliveries + ended);
+            progress.done(&format!(
+                "{} heap bytes",
+                chart::short(remembered.heap_bytes as f64)
+            ));
             per_rider.push(alone.heap_bytes as f64 / riders as f64);
             per_delivery.push((both.heap_bytes - alone.heap_bytes) as f64 / deliveries as f64);
+            per_ended.push((remembered.heap_bytes - both.heap_bytes) as f64 / ended as f64);
             rss.push(both.peak_rss_bytes as f64);
         }
-        let (sr, sd, srss) = (
+        let (sr, sd, se, srss) = (
             Stats::of(&per_rider),
             Stats::of(&per_delivery),
+            Stats::of(&per_ended),
             Stats::of(&rss),
         );
         out.push(json!({
@@ -794,6 +839,8 @@ fn memory(
             "active_deliveries": deliveries,
             "heap_bytes_per_rider": sr,
             "heap_bytes_per_active_delivery": sd,
+            "ended_deliveries": ended,
+            "heap_bytes_per_ended_delivery": se,
             "peak_rss_bytes": srss,
         }));
         let size = chart::short(riders as f64);
@@ -805,7 +852,12 @@ fn memory(
         rows.push([
             format!("memory at {size} riders: heap bytes per active delivery"),
             sd.text(" B"),
-            verdict(sd.median <= 250.0, "≤ 250 B"),
+            verdict(sd.median <= 160.0, "≤ 160 B"),
+        ]);
+        rows.push([
+            format!("memory at {size} riders: heap bytes per remembered ended delivery"),
+            se.text(" B"),
+            verdict(se.median <= 64.0, "≤ 64 B"),
         ]);
         rows.push([
             format!(
@@ -817,10 +869,11 @@ fn memory(
         ]);
         bars.push(Bar::new(format!("per rider\n{size}"), sr, BLUE));
         bars.push(Bar::new(format!("per delivery\n{size}"), sd, GREEN));
+        bars.push(Bar::new(format!("per ended\n{size}"), se, GREEN));
     }
     report["memory"] = json!({
-        "engine": "-w 2, fed from memory; the state only (one SHIFT_STARTED per rider, one ASSIGNED per delivery)",
-        "what": "heap the engine holds (allocator statistics: upsert state, arrangements, the serving view) divided by the records; a delivery's bytes are the heap added by the deliveries",
+        "engine": "-w 2, fed from memory; the state only (one SHIFT_STARTED per rider, one ASSIGNED per delivery, CREATED then DELIVERED per ended delivery)",
+        "what": "heap the engine holds (allocator statistics: upsert state, arrangements, the serving view) divided by the records; a delivery's bytes are the heap added by the deliveries; an ended delivery's, the heap added by the ended ones",
         "fleets": out,
     });
     panels.push(Panel {

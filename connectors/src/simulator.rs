@@ -1023,3 +1023,19 @@ pub fn fixed_state(riders: usize, deliveries: usize) -> impl Iterator<Item = Sim
     });
     shifts.chain(assigned)
 }
+
+/// `n` ended deliveries (`e-0`, `e-1`, ...), each `CREATED` then `DELIVERED`, for measuring what a
+/// remembered ended delivery costs: they count nowhere, yet each is remembered for the terminal ttl.
+pub fn ended_deliveries(n: usize) -> impl Iterator<Item = SimEvent> + Send {
+    const START: Millis = 1_764_000_000_000;
+    (0..n).flat_map(|i| {
+        let id = compact_str::format_compact!("e-{i}");
+        let ts = START + i as Millis;
+        [DeliveryStatus::Created, DeliveryStatus::Delivered]
+            .into_iter()
+            .enumerate()
+            .map(move |(k, status)| {
+                SimEvent::Delivery(DeliveryEvent::bare(id.clone(), status, ts + k as Millis))
+            })
+    })
+}

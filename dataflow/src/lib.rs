@@ -8,6 +8,7 @@
 //! - [`seoul_map`]: the default map, Seoul's 425 dongs, shipped compressed in the binary.
 //! - [`builtin_map`]: a small coarse map of Seoul's 25 gu, for tests and examples.
 //! - [`upsert`]: the upsert operator that applies events per id in `ts` order.
+//! - [`tombstones`]: the ids whose state is terminal, remembered by id and expiry alone.
 //! - [`stages`]: one function per stage (enrich, upsert rules, join, count, changes per time,
 //!   rider changes).
 //! - [`build`](mod@build): the one place that wires the stages.
@@ -30,6 +31,7 @@ pub mod districts;
 pub mod error;
 pub mod seoul_map;
 pub mod stages;
+pub mod tombstones;
 pub mod trace_size;
 pub mod types;
 pub mod upsert;

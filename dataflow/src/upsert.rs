@@ -10,11 +10,12 @@
 //! state lives in an [`UpsertState`] shared with the worker loop, so that it can be checkpointed and
 //! seeded on restart: rows of a seeded state are emitted at the operator's first time.
 //!
-//! Terminal states ("tombstones") are kept for `ttl` of dataflow time, so that late and duplicate
-//! events cannot bring an id back, and are then dropped, so that memory stays bounded.
+//! Terminal states ("tombstones") are remembered by id and expiry alone ([`Tombstones`]) for `ttl`
+//! of dataflow time, so that late and duplicate events cannot bring an id back, and are then
+//! dropped, so that memory stays bounded.
 
 use std::cell::{Cell, RefCell};
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::BTreeMap;
 use std::rc::Rc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -31,6 +32,7 @@ use timely::dataflow::operators::generic::operator::Operator;
 use timely::dataflow::operators::Capability;
 use timely::dataflow::Stream;
 
+use crate::tombstones::Tombstones;
 use crate::types::{Diff, Time};
 
 /// Why an event was not applied.
@@ -57,7 +59,8 @@ pub trait UpsertRule: 'static {
     fn apply(current: Option<&Self::State>, event: Self::Event) -> Result<Self::State, Ignored>;
     /// The rows downstream sees of a state (none while it is not visible).
     fn rows(state: &Self::State) -> impl Iterator<Item = Self::Row>;
-    /// Whether the state is terminal: kept for the ttl only, to absorb late events.
+    /// Whether the state is terminal: it shows no rows, and its id is remembered (without the
+    /// state) for the ttl only, to absorb every later event.
     fn is_tombstone(state: &Self::State) -> bool;
 }
 
@@ -75,10 +78,10 @@ const UNTOUCHED: Time = Time::MAX;
 /// The state of one upsert operator on one worker.
 #[derive(Debug)]
 pub struct UpsertState<S> {
-    /// Latest state per id.
+    /// Latest state per id, tombstones aside.
     entries: FxHashMap<Id, Slot<S>>,
-    /// Tombstones in the order they expire: (expiry time, id).
-    expiry: VecDeque<(Time, Id)>,
+    /// The ids whose state is terminal, until their ttl runs out.
+    ended: Tombstones,
     /// How long a tombstone is kept, in dataflow time (ms).
     pub ttl: Time,
     /// The dataflow time at which a seeded state is shown downstream (0: the first time).
@@ -90,7 +93,7 @@ impl<S> UpsertState<S> {
     pub fn new(ttl: Time) -> Self {
         Self {
             entries: FxHashMap::default(),
-            expiry: VecDeque::new(),
+            ended: Tombstones::default(),
             ttl,
             seeded_at: 0,
         }
@@ -101,11 +104,8 @@ impl<S> UpsertState<S> {
         Rc::new(RefCell::new(Self::new(ttl)))
     }
 
-    /// Puts a state in (for seeding from a checkpoint); `expires` is set for tombstones.
-    pub fn seed(&mut self, id: Id, state: S, expires: Option<Time>) {
-        if let Some(at) = expires {
-            self.expiry.push_back((at, id.clone()));
-        }
+    /// Puts a state in (for seeding from a checkpoint).
+    pub fn seed(&mut self, id: Id, state: S) {
         self.entries.insert(
             id,
             Slot {
@@ -115,34 +115,51 @@ impl<S> UpsertState<S> {
         );
     }
 
+    /// Remembers `id` as terminal until `expires` (for seeding from a checkpoint).
+    pub fn seed_tombstone(&mut self, id: Id, expires: Time) {
+        self.entries.remove(&id);
+        self.ended.insert(expires, id);
+    }
+
     /// The number of ids held (tombstones included).
     pub fn len(&self) -> usize {
-        self.entries.len()
+        self.entries.len() + self.ended.len()
+    }
+
+    /// The number of tombstones held.
+    pub fn tombstones(&self) -> usize {
+        self.ended.len()
     }
 
     /// Whether no id is held.
     pub fn is_empty(&self) -> bool {
-        self.entries.is_empty()
+        self.entries.is_empty() && self.ended.is_empty()
     }
 
-    /// The state of one id.
+    /// The state of one id that is not terminal.
     pub fn get(&self, id: &Id) -> Option<&S> {
         self.entries.get(id).map(|slot| &slot.state)
     }
 
-    /// Every id with its state.
+    /// Whether `id` is terminal (remembered until its ttl runs out).
+    pub fn is_ended(&self, id: &Id) -> bool {
+        self.ended.contains(id)
+    }
+
+    /// Every id that is not terminal, with its state.
     pub fn iter(&self) -> impl Iterator<Item = (&Id, &S)> {
         self.entries.iter().map(|(id, slot)| (id, &slot.state))
     }
 
     /// The tombstones with their expiry times, oldest first.
     pub fn tombstone_expiry(&self) -> impl Iterator<Item = &(Time, Id)> {
-        self.expiry.iter()
+        self.ended.iter()
     }
 }
 
 impl<S: Clone> UpsertState<S> {
-    /// A copy of every id's state and of the tombstones' expiry times, for a checkpoint.
+    /// A copy of every live id's state and of the tombstones with their expiry times, for a
+    /// checkpoint.
     pub fn snapshot(&self, time: Time) -> StateSnapshot<S> {
         StateSnapshot {
             time,
@@ -151,20 +168,30 @@ impl<S: Clone> UpsertState<S> {
                 .iter()
                 .map(|(id, slot)| (id.clone(), slot.state.clone()))
                 .collect(),
-            expiry: self.expiry.iter().cloned().collect(),
+            expiry: self.ended.iter().cloned().collect(),
         }
     }
 
     /// Seeds the ids of `snapshot` for which `keep` holds (the ids this worker owns), shown
     /// downstream at dataflow time `at` (so that outputs never go back in time after a restart).
+    ///
+    /// The ids in the snapshot's expiry list are tombstones, whether or not `entries` lists their
+    /// terminal state too (as checkpoints written before tombstones were kept apart do).
     pub fn restore(&mut self, snapshot: &StateSnapshot<S>, at: Time, keep: impl Fn(&Id) -> bool) {
         self.seeded_at = at;
-        let expiry: FxHashMap<&Id, Time> = snapshot.expiry.iter().map(|(t, id)| (id, *t)).collect();
-        let mut kept: Vec<(Time, Id)> = Vec::new();
+        let mut kept: Vec<(Time, Id)> = snapshot
+            .expiry
+            .iter()
+            .filter(|(_, id)| keep(id))
+            .cloned()
+            .collect();
+        kept.sort();
+        for (expires, id) in kept {
+            self.ended.insert(expires, id);
+        }
         for (id, state) in snapshot.entries.iter().filter(|(id, _)| keep(id)) {
-            let expires = expiry.get(id).copied();
-            if let Some(at) = expires {
-                kept.push((at, id.clone()));
+            if self.ended.contains(id) {
+                continue;
             }
             self.entries.insert(
                 id.clone(),
@@ -174,8 +201,6 @@ impl<S: Clone> UpsertState<S> {
                 },
             );
         }
-        kept.sort();
-        self.expiry.extend(kept);
     }
 }
 
@@ -199,9 +224,9 @@ pub fn owner<K: Hashable<Output = u64>>(key: &K, peers: usize) -> usize {
 pub struct StateSnapshot<S> {
     /// The dataflow time the state is complete through.
     pub time: Time,
-    /// Every id's state (tombstones included).
+    /// Every live id's state (in checkpoints of earlier versions, tombstones' too).
     pub entries: Vec<(Id, S)>,
-    /// When each tombstone expires.
+    /// The tombstones, with when each expires.
     pub expiry: Vec<(Time, Id)>,
 }
 
@@ -349,6 +374,7 @@ pub fn upsert<'s, U: UpsertRule>(
                             .push(std::mem::take(data));
                     });
                     // Apply complete times in time order: no event of an earlier time can still arrive.
+                    let mut largest = 0;
                     while let Some(entry) = stash.first_entry() {
                         let time = *entry.key();
                         if frontier.less_equal(&time) {
@@ -360,6 +386,7 @@ pub fn upsert<'s, U: UpsertRule>(
                         let mut state = state.borrow_mut();
                         apply_time::<U>(&mut state, time, events, &mut touched, &counters);
                         let mut session = output.session(&cap);
+                        largest = largest.max(touched.len());
                         for (id, old) in touched.drain(..) {
                             old_rows.clear();
                             new_rows.clear();
@@ -377,6 +404,7 @@ pub fn upsert<'s, U: UpsertRule>(
                             }
                         }
                     }
+                    give_back_room(&mut state.borrow_mut(), &mut touched, largest);
                     // Complete through the requested time with nothing later applied yet.
                     if let Some(at) = snapshots.requested.get() {
                         if !frontier.less_equal(&at) {
@@ -389,6 +417,26 @@ pub fn upsert<'s, U: UpsertRule>(
         .as_collection()
 }
 
+/// Returns what a burst left unused, once the times are far smaller than it (or none came): the
+/// room of a time's changed ids (each with a whole state; at most `changed` at a time in this
+/// activation), and the map's room once its ids
+/// have ended (a map keeps its largest size otherwise, and a burst of deliveries that end would
+/// then cost a live delivery's room each for good). Sustained large times keep their room.
+fn give_back_room<S>(
+    state: &mut UpsertState<S>,
+    touched: &mut Vec<(Id, Option<S>)>,
+    changed: usize,
+) {
+    const KEEP: usize = 1024;
+    if touched.capacity() > 4 * changed.max(KEEP) {
+        touched.shrink_to(changed.max(KEEP));
+    }
+    let len = state.entries.len();
+    if state.entries.capacity() > 4 * len.max(KEEP) {
+        state.entries.shrink_to(2 * len);
+    }
+}
+
 /// Applies one time's events to the state, recording in `touched` the state each changed id had
 /// before this time (once per id).
 fn apply_time<U: UpsertRule>(
@@ -398,51 +446,55 @@ fn apply_time<U: UpsertRule>(
     touched: &mut Vec<(Id, Option<U::State>)>,
     counters: &UpsertCounters,
 ) {
-    let (mut applied, mut stale, mut after_terminal, mut expired) = (0, 0, 0, 0);
-    // Drop tombstones whose ttl has run out; an id that came back since is not a tombstone any more.
-    while state.expiry.front().is_some_and(|(at, _)| *at <= time) {
-        if let Some((_, id)) = state.expiry.pop_front() {
-            if state.get(&id).is_some_and(U::is_tombstone) {
-                state.entries.remove(&id);
-                expired += 1;
-            }
-        }
-    }
-    let ttl = state.ttl;
+    let (mut applied, mut stale, mut after_terminal) = (0, 0, 0);
+    let expired = state.ended.expire(time);
+    let expires = time.saturating_add(state.ttl);
     for event in events.into_iter().flatten() {
         let id = U::id(&event).clone();
-        let result = match state.entries.get_mut(&id) {
-            Some(slot) => U::apply(Some(&slot.state), event).map(|new| {
-                if slot.touched_at != time {
-                    touched.push((id.clone(), Some(slot.state.clone())));
-                    slot.touched_at = time;
-                }
-                let newly_ended = U::is_tombstone(&new) && !U::is_tombstone(&slot.state);
-                slot.state = new;
-                newly_ended
-            }),
-            None => U::apply(None, event).map(|new| {
-                touched.push((id.clone(), None));
-                let newly_ended = U::is_tombstone(&new);
-                state.entries.insert(
-                    id.clone(),
-                    Slot {
-                        state: new,
-                        touched_at: time,
-                    },
-                );
-                newly_ended
-            }),
+        if state.ended.contains(&id) {
+            after_terminal += 1;
+            continue;
+        }
+        let slot = state.entries.get_mut(&id);
+        let current = slot.as_ref().map(|slot| &slot.state);
+        let new = match U::apply(current, event) {
+            Ok(new) => new,
+            Err(Ignored::Stale) => {
+                stale += 1;
+                continue;
+            }
+            Err(Ignored::AfterTerminal) => {
+                after_terminal += 1;
+                continue;
+            }
         };
-        match result {
-            Ok(newly_ended) => {
-                applied += 1;
-                if newly_ended {
-                    state.expiry.push_back((time.saturating_add(ttl), id));
+        applied += 1;
+        let ended = U::is_tombstone(&new);
+        match slot {
+            Some(slot) => {
+                if slot.touched_at != time {
+                    slot.touched_at = time;
+                    touched.push((id.clone(), Some(slot.state.clone())));
+                }
+                if ended {
+                    state.entries.remove(&id);
+                } else {
+                    slot.state = new;
                 }
             }
-            Err(Ignored::Stale) => stale += 1,
-            Err(Ignored::AfterTerminal) => after_terminal += 1,
+            None => {
+                touched.push((id.clone(), None));
+                if !ended {
+                    let slot = Slot {
+                        state: new,
+                        touched_at: time,
+                    };
+                    state.entries.insert(id.clone(), slot);
+                }
+            }
+        }
+        if ended {
+            state.ended.insert(expires, id);
         }
     }
     counters.add(applied, stale, after_terminal, expired);
@@ -480,7 +532,11 @@ mod tests {
         let output = timely::execute_directly(move |worker| {
             let st = UpsertState::shared(ttl);
             for (id, s) in seed {
-                st.borrow_mut().seed(id, s, None);
+                if DeliveryRule::is_tombstone(&s) {
+                    st.borrow_mut().seed_tombstone(id, ttl);
+                } else {
+                    st.borrow_mut().seed(id, s);
+                }
             }
             let (mut input, probe, rx) = worker.dataflow::<Time, _, _>(|scope| {
                 let (input, stream) = scope.new_input::<Enriched<DeliveryEvent>>();
@@ -624,6 +680,56 @@ mod tests {
         let mut restored = UpsertState::<DeliveryState>::new(1_000);
         restored.restore(&snapshot, 5, |id| id.as_str() == "d-2");
         assert_eq!(restored.len(), 1);
+    }
+
+    #[test]
+    fn tombstones_are_held_apart_and_restore_from_either_layout() {
+        let mut state = UpsertState::<DeliveryState>::new(100);
+        let mut touched = Vec::new();
+        let counters = UpsertCounters::default();
+        let rounds = [
+            event("d-1", DeliveryStatus::Created, 1),
+            event("d-1", DeliveryStatus::Delivered, 2),
+            event("d-2", DeliveryStatus::Cancelled, 3),
+            event("d-3", DeliveryStatus::Created, 4),
+        ];
+        apply_time::<DeliveryRule>(
+            &mut state,
+            5,
+            vec![rounds.to_vec()],
+            &mut touched,
+            &counters,
+        );
+        assert_eq!((state.len(), state.tombstones()), (3, 2));
+        assert!(state.get(&"d-1".into()).is_none() && state.is_ended(&"d-1".into()));
+        let snapshot = state.snapshot(5);
+        assert_eq!(
+            snapshot.entries.len(),
+            1,
+            "only the live delivery is listed"
+        );
+        let mut expiry = snapshot.expiry.clone();
+        expiry.sort();
+        assert_eq!(expiry, [(105, "d-1".into()), (105, "d-2".into())]);
+
+        // An earlier layout lists the tombstones among the entries too: they stay tombstones.
+        let mut earlier = snapshot.clone();
+        earlier
+            .entries
+            .push(("d-1".into(), DeliveryState::Ended { ts: 2 }));
+        for from in [snapshot, earlier] {
+            let mut restored = UpsertState::<DeliveryState>::new(100);
+            restored.restore(&from, 5, |_| true);
+            assert_eq!((restored.len(), restored.tombstones()), (3, 2));
+            assert!(restored.is_ended(&"d-1".into()) && restored.get(&"d-1".into()).is_none());
+            // A late event for a restored tombstone is absorbed, then the ttl forgets it.
+            let late = vec![vec![event("d-1", DeliveryStatus::Waiting, 9)]];
+            apply_time::<DeliveryRule>(&mut restored, 50, late, &mut touched, &counters);
+            assert!(restored.get(&"d-1".into()).is_none());
+            apply_time::<DeliveryRule>(&mut restored, 105, vec![], &mut touched, &counters);
+            assert_eq!((restored.len(), restored.tombstones()), (1, 0));
+        }
+        assert_eq!(counters.after_terminal.load(Ordering::Relaxed), 2);
     }
 
     #[test]

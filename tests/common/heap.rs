@@ -1,4 +1,5 @@
-//! The heap an engine holds for a fixed state (`fixed_state`: riders on shift, active deliveries),
+//! The heap an engine holds for a fixed state (`fixed_state`: riders on shift, active deliveries;
+//! `ended_deliveries`: deliveries remembered after their end),
 //! counted by the caller's instrumented allocator: one measurement for the memory regression test
 //! (`tests/memory.rs`) and the benchmark's memory section (`benches/e2e/inmem.rs`).
 
@@ -8,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use dongflow::demo::partition_of;
 use dongflow::{AnswerBody, Engine, EngineConfig, Query};
-use dongflow_connectors::simulator::fixed_state;
+use dongflow_connectors::simulator::{ended_deliveries, fixed_state};
 use dongflow_connectors::source::{EventSource, VecSource};
 use dongflow_dataflow::districts::DistrictIndex;
 use stats_alloc::{Region, StatsAlloc};
@@ -22,24 +23,28 @@ pub struct Held {
     /// figure would prove nothing.
     pub riders_on_shift: u64,
     pub active_deliveries: u64,
+    /// Deliveries the delivery upsert holds, ended ones included.
+    pub deliveries_held: usize,
 }
 
-/// Builds `riders` riders on shift and `deliveries` active deliveries in an engine of `workers`
-/// workers, waits (at most `limit`) until its input is in and its arrangements have stopped
+/// Builds `riders` riders on shift, `deliveries` active deliveries and `ended` ended deliveries in
+/// an engine of `workers` workers, waits (at most `limit`) until its input is in and its arrangements have stopped
 /// changing, and says how much heap it holds then.
 pub fn heap_held(
     alloc: &'static StatsAlloc<System>,
     workers: usize,
     riders: usize,
     deliveries: usize,
+    ended: usize,
     index: &Arc<DistrictIndex>,
     limit: Duration,
 ) -> Held {
     let sources: Vec<Box<dyn EventSource>> = (0..workers)
         .map(|w| {
             // Made as they are taken: the input never sits in memory.
-            let mine =
-                fixed_state(riders, deliveries).filter(move |e| partition_of(e, workers) == w);
+            let mine = fixed_state(riders, deliveries)
+                .chain(ended_deliveries(ended))
+                .filter(move |e| partition_of(e, workers) == w);
             Box::new(VecSource::from_events(mine)) as Box<dyn EventSource>
         })
         .collect();
@@ -72,6 +77,7 @@ pub fn heap_held(
     };
     let held = Held {
         heap_bytes,
+        deliveries_held: engine.handle().sizes().expect("sizes").deliveries,
         riders_on_shift: counts.iter().map(|(_, c)| c.riders_on_shift).sum(),
         active_deliveries: counts.iter().map(|(_, c)| c.active_deliveries).sum(),
     };
