@@ -102,7 +102,7 @@ pub fn section(
     let minutes = (o.soak_time.as_secs_f64() - warm) / 60.0;
     rows.push([
         format!(
-            "soak ({}, {} riders, {}/s): RSS growth over the last {minutes:.0} min",
+            "soak ({}, {} riders, {}/s): RSS growth over the last {minutes:.1} min",
             map_name,
             chart::short(RIDERS as f64),
             chart::short(RATE as f64)
@@ -137,7 +137,7 @@ pub fn section(
         "samples": samples,
     });
     panels.push(Panel {
-        title: format!("Soak: RSS growth after warm-up ({minutes:.0} min)"),
+        title: format!("Soak: RSS growth after warm-up ({minutes:.1} min)"),
         unit: "%".into(),
         bars: vec![Bar::new("RSS", growth_stats, ORANGE)],
         target: Some((10.0, "target: +10%".into())),
