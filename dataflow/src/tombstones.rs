@@ -10,6 +10,7 @@ use std::collections::VecDeque;
 use std::hash::BuildHasher;
 
 use dongflow_records::Id;
+use hashbrown::hash_table::Entry;
 use hashbrown::HashTable;
 use rustc_hash::FxBuildHasher;
 
@@ -45,6 +46,10 @@ impl Tombstones {
 
     /// Whether `id` is remembered.
     pub fn contains(&self, id: &Id) -> bool {
+        if self.queue.is_empty() {
+            // An upsert whose ids never end (riders) asks this for every event: no hash then.
+            return false;
+        }
         let (queue, popped) = (&self.queue, self.popped);
         self.index
             .find(hash(id), |&at| queue[(at - popped) as usize].1 == *id)
@@ -54,15 +59,17 @@ impl Tombstones {
     /// Remembers `id` until `expires`; an id already remembered keeps its first expiry (a terminal
     /// state absorbs every later event, so it cannot end twice).
     pub fn insert(&mut self, expires: Time, id: Id) {
-        if self.contains(&id) {
-            return;
-        }
         let at = self.popped + self.queue.len() as u64;
-        let h = hash(&id);
-        self.queue.push_back((expires, id));
         let (queue, popped) = (&self.queue, self.popped);
-        self.index
-            .insert_unique(h, at, |&at| hash(&queue[(at - popped) as usize].1));
+        let entry = self.index.entry(
+            hash(&id),
+            |&at| queue[(at - popped) as usize].1 == id,
+            |&at| hash(&queue[(at - popped) as usize].1),
+        );
+        if let Entry::Vacant(vacant) = entry {
+            vacant.insert(at);
+            self.queue.push_back((expires, id));
+        }
     }
 
     /// Forgets the ids whose expiry is at or before `now`, and says how many.

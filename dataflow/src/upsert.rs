@@ -115,6 +115,15 @@ impl<S> UpsertState<S> {
         );
     }
 
+    /// Returns the map's room once most of its ids have ended: a map keeps its largest size
+    /// otherwise, and a burst of deliveries that end would cost a live delivery's room each for good.
+    fn give_back_room(&mut self) {
+        let len = self.entries.len();
+        if self.entries.capacity() > 4 * len.max(KEEP_ROOM) {
+            self.entries.shrink_to(2 * len);
+        }
+    }
+
     /// Remembers `id` as terminal until `expires` (for seeding from a checkpoint).
     pub fn seed_tombstone(&mut self, id: Id, expires: Time) {
         self.entries.remove(&id);
@@ -404,7 +413,8 @@ pub fn upsert<'s, U: UpsertRule>(
                             }
                         }
                     }
-                    give_back_room(&mut state.borrow_mut(), &mut touched, largest);
+                    give_back_touched(&mut touched, largest);
+                    state.borrow_mut().give_back_room();
                     // Complete through the requested time with nothing later applied yet.
                     if let Some(at) = snapshots.requested.get() {
                         if !frontier.less_equal(&at) {
@@ -417,23 +427,15 @@ pub fn upsert<'s, U: UpsertRule>(
         .as_collection()
 }
 
-/// Returns what a burst left unused, once the times are far smaller than it (or none came): the
-/// room of a time's changed ids (each with a whole state; at most `changed` at a time in this
-/// activation), and the map's room once its ids
-/// have ended (a map keeps its largest size otherwise, and a burst of deliveries that end would
-/// then cost a live delivery's room each for good). Sustained large times keep their room.
-fn give_back_room<S>(
-    state: &mut UpsertState<S>,
-    touched: &mut Vec<(Id, Option<S>)>,
-    changed: usize,
-) {
-    const KEEP: usize = 1024;
-    if touched.capacity() > 4 * changed.max(KEEP) {
-        touched.shrink_to(changed.max(KEEP));
-    }
-    let len = state.entries.len();
-    if state.entries.capacity() > 4 * len.max(KEEP) {
-        state.entries.shrink_to(2 * len);
+/// Room for this many changed ids, or map entries, is always kept.
+const KEEP_ROOM: usize = 1024;
+
+/// Returns the room of a time's changed ids (each with a whole state) that a burst left, once the
+/// times of an activation are far smaller than it (`changed`: the most at one time) or none came.
+/// Sustained large times keep their room.
+fn give_back_touched<S>(touched: &mut Vec<(Id, Option<S>)>, changed: usize) {
+    if touched.capacity() > 4 * changed.max(KEEP_ROOM) {
+        touched.shrink_to(changed.max(KEEP_ROOM));
     }
 }
 
