@@ -11,9 +11,8 @@ use timely::dataflow::Stream;
 use crate::districts::DistrictId;
 use crate::districts::DistrictIndex;
 use crate::stages::{
-    changes_per_time, contributions, count_by_district, enrich_with_district, join_inputs,
-    join_riders_deliveries, rider_changes, split_riders, CountsTrace, DeliveryRule, DeliveryState,
-    RiderPositions, RiderRule, SnapshotTrace,
+    changes_per_time, count_by_district, enrich_with_district, rider_snapshots,
+    waiting_contributions, CountsTrace, DeliveryRule, DeliveryState, RiderRule,
 };
 use crate::types::{Change, DistrictCounts, RiderRow, Snapshot, Time};
 use crate::upsert::{upsert, SnapshotSlot, UpsertCounters, UpsertState};
@@ -33,6 +32,8 @@ pub struct WorkerState {
     pub rider_snapshots: Rc<SnapshotSlot<RiderRow>>,
     /// Checkpoint requests to the delivery upsert, and its snapshots.
     pub delivery_snapshots: Rc<SnapshotSlot<DeliveryState>>,
+    /// How many riders the rider snapshot stage holds.
+    pub snapshot_riders: Rc<Cell<usize>>,
 }
 
 impl WorkerState {
@@ -43,6 +44,7 @@ impl WorkerState {
             deliveries: UpsertState::shared(terminal_ttl),
             rider_snapshots: Rc::default(),
             delivery_snapshots: Rc::default(),
+            snapshot_riders: Rc::default(),
         }
     }
 }
@@ -58,15 +60,13 @@ pub struct DataflowCounters {
 
 /// What the dataflow offers to queries and sinks.
 pub struct Outputs<'s> {
-    /// Rider snapshots without positions, by rider id.
-    pub snapshots: Arranged<'s, SnapshotTrace>,
-    /// Changes of rider positions, partitioned by rider id (not arranged).
-    pub positions: RiderPositions<'s>,
+    /// Rider snapshots per time, partitioned by rider id; `None` when the rider's shift ended.
+    pub riders: Stream<'s, Time, Vec<Change<Id, Snapshot>>>,
     /// District counts by district.
     pub counts: Arranged<'s, CountsTrace>,
 }
 
-/// Wires the dataflow: enrich, upsert, split riders, join, count, arrange.
+/// Wires the dataflow: enrich, upsert, rider snapshots, count, arrange.
 ///
 /// ```
 /// use dongflow_dataflow::{build, build::changelogs, districts::DistrictIndex, DataflowCounters, WorkerState};
@@ -84,7 +84,7 @@ pub struct Outputs<'s> {
 ///         let (deliveries, delivery_stream) = scope.new_input::<DeliveryEvent>();
 ///         let out = build(rider_stream, delivery_stream, index.clone(), &state, &DataflowCounters::default());
 ///         let (probe, _) = out.counts.stream.clone().probe();
-///         changelogs(&out, Default::default()).districts.capture_into(tx.clone());
+///         changelogs(&out).districts.capture_into(tx.clone());
 ///         (riders, deliveries, probe)
 ///     });
 ///     let at = Some(Coord { lat: 37.5089, lon: 127.0631 });
@@ -122,13 +122,13 @@ pub fn build<'s>(
         counters.deliveries.clone(),
         state.delivery_snapshots.clone(),
     );
-    let (cores, positions) = split_riders(riders);
-    let snapshots = join_riders_deliveries(join_inputs(cores, deliveries.clone()));
-    let counts = count_by_district(contributions(snapshots.clone(), deliveries));
+    let snapshots = rider_snapshots(riders, deliveries.clone(), state.snapshot_riders.clone());
+    let contributions = snapshots
+        .contributions
+        .concat(waiting_contributions(deliveries));
     Outputs {
-        snapshots,
-        positions,
-        counts,
+        riders: snapshots.changes,
+        counts: count_by_district(contributions),
     }
 }
 
@@ -140,15 +140,14 @@ pub struct Changelogs<'s> {
     pub riders: Stream<'s, Time, Vec<Change<Id, Snapshot>>>,
 }
 
-/// Wires the changelog streams onto the outputs of [`build`]; `held` reports how many riders the
-/// rider changelog stage holds.
-pub fn changelogs<'s>(outputs: &Outputs<'s>, held: Rc<Cell<usize>>) -> Changelogs<'s> {
+/// Wires the changelog streams onto the outputs of [`build`].
+pub fn changelogs<'s>(outputs: &Outputs<'s>) -> Changelogs<'s> {
     let counts = outputs
         .counts
         .clone()
         .as_collection(|district, counts| (*district, *counts));
     Changelogs {
         districts: changes_per_time(counts, "Changelog: Districts"),
-        riders: rider_changes(outputs.snapshots.clone(), outputs.positions.clone(), held),
+        riders: outputs.riders.clone(),
     }
 }

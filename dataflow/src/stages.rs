@@ -7,25 +7,25 @@ use std::sync::Arc;
 
 use differential_dataflow::operators::arrange::{Arranged, TraceAgent};
 use differential_dataflow::trace::implementations::{ValBuilder, ValSpine};
-use differential_dataflow::VecCollection;
+use differential_dataflow::{AsCollection, Hashable, VecCollection};
 use dongflow_records::{Coord, DeliveryEvent, Id, Millis, RiderEvent};
 use rustc_hash::FxHashMap;
 use serde::{Deserialize, Serialize};
-use timely::dataflow::channels::pact::Pipeline;
+use timely::dataflow::channels::pact::{Exchange, Pipeline};
+use timely::dataflow::operators::generic::builder_rc::OperatorBuilder;
 use timely::dataflow::operators::generic::operator::Operator;
+use timely::dataflow::operators::generic::OutputBuilder;
 use timely::dataflow::operators::vec::Map;
 use timely::dataflow::operators::{Capability, InputCapability};
 use timely::dataflow::Stream;
 
 use crate::districts::{DistrictId, DistrictIndex, UNASSIGNED};
 use crate::types::{
-    Change, Contribution, DeliveryRow, Diff, DistrictCounts, JoinSide, RiderCore, RiderPart,
-    RiderPosition, RiderRow, Snapshot, SnapshotCore, Time,
+    Change, Contribution, DeliveryBrief, DeliveryRow, Diff, DistrictCounts, RiderCore, RiderPart,
+    RiderPosition, RiderRow, Snapshot, Time,
 };
 use crate::upsert::{Ignored, UpsertRule};
 
-/// Rider snapshots without positions (the join's output), arranged by rider id.
-pub type SnapshotTrace = TraceAgent<ValSpine<Id, SnapshotCore, Time, Diff>>;
 /// District counts, arranged by district.
 pub type CountsTrace = TraceAgent<ValSpine<DistrictId, DistrictCounts, Time, Diff>>;
 
@@ -208,174 +208,302 @@ impl UpsertRule for DeliveryRule {
     }
 }
 
-/// Riders' slowly changing parts, keyed by rider id.
-pub type RiderCores<'s> = VecCollection<'s, Time, (Id, RiderCore), Diff>;
-/// Riders' positions, keyed by rider id.
-pub type RiderPositions<'s> = VecCollection<'s, Time, (Id, RiderPosition), Diff>;
+/// The stage's output: the rider changelog, and what riders on shift add to the district counts.
+pub struct RiderSnapshots<'s> {
+    /// For every complete time, each rider whose snapshot changed, with its full snapshot, or
+    /// `None` once it is off shift.
+    pub changes: Stream<'s, Time, Vec<Change<Id, Snapshot>>>,
+    /// What each rider on shift adds to its district's counts (see [`Contribution::of_rider`]).
+    pub contributions: VecCollection<'s, Time, (DistrictId, Contribution), Diff>,
+}
 
-/// Splits riders on shift into the slowly changing part (status, type, district), which the join
-/// and the counts use, and the position (location, ts), which changes with every ping. A ping that
-/// stays in its district changes only the position: the join and the counts do no work for it.
+/// The rider snapshots of CONTRACT section 3, materialized once: each rider's latest core and
+/// position (from the rider upsert) and its active deliveries (from the delivery upsert, sent to the
+/// worker that owns the rider), held in one map entry per rider. For every complete time it emits
+/// each rider whose snapshot changed (the rider changelog, which the serving view also reads) and
+/// the change in what the rider adds to its district's counts.
+///
+/// A ping that stays in its district changes only the position: one map update, one output record,
+/// and no count update. The rider input is already partitioned by rider id (the upsert's exchange
+/// hashes the id as this stage's delivery exchange does), so it needs no exchange of its own.
+/// `held` reports how many riders the stage holds (on shift, or with active deliveries).
 ///
 /// ```
-/// use dongflow_dataflow::stages::split_riders;
-/// use dongflow_dataflow::types::{RiderCore, RiderPart, RiderPosition};
-/// use dongflow_records::{Id, RiderStatus};
+/// use dongflow_dataflow::stages::rider_snapshots;
+/// use dongflow_dataflow::types::{Contribution, DeliveryRow, RiderCore, RiderPart, RiderPosition};
+/// use dongflow_records::{DeliveryStatus, Id, RiderStatus};
 /// use differential_dataflow::input::Input;
 /// use timely::dataflow::operators::{Capture, capture::Extract};
 ///
-/// let (cores, positions) = timely::example(|scope| {
-///     let core = RiderCore { status: RiderStatus::OnShift, rider_type: None, district: 2 };
-///     let position = RiderPosition { location: None, ts: 7 };
-///     let id: Id = "r-1".into();
-///     let parts = scope.new_collection_from(vec![(id.clone(), RiderPart::Core(core)), (id, RiderPart::Position(position))]).1;
-///     let (cores, positions) = split_riders(parts);
-///     (cores.inner.capture(), positions.inner.capture())
+/// let (changes, contributions) = timely::example(|scope| {
+///     let core = RiderCore { status: RiderStatus::OnShift, rider_type: None, district: 3 };
+///     let position = RiderPosition { location: None, ts: 5 };
+///     let id = Id::from("r-1");
+///     let riders = scope.new_collection_from(vec![(id.clone(), RiderPart::Core(core)), (id, RiderPart::Position(position))]).1;
+///     let d = |id: &str| (Id::from(id), DeliveryRow { status: DeliveryStatus::PickedUp, delivery_type: None, pickup: None,
+///         pickup_district: 0, dropoff: None, rider_id: Some("r-1".into()), vehicle: None, ts: 9 });
+///     let deliveries = scope.new_collection_from(vec![d("d-2"), d("d-1")]).1;
+///     let out = rider_snapshots(riders, deliveries, Default::default());
+///     (out.changes.capture(), out.contributions.inner.capture())
 /// });
-/// let cores: Vec<_> = cores.extract().into_iter().flat_map(|(_, v)| v).collect();
-/// let positions: Vec<_> = positions.extract().into_iter().flat_map(|(_, v)| v).collect();
-/// assert_eq!((cores.len(), cores[0].0 .1.district), (1, 2));
-/// assert_eq!((positions.len(), positions[0].0 .1.ts), (1, 7));
+/// let changes: Vec<_> = changes.extract().into_iter().flat_map(|(_, v)| v).collect();
+/// let snapshot = changes[0].value.as_ref().expect("on shift");
+/// let ids: Vec<_> = snapshot.deliveries.iter().map(|d| d.delivery_id.as_str()).collect();
+/// assert_eq!((changes.len(), snapshot.rider.district, snapshot.rider.ts, ids), (1, 3, 5, vec!["d-1", "d-2"]));
+/// let mut contributions: Vec<_> = contributions.extract().into_iter().flat_map(|(_, v)| v).map(|(c, _, n)| (c, n)).collect();
+/// contributions.sort();
+/// assert_eq!(contributions, vec![((3, Contribution::OnShift), 1), ((3, Contribution::Delivering), 1), ((3, Contribution::Active), 2)]);
 /// ```
-pub fn split_riders<'s>(
+pub fn rider_snapshots<'s>(
     riders: VecCollection<'s, Time, (Id, RiderPart), Diff>,
-) -> (RiderCores<'s>, RiderPositions<'s>) {
-    let cores = riders.clone().flat_map(|(id, part)| match part {
-        RiderPart::Core(core) => Some((id, core)),
-        RiderPart::Position(_) => None,
+    deliveries: VecCollection<'s, Time, (Id, DeliveryRow), Diff>,
+    held: Rc<Cell<usize>>,
+) -> RiderSnapshots<'s> {
+    type Update<D> = (D, Time, Diff);
+    let active = deliveries.flat_map(|(delivery_id, row)| {
+        let rider = row.active_for()?.clone();
+        Some((rider, row.brief(delivery_id)))
     });
-    let positions = riders.flat_map(|(id, part)| match part {
-        RiderPart::Position(position) => Some((id, position)),
-        RiderPart::Core(_) => None,
+    let mut builder = OperatorBuilder::new("Snapshots: Riders".to_owned(), riders.inner.scope());
+    let mut riders_in = builder.new_input(riders.inner, Pipeline);
+    // Each active delivery goes to the worker that owns its rider (the same hash as the upsert's).
+    let by_rider = Exchange::new(|((rider, _), _, _): &Update<(Id, DeliveryBrief)>| rider.hashed());
+    let mut briefs_in = builder.new_input(active.inner, by_rider);
+    let (changes_out, changes) = builder.new_output::<Vec<Change<Id, Snapshot>>>();
+    let (counts_out, contributions) =
+        builder.new_output::<Vec<Update<(DistrictId, Contribution)>>>();
+    let mut changes_out = OutputBuilder::from(changes_out);
+    let mut counts_out = OutputBuilder::from(counts_out);
+    builder.build(move |initial| {
+        // Output goes only at the times of input: the stage holds no capability of its own.
+        drop(initial);
+        let mut pending: BTreeMap<Time, Pending> = BTreeMap::new();
+        let mut riders: FxHashMap<Id, HeldRider> = FxHashMap::default();
+        let mut touched: Vec<(Id, Option<(DistrictId, usize)>)> = Vec::new();
+        move |frontiers| {
+            let mut changes_out = changes_out.activate();
+            let mut counts_out = counts_out.activate();
+            riders_in.for_each(|cap, data| {
+                for (update, time, diff) in data.drain(..) {
+                    Pending::at(&mut pending, &cap, time)
+                        .riders
+                        .push((update, diff));
+                }
+            });
+            briefs_in.for_each(|cap, data| {
+                for (update, time, diff) in data.drain(..) {
+                    Pending::at(&mut pending, &cap, time)
+                        .briefs
+                        .push((update, diff));
+                }
+            });
+            while let Some(first) = pending.first_entry() {
+                let time = *first.key();
+                if frontiers.iter().any(|f| f.less_equal(&time)) {
+                    break;
+                }
+                let Pending {
+                    changes_cap,
+                    counts_cap,
+                    riders: parts,
+                    briefs,
+                } = first.remove();
+                let (held, seen) = (&mut riders, &mut touched);
+                // Retractions (of the value held) before insertions, so that a replaced value is
+                // not lost.
+                for ((id, part), _) in parts.iter().filter(|(_, d)| *d < 0) {
+                    HeldRider::touch(held, seen, id, time).retract(part);
+                }
+                for ((rider, brief), _) in briefs.iter().filter(|(_, d)| *d < 0) {
+                    HeldRider::touch(held, seen, rider, time).remove_delivery(brief);
+                }
+                for ((id, part), _) in parts.into_iter().filter(|(_, d)| *d > 0) {
+                    HeldRider::touch(held, seen, &id, time).insert(part);
+                }
+                for ((rider, brief), _) in briefs.into_iter().filter(|(_, d)| *d > 0) {
+                    HeldRider::touch(held, seen, &rider, time).add_delivery(brief);
+                }
+                let mut changes: Vec<Change<Id, Snapshot>> = Vec::with_capacity(touched.len());
+                let mut counts: Vec<Update<(DistrictId, Contribution)>> = Vec::new();
+                for (id, before) in touched.drain(..) {
+                    let now = riders.get(&id);
+                    let after = now.and_then(HeldRider::counted);
+                    if before != after {
+                        let was = before
+                            .into_iter()
+                            .flat_map(|(d, n)| Contribution::of_rider(d, n));
+                        let is = after
+                            .into_iter()
+                            .flat_map(|(d, n)| Contribution::of_rider(d, n));
+                        counts.extend(was.map(|(k, n)| (k, time, -(n as Diff))));
+                        counts.extend(is.map(|(k, n)| (k, time, n as Diff)));
+                    }
+                    let value = now.and_then(HeldRider::snapshot);
+                    if now.is_some_and(HeldRider::is_empty) {
+                        riders.remove(&id);
+                    }
+                    if value.is_some() || before.is_some() {
+                        changes.push(Change {
+                            key: id,
+                            value,
+                            time,
+                        });
+                    }
+                }
+                if !changes.is_empty() {
+                    changes_out
+                        .session(&changes_cap)
+                        .give_container(&mut changes);
+                }
+                if !counts.is_empty() {
+                    counts_out.session(&counts_cap).give_container(&mut counts);
+                }
+            }
+            held.set(riders.len());
+        }
     });
-    (cores, positions)
+    RiderSnapshots {
+        changes,
+        contributions: contributions.as_collection(),
+    }
 }
 
-/// The join input: riders on shift and active deliveries, both keyed by rider id.
+/// A time's input to [`rider_snapshots`], with a capability for each output.
+struct Pending {
+    changes_cap: Capability<Time>,
+    counts_cap: Capability<Time>,
+    riders: Vec<((Id, RiderPart), Diff)>,
+    briefs: Vec<((Id, DeliveryBrief), Diff)>,
+}
+
+impl Pending {
+    /// The pending input of `time`, made on its first update.
+    fn at<'a>(
+        pending: &'a mut BTreeMap<Time, Pending>,
+        cap: &InputCapability<Time>,
+        time: Time,
+    ) -> &'a mut Pending {
+        pending.entry(time).or_insert_with(|| Pending {
+            changes_cap: cap.delayed(&time, 0),
+            counts_cap: cap.delayed(&time, 1),
+            riders: Vec::new(),
+            briefs: Vec::new(),
+        })
+    }
+}
+
+/// What [`rider_snapshots`] holds of one rider: the rider's parts while it is on shift, and its
+/// active deliveries, sorted by id, whether it is on shift or not (they join it when it starts).
+#[derive(Debug)]
+struct HeldRider {
+    core: Option<RiderCore>,
+    position: Option<RiderPosition>,
+    deliveries: Vec<DeliveryBrief>,
+    /// The last time that changed it, so that it is output once per time.
+    touched_at: Time,
+}
+
+impl HeldRider {
+    /// The rider's entry, noting `id` in `touched` with what it counted the first time it changes
+    /// at `time`.
+    fn touch<'a>(
+        riders: &'a mut FxHashMap<Id, HeldRider>,
+        touched: &mut Vec<(Id, Option<(DistrictId, usize)>)>,
+        id: &Id,
+        time: Time,
+    ) -> &'a mut HeldRider {
+        let held = riders.entry(id.clone()).or_insert(HeldRider {
+            core: None,
+            position: None,
+            deliveries: Vec::new(),
+            touched_at: Time::MAX,
+        });
+        if held.touched_at != time {
+            held.touched_at = time;
+            touched.push((id.clone(), held.counted()));
+        }
+        held
+    }
+
+    /// Removes `part` if it is the one held.
+    fn retract(&mut self, part: &RiderPart) {
+        match part {
+            RiderPart::Core(core) => self.core = self.core.take().filter(|held| held != core),
+            RiderPart::Position(p) => self.position = self.position.take().filter(|held| held != p),
+        }
+    }
+
+    /// Holds `part`.
+    fn insert(&mut self, part: RiderPart) {
+        match part {
+            RiderPart::Core(core) => self.core = Some(core),
+            RiderPart::Position(position) => self.position = Some(position),
+        }
+    }
+
+    /// Removes an active delivery.
+    fn remove_delivery(&mut self, brief: &DeliveryBrief) {
+        self.deliveries.retain(|held| held != brief);
+    }
+
+    /// Adds an active delivery, keeping them sorted by id.
+    fn add_delivery(&mut self, brief: DeliveryBrief) {
+        let at = self
+            .deliveries
+            .partition_point(|held| held.delivery_id < brief.delivery_id);
+        self.deliveries.insert(at, brief);
+    }
+
+    /// What the rider counts: its district and number of active deliveries, while on shift.
+    fn counted(&self) -> Option<(DistrictId, usize)> {
+        let core = self.core.as_ref()?;
+        Some((core.district, self.deliveries.len()))
+    }
+
+    /// The rider's snapshot, while on shift.
+    fn snapshot(&self) -> Option<Snapshot> {
+        let (core, position) = (self.core.as_ref()?, self.position?);
+        Some(Snapshot::compose(
+            core.clone(),
+            position,
+            self.deliveries.clone(),
+        ))
+    }
+
+    /// Whether nothing is held any more (off shift, no active delivery).
+    fn is_empty(&self) -> bool {
+        self.core.is_none() && self.position.is_none() && self.deliveries.is_empty()
+    }
+}
+
+/// What each waiting delivery adds to the counts of the district it is picked up in.
 ///
 /// ```
-/// use dongflow_dataflow::stages::join_inputs;
-/// use dongflow_dataflow::types::{DeliveryRow, JoinSide, RiderCore};
+/// use dongflow_dataflow::stages::waiting_contributions;
+/// use dongflow_dataflow::types::{Contribution, DeliveryRow};
 /// use dongflow_records::DeliveryStatus;
 /// use differential_dataflow::input::Input;
 /// use timely::dataflow::operators::{Capture, capture::Extract};
 ///
 /// let rx = timely::example(|scope| {
-///     let riders = scope.new_collection_from(Vec::<(dongflow_records::Id, RiderCore)>::new()).1;
-///     let d = |status, rider: Option<&str>| ("d-1".into(), DeliveryRow { status, delivery_type: None, pickup: None,
-///         pickup_district: 0, dropoff: None, rider_id: rider.map(Into::into), vehicle: None, ts: 1 });
-///     // Only the assigned delivery with a rider joins; the waiting one does not.
-///     let deliveries = scope.new_collection_from(vec![d(DeliveryStatus::Assigned, Some("r-1")), d(DeliveryStatus::Waiting, None)]).1;
-///     join_inputs(riders, deliveries).inner.capture()
-/// });
-/// let out: Vec<_> = rx.extract().into_iter().flat_map(|(_, v)| v).collect();
-/// assert_eq!(out.len(), 1);
-/// assert!(matches!(&out[0].0, (r, JoinSide::Delivery(_)) if r == "r-1"));
-/// ```
-pub fn join_inputs<'s>(
-    riders: VecCollection<'s, Time, (Id, RiderCore), Diff>,
-    deliveries: VecCollection<'s, Time, (Id, DeliveryRow), Diff>,
-) -> VecCollection<'s, Time, (Id, JoinSide), Diff> {
-    let active = deliveries.flat_map(|(delivery_id, row)| {
-        let rider = row.active_for()?.clone();
-        Some((rider, JoinSide::Delivery(row.brief(delivery_id))))
-    });
-    riders
-        .map(|(id, row)| (id, JoinSide::Rider(row)))
-        .concat(active)
-}
-
-/// The incremental join of riders with their active deliveries into rider snapshots, arranged by
-/// rider id. A rider's group is its row (when on shift) and its deliveries; a group without a rider
-/// has no snapshot.
-///
-/// ```
-/// use dongflow_dataflow::stages::{join_inputs, join_riders_deliveries};
-/// use dongflow_dataflow::types::{DeliveryRow, RiderCore};
-/// use dongflow_records::{DeliveryStatus, RiderStatus};
-/// use differential_dataflow::input::Input;
-/// use timely::dataflow::operators::{Capture, capture::Extract};
-///
-/// let rx = timely::example(|scope| {
-///     let rider = RiderCore { status: RiderStatus::OnShift, rider_type: None, district: 0 };
-///     let riders = scope.new_collection_from(vec![("r-1".into(), rider)]).1;
-///     let d = |id: &str| (id.into(), DeliveryRow { status: DeliveryStatus::PickedUp, delivery_type: None, pickup: None,
-///         pickup_district: 0, dropoff: None, rider_id: Some("r-1".into()), vehicle: None, ts: 9 });
-///     let deliveries = scope.new_collection_from(vec![d("d-2"), d("d-1")]).1;
-///     join_riders_deliveries(join_inputs(riders, deliveries)).as_collection(|k, v| (k.clone(), v.clone())).inner.capture()
-/// });
-/// let out: Vec<_> = rx.extract().into_iter().flat_map(|(_, v)| v).collect();
-/// let snapshot = &out[0].0 .1;
-/// assert_eq!(snapshot.deliveries.iter().map(|d| d.delivery_id.as_str()).collect::<Vec<_>>(), ["d-1", "d-2"]);
-/// ```
-pub fn join_riders_deliveries<'s>(
-    sides: VecCollection<'s, Time, (Id, JoinSide), Diff>,
-) -> Arranged<'s, SnapshotTrace> {
-    sides
-        .arrange_by_key_named("Arrange: JoinSidesByRider")
-        .reduce_abelian::<_, ValBuilder<Id, SnapshotCore, Time, Diff>, ValSpine<Id, SnapshotCore, Time, Diff>, _, _>(
-            "Reduce: SnapshotsByRider",
-            |_rider, input, output| {
-                // Values arrive sorted: the rider (if on shift) first, then deliveries by id.
-                let mut sides = input.iter().filter(|(_, diff)| *diff > 0).map(|(side, _)| *side);
-                if let Some(JoinSide::Rider(row)) = sides.next() {
-                    let deliveries = sides
-                        .filter_map(|s| match s {
-                            JoinSide::Delivery(brief) => Some(brief.clone()),
-                            JoinSide::Rider(_) => None,
-                        })
-                        .collect();
-                    output.push((SnapshotCore { rider: row.clone(), deliveries }, 1));
-                }
-            },
-            |buffer, key, updates| {
-                buffer.clear();
-                buffer.extend(updates.drain(..).map(|(v, t, r)| ((key.clone(), v), t, r)));
-            },
-        )
-}
-
-/// What each snapshot and each waiting delivery adds to its district's counts.
-///
-/// ```
-/// use dongflow_dataflow::stages::{contributions, join_inputs, join_riders_deliveries};
-/// use dongflow_dataflow::types::{Contribution, DeliveryRow, RiderCore};
-/// use dongflow_records::{DeliveryStatus, Id, RiderStatus};
-/// use differential_dataflow::input::Input;
-/// use timely::dataflow::operators::{Capture, capture::Extract};
-///
-/// let rx = timely::example(|scope| {
-///     let rider = RiderCore { status: RiderStatus::OnShift, rider_type: None, district: 4 };
-///     let riders = scope.new_collection_from(vec![(Id::from("r-1"), rider)]).1;
-///     let d = |id: &str, status, rider: Option<&str>, pickup_district| (id.into(), DeliveryRow { status, delivery_type: None,
-///         pickup: None, pickup_district, dropoff: None, rider_id: rider.map(Into::into), vehicle: None, ts: 1 });
+///     let d = |id: &str, status, pickup_district| (id.into(), DeliveryRow { status, delivery_type: None,
+///         pickup: None, pickup_district, dropoff: None, rider_id: None, vehicle: None, ts: 1 });
 ///     let deliveries = scope.new_collection_from(vec![
-///         d("d-1", DeliveryStatus::PickedUp, Some("r-1"), 9),
-///         d("d-2", DeliveryStatus::Waiting, None, 6),
+///         d("d-1", DeliveryStatus::Waiting, 6),
+///         d("d-2", DeliveryStatus::Assigned, 9),
 ///     ]).1;
-///     let snapshots = join_riders_deliveries(join_inputs(riders, deliveries.clone()));
-///     contributions(snapshots, deliveries).inner.capture()
+///     waiting_contributions(deliveries).inner.capture()
 /// });
-/// let mut out: Vec<_> = rx.extract().into_iter().flat_map(|(_, v)| v).map(|(d, _, r)| (d, r)).collect();
-/// out.sort();
-/// // The rider counts where it is (4); the waiting delivery where it is picked up (6).
-/// assert_eq!(out, vec![
-///     ((4, Contribution::OnShift), 1), ((4, Contribution::Delivering), 1), ((4, Contribution::Active), 1),
-///     ((6, Contribution::Waiting), 1),
-/// ]);
+/// let out: Vec<_> = rx.extract().into_iter().flat_map(|(_, v)| v).map(|(d, _, r)| (d, r)).collect();
+/// assert_eq!(out, vec![((6, Contribution::Waiting), 1)]);
 /// ```
-pub fn contributions<'s>(
-    snapshots: Arranged<'s, SnapshotTrace>,
+pub fn waiting_contributions<'s>(
     deliveries: VecCollection<'s, Time, (Id, DeliveryRow), Diff>,
 ) -> VecCollection<'s, Time, (DistrictId, Contribution), Diff> {
-    let riders = snapshots.flat_map_ref(|_rider, snapshot| {
-        Contribution::of_rider(snapshot.rider.district, snapshot.deliveries.len())
-    });
-    let waiting = deliveries.flat_map(|(_, row)| {
+    deliveries.flat_map(|(_, row)| {
         row.waiting_in()
             .map(|district| (district, Contribution::Waiting))
-    });
-    riders.concat(waiting)
+    })
 }
 
 /// The district counts of CONTRACT section 3, arranged by district.
@@ -415,164 +543,6 @@ pub fn count_by_district<'s>(
                 buffer.extend(updates.drain(..).map(|(v, t, r)| ((*key, v), t, r)));
             },
         )
-}
-
-/// The rider changelog: for every complete time, each rider whose snapshot changed, with its full
-/// snapshot (the join's output joined with the rider's position), or `None` once it is off shift.
-///
-/// Positions change with nearly every event and never touch the join or the counts, so they are not
-/// arranged: this stage keeps, per rider on shift, its latest snapshot core and position, and a ping
-/// costs one map update and one output record. Both inputs are partitioned by rider id with the
-/// same hash (the upsert's exchange, the join's arrangement), so each rider's parts meet on the
-/// worker that owns it without another exchange. `held` reports how many riders the stage holds.
-///
-/// ```
-/// use dongflow_dataflow::stages::{join_inputs, join_riders_deliveries, rider_changes};
-/// use dongflow_dataflow::types::{DeliveryRow, RiderCore, RiderPosition};
-/// use dongflow_records::{Id, RiderStatus};
-/// use differential_dataflow::input::Input;
-/// use timely::dataflow::operators::{Capture, capture::Extract};
-///
-/// let rx = timely::example(|scope| {
-///     let core = RiderCore { status: RiderStatus::OnShift, rider_type: None, district: 3 };
-///     let cores = scope.new_collection_from(vec![(Id::from("r-1"), core)]).1;
-///     let deliveries = scope.new_collection_from(Vec::<(Id, DeliveryRow)>::new()).1;
-///     let positions = scope.new_collection_from(vec![(Id::from("r-1"), RiderPosition { location: None, ts: 5 })]).1;
-///     let snapshots = join_riders_deliveries(join_inputs(cores, deliveries));
-///     rider_changes(snapshots, positions, Default::default()).capture()
-/// });
-/// let out: Vec<_> = rx.extract().into_iter().flat_map(|(_, v)| v).collect();
-/// assert_eq!(out.len(), 1);
-/// let snapshot = out[0].value.as_ref().expect("on shift");
-/// assert_eq!((snapshot.rider.district, snapshot.rider.ts), (3, 5));
-/// ```
-pub fn rider_changes<'s>(
-    snapshots: Arranged<'s, SnapshotTrace>,
-    positions: RiderPositions<'s>,
-    held: Rc<Cell<usize>>,
-) -> Stream<'s, Time, Vec<Change<Id, Snapshot>>> {
-    /// A time's updates to the two parts, with a capability for its output.
-    struct Pending {
-        cap: Capability<Time>,
-        cores: Vec<((Id, SnapshotCore), Diff)>,
-        positions: Vec<((Id, RiderPosition), Diff)>,
-    }
-    /// What the stage holds of one rider.
-    struct Parts {
-        core: Option<SnapshotCore>,
-        position: Option<RiderPosition>,
-        /// The last time that changed it, so that it is output once per time.
-        touched_at: Time,
-    }
-    /// The rider's parts, noting `id` in `touched` the first time it changes at `time`.
-    fn parts<'a>(
-        riders: &'a mut FxHashMap<Id, Parts>,
-        touched: &mut Vec<Id>,
-        id: Id,
-        time: Time,
-    ) -> &'a mut Parts {
-        let parts = riders.entry(id.clone()).or_insert(Parts {
-            core: None,
-            position: None,
-            touched_at: Time::MAX,
-        });
-        if parts.touched_at != time {
-            parts.touched_at = time;
-            touched.push(id);
-        }
-        parts
-    }
-    let cores = snapshots.as_collection(|id, core| (id.clone(), core.clone()));
-    // Pipeline on both inputs: they are already partitioned by rider id (see above).
-    cores.inner.binary_frontier(
-        positions.inner,
-        Pipeline,
-        Pipeline,
-        "Changelog: Riders",
-        move |_, _| {
-            let mut pending: BTreeMap<Time, Pending> = BTreeMap::new();
-            let mut riders: FxHashMap<Id, Parts> = FxHashMap::default();
-            let mut touched: Vec<Id> = Vec::new();
-            move |(cores, cores_frontier), (positions, positions_frontier), output| {
-                fn entry<'a>(
-                    pending: &'a mut BTreeMap<Time, Pending>,
-                    cap: &InputCapability<Time>,
-                    time: Time,
-                ) -> &'a mut Pending {
-                    pending.entry(time).or_insert_with(|| Pending {
-                        cap: cap.delayed(&time, 0),
-                        cores: Vec::new(),
-                        positions: Vec::new(),
-                    })
-                }
-                cores.for_each(|cap, data| {
-                    for (update, time, diff) in data.drain(..) {
-                        entry(&mut pending, &cap, time).cores.push((update, diff));
-                    }
-                });
-                positions.for_each(|cap, data| {
-                    for (update, time, diff) in data.drain(..) {
-                        entry(&mut pending, &cap, time)
-                            .positions
-                            .push((update, diff));
-                    }
-                });
-                while let Some(first) = pending.first_entry() {
-                    let time = *first.key();
-                    if cores_frontier.less_equal(&time) || positions_frontier.less_equal(&time) {
-                        break;
-                    }
-                    let Pending {
-                        cap,
-                        cores,
-                        positions,
-                    } = first.remove();
-                    // Retractions (of the value held) before insertions, so that a replaced
-                    // value is not lost.
-                    for ((id, core), _) in cores.iter().filter(|(_, d)| *d < 0) {
-                        let p = parts(&mut riders, &mut touched, id.clone(), time);
-                        p.core = p.core.take().filter(|held| held != core);
-                    }
-                    for ((id, position), _) in positions.iter().filter(|(_, d)| *d < 0) {
-                        let p = parts(&mut riders, &mut touched, id.clone(), time);
-                        p.position = p.position.take().filter(|held| held != position);
-                    }
-                    for ((id, core), _) in cores.into_iter().filter(|(_, d)| *d > 0) {
-                        parts(&mut riders, &mut touched, id, time).core = Some(core);
-                    }
-                    for ((id, position), _) in positions.into_iter().filter(|(_, d)| *d > 0) {
-                        parts(&mut riders, &mut touched, id, time).position = Some(position);
-                    }
-                    let mut changes: Vec<Change<Id, Snapshot>> = Vec::with_capacity(touched.len());
-                    for id in touched.drain(..) {
-                        let value = match riders.get(&id) {
-                            Some(Parts {
-                                core: Some(core),
-                                position: Some(position),
-                                ..
-                            }) => Some(Snapshot::compose(core.clone(), *position)),
-                            Some(Parts {
-                                core: None,
-                                position: None,
-                                ..
-                            }) => {
-                                riders.remove(&id);
-                                None
-                            }
-                            _ => None,
-                        };
-                        changes.push(Change {
-                            key: id,
-                            value,
-                            time,
-                        });
-                    }
-                    output.session(&cap).give_container(&mut changes);
-                }
-                held.set(riders.len());
-            }
-        },
-    )
 }
 
 /// The changelog of a collection that holds at most one value per key: for every complete time,
@@ -771,5 +741,152 @@ mod tests {
             DeliveryRule::apply(Some(&picked), delivery(4, DeliveryStatus::Cancelled, None)),
             Err(Ignored::Stale)
         );
+    }
+}
+
+#[cfg(test)]
+mod snapshot_stage_tests {
+    use super::*;
+    use differential_dataflow::input::Input;
+    use dongflow_records::{DeliveryStatus, RiderStatus};
+    use std::sync::mpsc;
+    use timely::dataflow::operators::capture::Extract;
+    use timely::dataflow::operators::{Capture, Probe};
+
+    type Out = (
+        Vec<(Time, Vec<Change<Id, Snapshot>>)>,
+        Vec<(Time, Vec<((DistrictId, Contribution), Time, Diff)>)>,
+    );
+
+    fn core(district: DistrictId) -> RiderPart {
+        RiderPart::Core(RiderCore {
+            status: RiderStatus::OnShift,
+            rider_type: None,
+            district,
+        })
+    }
+
+    fn position(ts: Millis) -> RiderPart {
+        RiderPart::Position(RiderPosition { location: None, ts })
+    }
+
+    fn assigned() -> DeliveryRow {
+        DeliveryRow {
+            status: DeliveryStatus::Assigned,
+            delivery_type: None,
+            pickup: None,
+            pickup_district: 0,
+            dropoff: None,
+            rider_id: Some("r-1".into()),
+            vehicle: None,
+            ts: 1,
+        }
+    }
+
+    /// Runs the stage over five times of input on `workers` workers; returns its outputs and the
+    /// riders it holds at the end.
+    fn run(workers: usize) -> (Out, usize) {
+        let (changes_tx, changes_rx) = mpsc::channel();
+        let (counts_tx, counts_rx) = mpsc::channel();
+        let (held_tx, held_rx) = mpsc::channel();
+        let config = timely::Config::process(workers);
+        timely::execute(config, move |worker| {
+            let held: Rc<Cell<usize>> = Rc::default();
+            let (changes_tx, counts_tx) = (changes_tx.clone(), counts_tx.clone());
+            let (mut riders, mut deliveries, probe) = worker.dataflow::<Time, _, _>(|scope| {
+                let (riders_in, riders) = scope.new_collection::<(Id, RiderPart), Diff>();
+                let (deliveries_in, deliveries) = scope.new_collection::<(Id, DeliveryRow), Diff>();
+                let out = rider_snapshots(riders, deliveries, held.clone());
+                let (probe, changes) = out.changes.probe();
+                changes.capture_into(changes_tx);
+                out.contributions.inner.capture_into(counts_tx);
+                (riders_in, deliveries_in, probe)
+            });
+            if worker.index() == 0 {
+                let r: Id = "r-1".into();
+                let d: Id = "d-1".into();
+                // 0: a delivery assigned to a rider who is not on shift yet.
+                deliveries.insert((d.clone(), assigned()));
+                // 1: the rider starts its shift in district 3; the delivery joins it.
+                deliveries.advance_to(1);
+                riders.advance_to(1);
+                riders.insert((r.clone(), core(3)));
+                riders.insert((r.clone(), position(10)));
+                // 2: it moves to district 5.
+                deliveries.advance_to(2);
+                riders.advance_to(2);
+                riders.remove((r.clone(), core(3)));
+                riders.remove((r.clone(), position(10)));
+                riders.insert((r.clone(), core(5)));
+                riders.insert((r.clone(), position(20)));
+                // 3: its shift ends with the delivery still active.
+                deliveries.advance_to(3);
+                riders.advance_to(3);
+                riders.remove((r.clone(), core(5)));
+                riders.remove((r.clone(), position(20)));
+                // 4: the delivery ends: nothing is held any more.
+                deliveries.advance_to(4);
+                riders.advance_to(4);
+                deliveries.remove((d, assigned()));
+            }
+            deliveries.advance_to(5);
+            riders.advance_to(5);
+            deliveries.flush();
+            riders.flush();
+            worker.step_while(|| probe.less_than(&5));
+            held_tx.send(held.get()).expect("receiver");
+        })
+        .expect("runs");
+        let held = held_rx.try_iter().sum();
+        ((changes_rx.extract(), counts_rx.extract()), held)
+    }
+
+    #[test]
+    fn a_snapshot_follows_its_rider_and_deliveries_and_is_forgotten_when_both_end() {
+        for workers in [1, 3] {
+            let ((changes, counts), held) = run(workers);
+            let changes: Vec<_> = changes.into_iter().flat_map(|(_, v)| v).collect();
+            let shown: Vec<_> = changes
+                .iter()
+                .map(|c| {
+                    let v = c
+                        .value
+                        .as_ref()
+                        .map(|s| (s.rider.district, s.deliveries.len()));
+                    (c.time, v)
+                })
+                .collect();
+            // Nothing at 0 (not on shift) or at 4 (the delivery of a rider off shift).
+            assert_eq!(
+                shown,
+                vec![(1, Some((3, 1))), (2, Some((5, 1))), (3, None)],
+                "{workers} workers"
+            );
+            let mut net: BTreeMap<(DistrictId, Contribution), Diff> = BTreeMap::new();
+            let mut at_2: BTreeMap<(DistrictId, Contribution), Diff> = BTreeMap::new();
+            for (k, t, n) in counts.into_iter().flat_map(|(_, v)| v) {
+                *net.entry(k).or_default() += n;
+                if t <= 2 {
+                    *at_2.entry(k).or_default() += n;
+                }
+            }
+            at_2.retain(|_, n| *n != 0);
+            net.retain(|_, n| *n != 0);
+            let in_5 = [
+                Contribution::OnShift,
+                Contribution::Delivering,
+                Contribution::Active,
+            ];
+            let expected: BTreeMap<_, _> = in_5.into_iter().map(|k| ((5, k), 1)).collect();
+            assert_eq!(
+                at_2, expected,
+                "{workers} workers: counted in district 5 at 2"
+            );
+            assert!(
+                net.is_empty(),
+                "{workers} workers: nothing counted at the end: {net:?}"
+            );
+            assert_eq!(held, 0, "{workers} workers");
+        }
     }
 }

@@ -27,7 +27,7 @@ pub struct RiderRow {
 }
 
 impl RiderRow {
-    /// The part of the row that changes rarely: what the join and the counts depend on.
+    /// The part of the row that changes rarely: what the snapshot's counts depend on.
     pub fn core(&self) -> RiderCore {
         RiderCore {
             status: self.status,
@@ -141,16 +141,6 @@ pub struct DeliveryBrief {
     pub ts: Millis,
 }
 
-/// A rider on shift joined with its active deliveries (sorted by delivery id): the output of the
-/// join, without the rider's position (kept in its own arrangement, as it changes with every ping).
-#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
-pub struct SnapshotCore {
-    /// The rider's slowly changing state.
-    pub rider: RiderCore,
-    /// Its active deliveries, sorted by id.
-    pub deliveries: Vec<DeliveryBrief>,
-}
-
 /// A rider on shift joined with its active deliveries (sorted by delivery id): the rider snapshot
 /// of CONTRACT section 3.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
@@ -162,9 +152,12 @@ pub struct Snapshot {
 }
 
 impl Snapshot {
-    /// The snapshot of a join output and the rider's position, read at the same time.
-    pub fn compose(core: SnapshotCore, position: RiderPosition) -> Self {
-        let SnapshotCore { rider, deliveries } = core;
+    /// The snapshot of a rider's core and position with its active deliveries (sorted by id).
+    pub fn compose(
+        rider: RiderCore,
+        position: RiderPosition,
+        deliveries: Vec<DeliveryBrief>,
+    ) -> Self {
         let rider = RiderRow {
             status: rider.status,
             rider_type: rider.rider_type,
@@ -184,15 +177,6 @@ impl Snapshot {
     }
 }
 
-/// One side of the rider-delivery join, keyed by rider id.
-#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
-pub enum JoinSide {
-    /// The rider, when on shift.
-    Rider(RiderCore),
-    /// One of its active deliveries.
-    Delivery(DeliveryBrief),
-}
-
 /// What one record adds to its district's counts.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub enum Contribution {
@@ -207,21 +191,21 @@ pub enum Contribution {
 }
 
 impl Contribution {
-    /// What a rider on shift in `district` with `active` active deliveries adds to its counts.
+    /// What a rider on shift in `district` with `active` active deliveries adds to its counts:
+    /// each kind with how many it adds (kinds it adds none of are left out).
     pub fn of_rider(
         district: DistrictId,
         active: usize,
-    ) -> impl Iterator<Item = (DistrictId, Contribution)> {
-        let delivering = usize::from(active > 0);
-        std::iter::once((district, Contribution::OnShift))
-            .chain(std::iter::repeat_n(
-                (district, Contribution::Delivering),
-                delivering,
-            ))
-            .chain(std::iter::repeat_n(
-                (district, Contribution::Active),
-                active,
-            ))
+    ) -> impl Iterator<Item = ((DistrictId, Contribution), u64)> {
+        let active = active as u64;
+        [
+            (Contribution::OnShift, 1),
+            (Contribution::Delivering, u64::from(active > 0)),
+            (Contribution::Active, active),
+        ]
+        .into_iter()
+        .filter(|(_, n)| *n > 0)
+        .map(move |(kind, n)| ((district, kind), n))
     }
 }
 

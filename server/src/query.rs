@@ -70,10 +70,8 @@ pub struct StateSizes {
     pub riders: usize,
     /// Deliveries known to the delivery upsert, tombstones included.
     pub deliveries: usize,
-    /// Updates held in the snapshot arrangement.
-    pub snapshot_updates: usize,
-    /// Riders (snapshot core and position) held by the rider changelog stage.
-    pub changelog_riders: usize,
+    /// Riders held by the rider snapshot stage (on shift, or with active deliveries).
+    pub snapshot_riders: usize,
     /// Updates held in the district counts arrangement.
     pub count_updates: usize,
 }
@@ -82,8 +80,7 @@ impl std::ops::AddAssign for StateSizes {
     fn add_assign(&mut self, o: Self) {
         self.riders += o.riders;
         self.deliveries += o.deliveries;
-        self.snapshot_updates += o.snapshot_updates;
-        self.changelog_riders += o.changelog_riders;
+        self.snapshot_riders += o.snapshot_riders;
         self.count_updates += o.count_updates;
     }
 }

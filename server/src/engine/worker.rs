@@ -12,7 +12,7 @@ use std::time::Duration;
 use differential_dataflow::trace::TraceReader;
 use dongflow_connectors::source::{EventSource, Polled};
 use dongflow_dataflow::build::changelogs;
-use dongflow_dataflow::stages::{CountsTrace, SnapshotTrace};
+use dongflow_dataflow::stages::CountsTrace;
 use dongflow_dataflow::trace_size::trace_len;
 use dongflow_dataflow::types::Time;
 use dongflow_dataflow::upsert::owner;
@@ -57,9 +57,7 @@ pub(crate) struct WorkerLoop {
     /// [`attach_control`]): its inputs go at most [`STOP_MARGIN`] beyond it.
     control_through: Rc<Cell<Time>>,
     probe: ProbeHandle<Time>,
-    snapshots: SnapshotTrace,
     /// How many riders the rider changelog stage holds.
-    changelog_riders: Rc<Cell<usize>>,
     counts: CountsTrace,
     state: WorkerState,
     shared: Arc<Shared>,
@@ -182,8 +180,7 @@ impl WorkerLoop {
             progress.pushed[worker.index() % config.workers].fetch_max(at, Ordering::Release);
         }
         let districts = config.districts.clone();
-        let changelog_riders: Rc<Cell<usize>> = Rc::default();
-        let (snapshots, counts) = worker.dataflow::<Time, _, _>(|scope| {
+        let counts = worker.dataflow::<Time, _, _>(|scope| {
             let riders = scope.input_from(&mut riders_in);
             let deliveries = scope.input_from(&mut deliveries_in);
             attach_control(
@@ -192,7 +189,7 @@ impl WorkerLoop {
                 control_through.clone(),
             );
             let out = build(riders, deliveries, districts.clone(), &state, counters);
-            let streams = changelogs(&out, changelog_riders.clone());
+            let streams = changelogs(&out);
             if let Some(outputs) = &config.outputs {
                 let published = match config.restore_published {
                     true => seeded_at.unwrap_or(0),
@@ -209,10 +206,9 @@ impl WorkerLoop {
             // Every worker builds the view's feed; the first of each process holds its end.
             attach_view(&streams, view_feed, config.workers, processes);
             // One probe behind every queried arrangement: its frontier says which times are complete.
-            out.snapshots.stream.clone().probe_with(&probe);
-            out.positions.inner.clone().probe_with(&probe);
+            out.riders.probe_with(&probe);
             out.counts.stream.clone().probe_with(&probe);
-            (out.snapshots.trace, out.counts.trace)
+            out.counts.trace
         });
         if let Some(at) = seeded_at {
             // Input goes in after the restored state, never at its time: the changes at that time
@@ -234,8 +230,6 @@ impl WorkerLoop {
             stop_sent: false,
             control_through,
             probe,
-            snapshots,
-            changelog_riders,
             counts,
             state,
             shared,
@@ -448,8 +442,7 @@ impl WorkerLoop {
         let sizes = StateSizes {
             riders: self.state.riders.borrow().len(),
             deliveries: self.state.deliveries.borrow().len(),
-            snapshot_updates: trace_len(&self.snapshots),
-            changelog_riders: self.changelog_riders.get(),
+            snapshot_riders: self.state.snapshot_riders.get(),
             count_updates: trace_len(&self.counts),
         };
         *self.shared.sizes[self.index]
@@ -467,8 +460,6 @@ impl WorkerLoop {
             let f = AntichainRef::new(&f);
             // Logical: times before the oldest possible query may be merged together.
             // Physical: batches may be merged across those times, so the spine stays small.
-            self.snapshots.set_logical_compaction(f);
-            self.snapshots.set_physical_compaction(f);
             self.counts.set_logical_compaction(f);
             self.counts.set_physical_compaction(f);
         }

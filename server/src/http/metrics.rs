@@ -298,22 +298,19 @@ fn engine(scrape: &mut Scrape, app: &App) -> prometheus::Result<()> {
         };
         scrape.gauge(
             "dongflow_state_entries",
-            "Ids held in the upsert state (ended deliveries included until they expire), and riders held by the rider changelog stage.",
+            "Ids held in the upsert state (ended deliveries included until they expire), and riders held by the rider snapshot stage.",
             &["state"],
             labelled(&[
                 ("riders", sizes.riders),
                 ("deliveries", sizes.deliveries),
-                ("changelog_riders", sizes.changelog_riders),
+                ("snapshot_riders", sizes.snapshot_riders),
             ]),
         )?;
         scrape.gauge(
             "dongflow_arrangement_updates",
             "Updates held in each arrangement that feeds the serving view.",
             &["arrangement"],
-            labelled(&[
-                ("snapshots", sizes.snapshot_updates),
-                ("counts", sizes.count_updates),
-            ]),
+            labelled(&[("counts", sizes.count_updates)]),
         )?;
     }
     Ok(())

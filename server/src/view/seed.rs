@@ -39,8 +39,8 @@ pub fn seed_changes(restored: &Restored) -> Vec<ViewChange> {
         }
         let mut deliveries = active.remove(id).unwrap_or_default();
         deliveries.sort_by(|a, b| a.delivery_id.cmp(&b.delivery_id));
-        for (district, kind) in Contribution::of_rider(row.district, deliveries.len()) {
-            counts.entry(district).or_default().add(kind, 1);
+        for ((district, kind), n) in Contribution::of_rider(row.district, deliveries.len()) {
+            counts.entry(district).or_default().add(kind, n);
         }
         let snapshot = Snapshot {
             rider: row.clone(),
@@ -52,7 +52,7 @@ pub fn seed_changes(restored: &Restored) -> Vec<ViewChange> {
             time,
         }));
     }
-    // Deliveries of riders who are not on shift count nowhere, as in the dataflow's join.
+    // Deliveries of riders who are not on shift count nowhere, as in the dataflow's snapshot stage.
     changes.extend(
         counts
             .into_iter()
