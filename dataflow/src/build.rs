@@ -61,7 +61,7 @@ pub struct DataflowCounters {
 /// What the dataflow offers to queries and sinks.
 pub struct Outputs<'s> {
     /// Rider snapshots per time, partitioned by rider id; `None` when the rider's shift ended.
-    pub riders: Stream<'s, Time, Vec<Change<Id, Snapshot>>>,
+    pub riders: Stream<'s, Time, Vec<Change<Id, Arc<Snapshot>>>>,
     /// District counts by district.
     pub counts: Arranged<'s, CountsTrace>,
 }
@@ -137,7 +137,7 @@ pub struct Changelogs<'s> {
     /// District counts per time; `None` when a district's counts all became zero.
     pub districts: Stream<'s, Time, Vec<Change<DistrictId, DistrictCounts>>>,
     /// Rider snapshots per time; `None` when the rider's shift ended.
-    pub riders: Stream<'s, Time, Vec<Change<Id, Snapshot>>>,
+    pub riders: Stream<'s, Time, Vec<Change<Id, Arc<Snapshot>>>>,
 }
 
 /// Wires the changelog streams onto the outputs of [`build`].

@@ -24,7 +24,7 @@ use crate::types::{
     Change, Contribution, DeliveryBrief, DeliveryRow, Diff, DistrictCounts, RiderCore, RiderPart,
     RiderPosition, RiderRow, Snapshot, Time,
 };
-use crate::upsert::{Ignored, UpsertRule};
+use crate::upsert::{give_back_buffer, give_back_map, Ignored, UpsertRule};
 
 /// District counts, arranged by district.
 pub type CountsTrace = TraceAgent<ValSpine<DistrictId, DistrictCounts, Time, Diff>>;
@@ -212,7 +212,7 @@ impl UpsertRule for DeliveryRule {
 pub struct RiderSnapshots<'s> {
     /// For every complete time, each rider whose snapshot changed, with its full snapshot, or
     /// `None` once it is off shift.
-    pub changes: Stream<'s, Time, Vec<Change<Id, Snapshot>>>,
+    pub changes: Stream<'s, Time, Vec<Change<Id, Arc<Snapshot>>>>,
     /// What each rider on shift adds to its district's counts (see [`Contribution::of_rider`]).
     pub contributions: VecCollection<'s, Time, (DistrictId, Contribution), Diff>,
 }
@@ -269,7 +269,7 @@ pub fn rider_snapshots<'s>(
     // Each active delivery goes to the worker that owns its rider (the same hash as the upsert's).
     let by_rider = Exchange::new(|((rider, _), _, _): &Update<(Id, DeliveryBrief)>| rider.hashed());
     let mut briefs_in = builder.new_input(active.inner, by_rider);
-    let (changes_out, changes) = builder.new_output::<Vec<Change<Id, Snapshot>>>();
+    let (changes_out, changes) = builder.new_output::<Vec<Change<Id, Arc<Snapshot>>>>();
     let (counts_out, contributions) =
         builder.new_output::<Vec<Update<(DistrictId, Contribution)>>>();
     let mut changes_out = OutputBuilder::from(changes_out);
@@ -278,8 +278,7 @@ pub fn rider_snapshots<'s>(
         // Output goes only at the times of input: the stage holds no capability of its own.
         drop(initial);
         let mut pending: BTreeMap<Time, Pending> = BTreeMap::new();
-        let mut riders: FxHashMap<Id, HeldRider> = FxHashMap::default();
-        let mut touched: Vec<(Id, Option<(DistrictId, usize)>)> = Vec::new();
+        let mut riders = Riders::default();
         move |frontiers| {
             let mut changes_out = changes_out.activate();
             let mut counts_out = counts_out.activate();
@@ -297,6 +296,7 @@ pub fn rider_snapshots<'s>(
                         .push((update, diff));
                 }
             });
+            let mut largest = 0;
             while let Some(first) = pending.first_entry() {
                 let time = *first.key();
                 if frontiers.iter().any(|f| f.less_equal(&time)) {
@@ -308,26 +308,25 @@ pub fn rider_snapshots<'s>(
                     riders: parts,
                     briefs,
                 } = first.remove();
-                let (held, seen) = (&mut riders, &mut touched);
                 // Retractions (of the value held) before insertions, so that a replaced value is
                 // not lost.
                 for ((id, part), _) in parts.iter().filter(|(_, d)| *d < 0) {
-                    HeldRider::touch(held, seen, id, time).retract(part);
+                    riders.touch(id).retract(part);
                 }
                 for ((rider, brief), _) in briefs.iter().filter(|(_, d)| *d < 0) {
-                    HeldRider::touch(held, seen, rider, time).remove_delivery(brief);
+                    riders.touch(rider).remove_delivery(brief);
                 }
                 for ((id, part), _) in parts.into_iter().filter(|(_, d)| *d > 0) {
-                    HeldRider::touch(held, seen, &id, time).insert(part);
+                    riders.touch(&id).insert(part);
                 }
                 for ((rider, brief), _) in briefs.into_iter().filter(|(_, d)| *d > 0) {
-                    HeldRider::touch(held, seen, &rider, time).add_delivery(brief);
+                    riders.touch(&rider).add_delivery(brief);
                 }
-                let mut changes: Vec<Change<Id, Snapshot>> = Vec::with_capacity(touched.len());
+                largest = largest.max(riders.work.len());
+                let mut changes: Vec<Change<Id, Arc<Snapshot>>> =
+                    Vec::with_capacity(riders.work.len());
                 let mut counts: Vec<Update<(DistrictId, Contribution)>> = Vec::new();
-                for (id, before) in touched.drain(..) {
-                    let now = riders.get(&id);
-                    let after = now.and_then(HeldRider::counted);
+                riders.settle(|id, value, before, after| {
                     if before != after {
                         let was = before
                             .into_iter()
@@ -338,10 +337,8 @@ pub fn rider_snapshots<'s>(
                         counts.extend(was.map(|(k, n)| (k, time, -(n as Diff))));
                         counts.extend(is.map(|(k, n)| (k, time, n as Diff)));
                     }
-                    let value = now.and_then(HeldRider::snapshot);
-                    if now.is_some_and(HeldRider::is_empty) {
-                        riders.remove(&id);
-                    }
+                    // A rider off shift before and after (only its deliveries changed) has no
+                    // snapshot to change.
                     if value.is_some() || before.is_some() {
                         changes.push(Change {
                             key: id,
@@ -349,7 +346,7 @@ pub fn rider_snapshots<'s>(
                             time,
                         });
                     }
-                }
+                });
                 if !changes.is_empty() {
                     changes_out
                         .session(&changes_cap)
@@ -359,7 +356,10 @@ pub fn rider_snapshots<'s>(
                     counts_out.session(&counts_cap).give_container(&mut counts);
                 }
             }
-            held.set(riders.len());
+            // A restore or a catch-up applies one large time; the steady state, small ones.
+            give_back_buffer(&mut riders.work, largest);
+            give_back_map(&mut riders.held);
+            held.set(riders.held.len());
         }
     });
     RiderSnapshots {
@@ -392,39 +392,111 @@ impl Pending {
     }
 }
 
-/// What [`rider_snapshots`] holds of one rider: the rider's parts while it is on shift, and its
-/// active deliveries, sorted by id, whether it is on shift or not (they join it when it starts).
+/// What [`rider_snapshots`] holds of one rider between times: its snapshot while it is on shift
+/// (shared with the serving view, which holds the same allocation), and otherwise its active
+/// deliveries (they join it when its shift starts).
 #[derive(Debug)]
-struct HeldRider {
-    core: Option<RiderCore>,
-    position: Option<RiderPosition>,
-    deliveries: Vec<DeliveryBrief>,
-    /// The last time that changed it, so that it is output once per time.
-    touched_at: Time,
+enum HeldRider {
+    /// No time is changing the rider.
+    Settled {
+        snapshot: Option<Arc<Snapshot>>,
+        off_shift: Vec<DeliveryBrief>,
+    },
+    /// The time being applied changes the rider: its parts are `Touched::work` at this index.
+    Touched(usize),
 }
 
-impl HeldRider {
-    /// The rider's entry, noting `id` in `touched` with what it counted the first time it changes
-    /// at `time`.
-    fn touch<'a>(
-        riders: &'a mut FxHashMap<Id, HeldRider>,
-        touched: &mut Vec<(Id, Option<(DistrictId, usize)>)>,
-        id: &Id,
-        time: Time,
-    ) -> &'a mut HeldRider {
-        let held = riders.entry(id.clone()).or_insert(HeldRider {
-            core: None,
-            position: None,
-            deliveries: Vec::new(),
-            touched_at: Time::MAX,
+/// What a rider counts in: its district and number of active deliveries, while it is on shift.
+type Counted = Option<(DistrictId, usize)>;
+
+/// A rider that the time being applied changes: its parts, and what it counted before.
+#[derive(Debug)]
+struct Work {
+    id: Id,
+    counted_before: Counted,
+    core: Option<RiderCore>,
+    position: Option<RiderPosition>,
+    /// Active deliveries, sorted by id.
+    deliveries: Vec<DeliveryBrief>,
+}
+
+/// The riders of one worker, and the work of the time being applied.
+#[derive(Debug, Default)]
+struct Riders {
+    held: FxHashMap<Id, HeldRider>,
+    work: Vec<Work>,
+}
+
+impl Riders {
+    /// The parts of rider `id`, taken out of its entry the first time the current time changes it.
+    fn touch(&mut self, id: &Id) -> &mut Work {
+        let entry = self.held.entry(id.clone()).or_insert(HeldRider::Settled {
+            snapshot: None,
+            off_shift: Vec::new(),
         });
-        if held.touched_at != time {
-            held.touched_at = time;
-            touched.push((id.clone(), held.counted()));
-        }
-        held
+        let at = match entry {
+            HeldRider::Touched(at) => *at,
+            HeldRider::Settled {
+                snapshot,
+                off_shift,
+            } => {
+                let work = match snapshot.take() {
+                    Some(s) => Work {
+                        id: id.clone(),
+                        counted_before: Some(s.counted()),
+                        core: Some(s.rider.core()),
+                        position: Some(s.rider.position()),
+                        deliveries: s.deliveries.clone(),
+                    },
+                    None => Work {
+                        id: id.clone(),
+                        counted_before: None,
+                        core: None,
+                        position: None,
+                        deliveries: std::mem::take(off_shift),
+                    },
+                };
+                self.work.push(work);
+                *entry = HeldRider::Touched(self.work.len() - 1);
+                self.work.len() - 1
+            }
+        };
+        &mut self.work[at]
     }
 
+    /// Settles every rider the current time changed: its new snapshot (`None`: off shift) and
+    /// what it counted before and counts now, each in `finish`.
+    fn settle(&mut self, mut finish: impl FnMut(Id, Option<Arc<Snapshot>>, Counted, Counted)) {
+        for work in self.work.drain(..) {
+            let Work {
+                id,
+                counted_before,
+                core,
+                position,
+                deliveries,
+            } = work;
+            let (snapshot, off_shift) = match (core, position) {
+                (Some(core), Some(position)) => {
+                    let s = Snapshot::compose(core, position, deliveries);
+                    (Some(Arc::new(s)), Vec::new())
+                }
+                _ => (None, deliveries),
+            };
+            let counted = snapshot.as_deref().map(Snapshot::counted);
+            if snapshot.is_none() && off_shift.is_empty() {
+                self.held.remove(&id);
+            } else if let Some(entry) = self.held.get_mut(&id) {
+                *entry = HeldRider::Settled {
+                    snapshot: snapshot.clone(),
+                    off_shift,
+                };
+            }
+            finish(id, snapshot, counted_before, counted);
+        }
+    }
+}
+
+impl Work {
     /// Removes `part` if it is the one held.
     fn retract(&mut self, part: &RiderPart) {
         match part {
@@ -452,27 +524,6 @@ impl HeldRider {
             .deliveries
             .partition_point(|held| held.delivery_id < brief.delivery_id);
         self.deliveries.insert(at, brief);
-    }
-
-    /// What the rider counts: its district and number of active deliveries, while on shift.
-    fn counted(&self) -> Option<(DistrictId, usize)> {
-        let core = self.core.as_ref()?;
-        Some((core.district, self.deliveries.len()))
-    }
-
-    /// The rider's snapshot, while on shift.
-    fn snapshot(&self) -> Option<Snapshot> {
-        let (core, position) = (self.core.as_ref()?, self.position?);
-        Some(Snapshot::compose(
-            core.clone(),
-            position,
-            self.deliveries.clone(),
-        ))
-    }
-
-    /// Whether nothing is held any more (off shift, no active delivery).
-    fn is_empty(&self) -> bool {
-        self.core.is_none() && self.position.is_none() && self.deliveries.is_empty()
     }
 }
 
@@ -754,7 +805,7 @@ mod snapshot_stage_tests {
     use timely::dataflow::operators::{Capture, Probe};
 
     type Out = (
-        Vec<(Time, Vec<Change<Id, Snapshot>>)>,
+        Vec<(Time, Vec<Change<Id, Arc<Snapshot>>>)>,
         Vec<(Time, Vec<((DistrictId, Contribution), Time, Diff)>)>,
     );
 

@@ -168,6 +168,11 @@ impl Snapshot {
         Self { rider, deliveries }
     }
 
+    /// What the rider counts in: its district, and its number of active deliveries.
+    pub fn counted(&self) -> (DistrictId, usize) {
+        (self.rider.district, self.deliveries.len())
+    }
+
     /// The latest `ts` among the rider's event and its active deliveries' events.
     pub fn updated_ts(&self) -> Millis {
         self.deliveries

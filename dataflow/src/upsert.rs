@@ -118,10 +118,7 @@ impl<S> UpsertState<S> {
     /// Returns the map's room once most of its ids have ended: a map keeps its largest size
     /// otherwise, and a burst of deliveries that end would cost a live delivery's room each for good.
     fn give_back_room(&mut self) {
-        let len = self.entries.len();
-        if self.entries.capacity() > 4 * len.max(KEEP_ROOM) {
-            self.entries.shrink_to(2 * len);
-        }
+        give_back_map(&mut self.entries);
     }
 
     /// Remembers `id` as terminal until `expires` (for seeding from a checkpoint).
@@ -413,7 +410,7 @@ pub fn upsert<'s, U: UpsertRule>(
                             }
                         }
                     }
-                    give_back_touched(&mut touched, largest);
+                    give_back_buffer(&mut touched, largest);
                     state.borrow_mut().give_back_room();
                     // Complete through the requested time with nothing later applied yet.
                     if let Some(at) = snapshots.requested.get() {
@@ -430,12 +427,24 @@ pub fn upsert<'s, U: UpsertRule>(
 /// Room for this many changed ids, or map entries, is always kept.
 const KEEP_ROOM: usize = 1024;
 
-/// Returns the room of a time's changed ids (each with a whole state) that a burst left, once the
-/// times of an activation are far smaller than it (`changed`: the most at one time) or none came.
-/// Sustained large times keep their room.
-fn give_back_touched<S>(touched: &mut Vec<(Id, Option<S>)>, changed: usize) {
-    if touched.capacity() > 4 * changed.max(KEEP_ROOM) {
-        touched.shrink_to(changed.max(KEEP_ROOM));
+/// Returns the room of a per-time buffer (a time's changed ids, each with a whole state) that a
+/// burst left, once the times of an activation are far smaller than it (`used`: the most at one
+/// time) or none came. Sustained large times keep their room.
+pub(crate) fn give_back_buffer<T>(buffer: &mut Vec<T>, used: usize) {
+    if buffer.capacity() > 4 * used.max(KEEP_ROOM) {
+        buffer.shrink_to(used.max(KEEP_ROOM));
+    }
+}
+
+/// Returns the room of a map that a burst left once most of its keys are gone: the map never
+/// shrinks by itself.
+pub(crate) fn give_back_map<K, V>(map: &mut FxHashMap<K, V>)
+where
+    K: std::hash::Hash + Eq,
+{
+    let len = map.len();
+    if map.capacity() > 4 * len.max(KEEP_ROOM) {
+        map.shrink_to(2 * len);
     }
 }
 

@@ -108,7 +108,7 @@ pub fn write_districts(
 pub fn write_riders(
     sink: &dyn ChangelogSink,
     index: &DistrictIndex,
-    changes: &[Change<Id, Snapshot>],
+    changes: &[Change<Id, Arc<Snapshot>>],
     published: Time,
 ) {
     for change in changes.iter().filter(|c| c.time > published) {

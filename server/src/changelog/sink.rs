@@ -129,17 +129,17 @@ impl ClearedTopic<DistrictId, DistrictCounts> for WorkerTopics {
     }
 }
 
-impl ClearedTopic<Id, Snapshot> for WorkerTopics {
+impl ClearedTopic<Id, Arc<Snapshot>> for WorkerTopics {
     fn held<'a>(&self, keys: &'a HeldKeys) -> &'a [HeldKey] {
         &keys.riders
     }
-    fn fingerprint(&self, value: &Snapshot) -> u64 {
+    fn fingerprint(&self, value: &Arc<Snapshot>) -> u64 {
         value.fingerprint()
     }
     fn owner_of(&self, held: &str) -> HeldBy<Id> {
         self.me.claim(Id::from(held))
     }
-    fn write(&self, changes: &[Change<Id, Snapshot>]) {
+    fn write(&self, changes: &[Change<Id, Arc<Snapshot>>]) {
         write_riders(&*self.sink, &self.index, changes, self.published);
     }
     fn tombstone(&self, held: &str, as_of: Time) {
@@ -228,7 +228,7 @@ mod tests {
             me: Writer { worker, workers },
         };
         let rider_owns = |w, id: &str| {
-            ClearedTopic::<Id, Snapshot>::owner_of(&topics(w), id) == HeldBy::Me(Id::from(id))
+            ClearedTopic::<Id, Arc<Snapshot>>::owner_of(&topics(w), id) == HeldBy::Me(Id::from(id))
         };
         let district_owns = |w, code: &str| {
             ClearedTopic::<DistrictId, DistrictCounts>::owner_of(&topics(w), code) != HeldBy::Other

@@ -45,7 +45,7 @@ pub enum ViewChange {
     /// A district's counts (`None`: all zero).
     District(Change<DistrictId, DistrictCounts>),
     /// A rider's snapshot (`None`: off shift).
-    Rider(Change<Id, Snapshot>),
+    Rider(Change<Id, Arc<Snapshot>>),
 }
 
 impl ViewChange {
@@ -98,7 +98,7 @@ impl Maps {
             }
             ViewChange::Rider(c) => {
                 let new_district = c.value.as_ref().map(|s| s.rider.district);
-                let snapshot = c.value.map(Arc::new);
+                let snapshot = c.value;
                 let recorded = Some(Recorded::Rider(c.key.clone(), snapshot.clone()));
                 let old = match snapshot {
                     Some(snapshot) => self.riders.insert(c.key.clone(), snapshot),
@@ -370,7 +370,7 @@ mod tests {
     fn rider_change(id: &str, value: Option<Snapshot>, time: Time) -> ViewChange {
         ViewChange::Rider(Change {
             key: Id::from(id),
-            value,
+            value: value.map(Arc::new),
             time,
         })
     }

@@ -4,6 +4,7 @@
 //! answers what the live state will.
 
 use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
 
 use dongflow_connectors::Id;
 use dongflow_dataflow::districts::DistrictId;
@@ -48,7 +49,7 @@ pub fn seed_changes(restored: &Restored) -> Vec<ViewChange> {
         };
         changes.push(ViewChange::Rider(Change {
             key: id.clone(),
-            value: Some(snapshot),
+            value: Some(Arc::new(snapshot)),
             time,
         }));
     }

@@ -602,7 +602,7 @@ impl Decoded {
                 let (snapshot, time) = decode_rider(index, value)?;
                 ViewChange::Rider(Change {
                     key: Id::from(key),
-                    value: Some(snapshot),
+                    value: Some(Arc::new(snapshot)),
                     time,
                 })
             }
@@ -610,7 +610,7 @@ impl Decoded {
         if let Some(records) = &mut self.records {
             let fingerprint = match &change {
                 ViewChange::District(c) => c.value.as_ref().map(Fingerprint::fingerprint),
-                ViewChange::Rider(c) => c.value.as_ref().map(Fingerprint::fingerprint),
+                ViewChange::Rider(c) => c.value.as_ref().map(|s| s.fingerprint()),
             };
             if let Some(fp) = fingerprint {
                 records.insert((district, key.to_owned()), fp);
