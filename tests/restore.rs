@@ -85,6 +85,7 @@ fn ready_once_in(published: bool) {
         index: config.districts.clone(),
         held: None,
         progress: Arc::default(),
+        handed: Arc::default(),
     }));
     let sources: Vec<Box<dyn EventSource>> = (0..2)
         .map(|_| Box::new(VecSource::new(Vec::new())) as Box<dyn EventSource>)

@@ -6,7 +6,7 @@
 use std::path::PathBuf;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use dongflow_connectors::kafka::{
     KafkaConfig, KafkaError, KafkaMetrics, KafkaSource, OutputKind, Producer, TopicSpec, TopicWatch,
@@ -14,7 +14,9 @@ use dongflow_connectors::kafka::{
 use dongflow_connectors::source::EventSource;
 use thiserror::Error;
 
-use crate::changelog::{ChangelogOutputs, ClearingProgress, HeldKeysSource, KafkaChangelog};
+use crate::changelog::{
+    ChangelogOutputs, ClearingProgress, Handed, HeldKeysSource, KafkaChangelog,
+};
 use crate::engine::{CheckpointSettings, Engine, EngineConfig, EngineError, Hook};
 use crate::recovery::{
     mark_published, retract_published, CheckpointError, CutSource, Published, Restored,
@@ -163,6 +165,7 @@ impl Pipeline {
             HeldKeysSource(Arc::new(move || stale.held_keys()))
         });
         let reconciled = Arc::new(ClearingProgress::default());
+        let handed = Arc::new(Handed::default());
         engine_config.outputs = Some(Arc::new(ChangelogOutputs {
             sink: Arc::new(KafkaChangelog {
                 producer: producer.clone(),
@@ -172,6 +175,7 @@ impl Pipeline {
             index: engine_config.districts.clone(),
             held,
             progress: reconciled.clone(),
+            handed: handed.clone(),
         }));
         if let Some(writer) = &writer {
             // A checkpoint passes the offsets of bad records: their dead letters must be
@@ -190,7 +194,7 @@ impl Pipeline {
                 &metrics,
                 &published_to,
                 config.restore.as_deref(),
-                reconciled.clone(),
+                (reconciled.clone(), handed),
             ));
         }
         let mark = config
@@ -323,17 +327,25 @@ impl Pipeline {
     }
 }
 
+/// How long a checkpoint waits for the changelog records of its time to land before it is written
+/// without a cut: a broker that slow makes the next restart read the changelog whole, never a
+/// stale view ahead of the changelog.
+const LANDING_LIMIT: Duration = Duration::from_secs(5);
+
 /// Where the changelog reflects a checkpoint of a given time, for the checkpoint writer: known
 /// once the changelog holds exactly this run's state (a restore published at a clean stop, or a
-/// run that has cleared what earlier runs left) from a time at or before the checkpoint's, and no
-/// changelog record was refused. A partition this run has not written keeps the restored
-/// checkpoint's cut: nothing there changed since.
+/// run that has cleared what earlier runs left) from a time at or before the checkpoint's, every
+/// changelog record of the checkpoint's time and earlier has landed (handed to the producer by
+/// every sink operator, and delivered: a crash cannot lose it any more, so a restart's stale view
+/// seeded from the checkpoint is never ahead of the changelog), and no changelog record was
+/// refused. A partition this run has not written keeps the restored checkpoint's cut: nothing
+/// there changed since.
 fn cut_source(
     producer: &Arc<Producer>,
     metrics: &Arc<KafkaMetrics>,
     changelog: &Published,
     restored: Option<&Restored>,
-    reconciled: Arc<ClearingProgress>,
+    (reconciled, handed): (Arc<ClearingProgress>, Arc<Handed>),
 ) -> CutSource {
     let (producer, metrics, changelog) = (producer.clone(), metrics.clone(), changelog.clone());
     let earlier: Vec<(String, i32, i64)> = restored
@@ -343,6 +355,17 @@ fn cut_source(
         .unwrap_or_default();
     Arc::new(move |time| {
         let whole_from = reconciled.whole_from()?;
+        let deadline = Instant::now() + LANDING_LIMIT;
+        while !(handed.through(time) && producer.changelog_landed_through(time)) {
+            if Instant::now() >= deadline {
+                tracing::warn!(
+                    "checkpoint {time}: its changelog records did not land within \
+                     {LANDING_LIMIT:?}; written without a cut (a restart reads the changelog whole)"
+                );
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
         let refused: u64 = [OutputKind::DistrictChangelog, OutputKind::RiderChangelog]
             .iter()
             .map(|k| metrics.failed[*k as usize].load(Ordering::Relaxed))

@@ -114,6 +114,8 @@ fn opaque(kind: OutputKind, as_of: u64) -> usize {
 struct Landed {
     tracking: AtomicBool,
     partitions: Mutex<HashMap<(OutputKind, i32), PartitionLanded>>,
+    /// Changelog records sent and not yet delivered or refused, by dataflow time.
+    in_flight: Mutex<BTreeMap<u64, usize>>,
 }
 
 #[derive(Debug, Default)]
@@ -125,6 +127,27 @@ struct PartitionLanded {
 }
 
 impl Landed {
+    /// A changelog record of time `as_of` is on its way.
+    fn sent(&self, as_of: u64) {
+        if !self.tracking.load(Ordering::Relaxed) {
+            return;
+        }
+        let mut in_flight = self.in_flight.lock().unwrap_or_else(|e| e.into_inner());
+        *in_flight.entry(as_of).or_default() += 1;
+    }
+
+    /// A changelog record of time `as_of` is delivered or refused for good (or was never sent);
+    /// one sent before tracking began is not counted.
+    fn settled(&self, as_of: u64) {
+        let mut in_flight = self.in_flight.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(n) = in_flight.get_mut(&as_of) {
+            *n -= 1;
+            if *n == 0 {
+                in_flight.remove(&as_of);
+            }
+        }
+    }
+
     fn note(&self, kind: OutputKind, as_of: u64, partition: i32, offset: i64) {
         if !self.tracking.load(Ordering::Relaxed) {
             return;
@@ -151,9 +174,10 @@ impl ProducerContext for Counting {
 
     fn delivery(&self, result: &DeliveryResult<'_>, opaque: usize) {
         let kind = OutputKind::from_index(opaque & 3);
-        if kind == OutputKind::DeadLetter {
-            // Delivered or refused for good: either way nothing more will come of it.
-            self.dead_letters.acknowledged((opaque >> 2) as u64);
+        // Delivered or refused for good: either way nothing more will come of it.
+        match kind {
+            OutputKind::DeadLetter => self.dead_letters.acknowledged((opaque >> 2) as u64),
+            _ => self.landed.settled((opaque >> 2) as u64),
         }
         match result {
             Ok(message) => {
@@ -288,6 +312,16 @@ impl Producer {
         self.inner.context().dead_letters.acknowledged_before() >= sent
     }
 
+    /// Whether every changelog record of dataflow time `time` or earlier sent so far (since
+    /// [`Producer::track_changelog`]) has been delivered or refused for good: a checkpoint of
+    /// `time` whose changelog records could still be lost by a crash must not say that the
+    /// changelog reflects it.
+    pub fn changelog_landed_through(&self, time: u64) -> bool {
+        let landed = &self.inner.context().landed;
+        let in_flight = landed.in_flight.lock().unwrap_or_else(|e| e.into_inner());
+        in_flight.range(..=time).next().is_none()
+    }
+
     /// Starts noting where changelog records land, for [`Producer::changelog_cut`].
     pub fn track_changelog(&self) {
         self.inner
@@ -371,6 +405,9 @@ impl Producer {
         if let Some(h) = headers {
             record = record.headers(h);
         }
+        if kind != OutputKind::DeadLetter {
+            self.inner.context().landed.sent(as_of);
+        }
         let mut waiting_since: Option<Instant> = None;
         loop {
             match self.inner.send(record) {
@@ -394,9 +431,12 @@ impl Producer {
                 Err((e, _)) => {
                     self.metrics.failed[kind as usize].fetch_add(1, Ordering::Relaxed);
                     tracing::error!(topic, output = kind.label(), "cannot send a record: {e}");
-                    if kind == OutputKind::DeadLetter {
-                        // Never sent: counted as failed, and not waited for.
-                        self.inner.context().dead_letters.acknowledged(as_of);
+                    // Never sent: counted as failed, and not waited for.
+                    match kind {
+                        OutputKind::DeadLetter => {
+                            self.inner.context().dead_letters.acknowledged(as_of)
+                        }
+                        _ => self.inner.context().landed.settled(as_of),
                     }
                     return;
                 }
@@ -492,15 +532,20 @@ mod tests {
         );
     }
 
+    /// A producer to an embedded broker with one topic of one partition (the broker lives as long
+    /// as the first half of the pair).
+    fn producer_to(topic: &str) -> (EmbeddedBroker, Producer) {
+        let broker = EmbeddedBroker::start(&[TopicSpec::new(topic, 1)]).expect("mock cluster");
+        let metrics = Arc::new(KafkaMetrics::default());
+        let producer =
+            Producer::new(&broker.bootstrap().as_str().into(), metrics).expect("producer");
+        (broker, producer)
+    }
+
     /// A dead letter counts as acknowledged only once the broker has it.
     #[test]
     fn dead_letters_are_waited_for_until_acknowledged() {
-        let broker = EmbeddedBroker::start(&[TopicSpec::new("dlq", 1)]).expect("mock cluster");
-        let producer = Producer::new(
-            &broker.bootstrap().as_str().into(),
-            Arc::new(KafkaMetrics::default()),
-        )
-        .expect("producer");
+        let (_broker, producer) = producer_to("dlq");
         assert!(producer.dead_letters_acknowledged(producer.dead_letters_sent()));
         let headers = DeadLetterHeaders {
             error: "malformed JSON",
@@ -518,16 +563,31 @@ mod tests {
         assert!(producer.dead_letters_acknowledged(sent));
     }
 
+    /// A changelog time has landed once every record of it and of earlier times sent since
+    /// tracking began is delivered.
+    #[test]
+    fn a_changelog_time_lands_once_its_records_are_delivered() {
+        let (_broker, producer) = producer_to("log");
+        let kind = OutputKind::RiderChangelog;
+        // Sent before tracking began: not waited for.
+        producer.send_changelog(kind, "log", b"a", Some(b"1"), 5);
+        producer.track_changelog();
+        assert!(producer.changelog_landed_through(5));
+        producer.send_changelog(kind, "log", b"b", None, 10);
+        producer.send_changelog(kind, "log", b"c", Some(b"1"), 20);
+        // Still lingering in the producer (100 ms): times 10 and later have not landed.
+        assert!(producer.changelog_landed_through(9));
+        assert!(!producer.changelog_landed_through(10));
+        assert!(!producer.changelog_landed_through(u64::MAX));
+        producer.flush(Duration::from_secs(10)).expect("delivered");
+        assert!(producer.changelog_landed_through(u64::MAX));
+    }
+
     /// A cut at time `T` is the first offset of a later time, or the end of what was delivered;
     /// a tombstone carries its time in a header.
     #[test]
     fn a_changelog_cut_is_where_later_times_begin() {
-        let broker = EmbeddedBroker::start(&[TopicSpec::new("log", 1)]).expect("mock cluster");
-        let producer = Producer::new(
-            &broker.bootstrap().as_str().into(),
-            Arc::new(KafkaMetrics::default()),
-        )
-        .expect("producer");
+        let (broker, producer) = producer_to("log");
         let kind = OutputKind::DistrictChangelog;
         producer.send_changelog(kind, "log", b"a", Some(b"1"), 5);
         producer.track_changelog();

@@ -23,7 +23,7 @@ use serde::Serialize;
 pub use clearing::{
     Cleared, ClearedTopic, Clearing, ClearingProgress, HeldBy, HeldKey, HeldKeys, HeldKeysSource,
 };
-pub use sink::{ChangelogOutputs, WorkerTopics, Writer};
+pub use sink::{ChangelogOutputs, Handed, WorkerTopics, Writer};
 
 use crate::render::{DistrictView, RiderView};
 

@@ -1,7 +1,8 @@
 //! The changelog outputs of every worker: its share of both topics, each change written once its
 //! time is complete, through its [`Clearing`].
 
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 
 use dongflow_connectors::Id;
 use dongflow_dataflow::build::Changelogs;
@@ -31,6 +32,36 @@ pub struct ChangelogOutputs {
     pub held: Option<HeldKeysSource>,
     /// How far the workers have reconciled the topics with their state.
     pub progress: Arc<ClearingProgress>,
+    /// How far the sink operators have handed their changes to the sink.
+    pub handed: Arc<Handed>,
+}
+
+/// How far every changelog sink operator of a process has handed its changes over to the
+/// [`ChangelogSink`]: with the producer's delivery reports, it tells a checkpoint writer when the
+/// changelog holds every change of a time (see `pipeline::cut_source`).
+#[derive(Debug, Default)]
+pub struct Handed {
+    /// Per sink operator: every change of a time before this has been handed over.
+    sinks: Mutex<Vec<Arc<AtomicU64>>>,
+}
+
+impl Handed {
+    /// A new sink operator's progress, 0 until it hands anything over.
+    fn register(&self) -> Arc<AtomicU64> {
+        let sink = Arc::new(AtomicU64::new(0));
+        self.sinks
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(sink.clone());
+        sink
+    }
+
+    /// Whether there are sink operators and each has handed over every change of `time` and
+    /// earlier.
+    pub fn through(&self, time: Time) -> bool {
+        let sinks = self.sinks.lock().unwrap_or_else(|e| e.into_inner());
+        !sinks.is_empty() && sinks.iter().all(|s| s.load(Ordering::Acquire) > time)
+    }
 }
 
 impl Outputs for ChangelogOutputs {
@@ -65,6 +96,7 @@ impl ChangelogOutputs {
             topics,
             clearing: Clearing::new(self.held.clone(), self.progress.clone()),
             caught_up: at.caught_up.clone(),
+            handed: self.handed.register(),
             what,
         }
     }
@@ -152,6 +184,8 @@ struct SinkOp<K, V> {
     topics: WorkerTopics,
     clearing: Clearing<K, V>,
     caught_up: CaughtUp,
+    /// Every change of a time before this has been handed to the sink (or folded by the clearing).
+    handed: Arc<AtomicU64>,
     what: &'static str,
 }
 
@@ -184,6 +218,9 @@ where
                     .clearing
                     .offer(batches, through, complete, &self.topics);
                 log_cleared(cleared, self.what, me);
+                let before = frontier.frontier().iter().min().copied();
+                self.handed
+                    .fetch_max(before.unwrap_or(Time::MAX), Ordering::Release);
             });
     }
 }
