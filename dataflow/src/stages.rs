@@ -402,7 +402,7 @@ enum HeldRider {
         snapshot: Option<Arc<Snapshot>>,
         off_shift: Vec<DeliveryBrief>,
     },
-    /// The time being applied changes the rider: its parts are `Touched::work` at this index.
+    /// The time being applied changes the rider: its parts are in `Riders::work` at this index.
     Touched(usize),
 }
 

@@ -28,6 +28,12 @@ use dongflow_connectors::kafka::{
 use dongflow_connectors::simulator::{SimEvent, Simulator};
 use dongflow_dataflow::districts::DistrictIndex;
 
+/// With `--features mimalloc`, the binary allocates with mimalloc (an allocator trial; the system
+/// allocator is the default: docs/bench/README.md has the figures).
+#[cfg(feature = "mimalloc")]
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// A failure and its exit code: 2 for bad arguments or an unreadable district file, 1 otherwise.
 struct Failure {
     code: u8,
