@@ -6,7 +6,7 @@
 use std::path::PathBuf;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use dongflow_connectors::kafka::{
     KafkaConfig, KafkaError, KafkaMetrics, KafkaSource, OutputKind, Producer, TopicSpec, TopicWatch,
@@ -19,7 +19,7 @@ use crate::changelog::{
 };
 use crate::engine::{CheckpointSettings, Engine, EngineConfig, EngineError, Hook};
 use crate::recovery::{
-    mark_published, retract_published, CheckpointError, CutSource, Published, Restored,
+    mark_published, retract_published, wait_until, CheckpointError, CutSource, Published, Restored,
     WriteReport, WriteStatus, Writer,
 };
 use crate::report::Chain;
@@ -194,7 +194,8 @@ impl Pipeline {
                 &metrics,
                 &published_to,
                 config.restore.as_deref(),
-                (reconciled.clone(), handed),
+                reconciled.clone(),
+                handed,
             ));
         }
         let mark = config
@@ -345,7 +346,8 @@ fn cut_source(
     metrics: &Arc<KafkaMetrics>,
     changelog: &Published,
     restored: Option<&Restored>,
-    (reconciled, handed): (Arc<ClearingProgress>, Arc<Handed>),
+    reconciled: Arc<ClearingProgress>,
+    handed: Arc<Handed>,
 ) -> CutSource {
     let (producer, metrics, changelog) = (producer.clone(), metrics.clone(), changelog.clone());
     let earlier: Vec<(String, i32, i64)> = restored
@@ -354,23 +356,23 @@ fn cut_source(
         .map(|cut| cut.ends)
         .unwrap_or_default();
     Arc::new(move |time| {
-        let whole_from = reconciled.whole_from()?;
-        let deadline = Instant::now() + LANDING_LIMIT;
-        while !(handed.through(time) && producer.changelog_landed_through(time)) {
-            if Instant::now() >= deadline {
-                tracing::warn!(
-                    "checkpoint {time}: its changelog records did not land within \
-                     {LANDING_LIMIT:?}; written without a cut (a restart reads the changelog whole)"
-                );
-                return None;
-            }
-            std::thread::sleep(Duration::from_millis(5));
+        if reconciled.whole_from()? > time {
+            return None;
+        }
+        // Asked before the refusals are counted: a record refused meanwhile is counted below.
+        let landed = || handed.through(time) && producer.changelog_landed_through(time);
+        if !wait_until(LANDING_LIMIT, landed) {
+            tracing::warn!(
+                "checkpoint {time}: its changelog records did not land within {LANDING_LIMIT:?}; \
+                 written without a cut (a restart reads the changelog whole)"
+            );
+            return None;
         }
         let refused: u64 = [OutputKind::DistrictChangelog, OutputKind::RiderChangelog]
             .iter()
             .map(|k| metrics.failed[*k as usize].load(Ordering::Relaxed))
             .sum();
-        if whole_from > time || refused > 0 {
+        if refused > 0 {
             return None;
         }
         let mut ends = earlier.clone();

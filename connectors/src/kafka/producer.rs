@@ -109,7 +109,8 @@ fn opaque(kind: OutputKind, as_of: u64) -> usize {
 /// Where this producer's changelog records landed, per partition: enough to say, for a checkpoint
 /// of dataflow time `T`, an offset per partition before which no record of a later time lies
 /// ([`Producer::changelog_cut`]). Kept only once asked for ([`Producer::track_changelog`]): without
-/// checkpoints nobody asks for a cut, and the times would pile up.
+/// checkpoints nobody asks for a cut, and the times would pile up. The records in flight are
+/// always counted: they are at most what the producer's queue holds.
 #[derive(Debug, Default)]
 struct Landed {
     tracking: AtomicBool,
@@ -129,15 +130,11 @@ struct PartitionLanded {
 impl Landed {
     /// A changelog record of time `as_of` is on its way.
     fn sent(&self, as_of: u64) {
-        if !self.tracking.load(Ordering::Relaxed) {
-            return;
-        }
         let mut in_flight = self.in_flight.lock().unwrap_or_else(|e| e.into_inner());
         *in_flight.entry(as_of).or_default() += 1;
     }
 
-    /// A changelog record of time `as_of` is delivered or refused for good (or was never sent);
-    /// one sent before tracking began is not counted.
+    /// A changelog record of time `as_of` is delivered or refused for good (or was never sent).
     fn settled(&self, as_of: u64) {
         let mut in_flight = self.in_flight.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(n) = in_flight.get_mut(&as_of) {
@@ -312,8 +309,8 @@ impl Producer {
         self.inner.context().dead_letters.acknowledged_before() >= sent
     }
 
-    /// Whether every changelog record of dataflow time `time` or earlier sent so far (since
-    /// [`Producer::track_changelog`]) has been delivered or refused for good: a checkpoint of
+    /// Whether every changelog record of dataflow time `time` or earlier sent so far has been
+    /// delivered or refused for good: a checkpoint of
     /// `time` whose changelog records could still be lost by a crash must not say that the
     /// changelog reflects it.
     pub fn changelog_landed_through(&self, time: u64) -> bool {
@@ -563,16 +560,15 @@ mod tests {
         assert!(producer.dead_letters_acknowledged(sent));
     }
 
-    /// A changelog time has landed once every record of it and of earlier times sent since
-    /// tracking began is delivered.
+    /// A changelog time has landed once every record of it and of earlier times is delivered.
     #[test]
     fn a_changelog_time_lands_once_its_records_are_delivered() {
         let (_broker, producer) = producer_to("log");
         let kind = OutputKind::RiderChangelog;
-        // Sent before tracking began: not waited for.
-        producer.send_changelog(kind, "log", b"a", Some(b"1"), 5);
-        producer.track_changelog();
-        assert!(producer.changelog_landed_through(5));
+        assert!(
+            producer.changelog_landed_through(u64::MAX),
+            "nothing sent yet"
+        );
         producer.send_changelog(kind, "log", b"b", None, 10);
         producer.send_changelog(kind, "log", b"c", Some(b"1"), 20);
         // Still lingering in the producer (100 ms): times 10 and later have not landed.

@@ -308,6 +308,20 @@ pub type Hold = std::sync::Arc<dyn Fn() -> Box<dyn Fn() -> bool + Send> + Send +
 /// How long a checkpoint waits for its [`Hold`] before it is skipped.
 const HOLD_LIMIT: Duration = Duration::from_secs(10);
 
+/// Asks `ready` every 10 ms until it says yes or `limit` has passed; says whether it did. For the
+/// checkpoint writer's waits on what the checkpoint must not pass (its [`Hold`], its changelog's
+/// records), which take a few milliseconds when the broker keeps up.
+pub fn wait_until(limit: Duration, ready: impl Fn() -> bool) -> bool {
+    let deadline = Instant::now() + limit;
+    while !ready() {
+        if Instant::now() >= deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    true
+}
+
 /// Writes this process's parts of checkpoints as the workers hand them over.
 pub struct Writer {
     parts: Option<Sender<WorkerPart>>,
@@ -450,11 +464,7 @@ fn write_loop(
         pending.retain(|t, _| *t > time);
         if let Some(hold) = holds.get() {
             let may = hold();
-            let deadline = Instant::now() + HOLD_LIMIT;
-            while !may() && Instant::now() < deadline {
-                std::thread::sleep(Duration::from_millis(10));
-            }
-            if !may() {
+            if !wait_until(HOLD_LIMIT, may) {
                 tracing::warn!(
                     "checkpoint {time} skipped: dead letters of the input it covers were not \
                      acknowledged within {HOLD_LIMIT:?}"
