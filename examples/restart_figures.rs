@@ -100,7 +100,13 @@ fn main() {
     wait_complete(&engine, riders as u64);
     let replay = started.elapsed();
     engine.stop();
-    let _ = std::fs::remove_dir_all(&dir);
+    // DONGFLOW_KEEP_CHECKPOINT=1 keeps the checkpoint, to profile a restore on its own.
+    match std::env::var_os("DONGFLOW_KEEP_CHECKPOINT") {
+        Some(_) => eprintln!("checkpoint kept in {}", dir.display()),
+        None => {
+            let _ = std::fs::remove_dir_all(&dir);
+        }
+    }
 
     let out = serde_json::json!({
         "riders": riders,

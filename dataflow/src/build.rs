@@ -15,7 +15,7 @@ use crate::stages::{
     waiting_contributions, CountsTrace, DeliveryRule, DeliveryState, RiderRule,
 };
 use crate::types::{Change, DistrictCounts, RiderRow, Snapshot, Time};
-use crate::upsert::{upsert, SnapshotSlot, UpsertCounters, UpsertState};
+use crate::upsert::{upsert, Seed, SnapshotSlot, UpsertCounters, UpsertState};
 
 /// Default time a terminal delivery is remembered: 6 hours of dataflow time.
 pub const DEFAULT_TERMINAL_TTL_MS: Time = 6 * 3600 * 1000;
@@ -66,10 +66,39 @@ pub struct Outputs<'s> {
     pub counts: Arranged<'s, CountsTrace>,
 }
 
+/// The dataflow's inputs.
+pub struct Inputs<'s> {
+    /// Rider events.
+    pub riders: Stream<'s, Time, Vec<RiderEvent>>,
+    /// Delivery events.
+    pub deliveries: Stream<'s, Time, Vec<DeliveryEvent>>,
+    /// A checkpoint's riders, as a restart brings them back (each worker gives a share).
+    pub rider_seeds: Stream<'s, Time, Vec<Seed<RiderRow>>>,
+    /// A checkpoint's deliveries, the same way.
+    pub delivery_seeds: Stream<'s, Time, Vec<Seed<DeliveryState>>>,
+}
+
+impl<'s> Inputs<'s> {
+    /// Event inputs without seeds (a start from nothing).
+    pub fn unseeded(
+        riders: Stream<'s, Time, Vec<RiderEvent>>,
+        deliveries: Stream<'s, Time, Vec<DeliveryEvent>>,
+    ) -> Self {
+        use timely::dataflow::operators::generic::operator::empty;
+        let scope = riders.scope();
+        Self {
+            riders,
+            deliveries,
+            rider_seeds: empty(scope),
+            delivery_seeds: empty(scope),
+        }
+    }
+}
+
 /// Wires the dataflow: enrich, upsert, rider snapshots, count, arrange.
 ///
 /// ```
-/// use dongflow_dataflow::{build, build::changelogs, districts::DistrictIndex, DataflowCounters, WorkerState};
+/// use dongflow_dataflow::{build, build::{changelogs, Inputs}, districts::DistrictIndex, DataflowCounters, WorkerState};
 /// use dongflow_records::{Coord, DeliveryEvent, RiderEvent, RiderStatus};
 /// use timely::dataflow::operators::{capture::Extract, vec::Input, Capture, Probe};
 /// use std::sync::Arc;
@@ -82,7 +111,8 @@ pub struct Outputs<'s> {
 ///     let (mut riders, mut deliveries, probe) = worker.dataflow::<u64, _, _>(|scope| {
 ///         let (riders, rider_stream) = scope.new_input::<RiderEvent>();
 ///         let (deliveries, delivery_stream) = scope.new_input::<DeliveryEvent>();
-///         let out = build(rider_stream, delivery_stream, index.clone(), &state, &DataflowCounters::default());
+///         let inputs = Inputs::unseeded(rider_stream, delivery_stream);
+///         let out = build(inputs, index.clone(), &state, &DataflowCounters::default());
 ///         let (probe, _) = out.counts.stream.clone().probe();
 ///         changelogs(&out).districts.capture_into(tx.clone());
 ///         (riders, deliveries, probe)
@@ -100,16 +130,16 @@ pub struct Outputs<'s> {
 /// assert_eq!((counts.riders_on_shift, counts.riders_idle()), (1, 1));
 /// ```
 pub fn build<'s>(
-    riders: Stream<'s, Time, Vec<RiderEvent>>,
-    deliveries: Stream<'s, Time, Vec<DeliveryEvent>>,
+    inputs: Inputs<'s>,
     districts: Arc<DistrictIndex>,
     state: &WorkerState,
     counters: &DataflowCounters,
 ) -> Outputs<'s> {
-    let riders = enrich_with_district(riders, districts.clone());
-    let deliveries = enrich_with_district(deliveries, districts);
+    let riders = enrich_with_district(inputs.riders, districts.clone());
+    let deliveries = enrich_with_district(inputs.deliveries, districts);
     let riders = upsert::<RiderRule>(
         riders,
+        inputs.rider_seeds,
         "Upsert: Riders",
         state.riders.clone(),
         counters.riders.clone(),
@@ -117,6 +147,7 @@ pub fn build<'s>(
     );
     let deliveries = upsert::<DeliveryRule>(
         deliveries,
+        inputs.delivery_seeds,
         "Upsert: Deliveries",
         state.deliveries.clone(),
         counters.deliveries.clone(),

@@ -7,8 +7,10 @@
 //! emits only the net change per id: at most one retraction and one insertion.
 //!
 //! A [`UpsertRule`] says how an event changes a state and which states are visible downstream. The
-//! state lives in an [`UpsertState`] shared with the worker loop, so that it can be checkpointed and
-//! seeded on restart: rows of a seeded state are emitted at the operator's first time.
+//! state lives in an [`UpsertState`] shared with the worker loop, so that it can be checkpointed. A
+//! restart brings a checkpoint's state back through a second input ([`Seed`]s, exchanged by id like
+//! the events, so that each id reaches the worker that owns it whatever the worker count); the rows
+//! of a seeded state are emitted at the seeds' time, before any event of a later time is applied.
 //!
 //! Terminal states ("tombstones") are remembered by id and expiry alone ([`Tombstones`]) for `ttl`
 //! of dataflow time, so that late and duplicate events cannot bring an id back, and are then
@@ -48,8 +50,8 @@ pub enum Ignored {
 pub trait UpsertRule: 'static {
     /// The input event.
     type Event: timely::ExchangeData;
-    /// The state kept per id.
-    type State: Clone + 'static;
+    /// The state kept per id (exchanged when seeded from a checkpoint).
+    type State: timely::ExchangeData + Clone + std::fmt::Debug;
     /// What downstream sees of a state: a state shows as zero or more rows, and only the rows that
     /// change are sent on.
     type Row: timely::ExchangeData + Clone + Ord + std::fmt::Debug;
@@ -84,8 +86,6 @@ pub struct UpsertState<S> {
     ended: Tombstones,
     /// How long a tombstone is kept, in dataflow time (ms).
     pub ttl: Time,
-    /// The dataflow time at which a seeded state is shown downstream (0: the first time).
-    pub seeded_at: Time,
 }
 
 impl<S> UpsertState<S> {
@@ -95,7 +95,6 @@ impl<S> UpsertState<S> {
             entries: FxHashMap::default(),
             ended: Tombstones::default(),
             ttl,
-            seeded_at: 0,
         }
     }
 
@@ -104,27 +103,10 @@ impl<S> UpsertState<S> {
         Rc::new(RefCell::new(Self::new(ttl)))
     }
 
-    /// Puts a state in (for seeding from a checkpoint).
-    pub fn seed(&mut self, id: Id, state: S) {
-        self.entries.insert(
-            id,
-            Slot {
-                state,
-                touched_at: UNTOUCHED,
-            },
-        );
-    }
-
     /// Returns the map's room once most of its ids have ended: a map keeps its largest size
     /// otherwise, and a burst of deliveries that end would cost a live delivery's room each for good.
     fn give_back_room(&mut self) {
         give_back_map(&mut self.entries);
-    }
-
-    /// Remembers `id` as terminal until `expires` (for seeding from a checkpoint).
-    pub fn seed_tombstone(&mut self, id: Id, expires: Time) {
-        self.entries.remove(&id);
-        self.ended.insert(expires, id);
     }
 
     /// The number of ids held (tombstones included).
@@ -178,41 +160,63 @@ impl<S: Clone> UpsertState<S> {
         }
     }
 
-    /// Seeds the ids of `snapshot` for which `keep` holds (the ids this worker owns), shown
-    /// downstream at dataflow time `at` (so that outputs never go back in time after a restart).
+    /// Puts seeds in (one time's, every worker's share that this worker owns), recording in
+    /// `touched` the state each seeded id had before (once per id), as [`apply_time`] does.
     ///
-    /// The ids in the snapshot's expiry list are tombstones, whether or not `entries` lists their
-    /// terminal state too (as checkpoints written before tombstones were kept apart do).
-    pub fn restore(&mut self, snapshot: &StateSnapshot<S>, at: Time, keep: impl Fn(&Id) -> bool) {
-        self.seeded_at = at;
-        let mut kept: Vec<(Time, Id)> = snapshot
-            .expiry
-            .iter()
-            .filter(|(_, id)| keep(id))
-            .cloned()
-            .collect();
-        kept.sort();
-        for (expires, id) in kept {
+    /// Tombstones go in first: an id among them stays one, whether or not a live state of it is
+    /// seeded too (as checkpoints written before tombstones were kept apart list them).
+    fn restore(&mut self, seeds: Vec<Vec<Seed<S>>>, touched: &mut Vec<(Id, Option<S>)>) {
+        let (mut ended, mut live) = (Vec::new(), Vec::new());
+        for seed in seeds.into_iter().flatten() {
+            match seed {
+                Seed::Ended(expires, id) => ended.push((expires, id)),
+                Seed::Live(id, state) => live.push((id, state)),
+            }
+        }
+        // In expiry order, so that the queue's front expires first.
+        ended.sort();
+        for (expires, id) in ended {
+            if let Some(old) = self.entries.remove(&id) {
+                touched.push((id.clone(), Some(old.state)));
+            }
             self.ended.insert(expires, id);
         }
-        for (id, state) in snapshot.entries.iter().filter(|(id, _)| keep(id)) {
-            if self.ended.contains(id) {
+        for (id, state) in live {
+            if self.ended.contains(&id) {
                 continue;
             }
-            self.entries.insert(
-                id.clone(),
-                Slot {
-                    state: state.clone(),
-                    touched_at: UNTOUCHED,
-                },
-            );
+            let slot = Slot {
+                state,
+                touched_at: UNTOUCHED,
+            };
+            let old = self.entries.insert(id.clone(), slot);
+            touched.push((id, old.map(|slot| slot.state)));
+        }
+    }
+}
+
+/// One id's state from a checkpoint, on its way to the worker that owns the id.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub enum Seed<S> {
+    /// A terminal id, remembered until this time.
+    Ended(Time, Id),
+    /// A live id's state.
+    Live(Id, S),
+}
+
+impl<S> Seed<S> {
+    /// The id seeded.
+    pub fn id(&self) -> &Id {
+        match self {
+            Seed::Ended(_, id) | Seed::Live(id, _) => id,
         }
     }
 }
 
 /// The worker that owns `key` among `peers` workers: where an exchange by the key's hash sends it,
 /// as the upserts' exchange does with ids and the arrangements' with their keys (timely masks the
-/// hash when `peers` is a power of two, and takes the remainder otherwise).
+/// hash when `peers` is a power of two, and takes the remainder otherwise). Seeds go through the
+/// exchange itself; the changelog's clearing still uses this to find the held keys it owns.
 pub fn owner<K: Hashable<Output = u64>>(key: &K, peers: usize) -> usize {
     let peers = peers.max(1) as u64;
     let hash = key.hashed();
@@ -234,6 +238,19 @@ pub struct StateSnapshot<S> {
     pub entries: Vec<(Id, S)>,
     /// The tombstones, with when each expires.
     pub expiry: Vec<(Time, Id)>,
+}
+
+impl<S: Clone> StateSnapshot<S> {
+    /// Share `part` of `parts` of the snapshot's ids as seeds: each worker of a process gives one
+    /// share, and the upsert's exchange takes every id to its owner.
+    pub fn seeds(&self, part: usize, parts: usize) -> impl Iterator<Item = Seed<S>> + '_ {
+        let parts = parts.max(1);
+        let ended = self.expiry.iter().skip(part).step_by(parts);
+        let live = self.entries.iter().skip(part).step_by(parts);
+        ended
+            .map(|(expires, id)| Seed::Ended(*expires, id.clone()))
+            .chain(live.map(|(id, state)| Seed::Live(id.clone(), state.clone())))
+    }
 }
 
 impl<S> Default for StateSnapshot<S> {
@@ -322,6 +339,7 @@ type Stash<E> = BTreeMap<Time, (Capability<Time>, Vec<Vec<E>>)>;
 /// use dongflow_dataflow::types::RiderPart;
 /// use dongflow_records::{RiderEvent, RiderStatus};
 /// use timely::dataflow::operators::{ToStream, Capture, capture::Extract};
+/// use timely::dataflow::operators::generic::operator::empty;
 /// use std::sync::Arc;
 ///
 /// let rx = timely::example(|scope| {
@@ -329,7 +347,8 @@ type Stash<E> = BTreeMap<Time, (Capability<Time>, Vec<Vec<E>>)>;
 ///     // A stale ping (ts 3 after ts 5) is ignored; the shift end removes the rider.
 ///     let events = vec![e(5, RiderStatus::ShiftStarted), e(3, RiderStatus::OnShift)].to_stream(scope);
 ///     let counters = Arc::new(UpsertCounters::default());
-///     upsert::<RiderRule>(events.container::<Vec<_>>(), "Upsert: Riders", UpsertState::shared(1000), counters, Default::default())
+///     let no_seeds = empty(scope);
+///     upsert::<RiderRule>(events.container::<Vec<_>>(), no_seeds, "Upsert: Riders", UpsertState::shared(1000), counters, Default::default())
 ///         .inner.capture()
 /// });
 /// let out: Vec<_> = rx.extract().into_iter().flat_map(|(_, v)| v).collect();
@@ -339,82 +358,79 @@ type Stash<E> = BTreeMap<Time, (Capability<Time>, Vec<Vec<E>>)>;
 /// ```
 pub fn upsert<'s, U: UpsertRule>(
     events: Stream<'s, Time, Vec<U::Event>>,
+    seeds: Stream<'s, Time, Vec<Seed<U::State>>>,
     name: &str,
     state: Rc<RefCell<UpsertState<U::State>>>,
     counters: Arc<UpsertCounters>,
     snapshots: Rc<SnapshotSlot<U::State>>,
 ) -> VecCollection<'s, Time, (Id, U::Row), Diff> {
-    // Route every event of an id to the one worker that owns the id's state.
+    // Route every event and every seed of an id to the one worker that owns the id's state.
     let exchange = Exchange::new(|e: &U::Event| U::id(e).hashed());
+    let by_id = Exchange::new(|s: &Seed<U::State>| s.id().hashed());
     events
-        .unary_frontier::<CapacityContainerBuilder<Vec<Update<U::Row>>>, _, _, _>(
+        .binary_frontier::<_, CapacityContainerBuilder<Vec<Update<U::Row>>>, _, _, _, _>(
+            seeds,
             exchange,
+            by_id,
             name,
-            move |initial, _| {
-                let mut initial = Some(initial);
+            move |_, _| {
                 // Received containers are kept as they came, not copied into one.
                 let mut stash: Stash<U::Event> = BTreeMap::new();
+                let mut seeded: Stash<Seed<U::State>> = BTreeMap::new();
                 let mut touched: Vec<(Id, Option<U::State>)> = Vec::new();
-                let (mut old_rows, mut new_rows) = (Vec::new(), Vec::new());
-                move |(input, frontier), output| {
-                    if let Some(cap) = initial.take() {
-                        // A seeded state shows itself at its seed time, then the capability is released.
-                        let state = state.borrow();
-                        let cap = cap.delayed(&state.seeded_at.max(*cap.time()));
-                        let mut session = output.session(&cap);
-                        for (id, s) in state.iter() {
-                            for row in U::rows(s) {
-                                session.give(((id.clone(), row), *cap.time(), 1));
-                            }
-                        }
-                    }
-                    input.for_each(|cap, data| {
-                        let (Some(&time), Some(retained)) = (cap.least(), cap.retain_least(0))
-                        else {
-                            return;
-                        };
-                        stash
-                            .entry(time)
-                            .or_insert_with(|| (retained, Vec::new()))
-                            .1
-                            .push(std::mem::take(data));
-                    });
-                    // Apply complete times in time order: no event of an earlier time can still arrive.
+                let mut rows = RowChanges::default();
+                move |(input, frontier), (seeds, seeds_frontier), output| {
+                    seeds.for_each(|cap, data| keep(&mut seeded, cap, data));
+                    input.for_each(|cap, data| keep(&mut stash, cap, data));
+                    let complete =
+                        |t: &Time| !frontier.less_equal(t) && !seeds_frontier.less_equal(t);
+                    // Apply complete times in time order: no event or seed of an earlier time can
+                    // still arrive. A time's seeds go in before its events.
                     let mut largest = 0;
-                    while let Some(entry) = stash.first_entry() {
-                        let time = *entry.key();
-                        if frontier.less_equal(&time) {
+                    loop {
+                        let next_seed = seeded.keys().next().copied();
+                        let Some(time) = next_seed
+                            .into_iter()
+                            .chain(stash.keys().next().copied())
+                            .min()
+                        else {
+                            break;
+                        };
+                        if !complete(&time) {
                             break;
                         }
                         // A checkpoint's state holds every time up to its own and nothing after.
                         snapshots.maybe_take(&state.borrow(), Some(time));
-                        let (cap, events) = entry.remove();
                         let mut state = state.borrow_mut();
-                        apply_time::<U>(&mut state, time, events, &mut touched, &counters);
-                        let mut session = output.session(&cap);
+                        let cap = match next_seed == Some(time) {
+                            true => {
+                                let Some((cap, seeds)) = seeded.remove(&time) else {
+                                    break;
+                                };
+                                state.restore(seeds, &mut touched);
+                                cap
+                            }
+                            false => {
+                                let Some((cap, events)) = stash.remove(&time) else {
+                                    break;
+                                };
+                                apply_time::<U>(&mut state, time, events, &mut touched, &counters);
+                                cap
+                            }
+                        };
                         largest = largest.max(touched.len());
+                        let mut session = output.session(&cap);
                         for (id, old) in touched.drain(..) {
-                            old_rows.clear();
-                            new_rows.clear();
-                            old_rows.extend(old.iter().flat_map(U::rows));
-                            new_rows.extend(state.get(&id).into_iter().flat_map(U::rows));
-                            for row in &old_rows {
-                                if !new_rows.contains(row) {
-                                    session.give(((id.clone(), row.clone()), time, -1));
-                                }
-                            }
-                            for row in new_rows.drain(..) {
-                                if !old_rows.contains(&row) {
-                                    session.give(((id.clone(), row), time, 1));
-                                }
-                            }
+                            rows.emit::<U>(old.as_ref(), state.get(&id), |row, diff| {
+                                session.give(((id.clone(), row), time, diff))
+                            });
                         }
                     }
                     give_back_buffer(&mut touched, largest);
                     state.borrow_mut().give_back_room();
                     // Complete through the requested time with nothing later applied yet.
                     if let Some(at) = snapshots.requested.get() {
-                        if !frontier.less_equal(&at) {
+                        if complete(&at) {
                             snapshots.maybe_take(&state.borrow(), None);
                         }
                     }
@@ -422,6 +438,62 @@ pub fn upsert<'s, U: UpsertRule>(
             },
         )
         .as_collection()
+}
+
+/// Keeps a received container under its time, with a capability for it.
+fn keep<D>(
+    stash: &mut Stash<D>,
+    cap: timely::dataflow::operators::InputCapability<Time>,
+    data: &mut Vec<D>,
+) {
+    let (Some(&time), Some(retained)) = (cap.least(), cap.retain_least(0)) else {
+        return;
+    };
+    stash
+        .entry(time)
+        .or_insert_with(|| (retained, Vec::new()))
+        .1
+        .push(std::mem::take(data));
+}
+
+/// Buffers for one id's change of rows (reused: most ids show one or two rows).
+struct RowChanges<R> {
+    old: Vec<R>,
+    new: Vec<R>,
+}
+
+impl<R> Default for RowChanges<R> {
+    fn default() -> Self {
+        Self {
+            old: Vec::new(),
+            new: Vec::new(),
+        }
+    }
+}
+
+impl<R: PartialEq + Clone> RowChanges<R> {
+    /// Gives the rows that `old` showed and `new` does not (-1), and the other way round (+1).
+    fn emit<U: UpsertRule<Row = R>>(
+        &mut self,
+        old: Option<&U::State>,
+        new: Option<&U::State>,
+        mut give: impl FnMut(R, Diff),
+    ) {
+        self.old.clear();
+        self.new.clear();
+        self.old.extend(old.into_iter().flat_map(U::rows));
+        self.new.extend(new.into_iter().flat_map(U::rows));
+        for row in &self.old {
+            if !self.new.contains(row) {
+                give(row.clone(), -1);
+            }
+        }
+        for row in self.new.drain(..) {
+            if !self.old.contains(&row) {
+                give(row, 1);
+            }
+        }
+    }
 }
 
 /// Room for this many changed ids, or map entries, is always kept.
@@ -531,6 +603,26 @@ mod tests {
 
     type Output = Vec<((Id, DeliveryRow), Time, Diff)>;
 
+    type EventInput =
+        timely::dataflow::operators::vec::input::Handle<Time, Enriched<DeliveryEvent>>;
+    type SeedInput = timely::dataflow::operators::vec::input::Handle<Time, Seed<DeliveryState>>;
+
+    /// A delivery upsert over `st`, with its event and seed inputs.
+    fn delivery_upsert<'s>(
+        scope: timely::dataflow::Scope<'s, Time>,
+        st: Rc<RefCell<UpsertState<DeliveryState>>>,
+        counters: Arc<UpsertCounters>,
+    ) -> (
+        EventInput,
+        SeedInput,
+        VecCollection<'s, Time, (Id, DeliveryRow), Diff>,
+    ) {
+        let (input, stream) = scope.new_input::<Enriched<DeliveryEvent>>();
+        let (seeds, seeded) = scope.new_input::<Seed<DeliveryState>>();
+        let out = upsert::<DeliveryRule>(stream, seeded, "Upsert", st, counters, Rc::default());
+        (input, seeds, out)
+    }
+
     /// Feeds `(time, events)` rounds through a delivery upsert with the given ttl; returns the
     /// output, the final state size and the counters.
     fn run(
@@ -542,20 +634,19 @@ mod tests {
         let c = counters.clone();
         let output = timely::execute_directly(move |worker| {
             let st = UpsertState::shared(ttl);
+            let (mut input, mut seeds, probe, rx) = worker.dataflow::<Time, _, _>(|scope| {
+                let (input, seeds, out) = delivery_upsert(scope, st.clone(), c.clone());
+                let (probe, stream) = out.inner.probe();
+                (input, seeds, probe, stream.capture())
+            });
+            // Seeded at time 0, as a restart seeds a checkpoint before any event.
             for (id, s) in seed {
-                if DeliveryRule::is_tombstone(&s) {
-                    st.borrow_mut().seed_tombstone(id, ttl);
-                } else {
-                    st.borrow_mut().seed(id, s);
+                match DeliveryRule::is_tombstone(&s) {
+                    true => seeds.send(Seed::Ended(ttl, id)),
+                    false => seeds.send(Seed::Live(id, s)),
                 }
             }
-            let (mut input, probe, rx) = worker.dataflow::<Time, _, _>(|scope| {
-                let (input, stream) = scope.new_input::<Enriched<DeliveryEvent>>();
-                let out =
-                    upsert::<DeliveryRule>(stream, "Upsert", st.clone(), c.clone(), Rc::default());
-                let (probe, stream) = out.inner.probe();
-                (input, probe, stream.capture())
-            });
+            seeds.close();
             for (time, events) in rounds {
                 input.advance_to(time);
                 for e in events {
@@ -653,6 +744,7 @@ mod tests {
                 let (input, stream) = scope.new_input::<Enriched<DeliveryEvent>>();
                 let out = upsert::<DeliveryRule>(
                     stream,
+                    timely::dataflow::operators::generic::operator::empty(scope),
                     "Upsert",
                     st.clone(),
                     Arc::default(),
@@ -687,10 +779,83 @@ mod tests {
         );
         assert!(snapshot.expiry.is_empty());
 
-        // Restoring keeps only the ids asked for.
-        let mut restored = UpsertState::<DeliveryState>::new(1_000);
-        restored.restore(&snapshot, 5, |id| id.as_str() == "d-2");
-        assert_eq!(restored.len(), 1);
+        // Shares of seeds: together every id once.
+        let mut shared: Vec<Id> = (0..3)
+            .flat_map(|part| snapshot.seeds(part, 3).map(|s| s.id().clone()))
+            .collect();
+        shared.sort();
+        assert_eq!(shared, ["d-1".into(), "d-2".into()] as [Id; 2]);
+    }
+
+    #[test]
+    fn seeds_reach_the_worker_that_owns_them_whatever_the_worker_count() {
+        // A checkpoint written by some other number of workers: 100 live ids and 20 tombstones.
+        let snapshot = StateSnapshot {
+            time: 7,
+            entries: (0..100)
+                .map(|i| {
+                    let id: Id = format!("d-{i}").into();
+                    let row = DeliveryRow {
+                        status: DeliveryStatus::Created,
+                        delivery_type: None,
+                        pickup: None,
+                        pickup_district: 0,
+                        dropoff: None,
+                        rider_id: None,
+                        vehicle: None,
+                        ts: 1,
+                    };
+                    (id, DeliveryState::Live(row))
+                })
+                .collect(),
+            expiry: (0..20).map(|i| (50, format!("e-{i}").into())).collect(),
+        };
+        let snapshot = Arc::new(snapshot);
+        let config = timely::Config::process(3);
+        let per_worker = timely::execute(config, move |worker| {
+            let st = UpsertState::<DeliveryState>::shared(1_000);
+            let (mut input, mut seeds, probe) = worker.dataflow::<Time, _, _>(|scope| {
+                let (input, seeds, out) = delivery_upsert(scope, st.clone(), Arc::default());
+                let (probe, _) = out.inner.probe();
+                (input, seeds, probe)
+            });
+            seeds.advance_to(7);
+            for seed in snapshot.seeds(worker.index(), worker.peers()) {
+                seeds.send(seed);
+            }
+            seeds.close();
+            // An event after the seeds for an id seeded live, and one for a seeded tombstone.
+            input.advance_to(8);
+            if worker.index() == 0 {
+                input.send(event("d-3", DeliveryStatus::Cancelled, 2));
+                input.send(event("e-4", DeliveryStatus::Created, 2));
+            }
+            input.close();
+            worker.step_while(|| !probe.done());
+            let st = st.borrow();
+            let mut held: Vec<(Id, bool)> = st.iter().map(|(id, _)| (id.clone(), false)).collect();
+            held.extend(st.tombstone_expiry().map(|(_, id)| (id.clone(), true)));
+            for (id, _) in &held {
+                assert_eq!(
+                    owner(id, worker.peers()),
+                    worker.index(),
+                    "{id} on its owner"
+                );
+            }
+            held
+        })
+        .expect("timely")
+        .join()
+        .into_iter()
+        .map(|r| r.expect("worker"))
+        .collect::<Vec<_>>();
+        let mut all: Vec<(Id, bool)> = per_worker.into_iter().flatten().collect();
+        all.sort();
+        let (ended, live): (Vec<_>, Vec<_>) = all.iter().partition(|(_, ended)| *ended);
+        // d-3 ended after its seed; e-4's late event did not bring it back.
+        assert_eq!((live.len(), ended.len()), (99, 21));
+        assert!(ended.iter().any(|(id, _)| id.as_str() == "d-3"));
+        assert!(!live.iter().any(|(id, _)| id.as_str() == "e-4"));
     }
 
     #[test]
@@ -730,7 +895,7 @@ mod tests {
             .push(("d-1".into(), DeliveryState::Ended { ts: 2 }));
         for from in [snapshot, earlier] {
             let mut restored = UpsertState::<DeliveryState>::new(100);
-            restored.restore(&from, 5, |_| true);
+            restored.restore(vec![from.seeds(0, 1).collect()], &mut touched);
             assert_eq!((restored.len(), restored.tombstones()), (3, 2));
             assert!(restored.is_ended(&"d-1".into()) && restored.get(&"d-1".into()).is_none());
             // A late event for a restored tombstone is absorbed, then the ttl forgets it.

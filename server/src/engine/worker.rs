@@ -12,10 +12,10 @@ use std::time::Duration;
 use differential_dataflow::trace::TraceReader;
 use dongflow_connectors::source::{EventSource, Polled};
 use dongflow_dataflow::build::changelogs;
+use dongflow_dataflow::build::Inputs;
 use dongflow_dataflow::stages::CountsTrace;
 use dongflow_dataflow::trace_size::trace_len;
 use dongflow_dataflow::types::Time;
-use dongflow_dataflow::upsert::owner;
 use dongflow_dataflow::{build, DataflowCounters, WorkerState};
 use serde::{Deserialize, Serialize};
 use timely::dataflow::channels::pact::Pipeline;
@@ -164,31 +164,22 @@ impl WorkerLoop {
                 true => restored.time,
                 false => now_ms(),
             });
-        if let (Some(restored), Some(at)) = (&config.restore, seeded_at) {
-            // Each worker seeds the ids whose events the upserts' exchange sends to it.
-            let mine = |id: &dongflow_connectors::Id| owner(id, total) == global_index;
-            state
-                .riders
-                .borrow_mut()
-                .restore(&restored.riders, at, mine);
-            state
-                .deliveries
-                .borrow_mut()
-                .restore(&restored.deliveries, at, mine);
-            // The restored state goes in at `at`, like input pushed then: neither caught up nor
-            // drained before the view has passed it.
-            progress.pushed[worker.index() % config.workers].fetch_max(at, Ordering::Release);
-        }
+        let mut rider_seeds = InputHandle::new();
+        let mut delivery_seeds = InputHandle::new();
         let districts = config.districts.clone();
         let counts = worker.dataflow::<Time, _, _>(|scope| {
-            let riders = scope.input_from(&mut riders_in);
-            let deliveries = scope.input_from(&mut deliveries_in);
+            let inputs = Inputs {
+                riders: scope.input_from(&mut riders_in),
+                deliveries: scope.input_from(&mut deliveries_in),
+                rider_seeds: scope.input_from(&mut rider_seeds),
+                delivery_seeds: scope.input_from(&mut delivery_seeds),
+            };
             attach_control(
                 scope.input_from(&mut control_in),
                 progress.clone(),
                 control_through.clone(),
             );
-            let out = build(riders, deliveries, districts.clone(), &state, counters);
+            let out = build(inputs, districts.clone(), &state, counters);
             let streams = changelogs(&out);
             if let Some(outputs) = &config.outputs {
                 let published = match config.restore_published {
@@ -210,6 +201,25 @@ impl WorkerLoop {
             out.counts.stream.clone().probe_with(&probe);
             out.counts.trace
         });
+        if let (Some(restored), Some(at)) = (&config.restore, seeded_at) {
+            // Each worker gives a share of the checkpoint at `at`, of the cluster's workers when
+            // every process holds it whole, else of its process's; the upserts' exchange takes
+            // every id to the worker that owns it, whatever shape wrote the checkpoint.
+            let local = worker.index() % config.workers;
+            let (share, shares) = match restored.partial {
+                true => (local, config.workers),
+                false => (global_index, total),
+            };
+            rider_seeds.advance_to(at);
+            delivery_seeds.advance_to(at);
+            rider_seeds.send_batch(&mut restored.riders.seeds(share, shares).collect());
+            delivery_seeds.send_batch(&mut restored.deliveries.seeds(share, shares).collect());
+            // The restored state goes in at `at`, like input pushed then: neither caught up nor
+            // drained before the view has passed it.
+            progress.pushed[local].fetch_max(at, Ordering::Release);
+        }
+        // Seeds come once: closing their inputs lets the upserts apply events after them.
+        drop((rider_seeds, delivery_seeds));
         if let Some(at) = seeded_at {
             // Input goes in after the restored state, never at its time: the changes at that time
             // are the restored state alone.

@@ -81,9 +81,9 @@ struct Maps {
 }
 
 impl Maps {
-    /// Applies one change; says what it recorded, for feeds (a copy of the counts, or another
-    /// reference to the snapshot).
-    fn apply(&mut self, change: ViewChange) -> Option<Recorded> {
+    /// Applies one change; with `record`, says what it recorded, for feeds (a copy of the counts,
+    /// or another reference to the snapshot).
+    fn apply(&mut self, change: ViewChange, record: bool) -> Option<Recorded> {
         match change {
             ViewChange::District(c) => {
                 match c.value {
@@ -94,12 +94,12 @@ impl Maps {
                         self.districts.remove(&c.key);
                     }
                 }
-                Some(Recorded::District(c.key, c.value))
+                record.then_some(Recorded::District(c.key, c.value))
             }
             ViewChange::Rider(c) => {
                 let new_district = c.value.as_ref().map(|s| s.rider.district);
                 let snapshot = c.value;
-                let recorded = Some(Recorded::Rider(c.key.clone(), snapshot.clone()));
+                let recorded = record.then(|| Recorded::Rider(c.key.clone(), snapshot.clone()));
                 let old = match snapshot {
                     Some(snapshot) => self.riders.insert(c.key.clone(), snapshot),
                     None => self.riders.remove(&c.key),
@@ -132,6 +132,25 @@ impl Maps {
 struct Writing {
     next: Option<Maps>,
     recorded: Vec<Recorded>,
+    /// Some change of `next` was applied while no feed had asked for versions, so `recorded`
+    /// does not hold all of them (recording every change of a restored checkpoint that no feed
+    /// reads cost more than applying it).
+    unrecorded: bool,
+}
+
+impl Writing {
+    /// Applies `changes` to `next`, recording them when the history is recorded.
+    fn apply(
+        &mut self,
+        next: &mut Maps,
+        changes: impl IntoIterator<Item = ViewChange>,
+        record: bool,
+    ) {
+        self.unrecorded |= !record;
+        for change in changes {
+            self.recorded.extend(next.apply(change, record));
+        }
+    }
 }
 
 /// The latest complete state, shared by the worker that applies it and the threads that read it.
@@ -256,16 +275,19 @@ impl ServingView {
             return;
         }
         let mut next = writing.next.take().unwrap_or_else(|| Maps::clone(&current));
-        let mut recorded = std::mem::take(&mut writing.recorded);
-        for change in changes {
-            recorded.extend(next.apply(change));
-        }
+        let record = self.history().recording();
+        writing.apply(&mut next, changes, record);
+        let recorded = std::mem::take(&mut writing.recorded);
+        let unrecorded = std::mem::take(&mut writing.unrecorded);
         next.as_of = as_of;
         // Held and shown under the history's lock, which a feed subscribes under: a feed either
         // subscribed before (and finds this version held) or sees these maps as its start.
         let mut history = self.history();
-        if history.recording() {
-            history.push(Version::of(recorded, as_of));
+        match unrecorded {
+            // A feed subscribed while this version was applied ahead unrecorded: it cannot be
+            // resumed across this version, so nothing before it is offered (a fresh snapshot).
+            true => history.clear(as_of),
+            false => history.push(Version::of(recorded, as_of)),
         }
         self.maps.store(Arc::new(next));
         drop(history);
@@ -279,11 +301,13 @@ impl ServingView {
     /// while the dataflow still works on it, instead of after.
     pub fn prepare(&self, changes: impl IntoIterator<Item = ViewChange>) {
         let mut writing = self.write();
-        let Writing { next, recorded } = &mut *writing;
-        let next = next.get_or_insert_with(|| Maps::clone(&self.maps.load_full()));
-        for change in changes {
-            recorded.extend(next.apply(change));
-        }
+        let mut next = writing
+            .next
+            .take()
+            .unwrap_or_else(|| Maps::clone(&self.maps.load_full()));
+        let record = self.history().recording();
+        writing.apply(&mut next, changes, record);
+        writing.next = Some(next);
     }
 
     /// The answer to `query` at the view's `as_of`; `None` before the first complete time.
@@ -453,6 +477,29 @@ mod tests {
         // The next version starts from the one shown.
         view.advance([], 12);
         assert_eq!(view.riders(), 2);
+    }
+
+    #[test]
+    fn changes_are_recorded_only_for_feeds_and_a_version_applied_unrecorded_is_not_resumed() {
+        let view = ServingView::new();
+        view.advance([rider_change("r-1", Some(snapshot(3, &[])), 10)], 10);
+        assert_eq!(view.held(), (0, 0), "nothing recorded before a feed asks");
+        // A time applied ahead before any feed asked, then a feed subscribes before it completes.
+        view.prepare([rider_change("r-2", Some(snapshot(3, &[])), 11)]);
+        let _feed = view.subscribe();
+        view.advance([rider_change("r-3", Some(snapshot(4, &[])), 11)], 11);
+        assert_eq!(
+            view.since(10),
+            None,
+            "version 11 lacks r-2's change: a feed at 10 gets a fresh snapshot"
+        );
+        assert_eq!(view.since(11).map(|v| v.len()), Some(0));
+        // Recorded from then on, whole.
+        view.prepare([rider_change("r-1", None, 12)]);
+        view.advance([rider_change("r-2", Some(snapshot(4, &[])), 12)], 12);
+        let since = view.since(11).expect("held");
+        assert_eq!(since.len(), 1);
+        assert_eq!(since[0].riders.len(), 2, "{:?}", since[0]);
     }
 
     #[test]
