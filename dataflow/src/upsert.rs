@@ -603,6 +603,20 @@ mod tests {
 
     type Output = Vec<((Id, DeliveryRow), Time, Diff)>;
 
+    /// A delivery row with a status and nothing else known.
+    fn bare_row(status: DeliveryStatus, ts: u64) -> DeliveryRow {
+        DeliveryRow {
+            status,
+            delivery_type: None,
+            pickup: None,
+            pickup_district: 0,
+            dropoff: None,
+            rider_id: None,
+            vehicle: None,
+            ts,
+        }
+    }
+
     type EventInput =
         timely::dataflow::operators::vec::input::Handle<Time, Enriched<DeliveryEvent>>;
     type SeedInput = timely::dataflow::operators::vec::input::Handle<Time, Seed<DeliveryState>>;
@@ -708,16 +722,7 @@ mod tests {
 
     #[test]
     fn seeded_state_shows_at_the_first_time() {
-        let row = DeliveryRow {
-            status: DeliveryStatus::Waiting,
-            delivery_type: None,
-            pickup: None,
-            pickup_district: 0,
-            dropoff: None,
-            rider_id: None,
-            vehicle: None,
-            ts: 7,
-        };
+        let row = bare_row(DeliveryStatus::Waiting, 7);
         let seed = vec![
             ("d-9".into(), DeliveryState::Live(row.clone())),
             ("d-8".into(), DeliveryState::Ended { ts: 3 }),
@@ -795,17 +800,10 @@ mod tests {
             entries: (0..100)
                 .map(|i| {
                     let id: Id = format!("d-{i}").into();
-                    let row = DeliveryRow {
-                        status: DeliveryStatus::Created,
-                        delivery_type: None,
-                        pickup: None,
-                        pickup_district: 0,
-                        dropoff: None,
-                        rider_id: None,
-                        vehicle: None,
-                        ts: 1,
-                    };
-                    (id, DeliveryState::Live(row))
+                    (
+                        id,
+                        DeliveryState::Live(bare_row(DeliveryStatus::Created, 1)),
+                    )
                 })
                 .collect(),
             expiry: (0..20).map(|i| (50, format!("e-{i}").into())).collect(),
