@@ -378,7 +378,7 @@ pub fn upsert<'s, U: UpsertRule>(
                 let mut stash: Stash<U::Event> = BTreeMap::new();
                 let mut seeded: Stash<Seed<U::State>> = BTreeMap::new();
                 let mut touched: Vec<(Id, Option<U::State>)> = Vec::new();
-                let mut rows = RowChanges::default();
+                let (mut old_rows, mut new_rows) = (Vec::new(), Vec::new());
                 move |(input, frontier), (seeds, seeds_frontier), output| {
                     seeds.for_each(|cap, data| keep(&mut seeded, cap, data));
                     input.for_each(|cap, data| keep(&mut stash, cap, data));
@@ -387,43 +387,40 @@ pub fn upsert<'s, U: UpsertRule>(
                     // Apply complete times in time order: no event or seed of an earlier time can
                     // still arrive. A time's seeds go in before its events.
                     let mut largest = 0;
-                    loop {
-                        let next_seed = seeded.keys().next().copied();
-                        let Some(time) = next_seed
-                            .into_iter()
-                            .chain(stash.keys().next().copied())
-                            .min()
-                        else {
-                            break;
-                        };
+                    while let Some(time) = seeded.keys().chain(stash.keys()).min().copied() {
                         if !complete(&time) {
                             break;
                         }
                         // A checkpoint's state holds every time up to its own and nothing after.
                         snapshots.maybe_take(&state.borrow(), Some(time));
                         let mut state = state.borrow_mut();
-                        let cap = match next_seed == Some(time) {
-                            true => {
-                                let Some((cap, seeds)) = seeded.remove(&time) else {
-                                    break;
-                                };
-                                state.restore(seeds, &mut touched);
-                                cap
-                            }
-                            false => {
-                                let Some((cap, events)) = stash.remove(&time) else {
-                                    break;
-                                };
-                                apply_time::<U>(&mut state, time, events, &mut touched, &counters);
-                                cap
-                            }
+                        // `time` is a key of one of the two; its events, if any, at the next turn.
+                        let cap = if let Some((cap, seeds)) = seeded.remove(&time) {
+                            state.restore(seeds, &mut touched);
+                            cap
+                        } else if let Some((cap, events)) = stash.remove(&time) {
+                            apply_time::<U>(&mut state, time, events, &mut touched, &counters);
+                            cap
+                        } else {
+                            break;
                         };
                         largest = largest.max(touched.len());
                         let mut session = output.session(&cap);
                         for (id, old) in touched.drain(..) {
-                            rows.emit::<U>(old.as_ref(), state.get(&id), |row, diff| {
-                                session.give(((id.clone(), row), time, diff))
-                            });
+                            old_rows.clear();
+                            new_rows.clear();
+                            old_rows.extend(old.iter().flat_map(U::rows));
+                            new_rows.extend(state.get(&id).into_iter().flat_map(U::rows));
+                            for row in &old_rows {
+                                if !new_rows.contains(row) {
+                                    session.give(((id.clone(), row.clone()), time, -1));
+                                }
+                            }
+                            for row in new_rows.drain(..) {
+                                if !old_rows.contains(&row) {
+                                    session.give(((id.clone(), row), time, 1));
+                                }
+                            }
                         }
                     }
                     give_back_buffer(&mut touched, largest);
@@ -454,46 +451,6 @@ fn keep<D>(
         .or_insert_with(|| (retained, Vec::new()))
         .1
         .push(std::mem::take(data));
-}
-
-/// Buffers for one id's change of rows (reused: most ids show one or two rows).
-struct RowChanges<R> {
-    old: Vec<R>,
-    new: Vec<R>,
-}
-
-impl<R> Default for RowChanges<R> {
-    fn default() -> Self {
-        Self {
-            old: Vec::new(),
-            new: Vec::new(),
-        }
-    }
-}
-
-impl<R: PartialEq + Clone> RowChanges<R> {
-    /// Gives the rows that `old` showed and `new` does not (-1), and the other way round (+1).
-    fn emit<U: UpsertRule<Row = R>>(
-        &mut self,
-        old: Option<&U::State>,
-        new: Option<&U::State>,
-        mut give: impl FnMut(R, Diff),
-    ) {
-        self.old.clear();
-        self.new.clear();
-        self.old.extend(old.into_iter().flat_map(U::rows));
-        self.new.extend(new.into_iter().flat_map(U::rows));
-        for row in &self.old {
-            if !self.new.contains(row) {
-                give(row.clone(), -1);
-            }
-        }
-        for row in self.new.drain(..) {
-            if !self.old.contains(&row) {
-                give(row, 1);
-            }
-        }
-    }
 }
 
 /// Room for this many changed ids, or map entries, is always kept.

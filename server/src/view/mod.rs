@@ -283,11 +283,13 @@ impl ServingView {
         // Held and shown under the history's lock, which a feed subscribes under: a feed either
         // subscribed before (and finds this version held) or sees these maps as its start.
         let mut history = self.history();
-        match unrecorded {
-            // A feed subscribed while this version was applied ahead unrecorded: it cannot be
-            // resumed across this version, so nothing before it is offered (a fresh snapshot).
-            true => history.clear(as_of),
-            false => history.push(Version::of(recorded, as_of)),
+        if history.recording() {
+            match unrecorded {
+                // A feed subscribed while this version was applied ahead unrecorded: it cannot be
+                // resumed across this version, so nothing before it is offered (a fresh snapshot).
+                true => history.clear(as_of),
+                false => history.push(Version::of(recorded, as_of)),
+            }
         }
         self.maps.store(Arc::new(next));
         drop(history);
