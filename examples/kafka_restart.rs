@@ -12,7 +12,8 @@
 //! - a restart from a copy of the checkpoint without its publishing mark, as after a crash: time to
 //!   the first answer, to `/readyz` 200, and until the changelog is reconciled with the state (what
 //!   it lacks written again, what a crashed run may have left beyond the state tombstoned), with
-//!   the rider records that took.
+//!   the rider records that took; that run is then killed (`kill -9`), and its restart timed the
+//!   same way.
 //!
 //! Prints JSON: checkpoint size, medians (min, max), peak RSS of the processes.
 
@@ -73,6 +74,7 @@ fn main() {
     let (mut first_answer, mut restore_ready, mut replay_ready) = (vec![], vec![], vec![]);
     let (mut crash_answer, mut crash_ready, mut crash_published) = (vec![], vec![], vec![]);
     let mut crash_rewritten = Vec::new();
+    let (mut killed_answer, mut killed_ready) = (vec![], vec![]);
     let mut first_answer_stale = true;
     for i in 0..runs {
         let run = start(&bin, bootstrap, &t, &state, "checkpoint");
@@ -122,7 +124,7 @@ fn main() {
         let rewritten =
             run.metric("dongflow_output_records_written_total{output=\"rider_changelog\"}");
         peak_rss = peak_rss.max(run.peak_rss());
-        let log = run.terminate();
+        let log = run.kill();
         assert!(log.contains("reconciled with its state"), "{log}");
         eprintln!(
             "unmarked restore {i}: first answer {answered:?}, ready {ready_after:?}, changelog \
@@ -132,6 +134,21 @@ fn main() {
         crash_answer.push(answered.as_secs_f64());
         crash_ready.push(ready_after.as_secs_f64());
         crash_published.push(published.as_secs_f64());
+
+        // That run was killed (`kill -9`) once it had reconciled the changelog: its restart.
+        let run = start(&bin, bootstrap, &t, &unmarked, "checkpoint");
+        let answered = run.until("a first answer after the kill", long, |r| {
+            r.get(&probe).is_some_and(|(s, _)| s == 200)
+        });
+        let ready_after = run.until("ready after the kill", long, ready);
+        peak_rss = peak_rss.max(run.peak_rss());
+        let log = run.terminate();
+        if std::env::var_os("KAFKA_RESTART_LOG").is_some() {
+            eprintln!("{log}");
+        }
+        eprintln!("restart after kill -9 {i}: first answer {answered:?}, ready {ready_after:?}");
+        killed_answer.push(answered.as_secs_f64());
+        killed_ready.push(ready_after.as_secs_f64());
     }
     let _ = std::fs::remove_dir_all(&root);
     let out = serde_json::json!({
@@ -151,6 +168,8 @@ fn main() {
         "unmarked_restore_ready_s": stats(crash_ready),
         "unmarked_restore_reconciled_s": stats(crash_published),
         "unmarked_restore_rider_records_written": crash_rewritten,
+        "killed_restart_first_rider_answer_s": stats(killed_answer),
+        "killed_restart_ready_s": stats(killed_ready),
         "peak_rss_bytes": peak_rss,
     });
     println!("{}", serde_json::to_string_pretty(&out).expect("json"));

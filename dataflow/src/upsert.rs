@@ -213,21 +213,6 @@ impl<S> Seed<S> {
     }
 }
 
-/// The worker that owns `key` among `peers` workers: where an exchange by the key's hash sends it,
-/// as the upserts' exchange does with ids and the arrangements' with their keys (timely masks the
-/// hash when `peers` is a power of two, and takes the remainder otherwise). Seeds go through the
-/// exchange itself; the changelog's clearing still uses this to find the held keys it owns.
-pub fn owner<K: Hashable<Output = u64>>(key: &K, peers: usize) -> usize {
-    let peers = peers.max(1) as u64;
-    let hash = key.hashed();
-    let index = if peers.is_power_of_two() {
-        hash & (peers - 1)
-    } else {
-        hash % peers
-    };
-    index as usize
-}
-
 /// One upsert operator's state as it was once every time up to `time` was applied, and nothing
 /// after: the state part of a checkpoint.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -550,6 +535,20 @@ mod tests {
     use timely::dataflow::operators::vec::Input;
     use timely::dataflow::operators::Probe;
 
+    /// The worker that owns `key` among `peers` workers: where an exchange by the key's hash sends
+    /// it (timely masks the hash when `peers` is a power of two, and takes the remainder
+    /// otherwise). Only tests use it: production code routes by the exchange itself.
+    fn owner<K: Hashable<Output = u64>>(key: &K, peers: usize) -> usize {
+        let peers = peers.max(1) as u64;
+        let hash = key.hashed();
+        let index = if peers.is_power_of_two() {
+            hash & (peers - 1)
+        } else {
+            hash % peers
+        };
+        index as usize
+    }
+
     fn event(id: &str, status: DeliveryStatus, ts: u64) -> Enriched<DeliveryEvent> {
         let event = DeliveryEvent::bare(id.into(), status, ts);
         Enriched {
@@ -861,14 +860,5 @@ mod tests {
             assert_eq!((restored.len(), restored.tombstones()), (1, 0));
         }
         assert_eq!(counters.after_terminal.load(Ordering::Relaxed), 2);
-    }
-
-    #[test]
-    fn owner_matches_the_exchange() {
-        // Powers of two mask the hash; other counts take the remainder.
-        let id: Id = "r-42".into();
-        assert_eq!(owner(&id, 4) as u64, id.hashed() & 3);
-        assert_eq!(owner(&id, 3) as u64, id.hashed() % 3);
-        assert_eq!(owner(&id, 1), 0);
     }
 }

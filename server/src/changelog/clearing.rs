@@ -4,7 +4,9 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
+use differential_dataflow::hashable::Hashable;
 use dongflow_dataflow::types::{Change, Time};
+use serde::{Deserialize, Serialize};
 
 #[cfg(doc)]
 use crate::render::Fingerprint;
@@ -49,30 +51,36 @@ impl std::fmt::Debug for HeldKeysSource {
     }
 }
 
+/// A held key as the dataflow's exchange carries it to the worker that writes it: the dataflow
+/// key it names, with the fingerprint of its held value, or a record key the state can never hold
+/// (a code the map does not know), which worker 0 tombstones.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub enum Held<K> {
+    /// A dataflow key and the [`HeldKey::fingerprint`] of its held value.
+    Key(K, Option<u64>),
+    /// A record key no state can hold.
+    Foreign(String),
+}
+
+impl<K: Hashable<Output = u64>> Held<K> {
+    /// Where the exchange sends it: the hash the changes of its key are exchanged by, so that a
+    /// key's held value and its changes meet at one worker; foreign keys all at worker 0.
+    pub fn route(&self) -> u64 {
+        match self {
+            Held::Key(key, _) => key.hashed(),
+            Held::Foreign(_) => 0,
+        }
+    }
+}
+
 /// One changelog topic as a worker's [`Clearing`] sees it.
 pub trait ClearedTopic<K, V> {
-    /// This topic's part of the held keys.
-    fn held<'a>(&self, keys: &'a HeldKeys) -> &'a [HeldKey];
-    /// Whose the record key `held` is: this worker writes it when it owns its dataflow key (by
-    /// the dataflow's exchange).
-    fn owner_of(&self, held: &str) -> HeldBy<K>;
     /// What a value renders, hashed (see [`Fingerprint`]).
     fn fingerprint(&self, value: &V) -> u64;
     /// Writes changes (a `None` value is a tombstone), in the order given.
     fn write(&self, changes: &[Change<K, V>]);
     /// Writes a tombstone for the record key `held`, at dataflow time `as_of`.
     fn tombstone(&self, held: &str, as_of: Time);
-}
-
-/// Whose a held record key is, as one worker sees it.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum HeldBy<K> {
-    /// Another worker's.
-    Other,
-    /// This worker's, as this dataflow key.
-    Me(K),
-    /// This worker's, and no key the state can ever hold (a code the map does not know).
-    MeUnknown,
 }
 
 /// One worker's writes to one changelog topic, and the reconciling of what earlier runs left there
@@ -82,13 +90,14 @@ pub enum HeldBy<K> {
 /// hold its state: a run that crashed after the restored checkpoint may have written more than
 /// it (or lost records in flight), and a run before the state dir was emptied may have left keys
 /// the replay never changes again. So until the state has caught up with the input (a complete
-/// time, not a passing one) and the held keys are known (read by the stale view), each worker
-/// folds its changes per key instead of writing them; then it writes, per key it owns, the final
-/// value where it differs from the held one (by [`Fingerprint`]), and a tombstone for each held key
-/// its state lacks. A changelog that already holds the state (a restart after a kill, with nothing
-/// new) is not written again, and one that does not never goes back to the older checkpoint's
-/// values on the way. From then on, writes go straight through. With no held key of its own, a
-/// worker writes straight through from the start.
+/// time, not a passing one) and the held keys are known (read by the stale view, and brought to
+/// the worker that writes each by the dataflow's exchange), each worker folds its changes per key
+/// instead of writing them; then it writes, per key it was given, the final value where it differs
+/// from the held one (by [`Fingerprint`]), and a tombstone for each held key its state lacks. A
+/// changelog that already holds the state (a restart after a kill, with nothing new) is not
+/// written again, and one that does not never goes back to the older checkpoint's values on the
+/// way. From then on, writes go straight through. Given no held key, a worker writes straight
+/// through as soon as all have arrived.
 pub struct Clearing<K, V> {
     stage: Stage<K, V>,
     progress: Arc<ClearingProgress>,
@@ -128,7 +137,7 @@ pub struct Cleared {
     pub tombstoned: usize,
 }
 
-/// The held keys one worker owns.
+/// The held keys one worker was given.
 struct Owned<K> {
     /// By dataflow key, with the fingerprint of the held value.
     keys: HashMap<K, Option<u64>>,
@@ -136,58 +145,75 @@ struct Owned<K> {
     foreign: Vec<String>,
 }
 
-impl<K: std::hash::Hash + Eq> Owned<K> {
-    fn of<V>(topic: &impl ClearedTopic<K, V>, held: &HeldKeys) -> Self {
-        let mut owned = Owned {
-            keys: Default::default(),
+impl<K> Default for Owned<K> {
+    fn default() -> Self {
+        Owned {
+            keys: HashMap::new(),
             foreign: Vec::new(),
-        };
-        for h in topic.held(held) {
-            match topic.owner_of(&h.key) {
-                HeldBy::Other => {}
-                HeldBy::Me(k) => {
-                    owned.keys.insert(k, h.fingerprint);
-                }
-                HeldBy::MeUnknown => owned.foreign.push(h.key.clone()),
-            }
         }
-        owned
     }
+}
 
+impl<K: std::hash::Hash + Eq> Owned<K> {
     fn is_empty(&self) -> bool {
         self.keys.is_empty() && self.foreign.is_empty()
     }
 }
 
 enum Stage<K, V> {
-    /// Folding this run's changes per key, until the held keys are known and the state has caught
-    /// up.
+    /// Folding this run's changes per key, until the held keys are all in and the state has
+    /// caught up.
     Holding {
         pending: HashMap<K, Change<K, V>>,
-        source: HeldKeysSource,
-        /// The held keys this worker owns, once known.
-        owned: Option<Owned<K>>,
+        /// The held keys given so far.
+        owned: Owned<K>,
+        /// Whether every held key has arrived.
+        all_in: bool,
     },
     /// Cleared, or nothing to clear: writes go straight through.
     Done,
 }
 
 impl<K: std::hash::Hash + Eq + Clone, V> Clearing<K, V> {
-    /// Clears the keys `held` will say; `None` clears nothing (the changelog holds the restored
-    /// state).
-    pub fn new(held: Option<HeldKeysSource>, progress: Arc<ClearingProgress>) -> Self {
+    /// With `held`, reconciles the changelog with the held keys it will be given ([`hold`]);
+    /// without, clears nothing (the changelog holds the restored state).
+    ///
+    /// [`hold`]: Clearing::hold
+    pub fn new(held: bool, progress: Arc<ClearingProgress>) -> Self {
         let stage = match held {
-            Some(source) => {
+            true => {
                 progress.uncleared.fetch_add(1, Ordering::AcqRel);
                 Stage::Holding {
                     pending: Default::default(),
-                    source,
-                    owned: None,
+                    owned: Owned::default(),
+                    all_in: false,
                 }
             }
-            None => Stage::Done,
+            false => Stage::Done,
         };
         Self { stage, progress }
+    }
+
+    /// Takes held keys the exchange brought to this worker (ignored once cleared).
+    pub fn hold(&mut self, held: impl IntoIterator<Item = Held<K>>) {
+        let Stage::Holding { owned, .. } = &mut self.stage else {
+            return;
+        };
+        for h in held {
+            match h {
+                Held::Key(key, fingerprint) => {
+                    owned.keys.insert(key, fingerprint);
+                }
+                Held::Foreign(key) => owned.foreign.push(key),
+            }
+        }
+    }
+
+    /// Says that every held key has been given.
+    pub fn all_held(&mut self) {
+        if let Stage::Holding { all_in, .. } = &mut self.stage {
+            *all_in = true;
+        }
     }
 
     /// Takes complete times' changes, given in time order. `clear_after` is the time through
@@ -202,21 +228,24 @@ impl<K: std::hash::Hash + Eq + Clone, V> Clearing<K, V> {
         topic: &impl ClearedTopic<K, V>,
     ) -> Option<Cleared> {
         let mut cleared = None;
-        if let Stage::Holding { source, owned, .. } = &mut self.stage {
-            if owned.is_none() {
-                if let Some(keys) = source.get() {
-                    *owned = Some(Owned::of(topic, &keys));
-                }
-            }
-            if owned.as_ref().is_some_and(Owned::is_empty) {
+        if let Stage::Holding {
+            owned,
+            all_in: true,
+            ..
+        } = &self.stage
+        {
+            if owned.is_empty() {
                 cleared = Some(self.clear(topic, 0));
             }
         }
         for batch in batches {
-            if let Stage::Holding { pending, owned, .. } = &mut self.stage {
+            if let Stage::Holding {
+                pending, all_in, ..
+            } = &mut self.stage
+            {
                 let time = batch.first().map(|c| c.time);
                 let due = clear_after.is_some_and(|t| time.is_some_and(|time| time > t));
-                if !(due && owned.is_some()) {
+                if !(due && *all_in) {
                     for change in batch {
                         pending.insert(change.key.clone(), change);
                     }
@@ -226,7 +255,7 @@ impl<K: std::hash::Hash + Eq + Clone, V> Clearing<K, V> {
             }
             topic.write(&batch);
         }
-        if let Stage::Holding { owned: Some(_), .. } = &self.stage {
+        if let Stage::Holding { all_in: true, .. } = &self.stage {
             if let Some(through) = clear_after.filter(|t| complete(*t)) {
                 cleared = Some(self.clear(topic, through));
             }
@@ -234,12 +263,12 @@ impl<K: std::hash::Hash + Eq + Clone, V> Clearing<K, V> {
         cleared
     }
 
-    /// Writes the folded changes where the changelog differs, and tombstones the owned held keys
-    /// the state lacks, whose state is complete `through` a time (the tombstones' time).
+    /// Writes the folded changes where the changelog differs, and tombstones the held keys given
+    /// that the state lacks, whose state is complete `through` a time (the tombstones' time).
     fn clear(&mut self, topic: &impl ClearedTopic<K, V>, through: Time) -> Cleared {
         let Stage::Holding {
             pending,
-            owned: Some(Owned { mut keys, foreign }),
+            owned: Owned { mut keys, foreign },
             ..
         } = std::mem::replace(&mut self.stage, Stage::Done)
         else {
@@ -281,30 +310,15 @@ impl<K: std::hash::Hash + Eq + Clone, V> Clearing<K, V> {
 #[cfg(test)]
 mod tests {
     use std::cell::RefCell;
-    use std::sync::OnceLock;
 
     use super::*;
 
     /// A topic of `u32` keys and values (a value is its own fingerprint) that logs what is
-    /// written, owning the even keys.
+    /// written.
     #[derive(Default)]
     struct Logged(RefCell<Vec<String>>);
 
     impl ClearedTopic<u32, u64> for Logged {
-        fn held<'a>(&self, keys: &'a HeldKeys) -> &'a [HeldKey] {
-            &keys.riders
-        }
-        fn owner_of(&self, held: &str) -> HeldBy<u32> {
-            let even = held
-                .trim_end_matches('x')
-                .parse::<u32>()
-                .is_ok_and(|k| k % 2 == 0);
-            match (even, held.parse()) {
-                (false, _) => HeldBy::Other,
-                (true, Ok(k)) => HeldBy::Me(k),
-                (true, Err(_)) => HeldBy::MeUnknown,
-            }
-        }
         fn fingerprint(&self, value: &u64) -> u64 {
             *value
         }
@@ -341,31 +355,20 @@ mod tests {
         Change { key, value, time }
     }
 
-    /// A source whose keys appear when the test sets them.
-    fn later() -> (HeldKeysSource, Arc<OnceLock<Arc<HeldKeys>>>) {
-        let cell: Arc<OnceLock<Arc<HeldKeys>>> = Arc::default();
-        let c = cell.clone();
-        (HeldKeysSource(Arc::new(move || c.get().cloned())), cell)
-    }
-
-    /// Held keys with their values (`None`: unreadable).
-    fn held(keys: &[(&str, Option<u64>)]) -> Arc<HeldKeys> {
-        Arc::new(HeldKeys {
-            districts: Vec::new(),
-            riders: keys
-                .iter()
-                .map(|(k, v)| HeldKey {
-                    key: (*k).to_owned(),
-                    fingerprint: *v,
-                })
-                .collect(),
-        })
+    /// Held keys with their values (`None`: unreadable); a key that is no number is foreign.
+    fn held(keys: &[(&str, Option<u64>)]) -> Vec<Held<u32>> {
+        keys.iter()
+            .map(|(k, v)| match k.parse() {
+                Ok(k) => Held::Key(k, *v),
+                Err(_) => Held::Foreign((*k).to_owned()),
+            })
+            .collect()
     }
 
     #[test]
     fn without_held_keys_changes_are_written_at_once() {
         let uncleared = Arc::new(ClearingProgress::default());
-        let mut clearing = Clearing::new(None, uncleared.clone());
+        let mut clearing = Clearing::new(false, uncleared.clone());
         let topic = Logged::default();
         let cleared = clearing.offer(vec![vec![change(1, Some(1), 5)]], None, |_| true, &topic);
         assert_eq!((cleared, topic.take()), (None, vec!["1=1@5".to_owned()]));
@@ -375,8 +378,7 @@ mod tests {
     #[test]
     fn the_catch_up_is_folded_and_only_what_the_changelog_lacks_is_written_once_complete() {
         let uncleared = Arc::new(ClearingProgress::default());
-        let (source, cell) = later();
-        let mut clearing = Clearing::new(Some(source), uncleared.clone());
+        let mut clearing = Clearing::new(true, uncleared.clone());
         assert_eq!(uncleared.uncleared(), 1);
         let topic = Logged::default();
         // Folded while the held keys are read, caught up or not.
@@ -386,18 +388,13 @@ mod tests {
         assert_eq!(topic.take(), Vec::<String>::new());
 
         // Held: 2 (then gone), 4 (another value), 6 (the same value), 12 (unreadable), 14 (not
-        // in this run's state), 10x (not a key the state can hold); 3 is another worker's. 8 is
-        // new.
-        let keys = held(&[
-            ("2", Some(20)),
-            ("3", Some(3)),
-            ("4", Some(41)),
-            ("6", Some(60)),
-            ("10x", Some(1)),
-            ("12", None),
-            ("14", Some(1)),
-        ]);
-        cell.set(keys).expect("set once");
+        // in this run's state), 10x (not a key the state can hold). 8 is new. They arrive in
+        // parts; until all are in, nothing is written, the time complete or not.
+        clearing.hold(held(&[("2", Some(20)), ("4", Some(41)), ("6", Some(60))]));
+        let cleared = clearing.offer(Vec::new(), Some(9), |_| true, &topic);
+        assert_eq!(cleared, None, "not all held keys are in");
+        clearing.hold(held(&[("10x", Some(1)), ("12", None), ("14", Some(1))]));
+        clearing.all_held();
         let second = vec![
             change(2, None, 7),
             change(8, Some(80), 7),
@@ -444,9 +441,9 @@ mod tests {
 
     #[test]
     fn a_key_back_at_its_held_value_after_the_catch_up_is_not_written() {
-        let (source, cell) = later();
-        cell.set(held(&[("2", Some(5))])).expect("set once");
-        let mut clearing = Clearing::new(Some(source), Arc::default());
+        let mut clearing = Clearing::new(true, Arc::default());
+        clearing.hold(held(&[("2", Some(5))]));
+        clearing.all_held();
         let topic = Logged::default();
         let batches = vec![vec![change(2, Some(6), 3)], vec![change(2, Some(5), 4)]];
         let cleared = clearing.offer(batches, Some(4), |t| t <= 4, &topic);
@@ -463,10 +460,9 @@ mod tests {
 
     #[test]
     fn a_change_after_the_caught_up_time_comes_after_the_clearing() {
-        let (source, cell) = later();
-        cell.set(held(&[("2", Some(9)), ("4", Some(1))]))
-            .expect("set once");
-        let mut clearing = Clearing::new(Some(source), Arc::default());
+        let mut clearing = Clearing::new(true, Arc::default());
+        clearing.hold(held(&[("2", Some(9)), ("4", Some(1))]));
+        clearing.all_held();
         let topic = Logged::default();
         // The caught-up time is 9; a batch of time 10 arrives before its completion is seen.
         let batches = vec![vec![change(4, Some(1), 8)], vec![change(2, Some(2), 10)]];
@@ -484,20 +480,25 @@ mod tests {
     }
 
     #[test]
-    fn with_no_held_key_of_its_own_a_worker_is_done_at_once() {
+    fn given_no_held_key_a_worker_is_done_once_all_are_in() {
         let uncleared = Arc::new(ClearingProgress::default());
-        let (source, cell) = later();
-        cell.set(held(&[("3", Some(3)), ("5", Some(5))]))
-            .expect("set once");
-        let mut clearing = Clearing::new(Some(source), uncleared.clone());
+        let mut clearing = Clearing::new(true, uncleared.clone());
         let topic = Logged::default();
         let cleared = clearing.offer(vec![vec![change(2, Some(2), 1)]], None, |_| false, &topic);
+        assert_eq!(cleared, None, "held keys may still arrive");
+        assert_eq!(topic.take(), Vec::<String>::new());
+        clearing.all_held();
+        let cleared = clearing.offer(vec![vec![change(3, Some(3), 2)]], None, |_| false, &topic);
         assert_eq!(
             cleared,
-            Some(Cleared::default()),
-            "nothing it owns to clear, caught up or not"
+            Some(Cleared {
+                written: 1,
+                unchanged: 0,
+                tombstoned: 0
+            }),
+            "nothing held to reconcile: done, caught up or not"
         );
         assert_eq!(uncleared.uncleared(), 0);
-        assert_eq!(topic.take(), ["2=2@1"]);
+        assert_eq!(topic.take(), ["2=2@1", "3=3@2"]);
     }
 }

@@ -21,7 +21,7 @@ use dongflow_dataflow::types::{Change, DistrictCounts, Snapshot, Time};
 use serde::Serialize;
 
 pub use clearing::{
-    Cleared, ClearedTopic, Clearing, ClearingProgress, HeldBy, HeldKey, HeldKeys, HeldKeysSource,
+    Cleared, ClearedTopic, Clearing, ClearingProgress, Held, HeldKey, HeldKeys, HeldKeysSource,
 };
 pub use sink::{ChangelogOutputs, Handed, WorkerTopics, Writer};
 

@@ -1,23 +1,28 @@
 //! The changelog outputs of every worker: its share of both topics, each change written once its
 //! time is complete, through its [`Clearing`].
 
+use std::hash::BuildHasher;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
+use differential_dataflow::hashable::Hashable;
 use dongflow_connectors::Id;
 use dongflow_dataflow::build::Changelogs;
 use dongflow_dataflow::districts::{DistrictId, DistrictIndex};
 use dongflow_dataflow::types::{Change, DistrictCounts, Snapshot, Time};
-use dongflow_dataflow::upsert::owner;
-use timely::dataflow::channels::pact::Pipeline;
+use timely::container::CapacityContainerBuilder;
+use timely::dataflow::channels::pact::Exchange;
 use timely::dataflow::operators::generic::operator::Operator;
+use timely::dataflow::operators::vec::input::Handle as InputHandle;
+use timely::dataflow::operators::vec::Input;
 use timely::dataflow::Stream;
+use timely::ExchangeData;
 
 use super::{
     write_districts, write_riders, ChangelogSink, Cleared, ClearedTopic, Clearing,
-    ClearingProgress, HeldBy, HeldKey, HeldKeys, HeldKeysSource,
+    ClearingProgress, Held, HeldKeys, HeldKeysSource,
 };
-use crate::engine::{CaughtUp, OutputWorker, Outputs};
+use crate::engine::{CaughtUp, OutputFeed, OutputWorker, Outputs};
 use crate::render::Fingerprint;
 
 /// Both changelog topics, attached to every worker by the composition root.
@@ -67,7 +72,8 @@ impl Handed {
 impl Outputs for ChangelogOutputs {
     /// Writes the worker's changelog streams as their times complete, but for the changes at or
     /// before `at.published`; see [`Clearing`] for what a run with held keys does until caught up.
-    fn attach(&self, streams: &Changelogs<'_>, at: &OutputWorker) {
+    /// The held keys enter through inputs of the sink operators, which the worker feeds.
+    fn attach(&self, streams: &Changelogs<'_>, at: &OutputWorker) -> Box<dyn OutputFeed> {
         let topics = WorkerTopics {
             sink: self.sink.clone(),
             index: self.index.clone(),
@@ -77,10 +83,32 @@ impl Outputs for ChangelogOutputs {
                 workers: at.workers,
             },
         };
-        self.op(topics.clone(), at, "district(s)")
-            .attach(&streams.districts, "Sink: DistrictChangelog");
-        self.op(topics, at, "rider(s)")
-            .attach(&streams.riders, "Sink: RiderChangelog");
+        let scope = streams.districts.scope();
+        let mut inputs = HeldInputs {
+            districts: InputHandle::new(),
+            riders: InputHandle::new(),
+        };
+        let (districts_held, riders_held) = (
+            scope.input_from(&mut inputs.districts),
+            scope.input_from(&mut inputs.riders),
+        );
+        self.op(topics.clone(), at, "district(s)").attach(
+            &streams.districts,
+            districts_held,
+            "Sink: DistrictChangelog",
+        );
+        let me = topics.me;
+        self.op(topics, at, "rider(s)").attach(
+            &streams.riders,
+            riders_held,
+            "Sink: RiderChangelog",
+        );
+        Box::new(HeldFeed {
+            source: self.held.clone(),
+            index: self.index.clone(),
+            me,
+            inputs: Some(inputs),
+        })
     }
 }
 
@@ -94,7 +122,7 @@ impl ChangelogOutputs {
     ) -> SinkOp<K, V> {
         SinkOp {
             topics,
-            clearing: Clearing::new(self.held.clone(), self.progress.clone()),
+            clearing: Clearing::new(self.held.is_some(), self.progress.clone()),
             caught_up: at.caught_up.clone(),
             handed: self.handed.register(),
             what,
@@ -111,16 +139,61 @@ pub struct Writer {
     pub workers: usize,
 }
 
+/// A worker's inputs of held keys: once the stale view has read them, the worker gives its share
+/// and closes both inputs (every held key is in once every worker's are closed). The exchange
+/// takes each to the worker whose sink writes its key.
+struct HeldFeed {
+    /// `None`: nothing to reconcile; the inputs close at once.
+    source: Option<HeldKeysSource>,
+    index: Arc<DistrictIndex>,
+    me: Writer,
+    /// `None` once closed.
+    inputs: Option<HeldInputs>,
+}
+
+struct HeldInputs {
+    districts: InputHandle<Time, Held<DistrictId>>,
+    riders: InputHandle<Time, Held<Id>>,
+}
+
 impl Writer {
-    /// `key`, if this worker writes it (its owner by the dataflow's exchange).
-    fn claim<K: differential_dataflow::hashable::Hashable<Output = u64>>(
-        self,
-        key: K,
-    ) -> HeldBy<K> {
-        match owner(&key, self.workers) == self.worker {
-            true => HeldBy::Me(key),
-            false => HeldBy::Other,
+    /// Whether this worker gives the held record key `key`: every process's stale view reads the
+    /// whole changelog, so each holds every held key, and the workers of the cluster split them
+    /// by a hash of the record key (any rule that gives each key to one worker will do: the
+    /// exchange then takes it where it is written).
+    fn gives(self, key: &str) -> bool {
+        rustc_hash::FxBuildHasher.hash_one(key) % self.workers.max(1) as u64 == self.worker as u64
+    }
+}
+
+impl HeldInputs {
+    /// Gives `me`'s share of `keys`.
+    fn give(&mut self, keys: &HeldKeys, index: &DistrictIndex, me: Writer) {
+        for h in keys.districts.iter().filter(|h| me.gives(&h.key)) {
+            let held = match index.id_of(&h.key) {
+                Some(id) => Held::Key(id, h.fingerprint),
+                None => Held::Foreign(h.key.clone()),
+            };
+            self.districts.send(held);
         }
+        for h in keys.riders.iter().filter(|h| me.gives(&h.key)) {
+            self.riders
+                .send(Held::Key(Id::from(h.key.as_str()), h.fingerprint));
+        }
+    }
+}
+
+impl OutputFeed for HeldFeed {
+    fn feed(&mut self) {
+        let Some(inputs) = &mut self.inputs else {
+            return;
+        };
+        if let Some(source) = &self.source {
+            let Some(keys) = source.get() else { return };
+            inputs.give(&keys, &self.index, self.me);
+        }
+        // Dropping the handles closes the inputs.
+        self.inputs = None;
     }
 }
 
@@ -139,19 +212,8 @@ pub struct WorkerTopics {
 }
 
 impl ClearedTopic<DistrictId, DistrictCounts> for WorkerTopics {
-    fn held<'a>(&self, keys: &'a HeldKeys) -> &'a [HeldKey] {
-        &keys.districts
-    }
     fn fingerprint(&self, value: &DistrictCounts) -> u64 {
         value.fingerprint()
-    }
-    /// A code the map does not know is no one's: worker 0 clears it.
-    fn owner_of(&self, held: &str) -> HeldBy<DistrictId> {
-        match self.index.id_of(held) {
-            Some(id) => self.me.claim(id),
-            None if self.me.worker == 0 => HeldBy::MeUnknown,
-            None => HeldBy::Other,
-        }
     }
     fn write(&self, changes: &[Change<DistrictId, DistrictCounts>]) {
         write_districts(&*self.sink, &self.index, changes, self.published);
@@ -162,14 +224,8 @@ impl ClearedTopic<DistrictId, DistrictCounts> for WorkerTopics {
 }
 
 impl ClearedTopic<Id, Arc<Snapshot>> for WorkerTopics {
-    fn held<'a>(&self, keys: &'a HeldKeys) -> &'a [HeldKey] {
-        &keys.riders
-    }
     fn fingerprint(&self, value: &Arc<Snapshot>) -> u64 {
         value.fingerprint()
-    }
-    fn owner_of(&self, held: &str) -> HeldBy<Id> {
-        self.me.claim(Id::from(held))
     }
     fn write(&self, changes: &[Change<Id, Arc<Snapshot>>]) {
         write_riders(&*self.sink, &self.index, changes, self.published);
@@ -191,37 +247,50 @@ struct SinkOp<K, V> {
 
 impl<K, V> SinkOp<K, V>
 where
-    K: differential_dataflow::hashable::Hashable<Output = u64>
-        + std::hash::Hash
-        + Eq
-        + Clone
-        + 'static,
-    V: Clone + 'static,
+    K: ExchangeData + Hashable<Output = u64> + std::hash::Hash + Eq + Clone,
+    V: ExchangeData + Clone,
     WorkerTopics: ClearedTopic<K, V>,
 {
-    fn attach(mut self, stream: &Stream<'_, Time, Vec<Change<K, V>>>, name: &str) {
+    fn attach<'s>(
+        mut self,
+        stream: &Stream<'s, Time, Vec<Change<K, V>>>,
+        held: Stream<'s, Time, Vec<Held<K>>>,
+        name: &str,
+    ) {
         let me = self.topics.me;
-        // Pipeline: the changelog streams are already partitioned by key, so each key is written
-        // by one worker, in time order.
+        // A key's changes and its held value meet at one worker, both exchanged by the key's
+        // hash. The changes are partitioned by that hash upstream already, so they stay on their
+        // worker, each key written by one worker in time order.
+        let changes_by_key = Exchange::new(|c: &Change<K, V>| c.key.hashed());
+        let held_by_key = Exchange::new(|h: &Held<K>| h.route());
         stream
             .clone()
-            .sink(Pipeline, name, move |(input, frontier)| {
-                let mut batches = Vec::new();
-                input.for_each(|_, changes| batches.push(std::mem::take(changes)));
-                debug_assert!(batches
-                    .iter()
-                    .flatten()
-                    .all(|c| owner(&c.key, me.workers) == me.worker));
-                let complete = |t: Time| !frontier.less_equal(&t);
-                let through = self.caught_up.through();
-                let cleared = self
-                    .clearing
-                    .offer(batches, through, complete, &self.topics);
-                log_cleared(cleared, self.what, me);
-                let before = frontier.frontier().iter().min().copied();
-                self.handed
-                    .fetch_max(before.unwrap_or(Time::MAX), Ordering::Release);
-            });
+            .binary_frontier::<_, CapacityContainerBuilder<Vec<()>>, _, _, _, _>(
+                held,
+                changes_by_key,
+                held_by_key,
+                name,
+                // A sink: it never sends, so it keeps no capability.
+                |_, _| {
+                    move |(input, frontier), (held, held_frontier), _| {
+                        held.for_each(|_, keys| self.clearing.hold(keys.drain(..)));
+                        if held_frontier.is_empty() {
+                            self.clearing.all_held();
+                        }
+                        let mut batches = Vec::new();
+                        input.for_each(|_, changes| batches.push(std::mem::take(changes)));
+                        let complete = |t: Time| !frontier.less_equal(&t);
+                        let through = self.caught_up.through();
+                        let cleared = self
+                            .clearing
+                            .offer(batches, through, complete, &self.topics);
+                        log_cleared(cleared, self.what, me);
+                        let before = frontier.frontier().iter().min().copied();
+                        self.handed
+                            .fetch_max(before.unwrap_or(Time::MAX), Ordering::Release);
+                    }
+                },
+            );
     }
 }
 
@@ -242,54 +311,128 @@ fn log_cleared(cleared: Option<Cleared>, what: &str, me: Writer) {
 
 #[cfg(test)]
 mod tests {
-    use super::*;
+    use std::collections::BTreeMap;
 
+    use dongflow_dataflow::types::Contribution;
+
+    use super::*;
+    use crate::changelog::HeldKey;
+    use crate::engine::progress_caught_up_at;
+
+    /// Per (district topic?, key), each record written: (a value, not a tombstone?, its time).
+    type Records = BTreeMap<(bool, String), Vec<(bool, Time)>>;
+
+    /// Every record written.
+    #[derive(Debug, Default)]
+    struct Recording(Mutex<Records>);
+
+    impl ChangelogSink for Recording {
+        fn district(&self, code: &str, value: Option<&[u8]>, as_of: Time) {
+            let mut all = self.0.lock().unwrap_or_else(|e| e.into_inner());
+            let record = (value.is_some(), as_of);
+            all.entry((true, code.to_owned())).or_default().push(record);
+        }
+        fn rider(&self, rider_id: &str, value: Option<&[u8]>, as_of: Time) {
+            let mut all = self.0.lock().unwrap_or_else(|e| e.into_inner());
+            let record = (value.is_some(), as_of);
+            all.entry((false, rider_id.to_owned()))
+                .or_default()
+                .push(record);
+        }
+    }
+
+    fn counts(waiting: u64) -> DistrictCounts {
+        let mut counts = DistrictCounts::default();
+        counts.add(Contribution::Waiting, waiting);
+        counts
+    }
+
+    /// Three workers; the changes enter at worker 0 (the sink's exchange takes each key to its
+    /// writer), the held keys are given in shares by every worker. Each held key must be judged
+    /// by the worker that writes its key: a held value meeting its key's changes on another
+    /// worker would be tombstoned there and written again here.
     #[test]
-    fn each_held_rider_has_one_owner_and_unknown_codes_go_to_worker_0() {
-        struct Nowhere;
-        impl std::fmt::Debug for Nowhere {
-            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-                f.write_str("Nowhere")
-            }
-        }
-        impl ChangelogSink for Nowhere {
-            fn district(&self, _: &str, _: Option<&[u8]>, _: Time) {}
-            fn rider(&self, _: &str, _: Option<&[u8]>, _: Time) {}
-        }
+    fn held_keys_meet_their_keys_changes_at_one_worker_and_each_is_cleared_once() {
         let index = Arc::new(DistrictIndex::builtin_seoul());
-        let workers = 3;
-        let topics = |worker| WorkerTopics {
-            sink: Arc::new(Nowhere),
+        let code = |d: DistrictId| index.code(d).to_owned();
+        // Held: districts 0..12 with 1 waiting, a code the map does not know, riders r-0..r-99.
+        // The state: districts 6..12 with 1 waiting (unchanged), 12..18 with 2 (new); no rider.
+        let codes: std::collections::BTreeSet<String> = (0..18).map(code).collect();
+        assert_eq!(codes.len(), 18, "the map has 18 districts");
+        let mut held = HeldKeys::default();
+        for d in 0..12 {
+            held.districts.push(HeldKey {
+                key: code(d),
+                fingerprint: Some(counts(1).fingerprint()),
+            });
+        }
+        held.districts.push(HeldKey {
+            key: "9999999999".to_owned(),
+            fingerprint: Some(1),
+        });
+        for r in 0..100 {
+            held.riders.push(HeldKey {
+                key: format!("r-{r}"),
+                fingerprint: Some(1),
+            });
+        }
+        let held = Arc::new(held);
+        let recording = Arc::new(Recording::default());
+        let progress = Arc::new(ClearingProgress::default());
+        let outputs = Arc::new(ChangelogOutputs {
+            sink: recording.clone(),
             index: index.clone(),
-            published: 0,
-            me: Writer { worker, workers },
-        };
-        let rider_owns = |w, id: &str| {
-            ClearedTopic::<Id, Arc<Snapshot>>::owner_of(&topics(w), id) == HeldBy::Me(Id::from(id))
-        };
-        let district_owns = |w, code: &str| {
-            ClearedTopic::<DistrictId, DistrictCounts>::owner_of(&topics(w), code) != HeldBy::Other
-        };
-        let mut riders_per_worker = vec![0; workers];
-        for i in 0..300 {
-            let id = format!("r-{i}");
-            let owners: Vec<usize> = (0..workers).filter(|w| rider_owns(*w, &id)).collect();
-            assert_eq!(owners.len(), 1, "{id}: {owners:?}");
-            assert_eq!(owners[0], owner(&Id::from(id.as_str()), workers));
-            riders_per_worker[owners[0]] += 1;
+            held: Some(HeldKeysSource(Arc::new(move || Some(held.clone())))),
+            progress: progress.clone(),
+            handed: Arc::default(),
+        });
+        let workers = 3;
+        timely::execute(timely::Config::process(workers), move |worker| {
+            let mut districts_in = InputHandle::new();
+            let mut riders_in = InputHandle::<Time, Change<Id, Arc<Snapshot>>>::new();
+            let at = OutputWorker {
+                worker: worker.index(),
+                workers,
+                published: 0,
+                caught_up: progress_caught_up_at(5),
+            };
+            let mut feed = worker.dataflow::<Time, _, _>(|scope| {
+                let streams = Changelogs {
+                    districts: scope.input_from(&mut districts_in),
+                    riders: scope.input_from(&mut riders_in),
+                };
+                outputs.attach(&streams, &at)
+            });
+            if worker.index() == 0 {
+                districts_in.advance_to(3);
+                for d in 6..18 {
+                    let value = Some(counts(if d < 12 { 1 } else { 2 }));
+                    districts_in.send(Change {
+                        key: d,
+                        value,
+                        time: 3,
+                    });
+                }
+            }
+            drop((districts_in, riders_in));
+            feed.feed();
+            while worker.step() {}
+        })
+        .expect("timely");
+
+        assert_eq!(progress.uncleared(), 0, "every worker's topics cleared");
+        let all = recording.0.lock().unwrap_or_else(|e| e.into_inner());
+        let mut expected = BTreeMap::new();
+        for d in 0..6 {
+            expected.insert((true, code(d)), vec![(false, 5)]);
         }
-        assert!(
-            riders_per_worker.iter().all(|n| *n > 50),
-            "{riders_per_worker:?}"
-        );
-        for id in 0..index.len() as DistrictId {
-            let code = index.code(id);
-            let owners: Vec<usize> = (0..workers).filter(|w| district_owns(*w, code)).collect();
-            assert_eq!(owners, [owner(&id, workers)], "{code}");
+        for d in 12..18 {
+            expected.insert((true, code(d)), vec![(true, 3)]);
         }
-        let owners: Vec<usize> = (0..workers)
-            .filter(|w| district_owns(*w, "9999999999"))
-            .collect();
-        assert_eq!(owners, [0], "a code the map does not know");
+        expected.insert((true, "9999999999".to_owned()), vec![(false, 5)]);
+        for r in 0..100 {
+            expected.insert((false, format!("r-{r}")), vec![(false, 5)]);
+        }
+        assert_eq!(*all, expected);
     }
 }

@@ -140,8 +140,16 @@ impl std::fmt::Debug for Hook {
 /// Outputs a composition root attaches to every worker's dataflow, each worker its share: the
 /// changelog topics. The engine knows nothing of what they write or how.
 pub trait Outputs: Send + Sync + std::fmt::Debug {
-    /// Attaches this output to one worker's changelog streams.
-    fn attach(&self, streams: &Changelogs<'_>, at: &OutputWorker);
+    /// Attaches this output to one worker's changelog streams; returns what the worker feeds it.
+    fn attach(&self, streams: &Changelogs<'_>, at: &OutputWorker) -> Box<dyn OutputFeed>;
+}
+
+/// Inputs an output added to a worker's dataflow (what an earlier run left in the changelog, say),
+/// fed by the worker each round: every worker must advance or close every input, or the
+/// dataflow's frontier stops.
+pub trait OutputFeed {
+    /// Gives what is ready to the output's inputs, or closes them.
+    fn feed(&mut self);
 }
 
 /// The worker an output is attached to.
@@ -412,4 +420,12 @@ impl Drop for Engine {
     fn drop(&mut self) {
         let _ = self.shutdown();
     }
+}
+
+/// A [`CaughtUp`] of a one-worker cluster whose source caught up at `at`, for tests of outputs.
+#[cfg(test)]
+pub(crate) fn progress_caught_up_at(at: Time) -> CaughtUp {
+    let progress = progress::InputProgress::new(1, 1);
+    progress.caught_up_everywhere[0].store(at, std::sync::atomic::Ordering::Release);
+    CaughtUp(Arc::new(progress))
 }

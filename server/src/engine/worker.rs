@@ -28,7 +28,7 @@ use timely::dataflow::Stream;
 use timely::progress::frontier::AntichainRef;
 
 use super::progress::{CaughtUp, InputProgress};
-use super::{now_ms, CheckpointSettings, EngineConfig, OutputWorker};
+use super::{now_ms, CheckpointSettings, EngineConfig, OutputFeed, OutputWorker};
 use crate::query::{Shared, StateSizes};
 use crate::recovery::WorkerPart;
 use crate::view::{attach_view, ViewFeed};
@@ -50,6 +50,8 @@ pub(crate) struct WorkerLoop {
     /// up and (the first of each process) that a stop was asked for.
     control_in: InputHandle<Time, Control>,
     /// Whether it has said that its source caught up.
+    /// The outputs' own inputs, fed each round.
+    output_feeds: Vec<Box<dyn OutputFeed>>,
     caught_up_sent: bool,
     /// Whether it has passed on this process's stop request.
     stop_sent: bool,
@@ -167,6 +169,7 @@ impl WorkerLoop {
         let mut rider_seeds = InputHandle::new();
         let mut delivery_seeds = InputHandle::new();
         let districts = config.districts.clone();
+        let mut output_feeds = Vec::new();
         let counts = worker.dataflow::<Time, _, _>(|scope| {
             let inputs = Inputs {
                 riders: scope.input_from(&mut riders_in),
@@ -192,7 +195,7 @@ impl WorkerLoop {
                     published,
                     caught_up: CaughtUp(progress.clone()),
                 };
-                outputs.attach(&streams, &at);
+                output_feeds.push(outputs.attach(&streams, &at));
             }
             // Every worker builds the view's feed; the first of each process holds its end.
             attach_view(&streams, view_feed, config.workers, processes);
@@ -236,6 +239,7 @@ impl WorkerLoop {
             riders_in,
             deliveries_in,
             control_in,
+            output_feeds,
             caught_up_sent: false,
             stop_sent: false,
             control_through,
@@ -339,6 +343,9 @@ impl WorkerLoop {
             if polled == Polled::Ended && !ended {
                 ended = true;
                 self.progress.ended[self.index].store(true, Ordering::Release);
+            }
+            for feed in &mut self.output_feeds {
+                feed.feed();
             }
             if polled == Polled::Data {
                 worker.step();
