@@ -107,7 +107,8 @@ impl Outputs for ChangelogOutputs {
             source: self.held.clone(),
             index: self.index.clone(),
             me,
-            inputs: Some(inputs),
+            inputs,
+            given: false,
         })
     }
 }
@@ -140,15 +141,17 @@ pub struct Writer {
 }
 
 /// A worker's inputs of held keys: once the stale view has read them, the worker gives its share
-/// and closes both inputs (every held key is in once every worker's are closed). The exchange
-/// takes each to the worker whose sink writes its key.
+/// at time 0 and advances both inputs to 1. Every held key is in once the sinks' frontier of held
+/// keys is past 0 and not empty: a frontier that goes from 0 to empty means inputs closed without
+/// giving (the worker stopped first), and the changelog is then not reconciled (not marked clean).
+/// The exchange takes each held key to the worker whose sink writes its key.
 struct HeldFeed {
-    /// `None`: nothing to reconcile; the inputs close at once.
+    /// `None`: nothing to reconcile; the inputs advance at once.
     source: Option<HeldKeysSource>,
     index: Arc<DistrictIndex>,
     me: Writer,
-    /// `None` once closed.
-    inputs: Option<HeldInputs>,
+    inputs: HeldInputs,
+    given: bool,
 }
 
 struct HeldInputs {
@@ -185,15 +188,17 @@ impl HeldInputs {
 
 impl OutputFeed for HeldFeed {
     fn feed(&mut self) {
-        let Some(inputs) = &mut self.inputs else {
+        if self.given {
             return;
-        };
+        }
         if let Some(source) = &self.source {
             let Some(keys) = source.get() else { return };
-            inputs.give(&keys, &self.index, self.me);
+            self.inputs.give(&keys, &self.index, self.me);
         }
-        // Dropping the handles closes the inputs.
-        self.inputs = None;
+        // Past time 0: this worker has given all it will. Not closed, which a stop does.
+        self.inputs.districts.advance_to(1);
+        self.inputs.riders.advance_to(1);
+        self.given = true;
     }
 }
 
@@ -274,7 +279,8 @@ where
                 |_, _| {
                     move |(input, frontier), (held, held_frontier), _| {
                         held.for_each(|_, keys| self.clearing.hold(keys.drain(..)));
-                        if held_frontier.is_empty() {
+                        // Every worker has given its held keys (see `HeldFeed`).
+                        if !held_frontier.is_empty() && !held_frontier.less_equal(&0) {
                             self.clearing.all_held();
                         }
                         let mut batches = Vec::new();
@@ -387,22 +393,9 @@ mod tests {
             handed: Arc::default(),
         });
         let workers = 3;
+        let done = progress.clone();
         timely::execute(timely::Config::process(workers), move |worker| {
-            let mut districts_in = InputHandle::new();
-            let mut riders_in = InputHandle::<Time, Change<Id, Arc<Snapshot>>>::new();
-            let at = OutputWorker {
-                worker: worker.index(),
-                workers,
-                published: 0,
-                caught_up: progress_caught_up_at(5),
-            };
-            let mut feed = worker.dataflow::<Time, _, _>(|scope| {
-                let streams = Changelogs {
-                    districts: scope.input_from(&mut districts_in),
-                    riders: scope.input_from(&mut riders_in),
-                };
-                outputs.attach(&streams, &at)
-            });
+            let (mut districts_in, riders_in, mut feed) = sinks(worker, &outputs, workers);
             if worker.index() == 0 {
                 districts_in.advance_to(3);
                 for d in 6..18 {
@@ -415,8 +408,7 @@ mod tests {
                 }
             }
             drop((districts_in, riders_in));
-            feed.feed();
-            while worker.step() {}
+            step_until_cleared(worker, &mut *feed, &done);
         })
         .expect("timely");
 
@@ -434,5 +426,162 @@ mod tests {
             expected.insert((false, format!("r-{r}")), vec![(false, 5)]);
         }
         assert_eq!(*all, expected);
+    }
+
+    /// Until the stale view has read the held keys, no worker clears, however long the state has
+    /// been caught up: what it would write again or tombstone is not known yet.
+    #[test]
+    fn no_worker_clears_before_the_held_keys_are_read() {
+        let index = Arc::new(DistrictIndex::builtin_seoul());
+        let read = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let held = Arc::new(HeldKeys {
+            districts: vec![HeldKey {
+                key: index.code(1).to_owned(),
+                fingerprint: Some(counts(1).fingerprint()),
+            }],
+            riders: Vec::new(),
+        });
+        let r = read.clone();
+        let source = HeldKeysSource(Arc::new(move || {
+            r.load(Ordering::Acquire).then(|| held.clone())
+        }));
+        let recording = Arc::new(Recording::default());
+        let progress = Arc::new(ClearingProgress::default());
+        let outputs = Arc::new(ChangelogOutputs {
+            sink: recording.clone(),
+            index: index.clone(),
+            held: Some(source),
+            progress: progress.clone(),
+            handed: Arc::default(),
+        });
+        let workers = 2;
+        let barrier = Arc::new(std::sync::Barrier::new(workers));
+        let (rec, prog) = (recording.clone(), progress.clone());
+        timely::execute(timely::Config::process(workers), move |worker| {
+            let (mut districts_in, riders_in, mut feed) = sinks(worker, &outputs, workers);
+            if worker.index() == 0 {
+                districts_in.advance_to(3);
+                for d in [1, 2] {
+                    let value = Some(counts(1));
+                    districts_in.send(Change {
+                        key: d,
+                        value,
+                        time: 3,
+                    });
+                }
+            }
+            // Time 5, the caught-up time, completes; the held keys are still being read.
+            districts_in.advance_to(10);
+            let mut riders_in = riders_in;
+            riders_in.advance_to(10);
+            for _ in 0..200 {
+                feed.feed();
+                worker.step();
+            }
+            barrier.wait();
+            if worker.index() == 0 {
+                assert_eq!(prog.uncleared(), 4, "no topic of any worker cleared");
+                let written = rec.0.lock().unwrap_or_else(|e| e.into_inner()).len();
+                assert_eq!(written, 0, "nothing written before the held keys are known");
+                read.store(true, Ordering::Release);
+            }
+            barrier.wait();
+            drop((districts_in, riders_in));
+            step_until_cleared(worker, &mut *feed, &prog);
+        })
+        .expect("timely");
+        assert_eq!(progress.uncleared(), 0);
+        let all = recording.0.lock().unwrap_or_else(|e| e.into_inner());
+        let expected: Records = [((true, index.code(2).to_owned()), vec![(true, 3)])].into();
+        assert_eq!(
+            *all, expected,
+            "district 1 held as it is: only district 2 written"
+        );
+    }
+
+    /// Changes to the changelog streams from test inputs.
+    type ChangeInputs = (
+        InputHandle<Time, Change<DistrictId, DistrictCounts>>,
+        InputHandle<Time, Change<Id, Arc<Snapshot>>>,
+        Box<dyn OutputFeed>,
+    );
+
+    /// `outputs` attached to a worker of `workers` whose inputs caught up at time 5, fed by the
+    /// inputs returned.
+    fn sinks(
+        worker: &mut timely::worker::Worker,
+        outputs: &ChangelogOutputs,
+        workers: usize,
+    ) -> ChangeInputs {
+        let mut districts_in = InputHandle::new();
+        let mut riders_in = InputHandle::new();
+        let at = OutputWorker {
+            worker: worker.index(),
+            workers,
+            published: 0,
+            caught_up: progress_caught_up_at(5),
+        };
+        let feed = worker.dataflow::<Time, _, _>(|scope| {
+            let streams = Changelogs {
+                districts: scope.input_from(&mut districts_in),
+                riders: scope.input_from(&mut riders_in),
+            };
+            outputs.attach(&streams, &at)
+        });
+        (districts_in, riders_in, feed)
+    }
+
+    /// Feeds and steps a worker until every worker's topics are cleared (each clears only once
+    /// every worker has given its held keys, so none stops early), then lets the dataflow end.
+    fn step_until_cleared(
+        worker: &mut timely::worker::Worker,
+        feed: &mut dyn OutputFeed,
+        progress: &ClearingProgress,
+    ) {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+        while progress.uncleared() > 0 {
+            assert!(std::time::Instant::now() < deadline, "not cleared in 60 s");
+            feed.feed();
+            worker.step();
+        }
+    }
+
+    /// A stop before the stale view has read the held keys closes their inputs: that must not
+    /// count as every held key in, or the clearing would write the whole state, tombstone nothing,
+    /// and the stop would be marked clean over keys the state lacks.
+    #[test]
+    fn a_stop_before_the_held_keys_are_read_clears_nothing() {
+        let index = Arc::new(DistrictIndex::builtin_seoul());
+        let recording = Arc::new(Recording::default());
+        let progress = Arc::new(ClearingProgress::default());
+        let outputs = Arc::new(ChangelogOutputs {
+            sink: recording.clone(),
+            index,
+            held: Some(HeldKeysSource(Arc::new(|| None))),
+            progress: progress.clone(),
+            handed: Arc::default(),
+        });
+        let workers = 2;
+        timely::execute(timely::Config::process(workers), move |worker| {
+            let (mut districts_in, riders_in, mut feed) = sinks(worker, &outputs, workers);
+            districts_in.advance_to(3);
+            districts_in.send(Change {
+                key: worker.index() as DistrictId,
+                value: Some(counts(1)),
+                time: 3,
+            });
+            for _ in 0..50 {
+                feed.feed();
+                worker.step();
+            }
+            // The stop: every input closes, the held keys never read.
+            drop((districts_in, riders_in, feed));
+            while worker.step() {}
+        })
+        .expect("timely");
+        assert_eq!(progress.uncleared(), 4, "no topic cleared");
+        assert_eq!(progress.whole_from(), None, "the changelog is not whole");
+        let all = recording.0.lock().unwrap_or_else(|e| e.into_inner());
+        assert!(all.is_empty(), "nothing written: {all:?}");
     }
 }
