@@ -31,11 +31,13 @@ use crate::query::{Answer, AnswerBody, Query};
 
 mod feed;
 pub mod history;
+mod riders;
 mod seed;
 mod stale;
 
 pub use feed::{attach_view, ViewApplier, ViewFeed};
 use history::{History, Recorded, Version};
+use riders::Riders;
 pub use seed::seed_changes;
 pub use stale::{StaleSource, StaleView};
 
@@ -74,10 +76,8 @@ struct Maps {
     stale: bool,
     /// Districts with any nonzero count.
     districts: imbl::OrdMap<DistrictId, DistrictCounts>,
-    /// Riders on shift.
-    riders: FastMap<Id, Arc<Snapshot>>,
-    /// Riders on shift by district, sorted by id.
-    by_district: FastMap<DistrictId, imbl::OrdSet<Id>>,
+    /// Riders on shift, and by district.
+    riders: Riders,
 }
 
 impl Maps {
@@ -97,29 +97,8 @@ impl Maps {
                 record.then_some(Recorded::District(c.key, c.value))
             }
             ViewChange::Rider(c) => {
-                let new_district = c.value.as_ref().map(|s| s.rider.district);
-                let snapshot = c.value;
-                let recorded = record.then(|| Recorded::Rider(c.key.clone(), snapshot.clone()));
-                let old = match snapshot {
-                    Some(snapshot) => self.riders.insert(c.key.clone(), snapshot),
-                    None => self.riders.remove(&c.key),
-                };
-                let old_district = old.map(|s| s.rider.district);
-                // Most changes are pings within a district: the district's list stays as it is.
-                if old_district == new_district {
-                    return recorded;
-                }
-                if let Some(district) = old_district {
-                    if let Some(set) = self.by_district.get_mut(&district) {
-                        set.remove(&c.key);
-                        if set.is_empty() {
-                            self.by_district.remove(&district);
-                        }
-                    }
-                }
-                if let Some(district) = new_district {
-                    self.by_district.entry(district).or_default().insert(c.key);
-                }
+                let recorded = record.then(|| Recorded::Rider(c.key.clone(), c.value.clone()));
+                self.riders.set(c.key, c.value);
                 recorded
             }
         }
@@ -139,17 +118,36 @@ struct Writing {
 }
 
 impl Writing {
-    /// Applies `changes` to `next`, recording them when the history is recorded.
+    /// Applies `changes` to `next`, recording them when the history is recorded. With `bulk`, the
+    /// riders of changes into a view without any go into its base in one piece.
     fn apply(
         &mut self,
         next: &mut Maps,
         changes: impl IntoIterator<Item = ViewChange>,
         record: bool,
+        bulk: bool,
     ) {
         self.unrecorded |= !record;
-        for change in changes {
-            self.recorded.extend(next.apply(change, record));
+        if !(bulk && next.riders.is_blank()) {
+            for change in changes {
+                self.recorded.extend(next.apply(change, record));
+            }
+            return;
         }
+        let mut riders = Vec::new();
+        for change in changes {
+            match change {
+                ViewChange::Rider(c) => {
+                    if record {
+                        self.recorded
+                            .push(Recorded::Rider(c.key.clone(), c.value.clone()));
+                    }
+                    riders.push((c.key, c.value));
+                }
+                district => self.recorded.extend(next.apply(district, record)),
+            }
+        }
+        next.riders.fill(riders);
     }
 }
 
@@ -168,29 +166,36 @@ pub struct ServingView {
     history: Mutex<History>,
     /// Says each new version's `as_of` to the feeds waiting for one.
     notify: tokio::sync::watch::Sender<Time>,
+    /// Whether a first batch of riders goes into a flat base (see [`riders`]): for a view filled
+    /// once and let go soon (the stale one). A long-lived view would keep a base rider's old
+    /// snapshot beside the overlay's new one for as long as it lives.
+    bulk: bool,
 }
 
 impl ServingView {
-    fn with(maps: Maps) -> Arc<Self> {
+    fn with(maps: Maps, bulk: bool) -> Arc<Self> {
         Arc::new(Self {
             maps: ArcSwap::from_pointee(maps),
             writer: Mutex::default(),
             history: Mutex::default(),
             notify: tokio::sync::watch::Sender::new(0),
+            bulk,
         })
     }
 
     /// An empty live view (no state yet).
     pub fn new() -> Arc<Self> {
-        Self::with(Maps::default())
+        Self::with(Maps::default(), false)
     }
 
-    /// An empty stale view: its answers say `stale: true`.
+    /// An empty stale view: its answers say `stale: true`; its first riders (a checkpoint's) go
+    /// into a flat base.
     pub fn new_stale() -> Arc<Self> {
-        Self::with(Maps {
+        let maps = Maps {
             stale: true,
             ..Maps::default()
-        })
+        };
+        Self::with(maps, true)
     }
 
     /// Lets the contents go: it answers nothing from now on, and its history is forgotten.
@@ -276,7 +281,7 @@ impl ServingView {
         }
         let mut next = writing.next.take().unwrap_or_else(|| Maps::clone(&current));
         let record = self.history().recording();
-        writing.apply(&mut next, changes, record);
+        writing.apply(&mut next, changes, record, self.bulk);
         let recorded = std::mem::take(&mut writing.recorded);
         let unrecorded = std::mem::take(&mut writing.unrecorded);
         next.as_of = as_of;
@@ -308,7 +313,7 @@ impl ServingView {
             .take()
             .unwrap_or_else(|| Maps::clone(&self.maps.load_full()));
         let record = self.history().recording();
-        writing.apply(&mut next, changes, record);
+        writing.apply(&mut next, changes, record, self.bulk);
         writing.next = Some(next);
     }
 
@@ -327,11 +332,9 @@ impl ServingView {
             }
             Query::Rider(id) => AnswerBody::Rider(maps.riders.get(id).map(|s| (**s).clone())),
             Query::RidersOf(d) => AnswerBody::Riders(
-                maps.by_district
-                    .get(d)
-                    .into_iter()
-                    .flatten()
-                    .filter_map(|id| Some((id.clone(), (**maps.riders.get(id)?).clone())))
+                maps.riders
+                    .of_district(*d)
+                    .map(|(id, s)| (id.clone(), (**s).clone()))
                     .collect(),
             ),
         };
