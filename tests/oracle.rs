@@ -135,12 +135,12 @@ fn oracle_long_sequence() {
 }
 
 /// A checkpoint of random states seeds a stale view (the dataflow's rules applied to the restored
-/// upsert state, `view::seed_changes`) whose answers equal the live view's, on 1 and 3 workers.
+/// upsert state, `ServingView::seed`) whose answers equal the live view's, on 1 and 3 workers.
 #[test]
 fn a_checkpoint_seeds_a_stale_view_that_answers_as_the_live_one() {
     use dongflow::engine::CheckpointSettings;
     use dongflow::recovery::{load_latest, Writer};
-    use dongflow::view::{seed_changes, ServingView};
+    use dongflow::view::ServingView;
     for (seed, workers) in [(61, 1), (62, 3), (63, 3)] {
         let index = builtin();
         let dir = std::env::temp_dir().join(format!("dongflow-seed-{seed}-{}", std::process::id()));
@@ -172,9 +172,10 @@ fn a_checkpoint_seeds_a_stale_view_that_answers_as_the_live_one() {
         );
         assert!(harness.engine.stop(), "every worker ends normally");
         writer.finish().expect("the clean stop's checkpoint");
-        let restored = load_latest(&dir).expect("a checkpoint");
+        let restored = std::sync::Arc::new(load_latest(&dir).expect("a checkpoint"));
         let stale = ServingView::new_stale();
-        stale.advance(seed_changes(&restored), restored.time);
+        stale.seed(&restored);
+        stale.advance([], restored.time);
         for (query, live) in queries.iter().zip(&live) {
             let answer = stale.answer(query).expect("a stale answer");
             assert!(answer.stale);

@@ -13,7 +13,7 @@
 //!   version: exactly the input up to one `as_of`, which never goes back, and it never waits.
 //! - **One view type, two sources.** The live view is fed by the dataflow ([`feed`]). Until it is
 //!   ready, a stale view of the same type answers ([`StaleView`]): filled from the restored
-//!   checkpoint ([`seed_changes`], the dataflow's own rules applied to its state) plus the
+//!   checkpoint ([`ServingView::seed`], the dataflow's own rules applied to its state) plus the
 //!   changelog records written after the checkpoint's cut, or from the changelog alone, then
 //!   following the changelog. `stale` is a property of a view's contents, not a code path: every
 //!   answer is read and rendered the same way.
@@ -28,6 +28,7 @@ use dongflow_dataflow::types::{Change, DistrictCounts, Snapshot, Time};
 use serde::{Deserialize, Serialize};
 
 use crate::query::{Answer, AnswerBody, Query};
+use crate::recovery::Restored;
 
 mod feed;
 pub mod history;
@@ -38,7 +39,7 @@ mod stale;
 pub use feed::{attach_view, ViewApplier, ViewFeed};
 use history::{History, Recorded, Version};
 use riders::Riders;
-pub use seed::seed_changes;
+use seed::{rider_changes, CheckpointRiders};
 pub use stale::{StaleSource, StaleView};
 
 /// One change to the view: a district's counts or a rider's snapshot at a time.
@@ -118,36 +119,17 @@ struct Writing {
 }
 
 impl Writing {
-    /// Applies `changes` to `next`, recording them when the history is recorded. With `bulk`, the
-    /// riders of changes into a view without any go into its base in one piece.
+    /// Applies `changes` to `next`, recording them when the history is recorded.
     fn apply(
         &mut self,
         next: &mut Maps,
         changes: impl IntoIterator<Item = ViewChange>,
         record: bool,
-        bulk: bool,
     ) {
         self.unrecorded |= !record;
-        if !(bulk && next.riders.is_blank()) {
-            for change in changes {
-                self.recorded.extend(next.apply(change, record));
-            }
-            return;
-        }
-        let mut riders = Vec::new();
         for change in changes {
-            match change {
-                ViewChange::Rider(c) => {
-                    if record {
-                        self.recorded
-                            .push(Recorded::Rider(c.key.clone(), c.value.clone()));
-                    }
-                    riders.push((c.key, c.value));
-                }
-                district => self.recorded.extend(next.apply(district, record)),
-            }
+            self.recorded.extend(next.apply(change, record));
         }
-        next.riders.fill(riders);
     }
 }
 
@@ -166,36 +148,29 @@ pub struct ServingView {
     history: Mutex<History>,
     /// Says each new version's `as_of` to the feeds waiting for one.
     notify: tokio::sync::watch::Sender<Time>,
-    /// Whether a first batch of riders goes into a flat base (see [`riders`]): for a view filled
-    /// once and let go soon (the stale one). A long-lived view would keep a base rider's old
-    /// snapshot beside the overlay's new one for as long as it lives.
-    bulk: bool,
 }
 
 impl ServingView {
-    fn with(maps: Maps, bulk: bool) -> Arc<Self> {
+    fn with(maps: Maps) -> Arc<Self> {
         Arc::new(Self {
             maps: ArcSwap::from_pointee(maps),
             writer: Mutex::default(),
             history: Mutex::default(),
             notify: tokio::sync::watch::Sender::new(0),
-            bulk,
         })
     }
 
     /// An empty live view (no state yet).
     pub fn new() -> Arc<Self> {
-        Self::with(Maps::default(), false)
+        Self::with(Maps::default())
     }
 
-    /// An empty stale view: its answers say `stale: true`; its first riders (a checkpoint's) go
-    /// into a flat base.
+    /// An empty stale view: its answers say `stale: true`.
     pub fn new_stale() -> Arc<Self> {
-        let maps = Maps {
+        Self::with(Maps {
             stale: true,
             ..Maps::default()
-        };
-        Self::with(maps, true)
+        })
     }
 
     /// Lets the contents go: it answers nothing from now on, and its history is forgotten.
@@ -252,7 +227,7 @@ impl ServingView {
             .iter()
             .map(|(d, c)| district(*d, c))
             .collect();
-        let riders = maps.riders.iter().map(|(r, s)| rider(r, s)).collect();
+        let riders = maps.riders.iter().map(|(r, s)| rider(r, &s)).collect();
         (districts, riders)
     }
 
@@ -281,7 +256,7 @@ impl ServingView {
         }
         let mut next = writing.next.take().unwrap_or_else(|| Maps::clone(&current));
         let record = self.history().recording();
-        writing.apply(&mut next, changes, record, self.bulk);
+        writing.apply(&mut next, changes, record);
         let recorded = std::mem::take(&mut writing.recorded);
         let unrecorded = std::mem::take(&mut writing.unrecorded);
         next.as_of = as_of;
@@ -307,14 +282,37 @@ impl ServingView {
     /// within a time does not matter). A large time, such as a restored checkpoint, is thus applied
     /// while the dataflow still works on it, instead of after.
     pub fn prepare(&self, changes: impl IntoIterator<Item = ViewChange>) {
+        self.ahead(|writing, next, record| writing.apply(next, changes, record));
+    }
+
+    /// Changes the next version with `f` (given whether the history records).
+    fn ahead(&self, f: impl FnOnce(&mut Writing, &mut Maps, bool)) {
         let mut writing = self.write();
         let mut next = writing
             .next
             .take()
             .unwrap_or_else(|| Maps::clone(&self.maps.load_full()));
         let record = self.history().recording();
-        writing.apply(&mut next, changes, record, self.bulk);
+        f(&mut writing, &mut next, record);
         writing.next = Some(next);
+    }
+
+    /// Applies a restored checkpoint, at its time, to the next version like
+    /// [`ServingView::prepare`]: into a view without riders as its base, answered from the
+    /// checkpoint's rows (see [`seed`]), else as changes. Its riders are not recorded for feeds
+    /// (a feed that subscribed meanwhile gets a fresh snapshot).
+    pub fn seed(&self, restored: &Arc<Restored>) {
+        let (riders, districts) = CheckpointRiders::of(restored);
+        self.ahead(|writing, next, record| {
+            match next.riders.is_blank() {
+                true => {
+                    next.riders.fill(riders);
+                    writing.unrecorded = true;
+                }
+                false => writing.apply(next, rider_changes(&riders, restored.time), record),
+            }
+            writing.apply(next, districts, record);
+        });
     }
 
     /// The answer to `query` at the view's `as_of`; `None` before the first complete time.
@@ -330,11 +328,12 @@ impl ServingView {
             Query::Districts => {
                 AnswerBody::Districts(maps.districts.iter().map(|(d, c)| (*d, *c)).collect())
             }
-            Query::Rider(id) => AnswerBody::Rider(maps.riders.get(id).map(|s| (**s).clone())),
+            // A snapshot made from a checkpoint's row is this answer's own: not copied again.
+            Query::Rider(id) => AnswerBody::Rider(maps.riders.get(id).map(Arc::unwrap_or_clone)),
             Query::RidersOf(d) => AnswerBody::Riders(
                 maps.riders
                     .of_district(*d)
-                    .map(|(id, s)| (id.clone(), (**s).clone()))
+                    .map(|(id, s)| (id.clone(), Arc::unwrap_or_clone(s)))
                     .collect(),
             ),
         };
@@ -562,7 +561,8 @@ mod tests {
             None,
             "nothing before it is seeded"
         );
-        view.advance(seed_changes(&restored), restored.time);
+        view.seed(&Arc::new(restored));
+        view.advance([], 500);
         let all = view.answer(&Query::Districts).expect("filled");
         assert_eq!((all.as_of, all.stale), (500, true));
         let counts = |on, delivering, active, waiting| DistrictCounts {

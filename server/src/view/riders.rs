@@ -1,71 +1,24 @@
-//! The riders of one view version: a flat base filled in bulk, under a persistent overlay of
-//! what changed since.
+//! The riders of one view version: a restored checkpoint's (see [`CheckpointRiders`]) under a
+//! persistent overlay of what changed since.
 //!
 //! A restarting process's stale view takes a whole checkpoint at once (a million riders), then a
-//! trickle of changelog records. Inserting the million one by one into persistent maps cost most
-//! of the time to the first answer (a tree node copied or allocated per insert), and letting them
-//! go again as long. The base is a vector sorted by id (binary search for a rider, and each
-//! district's riders as positions in it, sorted because the base is) built in one pass; later
-//! changes go to the overlay, which every version shares structurally. A view that never takes a
-//! bulk (the live one) has an empty base and works on the overlay alone.
+//! trickle of changelog records: the checkpoint stays as it was loaded, and the changes go to the
+//! overlay, which every version shares structurally. A view that never takes a checkpoint (the
+//! live one) has an empty base and works on the overlay alone.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 
 use dongflow_connectors::Id;
 use dongflow_dataflow::districts::DistrictId;
 use dongflow_dataflow::types::Snapshot;
 
+use super::seed::CheckpointRiders;
 use super::FastMap;
-
-/// Riders in bulk, sorted by id, each once.
-#[derive(Debug, Default)]
-struct Base {
-    riders: Vec<(Id, Arc<Snapshot>)>,
-    /// Each district's riders as positions in `riders` (so sorted by id).
-    by_district: HashMap<DistrictId, Vec<u32>, rustc_hash::FxBuildHasher>,
-}
-
-impl Base {
-    /// The base of `riders` in the order given: the last value of an id is its value (`None`:
-    /// not on shift).
-    fn of(mut riders: Vec<(Id, Option<Arc<Snapshot>>)>) -> Base {
-        // Stable, so an id's values stay in order; linear on the sorted input a checkpoint gives.
-        riders.sort_by(|a, b| a.0.cmp(&b.0));
-        let mut kept: Vec<(Id, Option<Arc<Snapshot>>)> = Vec::with_capacity(riders.len());
-        for rider in riders {
-            match kept.last_mut() {
-                Some(last) if last.0 == rider.0 => *last = rider,
-                _ => kept.push(rider),
-            }
-        }
-        let riders: Vec<(Id, Arc<Snapshot>)> = kept
-            .into_iter()
-            .filter_map(|(id, s)| Some((id, s?)))
-            .collect();
-        let mut by_district: HashMap<DistrictId, Vec<u32>, _> = HashMap::default();
-        for (i, (_, snapshot)) in riders.iter().enumerate() {
-            by_district
-                .entry(snapshot.rider.district)
-                .or_default()
-                .push(i as u32);
-        }
-        Base {
-            riders,
-            by_district,
-        }
-    }
-
-    fn get(&self, id: &Id) -> Option<&Arc<Snapshot>> {
-        let i = self.riders.binary_search_by(|(r, _)| r.cmp(id)).ok()?;
-        Some(&self.riders[i].1)
-    }
-}
 
 /// The riders on shift of one view version. Cloning is O(1).
 #[derive(Clone, Debug, Default)]
 pub(super) struct Riders {
-    base: Arc<Base>,
+    base: Arc<CheckpointRiders>,
     /// Riders changed since the base: their snapshot, or `None` for a base rider gone.
     overlay: FastMap<Id, Option<Arc<Snapshot>>>,
     /// The overlay's riders on shift by district, sorted by id.
@@ -77,14 +30,14 @@ pub(super) struct Riders {
 impl Riders {
     /// Whether there is no rider at all, in the base or the overlay.
     pub(super) fn is_blank(&self) -> bool {
-        self.base.riders.is_empty() && self.overlay.is_empty()
+        self.base.len() == 0 && self.overlay.is_empty()
     }
 
-    /// Takes `riders` (in order: an id's last value counts) as the base; only into blank riders.
-    pub(super) fn fill(&mut self, riders: Vec<(Id, Option<Arc<Snapshot>>)>) {
+    /// Takes a checkpoint's riders as the base; only into blank riders.
+    pub(super) fn fill(&mut self, riders: CheckpointRiders) {
         debug_assert!(self.is_blank());
-        self.base = Arc::new(Base::of(riders));
-        self.len = self.base.riders.len();
+        self.len = riders.len();
+        self.base = Arc::new(riders);
     }
 
     /// Riders on shift.
@@ -93,24 +46,24 @@ impl Riders {
     }
 
     /// A rider's snapshot, if on shift.
-    pub(super) fn get(&self, id: &Id) -> Option<&Arc<Snapshot>> {
+    pub(super) fn get(&self, id: &Id) -> Option<Arc<Snapshot>> {
         match self.overlay.get(id) {
-            Some(changed) => changed.as_ref(),
+            Some(changed) => changed.clone(),
             None => self.base.get(id),
         }
     }
 
-    /// Sets a rider's snapshot (`None`: off shift); returns the one it replaces. One overlay
-    /// operation (and one for its district's list when the district changes): this is the live
-    /// view's path for every change.
-    pub(super) fn set(&mut self, id: Id, value: Option<Arc<Snapshot>>) -> Option<Arc<Snapshot>> {
+    /// Sets a rider's snapshot (`None`: off shift); returns the district it was on shift in. One
+    /// overlay operation (and one for its district's list when the district changes): this is the
+    /// live view's path for every change.
+    pub(super) fn set(&mut self, id: Id, value: Option<Arc<Snapshot>>) -> Option<DistrictId> {
         let new_district = value.as_ref().map(|s| s.rider.district);
-        let in_base = match self.base.riders.is_empty() {
-            true => None,
-            false => self.base.get(&id).cloned(),
+        let in_base = match self.base.len() {
+            0 => None,
+            _ => self.base.district_of(&id),
         };
         self.len += usize::from(value.is_some());
-        let previous = match (value, &in_base) {
+        let previous = match (value, in_base) {
             // Gone, and not in the base: nothing to hide.
             (None, None) => self.overlay.remove(&id),
             (value, _) => self.overlay.insert(id.clone(), value),
@@ -119,7 +72,7 @@ impl Riders {
             .as_ref()
             .and_then(|p| Some(p.as_ref()?.rider.district));
         let old = match previous {
-            Some(p) => p,
+            Some(_) => old_overlay_district,
             None => in_base,
         };
         self.len -= usize::from(old.is_some());
@@ -143,17 +96,16 @@ impl Riders {
     }
 
     /// Every rider on shift, in no particular order.
-    pub(super) fn iter(&self) -> impl Iterator<Item = (&Id, &Arc<Snapshot>)> {
+    pub(super) fn iter(&self) -> impl Iterator<Item = (&Id, Arc<Snapshot>)> {
         let base = self
             .base
-            .riders
             .iter()
-            .filter(|(id, _)| !self.overlay.contains_key(id))
-            .map(|(id, s)| (id, s));
+            .filter(|(id, _)| !self.overlay.contains_key(*id))
+            .map(|(id, i)| (id, self.base.snapshot(i)));
         let overlay = self
             .overlay
             .iter()
-            .filter_map(|(id, s)| Some((id, s.as_ref()?)));
+            .filter_map(|(id, s)| Some((id, s.clone()?)));
         base.chain(overlay)
     }
 
@@ -161,18 +113,12 @@ impl Riders {
     pub(super) fn of_district(
         &self,
         district: DistrictId,
-    ) -> impl Iterator<Item = (&Id, &Arc<Snapshot>)> {
+    ) -> impl Iterator<Item = (&Id, Arc<Snapshot>)> {
         let mut base = self
             .base
-            .by_district
-            .get(&district)
-            .into_iter()
-            .flatten()
-            .map(|i| {
-                let (id, s) = &self.base.riders[*i as usize];
-                (id, s)
-            })
+            .of_district(district)
             .filter(|(id, _)| !self.overlay.contains_key(*id))
+            .map(|(id, i)| (id, self.base.snapshot(i)))
             .peekable();
         let mut overlay = self
             .overlay_by_district
@@ -181,7 +127,7 @@ impl Riders {
             .flatten()
             .filter_map(|id| {
                 let (id, s) = self.overlay.get_key_value(id)?;
-                Some((id, s.as_ref()?))
+                Some((id, s.clone()?))
             })
             .peekable();
         // Both sorted by id, and no id in both: merged.
@@ -204,16 +150,21 @@ mod tests {
     use rand::{Rng, SeedableRng};
 
     use super::*;
+    use crate::recovery::Restored;
+
+    fn row(status: RiderStatus, district: DistrictId) -> RiderRow {
+        RiderRow {
+            status,
+            rider_type: None,
+            location: None,
+            district,
+            ts: 1,
+        }
+    }
 
     fn snapshot(district: DistrictId) -> Arc<Snapshot> {
         Arc::new(Snapshot {
-            rider: RiderRow {
-                status: RiderStatus::OnShift,
-                rider_type: None,
-                location: None,
-                district,
-                ts: 1,
-            },
+            rider: row(RiderStatus::OnShift, district),
             deliveries: Vec::new(),
         })
     }
@@ -254,7 +205,7 @@ mod tests {
         (id, rng.random_bool(0.8).then(|| rng.random_range(0..4)))
     }
 
-    /// A bulk base (ids given out of order, twice, and ended) and later changes (moves, ends,
+    /// A checkpoint's riders (ids given out of order, twice, and off shift) and later changes (moves, ends,
     /// new riders, ends of riders not there) answer as a plain map would, and an older version
     /// keeps its answers: 500 random cases.
     #[test]
@@ -268,20 +219,24 @@ mod tests {
                 None => model.remove(&id),
             };
             let (n_bulk, n_changes) = (rng.random_range(0..60), rng.random_range(0..80));
-            let mut base = Vec::new();
+            let mut restored = Restored::default();
             for _ in 0..n_bulk {
                 let (id, d) = change(&mut rng);
                 set(&mut model, id.clone(), d);
-                base.push((Id::from(id.as_str()), d.map(snapshot)));
+                let row = match d {
+                    Some(d) => row(RiderStatus::OnShift, d),
+                    None => row(RiderStatus::ShiftEnded, 0),
+                };
+                restored.riders.entries.push((Id::from(id.as_str()), row));
             }
-            riders.fill(base);
+            riders.fill(CheckpointRiders::of(&Arc::new(restored)).0);
             agrees(&riders, &model);
             let before = (riders.clone(), model.clone());
             for _ in 0..n_changes {
                 let (id, d) = change(&mut rng);
                 let old = riders.set(Id::from(id.as_str()), d.map(snapshot));
                 let expected_old = set(&mut model, id, d);
-                assert_eq!(old.map(|s| s.rider.district), expected_old);
+                assert_eq!(old, expected_old);
             }
             agrees(&riders, &model);
             agrees(&before.0, &before.1);

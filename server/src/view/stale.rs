@@ -2,7 +2,7 @@
 //! until its live state is ready, so that it never goes dark (CONTRACT section 7).
 //!
 //! It is a [`ServingView`] like the live one, filled by one thread:
-//! 1. from the restored checkpoint ([`seed_changes`]) when the checkpoint says where the changelog
+//! 1. from the restored checkpoint ([`ServingView::seed`]) when the checkpoint says where the changelog
 //!    reflects it (its cut, see [`Restored::cut`]), plus the changelog records after that cut of
 //!    a later time than the checkpoint's (when the cut is on other topics, this run's are read
 //!    whole, for records later than the checkpoint);
@@ -33,7 +33,7 @@ use rdkafka::message::{BorrowedMessage, Headers};
 use rdkafka::{ClientContext, Message, Offset, TopicPartitionList};
 use serde::Deserialize;
 
-use super::{seed_changes, ServingView, ViewChange};
+use super::{ServingView, ViewChange};
 use crate::changelog::{HeldKey, HeldKeys};
 use crate::query::{Answer, Query};
 use crate::recovery::{Published, Restored};
@@ -290,30 +290,21 @@ impl StaleView {
 
     fn fill(&self, reader: &mut Reader, live: &dyn Fn() -> bool) {
         let started = Instant::now();
-        match reader.source.seed() {
-            Some((restored, cut)) => {
-                self.view.prepare(seed_changes(restored));
-                reader.read.seeded_at = restored.time;
-                reader.read.newest = restored.time;
-                if cut.is_none() {
-                    reader.read.records = Some(BTreeMap::new());
-                }
-                if let Some(cut) = cut {
-                    reader.cut = cut
-                        .ends
-                        .iter()
-                        .map(|(t, p, o)| ((t.clone(), *p), *o))
-                        .collect();
-                }
-                tracing::info!(
-                    "stale view: checkpoint {} seeded in {:?}; reading the changelog {}",
-                    restored.time,
-                    started.elapsed(),
-                    match cut {
-                        Some(_) => "after its cut",
-                        None => "whole (the checkpoint's went to other topics)",
+        // (the checkpoint's time, its cut's ends when on this run's changelog)
+        let seed = reader
+            .source
+            .seed()
+            .map(|(restored, cut)| (restored.time, cut.map(|c| c.ends.clone())));
+        match &seed {
+            Some((time, ends)) => {
+                reader.read.seeded_at = *time;
+                reader.read.newest = *time;
+                match ends {
+                    Some(ends) => {
+                        reader.cut = ends.iter().map(|(t, p, o)| ((t.clone(), *p), *o)).collect();
                     }
-                );
+                    None => reader.read.records = Some(BTreeMap::new()),
+                }
             }
             None => {
                 if let Some(r) = &reader.source.restored {
@@ -328,6 +319,8 @@ impl StaleView {
                 }
             }
         }
+        // Reading begins first: the broker answers its first fetches while the checkpoint is
+        // seeded.
         let mut pending = loop {
             if self.thread.stopping() {
                 return;
@@ -337,6 +330,17 @@ impl StaleView {
                 None => std::thread::park_timeout(Duration::from_millis(500)),
             }
         };
+        if let (Some((time, ends)), Some(restored)) = (&seed, &reader.source.restored) {
+            self.view.seed(restored);
+            tracing::info!(
+                "stale view: checkpoint {time} seeded {:?} after start; reading the changelog {}",
+                started.elapsed(),
+                match ends {
+                    Some(_) => "after its cut",
+                    None => "whole (the checkpoint's went to other topics)",
+                }
+            );
+        }
         let mut read = 0u64;
         while !self.thread.stopping() {
             let loaded = self.loaded.load(Ordering::Acquire);
