@@ -27,6 +27,16 @@ fn sources(events: Vec<SimEvent>) -> Vec<Box<dyn EventSource>> {
         .collect()
 }
 
+/// This process's resident memory now (`VmRSS`), in bytes.
+fn rss_bytes() -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .map_or(0, |kb| kb * 1024)
+}
+
 /// Waits until the engine answers all districts with every rider counted.
 fn wait_complete(engine: &Engine, riders: u64) -> Duration {
     let started = Instant::now();
@@ -88,6 +98,8 @@ fn main() {
     let engine = Engine::start(config, sources(Vec::new())).expect("engine");
     wait_complete(&engine, riders as u64);
     let restore_total = started.elapsed();
+    // Resident memory with the restored state live (the example holds no checkpoint itself).
+    let rss_restored = rss_bytes();
     engine.stop();
 
     // 3. Back by replaying every event.
@@ -122,6 +134,7 @@ fn main() {
         "stale_seed_s": seed.as_secs_f64(),
         "stale_publish_s": applied.as_secs_f64(),
         "restore_until_complete_s": restore_total.as_secs_f64(),
+        "rss_once_restored_bytes": rss_restored,
         "replay_until_complete_s": replay.as_secs_f64(),
     });
     println!("{}", serde_json::to_string_pretty(&out).expect("json"));

@@ -77,7 +77,9 @@ fn ready_once_in(published: bool) {
         partial: false,
     };
     let mut config = EngineConfig::new(2, index);
-    config.restore = Some(Arc::new(restored));
+    let restored = Arc::new(restored);
+    let checkpoint = Arc::downgrade(&restored);
+    config.restore = Some(restored);
     config.restore_published = published;
     let sink = Arc::new(Counting::default());
     config.outputs = Some(Arc::new(ChangelogOutputs {
@@ -103,6 +105,11 @@ fn ready_once_in(published: bool) {
     assert_eq!(
         on_shift, riders as u64,
         "ready before the restored state was in"
+    );
+    assert_eq!(
+        checkpoint.strong_count(),
+        0,
+        "the checkpoint let go once every worker has given its share"
     );
     // Everything has gone through the changelog's sink once the engine has stopped.
     assert!(engine.stop(), "every worker ends normally");

@@ -218,7 +218,7 @@ pub use dongflow_connectors::now_ms;
 impl Engine {
     /// Starts `config.workers` workers in this process, worker `i` reading `sources[i]`.
     pub fn start(
-        config: EngineConfig,
+        mut config: EngineConfig,
         sources: Vec<Box<dyn EventSource>>,
     ) -> Result<Engine, EngineError> {
         let workers = config.workers;
@@ -232,12 +232,21 @@ impl Engine {
         let everywhere = workers * config.cluster.as_ref().map_or(1, |c| c.addresses.len());
         let progress = Arc::new(InputProgress::new(workers, everywhere));
         let counters = DataflowCounters::default();
+        // Each worker holds the restored checkpoint only until it has given its share: the
+        // configuration lives as long as the workers, the checkpoint need not.
+        let restore = config.restore.take();
         let slots: Mutex<Vec<Option<WorkerSlot>>> = Mutex::new(
             sources
                 .into_iter()
-                .map(|source| Some(WorkerSlot { source }))
+                .map(|source| {
+                    Some(WorkerSlot {
+                        source,
+                        restore: restore.clone(),
+                    })
+                })
                 .collect(),
         );
+        drop(restore);
         let (builders, others) = match &config.cluster {
             None => timely::CommunicationConfig::Process(workers)
                 .try_build()

@@ -30,11 +30,13 @@ use timely::progress::frontier::AntichainRef;
 use super::progress::{CaughtUp, InputProgress};
 use super::{now_ms, CheckpointSettings, EngineConfig, OutputFeed, OutputWorker};
 use crate::query::{Shared, StateSizes};
-use crate::recovery::WorkerPart;
+use crate::recovery::{Restored, WorkerPart};
 use crate::view::{attach_view, ViewFeed};
 
 pub(crate) struct WorkerSlot {
     pub(crate) source: Box<dyn EventSource>,
+    /// The checkpoint to restore, taken when the worker starts.
+    pub(crate) restore: Option<Arc<Restored>>,
 }
 
 /// Next offset per `(topic, partition, offset)`, as sources report them.
@@ -140,7 +142,7 @@ fn attach_control(
 impl WorkerLoop {
     pub(crate) fn new(
         worker: &mut timely::worker::Worker,
-        slot: WorkerSlot,
+        mut slot: WorkerSlot,
         config: &EngineConfig,
         shared: Arc<Shared>,
         progress: Arc<InputProgress>,
@@ -159,8 +161,8 @@ impl WorkerLoop {
         // The time the restored state is shown at: the checkpoint's own when the changelog holds
         // it already (so it is not published again), else now (so that the changelog's `as_of`
         // never goes back behind records a crashed run published after the checkpoint).
-        let seeded_at = config
-            .restore
+        let restore = slot.restore.take();
+        let seeded_at = restore
             .as_ref()
             .map(|restored| match config.restore_published {
                 true => restored.time,
@@ -204,7 +206,7 @@ impl WorkerLoop {
             out.counts.stream.clone().probe_with(&probe);
             out.counts.trace
         });
-        if let (Some(restored), Some(at)) = (&config.restore, seeded_at) {
+        if let (Some(restored), Some(at)) = (&restore, seeded_at) {
             // Each worker gives a share of the checkpoint at `at`, of the cluster's workers when
             // every process holds it whole, else of its process's; the upserts' exchange takes
             // every id to the worker that owns it, whatever shape wrote the checkpoint.
@@ -256,10 +258,10 @@ impl WorkerLoop {
             global_index,
             checkpoint: config.checkpoint.clone(),
             pending: None,
-            last_checkpoint: config.restore.as_ref().map_or(0, |r| r.time),
+            last_checkpoint: restore.as_ref().map_or(0, |r| r.time),
             final_sent: false,
             offsets_log: VecDeque::new(),
-            positions_base: config.restore.as_ref().map_or_else(Vec::new, |r| {
+            positions_base: restore.as_ref().map_or_else(Vec::new, |r| {
                 r.offsets
                     .iter()
                     .map(|((t, p), o)| (t.clone(), *p, *o))
