@@ -1356,22 +1356,97 @@ fn terminal_ttl_says_how_long_an_ended_delivery_is_remembered() {
         (metric(after_terminal) == 1.0).then_some(())
     });
     assert_eq!(waiting(), Some(0));
-    // After it, the delivery is forgotten: expiry runs when deliveries are next processed, so
-    // events for another, ended, delivery keep coming until it has.
-    let mut nudge = 0;
+    // After it, the delivery is forgotten as the engine's time passes.
     eventually(
         Duration::from_secs(60),
         "the ended delivery forgotten",
-        || {
-            nudge += 1;
-            produce(&bootstrap, &[delivery("d-2", "CANCELLED", ts + nudge)]);
-            std::thread::sleep(Duration::from_millis(100));
-            (metric(expired) >= 1.0).then_some(())
-        },
+        || (metric(expired) == 1.0).then_some(()),
     );
     produce(&bootstrap, &[delivery("d-1", "WAITING", ts + 3)]);
     eventually(Duration::from_secs(30), "d-1 waiting again", || {
         (waiting() == Some(1)).then_some(())
+    });
+    assert_eq!(run.terminate(), Some(0));
+}
+
+/// `--rider-ttl`: a rider off shift is remembered that long with its last type and location, then
+/// forgotten; a late ping of it is still stale and cannot start a shift.
+#[test]
+fn rider_ttl_forgets_a_rider_off_shift_and_its_late_pings_stay_stale() {
+    let broker = Broker::embedded();
+    let t = Topics::new("rider-ttl");
+    broker.create(
+        &[&t.riders, &t.deliveries, &t.districts, &t.snapshots, &t.dlq],
+        PARTITIONS,
+    );
+    let bootstrap = broker.bootstrap();
+    let state = state_dir("rider-ttl");
+    let mut args = t.args(&bootstrap, &state);
+    args.extend(["--rider-ttl", "3s"]);
+    let run = Dongflow::run(&args);
+    ready(&run.http);
+    let client = common::Client::at(run.http.clone());
+    // 코엑스, in 강남구 (1168000000) on the built-in map.
+    let rider = |id: &str, status: &str, ts: u64, located: bool| {
+        let known = match located {
+            true => r#""rider_type":"CONNECT","location":{"lat":37.5089,"lon":127.0631},"#,
+            false => "",
+        };
+        let value = format!(r#"{{"rider_id":"{id}","status":"{status}",{known}"ts":{ts}}}"#);
+        Record::new(&t.riders, Some(id.as_bytes()), Some(value.as_bytes()))
+    };
+    let metric = |series: &str| {
+        let (_, _, text) = client.get("/metrics");
+        common::sample(&text, series).unwrap_or(0.0)
+    };
+    let shown = || {
+        let (status, body) = client.json("/v1/riders/r-1");
+        let district = body["district"]["code"].as_str().map(str::to_owned);
+        (
+            status,
+            district,
+            body["rider_type"].as_str().map(str::to_owned),
+        )
+    };
+    let stale = r#"dongflow_events_stale_total{kind="rider"}"#;
+    let forgotten = r#"dongflow_idle_forgotten_total{kind="rider"}"#;
+    let ts = 1_764_000_000_000;
+    // Off shift for a moment: the next shift keeps the type and location it had.
+    produce(
+        &bootstrap,
+        &[
+            rider("r-1", "SHIFT_STARTED", ts, true),
+            rider("r-1", "SHIFT_ENDED", ts + 1, false),
+            rider("r-1", "SHIFT_STARTED", ts + 2, false),
+        ],
+    );
+    let known = (
+        200,
+        Some("1168000000".to_owned()),
+        Some("CONNECT".to_owned()),
+    );
+    eventually(Duration::from_secs(30), "r-1 on shift in 강남구", || {
+        (shown() == known).then_some(())
+    });
+    produce(&bootstrap, &[rider("r-1", "SHIFT_ENDED", ts + 3, false)]);
+    eventually(Duration::from_secs(30), "r-1 off shift", || {
+        (shown().0 == 404).then_some(())
+    });
+    // Forgotten as the engine's time passes, with no other event coming.
+    eventually(Duration::from_secs(60), "r-1 forgotten", || {
+        (metric(forgotten) == 1.0).then_some(())
+    });
+    // A late ping of the forgotten rider is stale, as it was while the rider was held.
+    let before = metric(stale);
+    produce(&bootstrap, &[rider("r-1", "ON_SHIFT", ts + 2, true)]);
+    eventually(Duration::from_secs(30), "the late ping ignored", || {
+        (metric(stale) == before + 1.0).then_some(())
+    });
+    assert_eq!(shown().0, 404, "a late ping starts no shift");
+    // A new shift starts anew: without the forgotten type and location.
+    produce(&bootstrap, &[rider("r-1", "SHIFT_STARTED", ts + 10, false)]);
+    eventually(Duration::from_secs(30), "r-1 on shift, unassigned", || {
+        (shown() == (200, Some("unassigned".to_owned()), None)).then_some(())
     });
     assert_eq!(run.terminate(), Some(0));
 }

@@ -68,7 +68,7 @@ fn ready_once_in(published: bool) {
         riders: StateSnapshot {
             time,
             entries,
-            expiry: Vec::new(),
+            ..StateSnapshot::default()
         },
         deliveries: StateSnapshot::default(),
         offsets: HashMap::new(),

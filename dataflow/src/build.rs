@@ -20,6 +20,10 @@ use crate::upsert::{upsert, Seed, SnapshotSlot, UpsertCounters, UpsertState};
 /// Default time a terminal delivery is remembered: 6 hours of dataflow time.
 pub const DEFAULT_TERMINAL_TTL_MS: Time = 6 * 3600 * 1000;
 
+/// Default time a rider off shift is remembered with its last type and location: a day of dataflow
+/// time, so that a rider who ends a shift at night and starts one the next morning is known.
+pub const DEFAULT_RIDER_TTL_MS: Time = 24 * 3600 * 1000;
+
 /// The per-worker state the dataflow keeps outside its arrangements, shared with the worker loop
 /// (for checkpoints and seeding).
 #[derive(Clone, Debug)]
@@ -37,10 +41,13 @@ pub struct WorkerState {
 }
 
 impl WorkerState {
-    /// Empty state; terminal deliveries are remembered for `terminal_ttl` ms.
-    pub fn new(terminal_ttl: Time) -> Self {
+    /// Empty state; terminal deliveries are remembered for `terminal_ttl` ms, riders off shift for
+    /// `rider_ttl` ms after their last event (`None`: for good).
+    pub fn new(terminal_ttl: Time, rider_ttl: Option<Time>) -> Self {
+        let riders = UpsertState::shared(terminal_ttl);
+        riders.borrow_mut().forget_idle_after(rider_ttl);
         Self {
-            riders: UpsertState::shared(terminal_ttl),
+            riders,
             deliveries: UpsertState::shared(terminal_ttl),
             rider_snapshots: Rc::default(),
             delivery_snapshots: Rc::default(),
@@ -107,7 +114,7 @@ impl<'s> Inputs<'s> {
 /// timely::execute_directly(move |worker| {
 ///     let index = Arc::new(DistrictIndex::builtin_seoul());
 ///     let coex = index.id_of("1168000000").unwrap(); // 강남구
-///     let state = WorkerState::new(1_000);
+///     let state = WorkerState::new(1_000, None);
 ///     let (mut riders, mut deliveries, probe) = worker.dataflow::<u64, _, _>(|scope| {
 ///         let (riders, rider_stream) = scope.new_input::<RiderEvent>();
 ///         let (deliveries, delivery_stream) = scope.new_input::<DeliveryEvent>();

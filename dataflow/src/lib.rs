@@ -9,6 +9,7 @@
 //! - [`builtin_map`]: a small coarse map of Seoul's 25 gu, for tests and examples.
 //! - [`upsert`]: the upsert operator that applies events per id in `ts` order.
 //! - [`tombstones`]: the ids whose state is terminal, remembered by id and expiry alone.
+//! - [`idle`]: idle states (riders off shift), forgotten after a time to live of their own.
 //! - [`stages`]: one function per stage (enrich, upsert rules, join, count, changes per time,
 //!   rider changes).
 //! - [`build`](mod@build): the one place that wires the stages.
@@ -29,6 +30,7 @@ pub mod build;
 pub mod builtin_map;
 pub mod districts;
 pub mod error;
+pub mod idle;
 pub mod seoul_map;
 pub mod stages;
 pub mod tombstones;

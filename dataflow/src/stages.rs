@@ -97,6 +97,10 @@ impl UpsertRule for RiderRule {
         &event.event.rider_id
     }
 
+    fn ts(event: &Self::Event) -> Millis {
+        event.event.ts
+    }
+
     fn apply(current: Option<&RiderRow>, e: Self::Event) -> Result<RiderRow, Ignored> {
         if current.is_some_and(|c| e.event.ts < c.ts) {
             return Err(Ignored::Stale);
@@ -130,6 +134,12 @@ impl UpsertRule for RiderRule {
 
     fn is_tombstone(_: &RiderRow) -> bool {
         false
+    }
+
+    /// A rider off shift may be forgotten once idle: it shows nothing, and a new shift starts it
+    /// again (without the type and location it last had, once forgotten).
+    fn idle(state: &RiderRow) -> Option<Millis> {
+        (!state.status.on_shift()).then_some(state.ts)
     }
 }
 
@@ -166,6 +176,10 @@ impl UpsertRule for DeliveryRule {
 
     fn id(event: &Self::Event) -> &Id {
         &event.event.delivery_id
+    }
+
+    fn ts(event: &Self::Event) -> Millis {
+        event.event.ts
     }
 
     fn apply(current: Option<&DeliveryState>, e: Self::Event) -> Result<DeliveryState, Ignored> {

@@ -14,7 +14,9 @@
 //!
 //! Terminal states ("tombstones") are remembered by id and expiry alone ([`Tombstones`]) for `ttl`
 //! of dataflow time, so that late and duplicate events cannot bring an id back, and are then
-//! dropped, so that memory stays bounded.
+//! dropped, so that memory stays bounded. Idle states (a rider off shift) are forgotten once
+//! unchanged for a time to live of their own ([`Idle`]), and late events of a forgotten id stay
+//! stale.
 
 use std::cell::{Cell, RefCell};
 use std::collections::BTreeMap;
@@ -25,7 +27,7 @@ use std::time::{Duration, Instant};
 
 use differential_dataflow::hashable::Hashable;
 use differential_dataflow::{AsCollection, VecCollection};
-use dongflow_records::Id;
+use dongflow_records::{Id, Millis};
 use rustc_hash::FxHashMap;
 use serde::{Deserialize, Serialize};
 use timely::container::CapacityContainerBuilder;
@@ -34,6 +36,7 @@ use timely::dataflow::operators::generic::operator::Operator;
 use timely::dataflow::operators::Capability;
 use timely::dataflow::Stream;
 
+use crate::idle::Idle;
 use crate::tombstones::Tombstones;
 use crate::types::{Diff, Time};
 
@@ -57,6 +60,8 @@ pub trait UpsertRule: 'static {
     type Row: timely::ExchangeData + Clone + Ord + std::fmt::Debug;
     /// The id an event belongs to.
     fn id(event: &Self::Event) -> &Id;
+    /// The event's `ts`.
+    fn ts(event: &Self::Event) -> Millis;
     /// The new state after `event`, or why it is ignored.
     fn apply(current: Option<&Self::State>, event: Self::Event) -> Result<Self::State, Ignored>;
     /// The rows downstream sees of a state (none while it is not visible).
@@ -64,6 +69,11 @@ pub trait UpsertRule: 'static {
     /// Whether the state is terminal: it shows no rows, and its id is remembered (without the
     /// state) for the ttl only, to absorb every later event.
     fn is_tombstone(state: &Self::State) -> bool;
+    /// Whether the state may be forgotten once no event has changed it for the idle ttl, and if
+    /// so its `ts`. An idle state shows no rows. None are, unless a rule says so.
+    fn idle(_state: &Self::State) -> Option<Millis> {
+        None
+    }
 }
 
 /// One id's state, with the last time it changed (so that a time's first change is noticed
@@ -86,6 +96,8 @@ pub struct UpsertState<S> {
     ended: Tombstones,
     /// How long a tombstone is kept, in dataflow time (ms).
     pub ttl: Time,
+    /// The ids whose state is idle, until their own ttl runs out.
+    idle: Idle,
 }
 
 impl<S> UpsertState<S> {
@@ -95,7 +107,23 @@ impl<S> UpsertState<S> {
             entries: FxHashMap::default(),
             ended: Tombstones::default(),
             ttl,
+            idle: Idle::default(),
         }
+    }
+
+    /// Idle states are forgotten once unchanged for `ttl` ms (`None`: kept for good).
+    pub fn forget_idle_after(&mut self, ttl: Option<Time>) {
+        self.idle = Idle::new(ttl);
+    }
+
+    /// Events of ids not held with a `ts` below this are stale (a checkpoint's, at a restart).
+    pub fn set_forgotten_through(&mut self, ts: Millis) {
+        self.idle.forgot(ts);
+    }
+
+    /// The idle ids queued to be forgotten, and the horizon of forgotten ones.
+    pub fn idle(&self) -> &Idle {
+        &self.idle
     }
 
     /// A shared handle, as the operator and the worker loop both hold it.
@@ -107,6 +135,7 @@ impl<S> UpsertState<S> {
     /// otherwise, and a burst of deliveries that end would cost a live delivery's room each for good.
     fn give_back_room(&mut self) {
         give_back_map(&mut self.entries);
+        self.idle.give_back_room();
     }
 
     /// The number of ids held (tombstones included).
@@ -157,6 +186,18 @@ impl<S: Clone> UpsertState<S> {
                 .map(|(id, slot)| (id.clone(), slot.state.clone()))
                 .collect(),
             expiry: self.ended.iter().cloned().collect(),
+            // Only the entries of ids unchanged since: a later one of the same id is queued too.
+            idle: self
+                .idle
+                .iter()
+                .filter(|(since, id)| {
+                    self.entries
+                        .get(id)
+                        .is_some_and(|slot| unchanged_since(slot.touched_at, *since))
+                })
+                .cloned()
+                .collect(),
+            forgotten_through: self.idle.forgotten_through,
         }
     }
 
@@ -166,11 +207,12 @@ impl<S: Clone> UpsertState<S> {
     /// Tombstones go in first: an id among them stays one, whether or not a live state of it is
     /// seeded too (as checkpoints written before tombstones were kept apart list them).
     fn restore(&mut self, seeds: Vec<Vec<Seed<S>>>, touched: &mut Vec<(Id, Option<S>)>) {
-        let (mut ended, mut live) = (Vec::new(), Vec::new());
+        let (mut ended, mut live, mut idle) = (Vec::new(), Vec::new(), Vec::new());
         for seed in seeds.into_iter().flatten() {
             match seed {
                 Seed::Ended(expires, id) => ended.push((expires, id)),
                 Seed::Live(id, state) => live.push((id, state)),
+                Seed::Idle(since, id) => idle.push((since, id)),
             }
         }
         // In expiry order, so that the queue's front expires first.
@@ -192,7 +234,18 @@ impl<S: Clone> UpsertState<S> {
             let old = self.entries.insert(id.clone(), slot);
             touched.push((id, old.map(|slot| slot.state)));
         }
+        // In the order they became idle, so that the queue's front comes due first.
+        idle.sort();
+        for (since, id) in idle {
+            self.idle.requeue(since, id);
+        }
     }
+}
+
+/// Whether a slot last changed at `touched_at` is unchanged since `since` (a seeded slot that no
+/// event changed counts as unchanged: its queued time came with it).
+fn unchanged_since(touched_at: Time, since: Time) -> bool {
+    touched_at == since || touched_at == UNTOUCHED
 }
 
 /// One id's state from a checkpoint, on its way to the worker that owns the id.
@@ -202,13 +255,15 @@ pub enum Seed<S> {
     Ended(Time, Id),
     /// A live id's state.
     Live(Id, S),
+    /// A live id whose state has been idle since this time.
+    Idle(Time, Id),
 }
 
 impl<S> Seed<S> {
     /// The id seeded.
     pub fn id(&self) -> &Id {
         match self {
-            Seed::Ended(_, id) | Seed::Live(id, _) => id,
+            Seed::Ended(_, id) | Seed::Live(id, _) | Seed::Idle(_, id) => id,
         }
     }
 }
@@ -223,6 +278,10 @@ pub struct StateSnapshot<S> {
     pub entries: Vec<(Id, S)>,
     /// The tombstones, with when each expires.
     pub expiry: Vec<(Time, Id)>,
+    /// The live ids whose state is idle, with the time each became so.
+    pub idle: Vec<(Time, Id)>,
+    /// The newest `ts` of a forgotten idle state (see [`Idle::forgotten_through`]).
+    pub forgotten_through: Millis,
 }
 
 impl<S: Clone> StateSnapshot<S> {
@@ -232,9 +291,21 @@ impl<S: Clone> StateSnapshot<S> {
         let parts = parts.max(1);
         let ended = self.expiry.iter().skip(part).step_by(parts);
         let live = self.entries.iter().skip(part).step_by(parts);
+        let idle = self.idle.iter().skip(part).step_by(parts);
         ended
             .map(|(expires, id)| Seed::Ended(*expires, id.clone()))
             .chain(live.map(|(id, state)| Seed::Live(id.clone(), state.clone())))
+            .chain(idle.map(|(since, id)| Seed::Idle(*since, id.clone())))
+    }
+}
+
+impl<S> StateSnapshot<S> {
+    /// Takes in another worker's part of the same time.
+    pub fn absorb(&mut self, part: StateSnapshot<S>) {
+        self.entries.extend(part.entries);
+        self.expiry.extend(part.expiry);
+        self.idle.extend(part.idle);
+        self.forgotten_through = self.forgotten_through.max(part.forgotten_through);
     }
 }
 
@@ -244,6 +315,8 @@ impl<S> Default for StateSnapshot<S> {
             time: 0,
             entries: Vec::new(),
             expiry: Vec::new(),
+            idle: Vec::new(),
+            forgotten_through: 0,
         }
     }
 }
@@ -293,16 +366,19 @@ pub struct UpsertCounters {
     pub after_terminal: AtomicU64,
     /// Tombstones dropped after their ttl.
     pub expired: AtomicU64,
+    /// Idle states forgotten after their ttl.
+    pub forgotten: AtomicU64,
 }
 
 impl UpsertCounters {
-    fn add(&self, applied: u64, stale: u64, after_terminal: u64, expired: u64) {
+    fn add(&self, applied: u64, stale: u64, after_terminal: u64, expired: u64, forgotten: u64) {
         // Relaxed: these are statistics, read without ordering requirements.
         for (counter, n) in [
             (&self.applied, applied),
             (&self.stale, stale),
             (&self.after_terminal, after_terminal),
             (&self.expired, expired),
+            (&self.forgotten, forgotten),
         ] {
             if n > 0 {
                 counter.fetch_add(n, Ordering::Relaxed);
@@ -409,6 +485,17 @@ pub fn upsert<'s, U: UpsertRule>(
                         }
                     }
                     give_back_buffer(&mut touched, largest);
+                    // Time passes without events too: what ran out by the frontier goes (it shows
+                    // no rows, so no output), unless a checkpoint waits for an earlier time.
+                    let (events_at, seeds_at) = (frontier.frontier(), seeds_frontier.frontier());
+                    let passed = events_at.iter().chain(seeds_at.iter()).min().copied();
+                    if let Some(now) = passed.and_then(|t| t.checked_sub(1)) {
+                        if snapshots.requested.get().is_none() {
+                            let mut state = state.borrow_mut();
+                            let (expired, forgotten) = run_out::<U>(&mut state, now);
+                            counters.add(0, 0, 0, expired, forgotten);
+                        }
+                    }
                     state.borrow_mut().give_back_room();
                     // Complete through the requested time with nothing later applied yet.
                     if let Some(at) = snapshots.requested.get() {
@@ -472,7 +559,7 @@ fn apply_time<U: UpsertRule>(
     counters: &UpsertCounters,
 ) {
     let (mut applied, mut stale, mut after_terminal) = (0, 0, 0);
-    let expired = state.ended.expire(time);
+    let (expired, forgotten) = run_out::<U>(state, time);
     let expires = time.saturating_add(state.ttl);
     for event in events.into_iter().flatten() {
         let id = U::id(&event).clone();
@@ -481,6 +568,11 @@ fn apply_time<U: UpsertRule>(
             continue;
         }
         let slot = state.entries.get_mut(&id);
+        if slot.is_none() && state.idle.is_late(U::ts(&event)) {
+            // Older than a forgotten state's last event: it may be that state's late event.
+            stale += 1;
+            continue;
+        }
         let current = slot.as_ref().map(|slot| &slot.state);
         let new = match U::apply(current, event) {
             Ok(new) => new,
@@ -495,6 +587,9 @@ fn apply_time<U: UpsertRule>(
         };
         applied += 1;
         let ended = U::is_tombstone(&new);
+        if U::idle(&new).is_some() {
+            state.idle.push(time, id.clone());
+        }
         match slot {
             Some(slot) => {
                 if slot.touched_at != time {
@@ -522,7 +617,46 @@ fn apply_time<U: UpsertRule>(
             state.ended.insert(expires, id);
         }
     }
-    counters.add(applied, stale, after_terminal, expired);
+    counters.add(applied, stale, after_terminal, expired, forgotten);
+}
+
+/// Drops the tombstones and forgets the idle states whose ttl has run out by `now`, and says how
+/// many of each.
+fn run_out<U: UpsertRule>(state: &mut UpsertState<U::State>, now: Time) -> (u64, u64) {
+    (state.ended.expire(now), forget_idle::<U>(state, now))
+}
+
+/// Forgets the idle states unchanged for the idle ttl by `now` whose own `ts` the dataflow's time
+/// has passed, and says how many. An idle state shows no rows, so nothing downstream changes.
+fn forget_idle<U: UpsertRule>(state: &mut UpsertState<U::State>, now: Time) -> u64 {
+    let mut forgotten = 0;
+    let mut ahead = Vec::new();
+    while let Some((since, id)) = state.idle.pop_due(now) {
+        let Some(slot) = state.entries.get(&id) else {
+            continue;
+        };
+        let Some(ts) = U::idle(&slot.state).filter(|_| unchanged_since(slot.touched_at, since))
+        else {
+            continue;
+        };
+        if ts > now {
+            // Its clock runs ahead of the dataflow's: forgetting it now would refuse events of
+            // new ids up to that `ts`. Looked at again later.
+            ahead.push((since, id));
+            continue;
+        }
+        debug_assert!(
+            U::rows(&slot.state).next().is_none(),
+            "an idle state shows no rows"
+        );
+        state.entries.remove(&id);
+        state.idle.forgot(ts);
+        forgotten += 1;
+    }
+    for (since, id) in ahead {
+        state.idle.requeue(since, id);
+    }
+    forgotten
 }
 
 #[cfg(test)]
@@ -763,6 +897,7 @@ mod tests {
                 })
                 .collect(),
             expiry: (0..20).map(|i| (50, format!("e-{i}").into())).collect(),
+            ..StateSnapshot::default()
         };
         let snapshot = Arc::new(snapshot);
         let config = timely::Config::process(3);
@@ -860,5 +995,226 @@ mod tests {
             assert_eq!((restored.len(), restored.tombstones()), (1, 0));
         }
         assert_eq!(counters.after_terminal.load(Ordering::Relaxed), 2);
+    }
+
+    mod idle {
+        use super::*;
+        use crate::stages::RiderRule;
+        use crate::types::RiderRow;
+        use dongflow_records::{Coord, RiderEvent, RiderStatus};
+        use rand::{Rng, SeedableRng};
+        use std::collections::HashMap;
+
+        fn ping(id: &str, status: RiderStatus, ts: u64, at: Option<u32>) -> Enriched<RiderEvent> {
+            Enriched {
+                event: RiderEvent {
+                    rider_id: id.into(),
+                    status,
+                    rider_type: at.map(|_| "CONNECT".into()),
+                    location: at.map(|d| Coord {
+                        lat: 37.5,
+                        lon: 127.0 + f64::from(d) / 100.0,
+                    }),
+                    ts,
+                },
+                district: at,
+            }
+        }
+
+        fn riders(ttl: Time) -> UpsertState<RiderRow> {
+            let mut state = UpsertState::new(1_000);
+            state.forget_idle_after(Some(ttl));
+            state
+        }
+
+        fn apply(
+            state: &mut UpsertState<RiderRow>,
+            time: Time,
+            events: Vec<Enriched<RiderEvent>>,
+        ) -> Arc<UpsertCounters> {
+            let counters = Arc::new(UpsertCounters::default());
+            apply_time::<RiderRule>(state, time, vec![events], &mut Vec::new(), &counters);
+            counters
+        }
+
+        /// Applies one ping at `time`.
+        fn apply_one(
+            state: &mut UpsertState<RiderRow>,
+            time: Time,
+            id: &str,
+            status: RiderStatus,
+            ts: u64,
+            at: Option<u32>,
+        ) -> Arc<UpsertCounters> {
+            apply(state, time, vec![ping(id, status, ts, at)])
+        }
+
+        #[test]
+        fn a_rider_off_shift_is_forgotten_after_its_ttl_and_its_late_pings_stay_stale() {
+            let mut st = riders(100);
+            apply_one(&mut st, 10, "r-1", RiderStatus::ShiftStarted, 1, Some(3));
+            apply_one(&mut st, 20, "r-1", RiderStatus::ShiftEnded, 2, None);
+            // Unchanged for less than the ttl: remembered with its type and location.
+            apply(&mut st, 119, vec![]);
+            assert_eq!(st.get(&"r-1".into()).map(|r| r.district), Some(3));
+            let counters = apply(&mut st, 120, vec![]);
+            assert!(st.get(&"r-1".into()).is_none(), "forgotten at 20 + 100");
+            assert_eq!(counters.forgotten.load(Ordering::Relaxed), 1);
+            // A late ping of the forgotten rider is stale, as it was while the rider was held;
+            // so is any event of an id not held that is older than the forgotten rider's last.
+            let counters = apply(
+                &mut st,
+                130,
+                vec![
+                    ping("r-1", RiderStatus::OnShift, 1, Some(4)),
+                    ping("r-2", RiderStatus::OnShift, 1, Some(4)),
+                ],
+            );
+            assert_eq!(counters.stale.load(Ordering::Relaxed), 2);
+            assert!(st.get(&"r-1".into()).is_none() && st.get(&"r-2".into()).is_none());
+            // An equal ts applies, as it would have for the held rider; a next shift starts anew.
+            apply_one(&mut st, 140, "r-1", RiderStatus::ShiftStarted, 2, None);
+            let row = st.get(&"r-1".into()).expect("on shift again");
+            assert_eq!(
+                (row.district, row.location, row.rider_type.clone()),
+                (crate::districts::UNASSIGNED, None, None)
+            );
+        }
+
+        #[test]
+        fn a_rider_back_on_shift_or_ahead_of_the_clock_is_not_forgotten() {
+            let mut st = riders(100);
+            apply_one(&mut st, 10, "r-1", RiderStatus::ShiftEnded, 1, Some(3));
+            apply_one(&mut st, 50, "r-1", RiderStatus::ShiftStarted, 2, None);
+            // Its ts is after the dataflow's time: kept until the clock has passed it.
+            apply_one(&mut st, 60, "r-9", RiderStatus::ShiftEnded, 500, Some(1));
+            apply(&mut st, 200, vec![]);
+            assert!(st.get(&"r-1".into()).is_some(), "on shift since 50");
+            assert!(
+                st.get(&"r-9".into()).is_some(),
+                "ts 500 is ahead of time 200"
+            );
+            apply(&mut st, 600, vec![]);
+            assert!(st.get(&"r-9".into()).is_none());
+            assert_eq!(st.idle().forgotten_through, 500);
+        }
+
+        #[test]
+        fn a_checkpoint_keeps_when_each_rider_became_idle_and_the_horizon() {
+            let mut st = riders(100);
+            apply_one(&mut st, 10, "r-1", RiderStatus::ShiftEnded, 1, Some(3));
+            apply_one(&mut st, 20, "r-2", RiderStatus::ShiftEnded, 2, Some(3));
+            apply_one(&mut st, 25, "r-2", RiderStatus::ShiftEnded, 3, Some(4));
+            apply_one(&mut st, 30, "r-3", RiderStatus::ShiftEnded, 1, Some(3));
+            apply(&mut st, 115, vec![]);
+            let snapshot = st.snapshot(115);
+            assert_eq!(snapshot.forgotten_through, 1, "r-1 forgotten at 110");
+            let mut idle = snapshot.idle.clone();
+            idle.sort();
+            assert_eq!(
+                idle,
+                [(25, "r-2".into()), (30, "r-3".into())],
+                "r-2 once, at its latest"
+            );
+            // Restored on two workers' worth of shares, in any order: each rider forgotten
+            // `ttl` after it became idle, not after the restore.
+            let mut restored = riders(100);
+            restored.set_forgotten_through(snapshot.forgotten_through);
+            let seeds = vec![
+                snapshot.seeds(1, 2).collect(),
+                snapshot.seeds(0, 2).collect(),
+            ];
+            restored.restore(seeds, &mut Vec::new());
+            apply(&mut restored, 124, vec![]);
+            assert!(restored.get(&"r-2".into()).is_some());
+            apply(&mut restored, 125, vec![]);
+            assert!(restored.get(&"r-2".into()).is_none() && restored.get(&"r-3".into()).is_some());
+            apply(&mut restored, 130, vec![]);
+            assert!(restored.get(&"r-3".into()).is_none());
+            let counters = apply_one(&mut restored, 131, "r-1", RiderStatus::OnShift, 0, Some(1));
+            assert_eq!(
+                counters.stale.load(Ordering::Relaxed),
+                1,
+                "r-1's horizon came along"
+            );
+        }
+
+        /// Against a plain map over random sequences (stale, duplicate, out of order, ends,
+        /// restarts of shifts, quiet stretches), every event's `ts` at or before its time.
+        #[test]
+        fn agrees_with_a_map() {
+            #[derive(Clone)]
+            struct Held {
+                row: RiderRow,
+                changed: Time,
+            }
+            let ttl = 40;
+            let (mut forgotten, mut refused) = (0, 0);
+            for seed in 0..40 {
+                let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+                let mut st = riders(ttl);
+                let mut model: HashMap<Id, Held> = HashMap::new();
+                let mut horizon = 0;
+                let mut time: Time = 0;
+                for _ in 0..300 {
+                    time += rng.random_range(1..15);
+                    let events: Vec<_> = (0..rng.random_range(0..4))
+                        .map(|_| {
+                            let id = format!("r-{}", rng.random_range(0..8));
+                            let status = match rng.random_range(0..3) {
+                                0 => RiderStatus::ShiftStarted,
+                                1 => RiderStatus::OnShift,
+                                _ => RiderStatus::ShiftEnded,
+                            };
+                            let ts = time.saturating_sub(rng.random_range(0..60));
+                            let at = rng.random_bool(0.5).then(|| rng.random_range(0..5));
+                            ping(&id, status, ts, at)
+                        })
+                        .collect();
+                    // The model: forget first, then apply in order.
+                    model.retain(|_, held| {
+                        let forget = !held.row.status.on_shift()
+                            && held.changed + ttl <= time
+                            && held.row.ts <= time;
+                        if forget {
+                            horizon = horizon.max(held.row.ts);
+                            forgotten += 1;
+                        }
+                        !forget
+                    });
+                    for e in &events {
+                        let id = &e.event.rider_id;
+                        let current = model.get(id).map(|h| &h.row);
+                        if current.is_none() && e.event.ts < horizon {
+                            refused += 1;
+                            continue;
+                        }
+                        if let Ok(row) = RiderRule::apply(current, e.clone()) {
+                            model.insert(id.clone(), Held { row, changed: time });
+                        }
+                    }
+                    apply(&mut st, time, events);
+                    let mut held: Vec<(Id, RiderRow)> =
+                        st.iter().map(|(id, r)| (id.clone(), r.clone())).collect();
+                    let mut expected: Vec<(Id, RiderRow)> = model
+                        .iter()
+                        .map(|(id, h)| (id.clone(), h.row.clone()))
+                        .collect();
+                    held.sort_by(|a, b| a.0.cmp(&b.0));
+                    expected.sort_by(|a, b| a.0.cmp(&b.0));
+                    assert_eq!(held, expected, "seed {seed}, time {time}");
+                    assert_eq!(
+                        st.idle().forgotten_through,
+                        horizon,
+                        "seed {seed}, time {time}"
+                    );
+                }
+            }
+            // The sequences did forget riders and refuse late events of ids not held.
+            assert!(
+                forgotten > 100 && refused > 20,
+                "{forgotten} forgotten, {refused} refused"
+            );
+        }
     }
 }

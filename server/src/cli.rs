@@ -241,6 +241,12 @@ pub struct RunArgs {
     /// it is forgotten: an event for the same id starts a new delivery.
     #[arg(long, env = "DONGFLOW_TERMINAL_TTL", default_value = "6h", value_parser = parse_interval)]
     pub terminal_ttl: Duration,
+    /// How long a rider whose shift ended is remembered after its last event (on the engine's
+    /// clock), with its last rider type and location for its next shift, e.g. `24h`. After that it
+    /// is forgotten: its next shift starts without them. A late event older than a forgotten
+    /// rider's last one is still stale: it cannot start a shift.
+    #[arg(long, env = "DONGFLOW_RIDER_TTL", default_value = "24h", value_parser = parse_interval)]
+    pub rider_ttl: Duration,
     /// Where to start reading the input topics.
     #[arg(long, env = "DONGFLOW_START_FROM", value_enum, default_value_t = StartFrom::Checkpoint)]
     pub start_from: StartFrom,

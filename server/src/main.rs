@@ -352,6 +352,7 @@ fn run(args: RunArgs) -> Result<(), Failure> {
     let mut engine = EngineConfig::new(workers, index.clone());
     engine.cluster = cluster;
     engine.terminal_ttl = u64::try_from(args.terminal_ttl.as_millis()).unwrap_or(u64::MAX);
+    engine.rider_ttl = Some(u64::try_from(args.rider_ttl.as_millis()).unwrap_or(u64::MAX));
     let config = PipelineConfig {
         engine,
         kafka: kafka.clone(),

@@ -40,6 +40,9 @@ pub struct EngineConfig {
     pub districts: Arc<DistrictIndex>,
     /// How long terminal deliveries are remembered (dataflow ms).
     pub terminal_ttl: Time,
+    /// How long a rider off shift is remembered after its last event (dataflow ms; `None`: for
+    /// good).
+    pub rider_ttl: Option<Time>,
     /// The most events a worker takes from its source per step.
     pub max_batch: usize,
     /// The most batches a worker keeps in the dataflow before taking more input.
@@ -91,6 +94,7 @@ impl EngineConfig {
             workers: workers.max(1),
             districts,
             terminal_ttl: dongflow_dataflow::build::DEFAULT_TERMINAL_TTL_MS,
+            rider_ttl: Some(dongflow_dataflow::build::DEFAULT_RIDER_TTL_MS),
             max_batch: 200_000,
             max_in_flight: 2,
             idle_park: Duration::from_millis(1),

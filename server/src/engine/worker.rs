@@ -154,7 +154,7 @@ impl WorkerLoop {
         let mut control_in = InputHandle::new();
         let control_through: Rc<Cell<Time>> = Rc::default();
         let probe = ProbeHandle::new();
-        let state = WorkerState::new(config.terminal_ttl);
+        let state = WorkerState::new(config.terminal_ttl, config.rider_ttl);
         let processes = config.cluster.as_ref().map_or(1, |c| c.addresses.len());
         let total = config.workers * processes;
         let global_index = worker.index();
@@ -162,6 +162,12 @@ impl WorkerLoop {
         // it already (so it is not published again), else now (so that the changelog's `as_of`
         // never goes back behind records a crashed run published after the checkpoint).
         let restore = slot.restore.take();
+        if let Some(restored) = &restore {
+            // Late events of riders that the checkpoint's run forgot stay stale here, whichever
+            // worker held them then.
+            let through = restored.riders.forgotten_through;
+            state.riders.borrow_mut().set_forgotten_through(through);
+        }
         let seeded_at = restore
             .as_ref()
             .map(|restored| match config.restore_published {

@@ -239,7 +239,7 @@ fn engine(scrape: &mut Scrape, app: &App) -> prometheus::Result<()> {
             .map(|(k, c)| (vec![k.to_string()], f(c)))
             .collect()
     };
-    let upserts: [(&str, &str, Vec<Sample<u64>>); 4] = [
+    let upserts: [(&str, &str, Vec<Sample<u64>>); 5] = [
         (
             "dongflow_events_applied_total",
             "Events applied to their id's state.",
@@ -247,7 +247,8 @@ fn engine(scrape: &mut Scrape, app: &App) -> prometheus::Result<()> {
         ),
         (
             "dongflow_events_stale_total",
-            "Events ignored because their ts was older than their id's latest.",
+            "Events ignored because their ts was older than their id's latest (or, for an id not \
+             held, than a forgotten one's).",
             per_kind(&|c| c.stale.load(Relaxed)),
         ),
         (
@@ -259,6 +260,11 @@ fn engine(scrape: &mut Scrape, app: &App) -> prometheus::Result<()> {
             "dongflow_tombstones_expired_total",
             "Ended deliveries forgotten after their time to live.",
             per_kind(&|c| c.expired.load(Relaxed)),
+        ),
+        (
+            "dongflow_idle_forgotten_total",
+            "Riders off shift forgotten after their time to live.",
+            per_kind(&|c| c.forgotten.load(Relaxed)),
         ),
     ];
     for (name, help, samples) in upserts {

@@ -24,16 +24,18 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, Sender};
-use dongflow_dataflow::stages::DeliveryState;
+use dongflow_dataflow::stages::{DeliveryState, RiderRule};
 use dongflow_dataflow::types::{RiderRow, Time};
 use dongflow_dataflow::upsert::StateSnapshot;
+use dongflow_dataflow::upsert::UpsertRule;
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
 use crate::report::Chain;
 
-/// Version of the files' layout; a checkpoint of another version is skipped.
-const FORMAT: u32 = 1;
+/// Version of the files' layout this version writes; it reads this one and the earlier ones
+/// ([`v1`]), and skips a checkpoint of any other.
+const FORMAT: u32 = 2;
 /// How many checkpoint directories being written (or other processes' parts) are kept at most.
 const KEEP: usize = 2;
 /// How many of this process's complete parts are kept beside the newest complete checkpoint.
@@ -776,10 +778,13 @@ fn read_manifest(path: &Path) -> Result<Manifest, CheckpointError> {
             path: path.clone(),
             reason: e.to_string(),
         })?;
-    if manifest.format != FORMAT {
+    if !(1..=FORMAT).contains(&manifest.format) {
         return Err(CheckpointError::Manifest {
             path,
-            reason: format!("format {} (this version reads {FORMAT})", manifest.format),
+            reason: format!(
+                "format {} (this version reads 1 to {FORMAT})",
+                manifest.format
+            ),
         });
     }
     Ok(manifest)
@@ -852,12 +857,15 @@ fn load_manifests(
         time: manifests[0].time,
         ..Restored::default()
     };
-    let files: Vec<&FileEntry> = manifests.iter().flat_map(|m| &m.files).collect();
+    let files: Vec<(&FileEntry, u32)> = manifests
+        .iter()
+        .flat_map(|m| m.files.iter().map(|file| (file, m.format)))
+        .collect();
     // Each file is read, checked and decoded on a thread of its own: a restart answers sooner.
     let parts: Vec<Result<WorkerPart, CheckpointError>> = std::thread::scope(|scope| {
         let handles: Vec<_> = files
             .iter()
-            .map(|file| scope.spawn(|| load_part(dir, file, restored.time)))
+            .map(|&(file, format)| scope.spawn(move || load_part(dir, file, format, restored.time)))
             .collect();
         handles
             .into_iter()
@@ -866,10 +874,8 @@ fn load_manifests(
     });
     for part in parts {
         let part = part?;
-        restored.riders.entries.extend(part.riders.entries);
-        restored.riders.expiry.extend(part.riders.expiry);
-        restored.deliveries.entries.extend(part.deliveries.entries);
-        restored.deliveries.expiry.extend(part.deliveries.expiry);
+        restored.riders.absorb(part.riders);
+        restored.deliveries.absorb(part.deliveries);
         for (topic, partition, offset) in part.offsets {
             let next = restored.offsets.entry((topic, partition)).or_insert(offset);
             *next = (*next).max(offset);
@@ -888,8 +894,13 @@ fn load_manifests(
     Ok(restored)
 }
 
-/// Reads, checks and decodes one file of a checkpoint of time `time`.
-fn load_part(dir: &Path, file: &FileEntry, time: Time) -> Result<WorkerPart, CheckpointError> {
+/// Reads, checks and decodes one file, of layout `format`, of a checkpoint of time `time`.
+fn load_part(
+    dir: &Path,
+    file: &FileEntry,
+    format: u32,
+    time: Time,
+) -> Result<WorkerPart, CheckpointError> {
     let path = dir.join(&file.name);
     let bytes = fs::read(&path).map_err(io(&path))?;
     if bytes.len() as u64 != file.bytes || checksum(&bytes) != file.fnv64 {
@@ -904,7 +915,11 @@ fn load_part(dir: &Path, file: &FileEntry, time: Time) -> Result<WorkerPart, Che
             ),
         });
     }
-    let part: WorkerPart = bincode::deserialize(&bytes).map_err(|e| CheckpointError::Corrupt {
+    let decoded = match format {
+        1 => bincode::deserialize::<v1::WorkerPart>(&bytes).map(WorkerPart::from),
+        _ => bincode::deserialize::<WorkerPart>(&bytes),
+    };
+    let part = decoded.map_err(|e| CheckpointError::Corrupt {
         path: path.clone(),
         reason: e.to_string(),
     })?;
@@ -952,6 +967,68 @@ pub fn load_latest(state_dir: &Path) -> Option<Restored> {
         }
     }
     None
+}
+
+/// The layout of format 1, as earlier versions wrote it: no idle riders apart and no horizon of
+/// forgotten ones.
+mod v1 {
+    use dongflow_dataflow::stages::DeliveryState;
+    use dongflow_dataflow::types::{RiderRow, Time};
+    use dongflow_records::Id;
+    use serde::{Deserialize, Serialize};
+
+    #[derive(Debug, Serialize, Deserialize)]
+    pub(super) struct StateSnapshot<S> {
+        pub(super) time: Time,
+        pub(super) entries: Vec<(Id, S)>,
+        pub(super) expiry: Vec<(Time, Id)>,
+    }
+
+    #[derive(Debug, Serialize, Deserialize)]
+    pub(super) struct WorkerPart {
+        pub(super) time: Time,
+        pub(super) worker: usize,
+        pub(super) riders: StateSnapshot<RiderRow>,
+        pub(super) deliveries: StateSnapshot<DeliveryState>,
+        pub(super) offsets: Vec<(String, i32, i64)>,
+    }
+}
+
+impl From<v1::WorkerPart> for WorkerPart {
+    /// Each rider off shift counts as idle since the checkpoint's time: forgotten late, never
+    /// early.
+    fn from(part: v1::WorkerPart) -> Self {
+        let idle = part
+            .riders
+            .entries
+            .iter()
+            .filter(|(_, row)| RiderRule::idle(row).is_some())
+            .map(|(id, _)| (part.time, id.clone()))
+            .collect();
+        Self {
+            time: part.time,
+            worker: part.worker,
+            riders: StateSnapshot {
+                idle,
+                ..part.riders.into()
+            },
+            deliveries: part.deliveries.into(),
+            offsets: part.offsets,
+            pause: Duration::ZERO,
+        }
+    }
+}
+
+impl<S> From<v1::StateSnapshot<S>> for StateSnapshot<S> {
+    fn from(s: v1::StateSnapshot<S>) -> Self {
+        Self {
+            time: s.time,
+            entries: s.entries,
+            expiry: s.expiry,
+            idle: Vec::new(),
+            forgotten_through: 0,
+        }
+    }
 }
 
 #[cfg(test)]
@@ -1230,6 +1307,77 @@ mod tests {
         };
         p.riders.entries.push((id.into(), row));
         p
+    }
+
+    /// Rewrites the checkpoint of `time` in `dir` in format 1, as earlier versions wrote it.
+    fn as_format_1(dir: &Path, time: Time) {
+        let ckpt = dir_of(dir, time);
+        let path = ckpt.join("process-0.manifest.json");
+        let mut manifest: Manifest =
+            serde_json::from_slice(&fs::read(&path).expect("read")).expect("manifest");
+        manifest.format = 1;
+        for file in &mut manifest.files {
+            let at = ckpt.join(&file.name);
+            let part: WorkerPart =
+                bincode::deserialize(&fs::read(&at).expect("read")).expect("part");
+            fn earlier<S>(s: StateSnapshot<S>) -> v1::StateSnapshot<S> {
+                v1::StateSnapshot {
+                    time: s.time,
+                    entries: s.entries,
+                    expiry: s.expiry,
+                }
+            }
+            let old = v1::WorkerPart {
+                time: part.time,
+                worker: part.worker,
+                riders: earlier(part.riders),
+                deliveries: earlier(part.deliveries),
+                offsets: part.offsets,
+            };
+            let bytes = bincode::serialize(&old).expect("encoded");
+            fs::write(&at, &bytes).expect("write");
+            file.bytes = bytes.len() as u64;
+            file.fnv64 = checksum(&bytes);
+        }
+        fs::write(&path, serde_json::to_vec(&manifest).expect("json")).expect("write");
+    }
+
+    /// Idle riders and the horizon of forgotten ones are kept; a checkpoint of format 1 (written
+    /// before they were) still restores, its riders off shift idle since its time.
+    #[test]
+    fn idle_riders_are_kept_and_a_checkpoint_of_format_1_still_restores() {
+        let dir = temp("format-1");
+        let parts = || {
+            let mut parts = [rider_part(100, 0, "r-1"), rider_part(100, 1, "r-2")];
+            parts[1].riders.entries[0].1.status = dongflow_connectors::RiderStatus::ShiftEnded;
+            parts[1].riders.idle.push((60, "r-2".into()));
+            parts[1].riders.forgotten_through = 7;
+            parts
+        };
+        write(&dir, 0, 1, &mut parts()).expect("written");
+        let r = load_latest(&dir).expect("restores");
+        assert_eq!(
+            (r.riders.idle.clone(), r.riders.forgotten_through),
+            (vec![(60, "r-2".into())], 7)
+        );
+        as_format_1(&dir, 100);
+        let r = load_latest(&dir).expect("format 1 restores");
+        assert_eq!(r.riders.entries.len(), 2);
+        assert_eq!(
+            (r.riders.idle.clone(), r.riders.forgotten_through),
+            (vec![(100, "r-2".into())], 0)
+        );
+        // A format this version does not know is skipped, saying why.
+        let path = dir_of(&dir, 100).join("process-0.manifest.json");
+        let text = String::from_utf8(fs::read(&path).expect("read")).expect("utf-8");
+        fs::write(&path, text.replace("\"format\":1", "\"format\":3")).expect("write");
+        let error = load_dir(&dir_of(&dir, 100)).expect_err("format 3");
+        assert!(
+            error
+                .to_string()
+                .contains("format 3 (this version reads 1 to 2)"),
+            "{error}"
+        );
     }
 
     #[test]

@@ -544,11 +544,13 @@ mod tests {
                 time: 500,
                 entries: riders,
                 expiry: Vec::new(),
+                ..StateSnapshot::default()
             },
             deliveries: StateSnapshot {
                 time: 500,
                 entries: deliveries,
                 expiry: Vec::new(),
+                ..StateSnapshot::default()
             },
             offsets: Default::default(),
             published: None,
