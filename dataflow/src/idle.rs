@@ -13,7 +13,8 @@
 //! The queue holds `(time it became idle, id)` in time order; an entry whose id changed since is
 //! dropped when it comes up, so no map of its own is needed.
 
-use std::collections::VecDeque;
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, VecDeque};
 
 use dongflow_records::{Id, Millis};
 
@@ -25,6 +26,9 @@ use crate::types::Time;
 pub struct Idle {
     /// `(dataflow time the state became idle, id)`, in the order they became idle.
     queue: VecDeque<(Time, Id)>,
+    /// Entries that came due while their state's `ts` was ahead of the dataflow's time, by that
+    /// `ts`: looked at again once the time has passed it.
+    ahead: BinaryHeap<Reverse<(Millis, Time, Id)>>,
     /// How long an idle state is kept, in dataflow time (ms); `None`: for good.
     ttl: Option<Time>,
     /// The newest `ts` of a forgotten state: an event of an id not held with a lower `ts` is stale.
@@ -36,6 +40,7 @@ impl Idle {
     pub fn new(ttl: Option<Time>) -> Self {
         Self {
             queue: VecDeque::new(),
+            ahead: BinaryHeap::new(),
             ttl,
             forgotten_through: 0,
         }
@@ -52,16 +57,23 @@ impl Idle {
     /// still idle is the caller's to check).
     pub fn pop_due(&mut self, now: Time) -> Option<(Time, Id)> {
         let ttl = self.ttl?;
-        let (since, _) = self.queue.front()?;
-        if since.saturating_add(ttl) > now {
-            return None;
+        if let Some((since, _)) = self.queue.front() {
+            if since.saturating_add(ttl) <= now {
+                return self.queue.pop_front();
+            }
         }
-        self.queue.pop_front()
+        match self.ahead.peek() {
+            Some(Reverse((ts, _, _))) if *ts <= now => {
+                self.ahead.pop().map(|Reverse((_, since, id))| (since, id))
+            }
+            _ => None,
+        }
     }
 
-    /// Puts an entry back at the end, to be looked at again later (never earlier than due).
-    pub fn requeue(&mut self, since: Time, id: Id) {
-        self.queue.push_back((since, id));
+    /// Keeps a due entry whose state's `ts` is ahead of the dataflow's time until the time has
+    /// passed that `ts`.
+    pub fn wait_for_clock(&mut self, ts: Millis, since: Time, id: Id) {
+        self.ahead.push(Reverse((ts, since, id)));
     }
 
     /// Notes that a state whose last event had `ts` was forgotten.
@@ -75,19 +87,26 @@ impl Idle {
         ts < self.forgotten_through
     }
 
-    /// The entries queued, oldest first.
-    pub fn iter(&self) -> impl Iterator<Item = &(Time, Id)> {
-        self.queue.iter()
+    /// The entries held, each as `(time it became idle, id)`.
+    pub fn iter(&self) -> impl Iterator<Item = (Time, &Id)> {
+        let ahead = self
+            .ahead
+            .iter()
+            .map(|Reverse((_, since, id))| (*since, id));
+        self.queue
+            .iter()
+            .map(|(since, id)| (*since, id))
+            .chain(ahead)
     }
 
-    /// The number of entries queued (ids that changed since included, until they come up).
+    /// The number of entries held (ids that changed since included, until they come up).
     pub fn len(&self) -> usize {
-        self.queue.len()
+        self.queue.len() + self.ahead.len()
     }
 
-    /// Whether nothing is queued.
+    /// Whether nothing is held.
     pub fn is_empty(&self) -> bool {
-        self.queue.is_empty()
+        self.queue.is_empty() && self.ahead.is_empty()
     }
 
     /// Returns the queue's room once a burst of entries has left it.
@@ -111,6 +130,18 @@ mod tests {
         assert_eq!(idle.pop_due(110), Some((10, "r-1".into())));
         assert_eq!(idle.pop_due(110), None);
         assert_eq!(idle.pop_due(500), Some((20, "r-2".into())));
+        assert!(idle.is_empty());
+    }
+
+    #[test]
+    fn an_entry_waiting_for_the_clock_comes_due_once_the_time_has_passed_its_ts() {
+        let mut idle = Idle::new(Some(100));
+        idle.wait_for_clock(900, 10, "r-1".into());
+        idle.push(20, "r-2".into());
+        assert_eq!(idle.len(), 2);
+        assert_eq!(idle.pop_due(500), Some((20, "r-2".into())));
+        assert_eq!(idle.pop_due(899), None);
+        assert_eq!(idle.pop_due(900), Some((10, "r-1".into())));
         assert!(idle.is_empty());
     }
 

@@ -192,10 +192,10 @@ impl<S: Clone> UpsertState<S> {
                 .iter()
                 .filter(|(since, id)| {
                     self.entries
-                        .get(id)
+                        .get(*id)
                         .is_some_and(|slot| unchanged_since(slot.touched_at, *since))
                 })
-                .cloned()
+                .map(|(since, id)| (since, id.clone()))
                 .collect(),
             forgotten_through: self.idle.forgotten_through,
         }
@@ -237,7 +237,7 @@ impl<S: Clone> UpsertState<S> {
         // In the order they became idle, so that the queue's front comes due first.
         idle.sort();
         for (since, id) in idle {
-            self.idle.requeue(since, id);
+            self.idle.push(since, id);
         }
     }
 }
@@ -630,7 +630,6 @@ fn run_out<U: UpsertRule>(state: &mut UpsertState<U::State>, now: Time) -> (u64,
 /// has passed, and says how many. An idle state shows no rows, so nothing downstream changes.
 fn forget_idle<U: UpsertRule>(state: &mut UpsertState<U::State>, now: Time) -> u64 {
     let mut forgotten = 0;
-    let mut ahead = Vec::new();
     while let Some((since, id)) = state.idle.pop_due(now) {
         let Some(slot) = state.entries.get(&id) else {
             continue;
@@ -641,8 +640,8 @@ fn forget_idle<U: UpsertRule>(state: &mut UpsertState<U::State>, now: Time) -> u
         };
         if ts > now {
             // Its clock runs ahead of the dataflow's: forgetting it now would refuse events of
-            // new ids up to that `ts`. Looked at again later.
-            ahead.push((since, id));
+            // new ids up to that `ts`. Looked at again once the time has passed it.
+            state.idle.wait_for_clock(ts, since, id);
             continue;
         }
         debug_assert!(
@@ -652,9 +651,6 @@ fn forget_idle<U: UpsertRule>(state: &mut UpsertState<U::State>, now: Time) -> u
         state.entries.remove(&id);
         state.idle.forgot(ts);
         forgotten += 1;
-    }
-    for (since, id) in ahead {
-        state.idle.requeue(since, id);
     }
     forgotten
 }
