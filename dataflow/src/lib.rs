@@ -8,6 +8,7 @@
 //! - [`seoul_map`]: the default map, Seoul's 425 dongs, shipped compressed in the binary.
 //! - [`builtin_map`]: a small coarse map of Seoul's 25 gu, for tests and examples.
 //! - [`upsert`]: the upsert operator that applies events per id in `ts` order.
+//! - [`table`]: the upsert's map of states by id, in shards, copied for a checkpoint in steps.
 //! - [`tombstones`]: the ids whose state is terminal, remembered by id and expiry alone.
 //! - [`idle`]: idle states (riders off shift), forgotten after a time to live of their own.
 //! - [`stages`]: one function per stage (enrich, upsert rules, join, count, changes per time,
@@ -33,6 +34,7 @@ pub mod error;
 pub mod idle;
 pub mod seoul_map;
 pub mod stages;
+pub mod table;
 pub mod tombstones;
 pub mod trace_size;
 pub mod types;

@@ -37,6 +37,7 @@ use timely::dataflow::operators::Capability;
 use timely::dataflow::Stream;
 
 use crate::idle::Idle;
+use crate::table::{Copied, Table, SHARDS};
 use crate::tombstones::Tombstones;
 use crate::types::{Diff, Time};
 
@@ -84,14 +85,21 @@ struct Slot<S> {
     touched_at: Time,
 }
 
+impl<S: Clone> Copied for Slot<S> {
+    type Copy = S;
+    fn copied(&self) -> S {
+        self.state.clone()
+    }
+}
+
 /// Marks a slot that no time has changed yet.
 const UNTOUCHED: Time = Time::MAX;
 
 /// The state of one upsert operator on one worker.
 #[derive(Debug)]
-pub struct UpsertState<S> {
+pub struct UpsertState<S: Clone> {
     /// Latest state per id, tombstones aside.
-    entries: FxHashMap<Id, Slot<S>>,
+    entries: Table<Slot<S>>,
     /// The ids whose state is terminal, until their ttl runs out.
     ended: Tombstones,
     /// How long a tombstone is kept, in dataflow time (ms).
@@ -100,11 +108,11 @@ pub struct UpsertState<S> {
     idle: Idle,
 }
 
-impl<S> UpsertState<S> {
+impl<S: Clone> UpsertState<S> {
     /// An empty state whose tombstones live for `ttl` ms.
     pub fn new(ttl: Time) -> Self {
         Self {
-            entries: FxHashMap::default(),
+            entries: Table::default(),
             ended: Tombstones::default(),
             ttl,
             idle: Idle::default(),
@@ -134,7 +142,7 @@ impl<S> UpsertState<S> {
     /// Returns the map's room once most of its ids have ended: a map keeps its largest size
     /// otherwise, and a burst of deliveries that end would cost a live delivery's room each for good.
     fn give_back_room(&mut self) {
-        give_back_map(&mut self.entries);
+        self.entries.give_back_room(KEEP_ROOM / SHARDS);
         self.idle.give_back_room();
     }
 
@@ -172,19 +180,23 @@ impl<S> UpsertState<S> {
     pub fn tombstone_expiry(&self) -> impl Iterator<Item = &(Time, Id)> {
         self.ended.iter()
     }
-}
 
-impl<S: Clone> UpsertState<S> {
     /// A copy of every live id's state and of the tombstones with their expiry times, for a
-    /// checkpoint.
-    pub fn snapshot(&self, time: Time) -> StateSnapshot<S> {
+    /// checkpoint, taken all at once (the operator takes one in steps instead).
+    pub fn snapshot(&mut self, time: Time) -> StateSnapshot<S> {
+        let mut snapshot = self.begin_snapshot(time);
+        snapshot.entries = self.snapshot_step(usize::MAX).unwrap_or_default();
+        snapshot
+    }
+
+    /// Begins a snapshot of the state as it is now, the state at `time`: the tombstones and idle
+    /// ids are copied now, the live states by [`Self::snapshot_step`], a few shards at a time
+    /// (changes made meanwhile do not reach the copy).
+    pub fn begin_snapshot(&mut self, time: Time) -> StateSnapshot<S> {
+        self.entries.begin_copy();
         StateSnapshot {
             time,
-            entries: self
-                .entries
-                .iter()
-                .map(|(id, slot)| (id.clone(), slot.state.clone()))
-                .collect(),
+            entries: Vec::new(),
             expiry: self.ended.iter().cloned().collect(),
             // Only the entries of ids unchanged since: a later one of the same id is queued too.
             idle: self
@@ -192,13 +204,18 @@ impl<S: Clone> UpsertState<S> {
                 .iter()
                 .filter(|(since, id)| {
                     self.entries
-                        .get(*id)
+                        .get(id)
                         .is_some_and(|slot| unchanged_since(slot.touched_at, *since))
                 })
                 .map(|(since, id)| (since, id.clone()))
                 .collect(),
             forgotten_through: self.idle.forgotten_through,
         }
+    }
+
+    /// Copies about `budget` more live states of the snapshot begun; returns them all once done.
+    pub fn snapshot_step(&mut self, budget: usize) -> Option<Vec<(Id, S)>> {
+        self.entries.copy_some(budget)
     }
 
     /// Puts seeds in (one time's, every worker's share that this worker owns), recording in
@@ -326,7 +343,10 @@ impl<S> Default for StateSnapshot<S> {
 pub struct SnapshotSlot<S> {
     /// The time to snapshot at, once the operator's input is complete through it.
     pub requested: Cell<Option<Time>>,
-    /// The snapshot taken, and how long copying the state paused the worker.
+    /// The snapshot being copied, the longest step of it so far, and the time its beginning
+    /// took (counted into the step that follows it).
+    copying: RefCell<Option<(StateSnapshot<S>, Duration, Duration)>>,
+    /// The snapshot taken, and the longest the worker paused for a step of copying it.
     pub taken: RefCell<Option<(StateSnapshot<S>, Duration)>>,
 }
 
@@ -334,24 +354,49 @@ impl<S> Default for SnapshotSlot<S> {
     fn default() -> Self {
         Self {
             requested: Cell::new(None),
+            copying: RefCell::new(None),
             taken: RefCell::new(None),
         }
     }
 }
 
+/// How many live states a step of copying takes, about a millisecond's work: between steps the
+/// worker goes on with its other work.
+const COPY_STEP: usize = 8 * 1024;
+
 impl<S: Clone> SnapshotSlot<S> {
-    /// Takes the requested snapshot if `time` (the next time to apply, or `None` once the input is
-    /// complete through the request) has passed it.
-    fn maybe_take(&self, state: &UpsertState<S>, next: Option<Time>) {
+    /// Begins the requested snapshot if `time` (the next time to apply, or `None` once the input
+    /// is complete through the request) has passed it.
+    fn maybe_take(&self, state: &mut UpsertState<S>, next: Option<Time>) {
         let Some(at) = self.requested.get() else {
             return;
         };
         if next.is_none_or(|t| t > at) {
             let started = Instant::now();
-            let snapshot = state.snapshot(at);
-            *self.taken.borrow_mut() = Some((snapshot, started.elapsed()));
+            let snapshot = state.begin_snapshot(at);
+            *self.copying.borrow_mut() = Some((snapshot, Duration::ZERO, started.elapsed()));
             self.requested.set(None);
         }
+    }
+
+    /// Copies a step of the snapshot under way, if any; says whether more is left. A snapshot
+    /// copied whole goes to `taken`.
+    fn copy_step(&self, state: &mut UpsertState<S>) -> bool {
+        let mut copying = self.copying.borrow_mut();
+        let Some((snapshot, longest, begun)) = copying.as_mut() else {
+            return false;
+        };
+        let started = Instant::now();
+        let done = state.snapshot_step(COPY_STEP);
+        *longest = (*longest).max(std::mem::take(begun) + started.elapsed());
+        let Some(entries) = done else {
+            return true;
+        };
+        snapshot.entries = entries;
+        *self.taken.borrow_mut() = copying
+            .take()
+            .map(|(snapshot, longest, _)| (snapshot, longest));
+        false
     }
 }
 
@@ -428,13 +473,16 @@ pub fn upsert<'s, U: UpsertRule>(
     // Route every event and every seed of an id to the one worker that owns the id's state.
     let exchange = Exchange::new(|e: &U::Event| U::id(e).hashed());
     let by_id = Exchange::new(|s: &Seed<U::State>| s.id().hashed());
+    let scope = events.scope();
     events
         .binary_frontier::<_, CapacityContainerBuilder<Vec<Update<U::Row>>>, _, _, _, _>(
             seeds,
             exchange,
             by_id,
             name,
-            move |_, _| {
+            move |_, info| {
+                // A checkpoint's copy goes on in steps, each at a later activation.
+                let activator = scope.activator_for(info.address);
                 // Received containers are kept as they came, not copied into one.
                 let mut stash: Stash<U::Event> = BTreeMap::new();
                 let mut seeded: Stash<Seed<U::State>> = BTreeMap::new();
@@ -453,8 +501,8 @@ pub fn upsert<'s, U: UpsertRule>(
                             break;
                         }
                         // A checkpoint's state holds every time up to its own and nothing after.
-                        snapshots.maybe_take(&state.borrow(), Some(time));
                         let mut state = state.borrow_mut();
+                        snapshots.maybe_take(&mut state, Some(time));
                         // `time` is a key of one of the two; its events, if any, at the next turn.
                         let cap = if let Some((cap, seeds)) = seeded.remove(&time) {
                             state.restore(seeds, &mut touched);
@@ -500,8 +548,11 @@ pub fn upsert<'s, U: UpsertRule>(
                     // Complete through the requested time with nothing later applied yet.
                     if let Some(at) = snapshots.requested.get() {
                         if complete(&at) {
-                            snapshots.maybe_take(&state.borrow(), None);
+                            snapshots.maybe_take(&mut state.borrow_mut(), None);
                         }
+                    }
+                    if snapshots.copy_step(&mut state.borrow_mut()) {
+                        activator.activate();
                     }
                 }
             },
@@ -825,25 +876,27 @@ mod tests {
         );
     }
 
+    /// A delivery upsert without seeds over `st`, asked for checkpoints through `slot`.
+    fn checkpointed_upsert<'s>(
+        scope: timely::dataflow::Scope<'s, Time>,
+        st: Rc<RefCell<UpsertState<DeliveryState>>>,
+        slot: Rc<SnapshotSlot<DeliveryState>>,
+    ) -> (EventInput, timely::dataflow::ProbeHandle<Time>) {
+        let (input, stream) = scope.new_input::<Enriched<DeliveryEvent>>();
+        let no_seeds = timely::dataflow::operators::generic::operator::empty(scope);
+        let out = upsert::<DeliveryRule>(stream, no_seeds, "Upsert", st, Arc::default(), slot);
+        let (probe, _) = out.inner.probe();
+        (input, probe)
+    }
+
     #[test]
     fn a_snapshot_holds_exactly_the_times_up_to_its_own() {
         let snapshot = timely::execute_directly(|worker| {
             let st = UpsertState::shared(1_000);
             let slot: Rc<SnapshotSlot<DeliveryState>> = Rc::default();
             slot.requested.set(Some(2));
-            let (mut input, probe) = worker.dataflow::<Time, _, _>(|scope| {
-                let (input, stream) = scope.new_input::<Enriched<DeliveryEvent>>();
-                let out = upsert::<DeliveryRule>(
-                    stream,
-                    timely::dataflow::operators::generic::operator::empty(scope),
-                    "Upsert",
-                    st.clone(),
-                    Arc::default(),
-                    slot.clone(),
-                );
-                let (probe, _) = out.inner.probe();
-                (input, probe)
-            });
+            let (mut input, probe) =
+                worker.dataflow(|scope| checkpointed_upsert(scope, st.clone(), slot.clone()));
             // Three times arrive before the operator runs at all: the cut must fall between 2 and 3.
             input.advance_to(1);
             input.send(event("d-1", DeliveryStatus::Created, 10));
@@ -876,6 +929,67 @@ mod tests {
             .collect();
         shared.sort();
         assert_eq!(shared, ["d-1".into(), "d-2".into()] as [Id; 2]);
+    }
+
+    /// A snapshot larger than a copy step is copied over several activations while later times
+    /// change, end and add deliveries: it holds the state at its time all the same.
+    #[test]
+    fn a_snapshot_copied_in_steps_holds_its_time_whatever_changes_meanwhile() {
+        let n = 5 * COPY_STEP;
+        let (snapshot, rounds, later) = timely::execute_directly(move |worker| {
+            let st = UpsertState::shared(1_000);
+            let slot: Rc<SnapshotSlot<DeliveryState>> = Rc::default();
+            let (mut input, probe) =
+                worker.dataflow(|scope| checkpointed_upsert(scope, st.clone(), slot.clone()));
+            input.advance_to(1);
+            for i in 0..n {
+                input.send(event(&format!("d-{i}"), DeliveryStatus::Created, 10));
+            }
+            input.advance_to(2);
+            worker.step_while(|| probe.less_than(&2));
+            slot.requested.set(Some(1));
+            let mut rounds = 0;
+            while slot.taken.borrow().is_none() && rounds < 1_000 {
+                // Each round a later time ends some ids, changes others and adds a new one.
+                for i in (rounds * 97..n).step_by(n / 7).take(7) {
+                    let status = match i % 2 {
+                        0 => DeliveryStatus::Cancelled,
+                        _ => DeliveryStatus::Waiting,
+                    };
+                    input.send(event(&format!("d-{i}"), status, 11));
+                }
+                input.send(event(&format!("new-{rounds}"), DeliveryStatus::Created, 11));
+                input.advance_to(3 + rounds as Time);
+                worker.step();
+                rounds += 1;
+            }
+            input.close();
+            worker.step_while(|| !probe.done());
+            let later = st.borrow().len();
+            let taken = slot.taken.borrow_mut().take();
+            (taken.expect("the snapshot was taken").0, rounds, later)
+        });
+        assert!(rounds > 2, "copied over {rounds} rounds");
+        assert_eq!(snapshot.time, 1);
+        assert!(snapshot.expiry.is_empty(), "nothing had ended at time 1");
+        let held: BTreeMap<String, DeliveryState> = snapshot
+            .entries
+            .iter()
+            .map(|(id, s)| (id.to_string(), s.clone()))
+            .collect();
+        let wrong: Vec<_> = (0..n)
+            .map(|i| format!("d-{i}"))
+            .filter(|id| {
+                !matches!(held.get(id), Some(DeliveryState::Live(row)) if row.status == DeliveryStatus::Created)
+            })
+            .take(5)
+            .collect();
+        assert!(wrong.is_empty(), "not as at time 1: {wrong:?}");
+        assert_eq!(held.len(), n, "only the ids of time 1");
+        assert!(
+            later > n,
+            "the later times were applied meanwhile: {later} ids"
+        );
     }
 
     #[test]
