@@ -70,12 +70,53 @@ impl Live {
     /// Starts the broker and `dongflow run -w WORKERS` on it, waits until it is ready, then
     /// produces `riders` riders' events at `rate` events/s.
     pub fn start(map: &Map, workers: usize, riders: usize, rate: u64, tag: &str) -> Live {
+        let mut live = Live::spawn(map, workers, PARTITIONS, tag, |_, _, _| {});
+        let stop = Arc::new(AtomicBool::new(false));
+        let config = GenerateConfig {
+            brokers: live.bootstrap.as_str().into(),
+            rider_topic: TOPICS[0].into(),
+            delivery_topic: TOPICS[1].into(),
+            rate,
+            events: None,
+            duration: None,
+        };
+        let flag = stop.clone();
+        let thread = std::thread::spawn(move || {
+            let sim = SimConfig {
+                riders,
+                seed: 7,
+                start_ts: now_ms(),
+            };
+            generate(sim, &config, &flag, |_| {}).expect("events produced")
+        });
+        live.ingest = Some((stop, thread));
+        live
+    }
+
+    /// Starts the broker with `partitions` a topic, has `backlog` fill its input topics (given
+    /// the bootstrap address and the rider and delivery topics), then starts `dongflow run -w
+    /// WORKERS` on it from the earliest offsets and waits until it is ready.
+    pub fn spawn(
+        map: &Map,
+        workers: usize,
+        partitions: i32,
+        tag: &str,
+        backlog: impl FnOnce(&str, &str, &str),
+    ) -> Live {
         let specs: Vec<TopicSpec> = TOPICS
             .iter()
-            .map(|t| TopicSpec::new(t, PARTITIONS))
+            .map(|t| TopicSpec::new(t, partitions))
             .collect();
         let broker = EmbeddedBroker::start(&specs).expect("embedded broker");
         let bootstrap = broker.bootstrap();
+        backlog(&bootstrap, TOPICS[0], TOPICS[1]);
+        // The embedded broker keeps about 5 MB a partition: a backlog beyond it would be read in
+        // part, and the run would wait for events it can never read.
+        let trimmed = broker.trimmed(&specs[..2]).expect("watermarks");
+        assert!(
+            trimmed.is_empty(),
+            "the backlog overflowed partitions {trimmed:?}"
+        );
         let dir = std::env::temp_dir().join(format!("dongflow-e2e-{}-{tag}", std::process::id()));
         std::fs::create_dir_all(&dir).expect("temp dir");
         let log = std::fs::File::create(dir.join("dongflow.log")).expect("log file");
@@ -108,7 +149,7 @@ impl Live {
             .expect("dongflow prints its HTTP address")
             .parse()
             .expect("an address");
-        let mut live = Live {
+        let live = Live {
             _broker: broker,
             bootstrap,
             child,
@@ -116,26 +157,7 @@ impl Live {
             ingest: None,
             _dir: TempDir(dir),
         };
-        live.wait_for("/readyz", Duration::from_secs(60));
-        let stop = Arc::new(AtomicBool::new(false));
-        let config = GenerateConfig {
-            brokers: live.bootstrap.as_str().into(),
-            rider_topic: TOPICS[0].into(),
-            delivery_topic: TOPICS[1].into(),
-            rate,
-            events: None,
-            duration: None,
-        };
-        let flag = stop.clone();
-        let thread = std::thread::spawn(move || {
-            let sim = SimConfig {
-                riders,
-                seed: 7,
-                start_ts: now_ms(),
-            };
-            generate(sim, &config, &flag, |_| {}).expect("events produced")
-        });
-        live.ingest = Some((stop, thread));
+        live.wait_for("/readyz", Duration::from_secs(600));
         live
     }
 

@@ -22,6 +22,7 @@ mod live;
 mod load;
 mod progress;
 mod push;
+mod rss;
 mod soak;
 
 #[path = "../../tests/common/event_count.rs"]
@@ -95,7 +96,7 @@ dongflow end-to-end benchmark
 usage: cargo bench --bench e2e -- [options]
 
   --only LIST          sections to run, comma-separated (default: all):
-                       inmem, memory, kafka, freshness, queries, push, soak
+                       inmem, memory, rss, kafka, freshness, queries, push, soak
   --runs N             runs of every figure; medians are reported (default 3)
   --out DIR            where e2e.json and e2e.svg go (default target/e2e)
   --events N           in-memory events (default 2000000)
@@ -132,9 +133,10 @@ struct Options {
 }
 
 /// Every section, in the order they run.
-const SECTIONS: [&str; 7] = [
+const SECTIONS: [&str; 8] = [
     "inmem",
     "memory",
+    "rss",
     "kafka",
     "freshness",
     "queries",
@@ -255,6 +257,7 @@ fn main() {
     };
     let steps = usize::from(has("inmem")) * (1 + 3 * o.runs)
         + usize::from(has("memory")) * o.memory_fleets.len() * 3 * o.runs
+        + usize::from(has("rss")) * 3 * o.runs
         + usize::from(tansu.is_some()) * (2 + 3 * o.runs)
         + usize::from(has("freshness")) * o.rates.len() * o.runs
         + usize::from(has("queries")) * o.runs
@@ -328,6 +331,9 @@ fn main() {
     }
     if has("memory") {
         memory(&o, &progress, &mut report, &mut rows, &mut panels);
+    }
+    if has("rss") {
+        rss::section(&o, &map, &progress, &mut report, &mut rows, &mut panels);
     }
     if has("soak") {
         // After the memory section, whose bytes per ended delivery it sets aside.

@@ -18,6 +18,9 @@ use rustc_hash::{FxBuildHasher, FxHashSet};
 /// How many hash tables the map is split into.
 pub const SHARDS: usize = 256;
 
+/// How many shards a call of [`Table::give_back_room`] looks at.
+const LOOK_AT: usize = 8;
+
 fn hash(id: &Id) -> u64 {
     FxBuildHasher.hash_one(id)
 }
@@ -53,6 +56,8 @@ pub struct Table<V: Copied> {
     shards: Vec<HashTable<(Id, V)>>,
     len: usize,
     copy: Option<Copying<V::Copy>>,
+    /// The shard [`Table::give_back_room`] looks at next.
+    next_to_shrink: usize,
 }
 
 impl<V: Copied> Default for Table<V> {
@@ -61,6 +66,7 @@ impl<V: Copied> Default for Table<V> {
             shards: (0..SHARDS).map(|_| HashTable::new()).collect(),
             len: 0,
             copy: None,
+            next_to_shrink: 0,
         }
     }
 }
@@ -94,9 +100,13 @@ impl<V: Copied> Table<V> {
         self.copy.is_some()
     }
 
-    /// Returns the room a burst left in shards that hold far fewer ids than they have room for.
+    /// Returns the room a burst left in the next few shards, if they hold far fewer ids than they
+    /// have room for: called often, it looks at every shard in turn without walking them all each
+    /// time.
     pub fn give_back_room(&mut self, keep: usize) {
-        for shard in &mut self.shards {
+        for _ in 0..LOOK_AT {
+            let shard = &mut self.shards[self.next_to_shrink];
+            self.next_to_shrink = (self.next_to_shrink + 1) % SHARDS;
             let len = shard.len();
             if shard.capacity() > 4 * len.max(keep) {
                 shard.shrink_to(2 * len, |(k, _)| hash(k));
