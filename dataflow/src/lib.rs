@@ -11,18 +11,17 @@
 //! - [`table`]: the upsert's map of states by id, in shards, copied for a checkpoint in steps.
 //! - [`tombstones`]: the ids whose state is terminal, remembered by id and expiry alone.
 //! - [`idle`]: idle states (riders off shift), forgotten after a time to live of their own.
-//! - [`stages`]: one function per stage (enrich, upsert rules, join, count, changes per time,
-//!   rider changes).
+//! - [`stages`]: one function per stage (enrich, upsert rules, rider snapshots, waiting
+//!   deliveries, counts, changes per time).
 //! - [`build`](mod@build): the one place that wires the stages.
 //! - [`trace_size`]: how many updates a trace holds, for metrics.
 //! - [`error`]: this crate's errors.
 //!
 //! ```text
-//! riders ─► enrich ─► upsert ─┬─► positions ───────────────────────────────────┐
-//!                             └─► cores ─┐                                      ▼
-//!                                        ├─► join (reduce by rider) ─► snapshots ─► rider changes per time
-//! deliveries ─► enrich ─► upsert ─┬──────┘                   └─► contributions ─► counts by district ─► changes per time
-//!                                 └──────────── waiting deliveries ───────────────┘
+//! riders ─────► enrich ─► upsert (seeds) ─┐
+//!                                         ├─► rider snapshots ─┬─► rider changes per time
+//! deliveries ─► enrich ─► upsert (seeds) ─┤   (one per rider)  └─► contributions ─┐
+//!                                         └─► waiting deliveries ─► contributions ─┴─► counts by district ─► changes per time
 //! ```
 //!
 //! The per-time changes feed the changelog topics and each process's serving view.
