@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use serde_json::{json, Value};
 
 use crate::chart::{self, Bar, Panel, GREEN, ORANGE};
-use crate::kafka_common::{produce, Record};
+use crate::kafka_common::{eventually, produce, Record};
 use crate::progress::Progress;
 use crate::{live, verdict, Options, Stats};
 
@@ -86,14 +86,9 @@ fn caught_up(
         backlog(bootstrap, r, d, riders, deliveries)
     });
     let applied = (riders + deliveries) as f64;
-    let deadline = Instant::now() + Duration::from_secs(600);
-    while live.metric("dongflow_events_applied_total{") != Some(applied) {
-        assert!(
-            Instant::now() < deadline,
-            "the backlog was not applied in time"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    eventually(Duration::from_secs(600), "the backlog applied", || {
+        (live.metric("dongflow_events_applied_total{") == Some(applied)).then_some(())
+    });
     // Settled: the changelog written and acknowledged, the batches of the catch-up freed. A
     // benchmark's pacing: RSS is read once it has stopped moving for a second.
     let pid = live.pid().to_string();

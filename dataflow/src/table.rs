@@ -21,7 +21,8 @@ pub const SHARDS: usize = 256;
 /// How many shards a call of [`Table::give_back_room`] looks at.
 const LOOK_AT: usize = 8;
 
-fn hash(id: &Id) -> u64 {
+/// The hash an id is found by, in these tables and in the tombstones' index.
+pub(crate) fn hash(id: &Id) -> u64 {
     FxBuildHasher.hash_one(id)
 }
 
@@ -93,11 +94,6 @@ impl<V: Copied> Table<V> {
     /// Every id with its value.
     pub fn iter(&self) -> impl Iterator<Item = (&Id, &V)> {
         self.shards.iter().flatten().map(|(k, v)| (k, v))
-    }
-
-    /// Whether a copy is under way.
-    pub fn copying(&self) -> bool {
-        self.copy.is_some()
     }
 
     /// Returns the room a burst left in the next few shards, if they hold far fewer ids than they
@@ -180,19 +176,13 @@ impl<V: Copied> Table<V> {
         let copy = self.copy.as_mut()?;
         let start = copy.out.len();
         while copy.cursor < SHARDS && copy.out.len() - start < budget {
-            let shard = &self.shards[copy.cursor];
-            if copy.handled.is_empty() {
-                copy.out
-                    .extend(shard.iter().map(|(k, v)| (k.clone(), v.copied())));
-            } else {
-                let handled = &copy.handled;
-                copy.out.extend(
-                    shard
-                        .iter()
-                        .filter(|(k, _)| !handled.contains(k))
-                        .map(|(k, v)| (k.clone(), v.copied())),
-                );
-            }
+            let handled = &copy.handled;
+            // Most copies see no change during them: no lookup then.
+            let copied = self.shards[copy.cursor]
+                .iter()
+                .filter(|(k, _)| handled.is_empty() || !handled.contains(k))
+                .map(|(k, v)| (k.clone(), v.copied()));
+            copy.out.extend(copied);
             copy.cursor += 1;
         }
         if copy.cursor < SHARDS {

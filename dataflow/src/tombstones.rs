@@ -7,13 +7,12 @@
 //! compares the ids at the positions the index gives.
 
 use std::collections::VecDeque;
-use std::hash::BuildHasher;
 
 use dongflow_records::Id;
 use hashbrown::hash_table::Entry;
 use hashbrown::HashTable;
-use rustc_hash::FxBuildHasher;
 
+use crate::table::hash;
 use crate::types::Time;
 
 /// The terminal ids of one upsert operator on one worker.
@@ -27,10 +26,6 @@ pub struct Tombstones {
     popped: u64,
     /// Absolute queue positions, found by the hash of the id at each.
     index: HashTable<u64>,
-}
-
-fn hash(id: &Id) -> u64 {
-    FxBuildHasher.hash_one(id)
 }
 
 impl Tombstones {
