@@ -1140,6 +1140,7 @@ fn changelog_view(
         rider_topic: t.snapshots.clone(),
         index: builtin(),
         restored: None,
+        reconciles: true,
     };
     dongflow::view::StaleView::start(source, move || live).expect("view starts")
 }

@@ -155,6 +155,7 @@ impl Pipeline {
                 rider_topic: config.rider_changelog_topic.clone(),
                 index: engine_config.districts.clone(),
                 restored: config.restore.clone(),
+                reconciles: !restore_published,
             },
             live_ready,
         )?;

@@ -52,6 +52,10 @@ pub struct StaleSource {
     pub index: Arc<DistrictIndex>,
     /// The checkpoint this process restored, if any.
     pub restored: Option<Arc<Restored>>,
+    /// Whether this run reconciles the changelog with its state once caught up, and so wants the
+    /// keys the changelog held ([`StaleView::held_keys`]); a run restored from a checkpoint whose
+    /// changelog a clean stop marked complete does not, and the view spares their fingerprints.
+    pub reconciles: bool,
 }
 
 impl StaleSource {
@@ -183,8 +187,11 @@ pub struct StaleView {
     view: Arc<ServingView>,
     /// Set once every changelog partition has been read up to what it held when reading began.
     loaded: AtomicBool,
-    /// The keys the changelog held a value for then.
+    /// The keys the changelog held a value for then, when the run wants them.
     held: OnceLock<Arc<HeldKeys>>,
+    /// Set once the held keys are taken, or once loaded when the run does not want them: the view
+    /// is not let go before.
+    keys_taken: AtomicBool,
     /// Changelog values that could not be read back (skipped, not read as deletions).
     undecodable: AtomicU64,
     thread: Background,
@@ -264,6 +271,7 @@ impl StaleView {
             view: ServingView::new_stale(),
             loaded: AtomicBool::new(false),
             held: OnceLock::new(),
+            keys_taken: AtomicBool::new(false),
             undecodable: AtomicU64::new(0),
             thread: Background::default(),
         });
@@ -368,13 +376,27 @@ impl StaleView {
                 });
                 if pending.is_empty() {
                     self.view.advance([], reader.read.newest);
-                    let _ = self.held.set(Arc::new(reader.read.held_keys(&self.view)));
+                    // Answers first: the held keys (a fingerprint of every value, the longest
+                    // part at a million riders) are wanted only once the live state has caught
+                    // up. Taken next, from this same version (nothing else changes the view
+                    // meanwhile, and it is not let go before they are taken: see `release`).
                     self.loaded.store(true, Ordering::Release);
                     tracing::info!(
                         "stale view: {read} changelog records loaded in {:?}; answering at {}",
                         started.elapsed(),
                         reader.read.newest
                     );
+                    if reader.source.reconciles {
+                        let taking = Instant::now();
+                        let held = reader.read.held_keys(&self.view);
+                        let keys = held.districts.len() + held.riders.len();
+                        let _ = self.held.set(Arc::new(held));
+                        tracing::info!(
+                            "stale view: the {keys} keys the changelog held taken in {:?}",
+                            taking.elapsed()
+                        );
+                    }
+                    self.keys_taken.store(true, Ordering::Release);
                 }
             } else if !idle {
                 self.view.advance(changes, reader.read.newest);
@@ -467,10 +489,10 @@ impl StaleView {
     }
 
     /// Stops reading and lets the contents go (the live state has taken over); not before the
-    /// view has loaded what the changelog held, which the changelog's reconciling needs (the
-    /// reader lets go by itself then, once the live state is ready).
+    /// view has loaded what the changelog held and taken its keys, which the changelog's
+    /// reconciling needs (the reader lets go by itself then, once the live state is ready).
     pub fn release(&self) {
-        if !self.loaded.load(Ordering::Acquire) || self.thread.request_stop() {
+        if !self.keys_taken.load(Ordering::Acquire) || self.thread.request_stop() {
             return;
         }
         self.view.release();
