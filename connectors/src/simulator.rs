@@ -40,6 +40,7 @@ use rand::{Rng, SeedableRng};
 use crate::events::{
     self, Coord, DeliveryEvent, DeliveryStatus, Id, Millis, RiderEvent, RiderStatus,
 };
+use crate::Label;
 
 /// Southern edge of the Seoul box.
 pub const LAT_MIN: f64 = 37.43;
@@ -562,7 +563,7 @@ impl Simulator {
         SimEvent::Rider(RiderEvent {
             rider_id: rider.id.clone(),
             status: RiderStatus::ShiftStarted,
-            rider_type: Some(Id::const_new(PROFILES[rider.profile as usize].rider_type)),
+            rider_type: Some(Label::new(PROFILES[rider.profile as usize].rider_type)),
             location: Some(coord(rider.lat, rider.lon)),
             ts: now,
         })
@@ -799,7 +800,7 @@ impl Simulator {
         Some(SimEvent::Delivery(DeliveryEvent {
             delivery_id: d.id.clone(),
             status: DeliveryStatus::Created,
-            delivery_type: Some(Id::const_new(DELIVERY_TYPES[kind].0)),
+            delivery_type: Some(Label::new(DELIVERY_TYPES[kind].0)),
             pickup: Some(d.pickup),
             dropoff: Some(d.dropoff),
             rider_id: None,
@@ -828,7 +829,7 @@ impl Simulator {
         let rider = &self.riders[self.deliveries[slot as usize].rider as usize];
         SimEvent::Delivery(DeliveryEvent {
             rider_id: Some(rider.id.clone()),
-            vehicle: Some(Id::const_new(PROFILES[rider.profile as usize].vehicle)),
+            vehicle: Some(Label::new(PROFILES[rider.profile as usize].vehicle)),
             ..self.bare(slot, DeliveryStatus::Assigned, now)
         })
     }

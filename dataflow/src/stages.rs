@@ -1,6 +1,7 @@
 //! One small function per dataflow stage. [`crate::build`] is the only place that wires them.
 
 use std::cell::Cell;
+use std::collections::hash_map::Entry;
 use std::collections::BTreeMap;
 use std::rc::Rc;
 use std::sync::Arc;
@@ -193,9 +194,10 @@ impl UpsertRule for DeliveryRule {
         if ev.status.is_terminal() {
             return Ok(DeliveryState::Ended { ts: ev.ts });
         }
-        let keep = |new: Option<Id>, old: fn(&DeliveryRow) -> &Option<Id>| {
-            new.or_else(|| current.and_then(|c| old(c).clone()))
-        };
+        /// A field the event does not name keeps its last known value.
+        fn keep<T: Clone>(new: Option<T>, old: Option<&Option<T>>) -> Option<T> {
+            new.or_else(|| old.and_then(Clone::clone))
+        }
         let (pickup, pickup_district) = match (ev.pickup, current) {
             (Some(at), _) => (Some(at), e.district.unwrap_or(UNASSIGNED)),
             (None, Some(c)) => (c.pickup, c.pickup_district),
@@ -203,12 +205,12 @@ impl UpsertRule for DeliveryRule {
         };
         Ok(DeliveryState::Live(DeliveryRow {
             status: ev.status,
-            delivery_type: keep(ev.delivery_type, |c| &c.delivery_type),
+            delivery_type: keep(ev.delivery_type, current.map(|c| &c.delivery_type)),
             pickup,
             pickup_district,
             dropoff: ev.dropoff.or_else(|| current.and_then(|c| c.dropoff)),
-            rider_id: keep(ev.rider_id, |c| &c.rider_id),
-            vehicle: keep(ev.vehicle, |c| &c.vehicle),
+            rider_id: keep(ev.rider_id, current.map(|c| &c.rider_id)),
+            vehicle: keep(ev.vehicle, current.map(|c| &c.vehicle)),
             ts: ev.ts,
         }))
     }
@@ -408,14 +410,16 @@ impl Pending {
 
 /// What [`rider_snapshots`] holds of one rider between times: its snapshot while it is on shift
 /// (shared with the serving view, which holds the same allocation), and otherwise its active
-/// deliveries (they join it when its shift starts).
+/// deliveries (they join it when its shift starts). Sixteen bytes: a rider off shift with active
+/// deliveries is rare, and its list is boxed so that every other entry stays small.
 #[derive(Debug)]
 enum HeldRider {
-    /// No time is changing the rider.
-    Settled {
-        snapshot: Option<Arc<Snapshot>>,
-        off_shift: Vec<DeliveryBrief>,
-    },
+    /// On shift and settled: its snapshot.
+    OnShift(Arc<Snapshot>),
+    /// Off shift and settled, with active deliveries (never empty). Boxed on purpose (one more
+    /// allocation for a rare entry): a bare `Vec` would make every entry 32 bytes.
+    #[allow(clippy::box_collection)]
+    OffShift(Box<Vec<DeliveryBrief>>),
     /// The time being applied changes the rider: its parts are in `Riders::work` at this index.
     Touched(usize),
 }
@@ -444,38 +448,32 @@ struct Riders {
 impl Riders {
     /// The parts of rider `id`, taken out of its entry the first time the current time changes it.
     fn touch(&mut self, id: &Id) -> &mut Work {
-        let entry = self.held.entry(id.clone()).or_insert(HeldRider::Settled {
-            snapshot: None,
-            off_shift: Vec::new(),
-        });
-        let at = match entry {
-            HeldRider::Touched(at) => *at,
-            HeldRider::Settled {
-                snapshot,
-                off_shift,
-            } => {
-                let work = match snapshot.take() {
-                    Some(s) => Work {
-                        id: id.clone(),
-                        counted_before: Some(s.counted()),
-                        core: Some(s.rider.core()),
-                        position: Some(s.rider.position()),
-                        deliveries: s.deliveries.clone(),
-                    },
-                    None => Work {
-                        id: id.clone(),
-                        counted_before: None,
-                        core: None,
-                        position: None,
-                        deliveries: std::mem::take(off_shift),
-                    },
-                };
-                self.work.push(work);
-                *entry = HeldRider::Touched(self.work.len() - 1);
-                self.work.len() - 1
+        let next = self.work.len();
+        let entry = self.held.entry(id.clone());
+        let held = match entry {
+            Entry::Occupied(held) => held.into_mut(),
+            Entry::Vacant(vacant) => {
+                self.work.push(Work::new(id.clone(), Vec::new()));
+                vacant.insert(HeldRider::Touched(next));
+                return &mut self.work[next];
             }
         };
-        &mut self.work[at]
+        let work = match std::mem::replace(held, HeldRider::Touched(next)) {
+            HeldRider::Touched(at) => {
+                *held = HeldRider::Touched(at);
+                return &mut self.work[at];
+            }
+            HeldRider::OnShift(s) => Work {
+                id: id.clone(),
+                counted_before: Some(s.counted()),
+                core: Some(s.rider.core()),
+                position: Some(s.rider.position()),
+                deliveries: s.deliveries.clone(),
+            },
+            HeldRider::OffShift(deliveries) => Work::new(id.clone(), *deliveries),
+        };
+        self.work.push(work);
+        &mut self.work[next]
     }
 
     /// Settles every rider the current time changed: its new snapshot (`None`: off shift) and
@@ -497,13 +495,20 @@ impl Riders {
                 _ => (None, deliveries),
             };
             let counted = snapshot.as_deref().map(Snapshot::counted);
-            if snapshot.is_none() && off_shift.is_empty() {
-                self.held.remove(&id);
-            } else if let Some(entry) = self.held.get_mut(&id) {
-                *entry = HeldRider::Settled {
-                    snapshot: snapshot.clone(),
-                    off_shift,
-                };
+            let settled = match &snapshot {
+                Some(s) => Some(HeldRider::OnShift(s.clone())),
+                None if off_shift.is_empty() => None,
+                None => Some(HeldRider::OffShift(Box::new(off_shift))),
+            };
+            match settled {
+                None => {
+                    self.held.remove(&id);
+                }
+                Some(settled) => {
+                    if let Some(entry) = self.held.get_mut(&id) {
+                        *entry = settled;
+                    }
+                }
             }
             finish(id, snapshot, counted_before, counted);
         }
@@ -511,6 +516,18 @@ impl Riders {
 }
 
 impl Work {
+    /// The work of a rider off shift (no core or position held, counted nowhere) with these
+    /// active deliveries.
+    fn new(id: Id, deliveries: Vec<DeliveryBrief>) -> Work {
+        Work {
+            id,
+            counted_before: None,
+            core: None,
+            position: None,
+            deliveries,
+        }
+    }
+
     /// Removes `part` if it is the one held.
     fn retract(&mut self, part: &RiderPart) {
         match part {
@@ -684,7 +701,20 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
-    use dongflow_records::{DeliveryStatus, RiderStatus};
+    use dongflow_records::{DeliveryStatus, Label, RiderStatus};
+
+    /// The per-rider entries stay small: a layout change that grows them shows here first (the
+    /// memory benchmark and `tests/memory.rs` show what it costs).
+    #[test]
+    fn held_entries_are_small() {
+        assert_eq!(std::mem::size_of::<HeldRider>(), 16);
+        assert_eq!(std::mem::size_of::<Option<Label>>(), 8);
+        assert!(
+            std::mem::size_of::<RiderRow>() <= 56,
+            "{}",
+            std::mem::size_of::<RiderRow>()
+        );
+    }
 
     fn rider(
         ts: u64,

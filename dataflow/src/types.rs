@@ -1,6 +1,6 @@
 //! The records that flow through the dataflow, defined once.
 
-use dongflow_records::{Coord, DeliveryStatus, Id, Millis, RiderStatus};
+use dongflow_records::{Coord, DeliveryStatus, Id, Label, Millis, RiderStatus};
 use serde::{Deserialize, Serialize};
 
 use crate::districts::DistrictId;
@@ -17,7 +17,7 @@ pub struct RiderRow {
     /// Latest status.
     pub status: RiderStatus,
     /// Last known rider type.
-    pub rider_type: Option<Id>,
+    pub rider_type: Option<Label>,
     /// Last known location.
     pub location: Option<Coord>,
     /// The district of `location` ([`crate::districts::UNASSIGNED`] without one).
@@ -51,7 +51,7 @@ pub struct RiderCore {
     /// Latest status.
     pub status: RiderStatus,
     /// Last known rider type.
-    pub rider_type: Option<Id>,
+    pub rider_type: Option<Label>,
     /// The district of the last known location.
     pub district: DistrictId,
 }
@@ -81,7 +81,7 @@ pub struct DeliveryRow {
     /// Latest status (never terminal here).
     pub status: DeliveryStatus,
     /// Last known delivery type.
-    pub delivery_type: Option<Id>,
+    pub delivery_type: Option<Label>,
     /// Last known pickup point.
     pub pickup: Option<Coord>,
     /// The district of `pickup` ([`crate::districts::UNASSIGNED`] without one).
@@ -91,7 +91,7 @@ pub struct DeliveryRow {
     /// Last assigned rider.
     pub rider_id: Option<Id>,
     /// Last known vehicle.
-    pub vehicle: Option<Id>,
+    pub vehicle: Option<Label>,
     /// `ts` of the latest applied event.
     pub ts: Millis,
 }
@@ -136,7 +136,7 @@ pub struct DeliveryBrief {
     /// Its status (active).
     pub status: DeliveryStatus,
     /// Its vehicle, if known.
-    pub vehicle: Option<Id>,
+    pub vehicle: Option<Label>,
     /// `ts` of its latest applied event.
     pub ts: Millis,
 }

@@ -11,9 +11,9 @@ use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 
 use crate::error::DecodeError;
+use crate::label::Label;
 
-/// A rider or delivery id, or a short free-form label (rider type, vehicle). Ids of up to 24 bytes are
-/// stored inline, without a heap allocation.
+/// A rider or delivery id. Ids of up to 24 bytes are stored inline, without a heap allocation.
 pub type Id = compact_str::CompactString;
 
 /// Event time or ingest time, in milliseconds since the Unix epoch.
@@ -168,7 +168,7 @@ pub struct RiderEvent {
     /// What happened.
     pub status: RiderStatus,
     /// Free-form rider type (e.g. `CONNECT`); missing means "unchanged".
-    pub rider_type: Option<Id>,
+    pub rider_type: Option<Label>,
     /// Position; missing means "unchanged".
     pub location: Option<Coord>,
     /// Event time.
@@ -183,7 +183,7 @@ pub struct DeliveryEvent {
     /// What happened.
     pub status: DeliveryStatus,
     /// Free-form delivery type (e.g. `FOOD`); missing means "unchanged".
-    pub delivery_type: Option<Id>,
+    pub delivery_type: Option<Label>,
     /// Pickup point; missing means "unchanged". The address text is not kept.
     pub pickup: Option<Coord>,
     /// Drop-off point; missing means "unchanged".
@@ -191,7 +191,7 @@ pub struct DeliveryEvent {
     /// Assigned rider; a new one replaces the old (reassignment), missing means "unchanged".
     pub rider_id: Option<Id>,
     /// Free-form vehicle (e.g. `MOTORCYCLE`); missing means "unchanged".
-    pub vehicle: Option<Id>,
+    pub vehicle: Option<Label>,
     /// Event time.
     pub ts: Millis,
 }
@@ -282,12 +282,15 @@ fn id(raw: Option<&RawValue>, field: &'static str) -> Result<Id, DecodeError> {
     Ok(Id::from(s.as_ref()))
 }
 
-fn optional_label(raw: Option<&RawValue>, field: &'static str) -> Result<Option<Id>, DecodeError> {
+fn optional_label(
+    raw: Option<&RawValue>,
+    field: &'static str,
+) -> Result<Option<Label>, DecodeError> {
     if is_null(raw) {
         return Ok(None);
     }
     let s = string(required(raw, field)?, field)?;
-    Ok(Some(Id::from(s.as_ref())))
+    Ok(Some(Label::new(s.as_ref())))
 }
 
 /// An optional id: missing or null is `None`, the empty string is an error.
@@ -425,13 +428,13 @@ pub fn encode_delivery(e: &DeliveryEvent) -> Vec<u8> {
     obj.insert("delivery_id".into(), e.delivery_id.as_str().into());
     obj.insert("status".into(), e.status.as_str().into());
     let labels = [
-        ("delivery_type", &e.delivery_type),
-        ("rider_id", &e.rider_id),
-        ("vehicle", &e.vehicle),
+        ("delivery_type", e.delivery_type.as_deref()),
+        ("rider_id", e.rider_id.as_deref()),
+        ("vehicle", e.vehicle.as_deref()),
     ];
     for (name, value) in labels {
         if let Some(v) = value {
-            obj.insert(name.into(), v.as_str().into());
+            obj.insert(name.into(), v.into());
         }
     }
     for (name, value) in [("pickup", e.pickup), ("dropoff", e.dropoff)] {

@@ -8,7 +8,7 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 
 use dongflow_records::events::{decode_delivery, decode_rider, encode_delivery, encode_rider};
 use dongflow_records::{
-    Coord, DecodeError, DeliveryEvent, DeliveryStatus, Id, RiderEvent, RiderStatus,
+    Coord, DecodeError, DeliveryEvent, DeliveryStatus, Id, Label, RiderEvent, RiderStatus,
 };
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
@@ -812,7 +812,7 @@ fn contract_rider_example_decodes() {
         RiderEvent {
             rider_id: Id::from("r-17"),
             status: RiderStatus::ShiftStarted,
-            rider_type: Some(Id::from("CONNECT")),
+            rider_type: Some(Label::new("CONNECT")),
             location: Some(coord(37.4979, 127.0276)),
             ts: 1_764_000_000_000,
         }
@@ -826,11 +826,11 @@ fn contract_delivery_example_decodes() {
         DeliveryEvent {
             delivery_id: Id::from("d-9"),
             status: DeliveryStatus::Assigned,
-            delivery_type: Some(Id::from("FOOD")),
+            delivery_type: Some(Label::new("FOOD")),
             pickup: Some(coord(37.50, 127.03)),
             dropoff: Some(coord(37.51, 127.04)),
             rider_id: Some(Id::from("r-17")),
-            vehicle: Some(Id::from("MOTORCYCLE")),
+            vehicle: Some(Label::new("MOTORCYCLE")),
             ts: 1_764_000_005_000,
         }
     );
@@ -1112,7 +1112,9 @@ fn random_rider(rng: &mut SmallRng) -> RiderEvent {
     RiderEvent {
         rider_id: random_text(rng, 1),
         status: RiderStatus::ALL[rng.random_range(0..RiderStatus::ALL.len())],
-        rider_type: rng.random_bool(0.7).then(|| random_text(rng, 0)),
+        rider_type: rng
+            .random_bool(0.7)
+            .then(|| Label::new(&random_text(rng, 0))),
         location: random_coord(rng),
         ts: random_ts(rng),
     }
@@ -1122,11 +1124,15 @@ fn random_delivery(rng: &mut SmallRng) -> DeliveryEvent {
     DeliveryEvent {
         delivery_id: random_text(rng, 1),
         status: DeliveryStatus::ALL[rng.random_range(0..DeliveryStatus::ALL.len())],
-        delivery_type: rng.random_bool(0.7).then(|| random_text(rng, 0)),
+        delivery_type: rng
+            .random_bool(0.7)
+            .then(|| Label::new(&random_text(rng, 0))),
         pickup: random_coord(rng),
         dropoff: random_coord(rng),
         rider_id: rng.random_bool(0.7).then(|| random_text(rng, 1)),
-        vehicle: rng.random_bool(0.7).then(|| random_text(rng, 0)),
+        vehicle: rng
+            .random_bool(0.7)
+            .then(|| Label::new(&random_text(rng, 0))),
         ts: random_ts(rng),
     }
 }

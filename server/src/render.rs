@@ -2,7 +2,7 @@
 //! changelog values show them, and changelog values read back ([`decode_rider`],
 //! [`decode_district`]) into what renders them again.
 
-use dongflow_connectors::Coord;
+use dongflow_connectors::{Coord, Label};
 use dongflow_dataflow::districts::{DistrictId, DistrictIndex};
 use dongflow_dataflow::types::{DistrictCounts, Snapshot, Time};
 use serde::Serialize;
@@ -314,14 +314,14 @@ pub fn decode_rider(index: &DistrictIndex, value: &[u8]) -> Result<(Snapshot, Ti
                 delivery_id: d.delivery_id.into(),
                 status: DeliveryStatus::parse(&d.status)
                     .ok_or(DecodeError::UnknownStatus(d.status))?,
-                vehicle: d.vehicle.map(Into::into),
+                vehicle: d.vehicle.as_deref().map(Label::new),
                 ts: 0,
             })
         })
         .collect::<Result<Vec<_>, DecodeError>>()?;
     let rider = RiderRow {
         status,
-        rider_type: r.rider_type.map(Into::into),
+        rider_type: r.rider_type.as_deref().map(Label::new),
         location: r.location.map(|p| Coord {
             lat: p.lat,
             lon: p.lon,

@@ -17,7 +17,9 @@ use dongflow::http::{App, HttpServer};
 use dongflow::{Engine, EngineConfig};
 use dongflow_connectors::simulator::SimEvent;
 use dongflow_connectors::source::{ChannelSource, EventSource};
-use dongflow_connectors::{Coord, DeliveryEvent, DeliveryStatus, Id, RiderEvent, RiderStatus};
+use dongflow_connectors::{
+    Coord, DeliveryEvent, DeliveryStatus, Id, Label, RiderEvent, RiderStatus,
+};
 use dongflow_dataflow::districts::{DistrictId, DistrictIndex, UNASSIGNED};
 use dongflow_dataflow::types::{DeliveryBrief, DistrictCounts, RiderRow, Snapshot};
 use rand::rngs::SmallRng;
@@ -39,7 +41,7 @@ pub enum ModelDelivery {
         status: DeliveryStatus,
         pickup_district: DistrictId,
         rider_id: Option<Id>,
-        vehicle: Option<Id>,
+        vehicle: Option<Label>,
         ts: u64,
     },
 }
@@ -221,9 +223,9 @@ impl Scenario {
         self.points[i]
     }
 
-    fn label(&mut self, options: &[&str]) -> Option<Id> {
+    fn label(&mut self, options: &[&str]) -> Option<Label> {
         let i = self.rng.random_range(0..=options.len());
-        options.get(i).map(|s| Id::from(*s))
+        options.get(i).map(|s| Label::new(s))
     }
 
     fn ts(&mut self) -> u64 {
