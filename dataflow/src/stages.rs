@@ -458,11 +458,8 @@ impl Riders {
                 return &mut self.work[next];
             }
         };
-        let work = match std::mem::replace(held, HeldRider::Touched(next)) {
-            HeldRider::Touched(at) => {
-                *held = HeldRider::Touched(at);
-                return &mut self.work[at];
-            }
+        let work = match held {
+            HeldRider::Touched(at) => return &mut self.work[*at],
             HeldRider::OnShift(s) => Work {
                 id: id.clone(),
                 counted_before: Some(s.counted()),
@@ -470,8 +467,9 @@ impl Riders {
                 position: Some(s.rider.position()),
                 deliveries: s.deliveries.clone(),
             },
-            HeldRider::OffShift(deliveries) => Work::new(id.clone(), *deliveries),
+            HeldRider::OffShift(deliveries) => Work::new(id.clone(), std::mem::take(deliveries)),
         };
+        *held = HeldRider::Touched(next);
         self.work.push(work);
         &mut self.work[next]
     }
