@@ -19,8 +19,10 @@ use super::FastMap;
 #[derive(Clone, Debug, Default)]
 pub(super) struct Riders {
     base: Arc<CheckpointRiders>,
-    /// Riders changed since the base: their snapshot, or `None` for a base rider gone.
-    overlay: FastMap<Id, Option<Arc<Snapshot>>>,
+    /// Riders changed since the base: their snapshot, or `None` for a base rider gone. A B-tree,
+    /// not a hash trie: its nodes are full arrays of entries, where the trie's are mostly empty
+    /// slots, so it holds a rider in about a third of the bytes (docs/status.md).
+    overlay: imbl::OrdMap<Id, Option<Arc<Snapshot>>>,
     /// The overlay's riders on shift by district, sorted by id.
     overlay_by_district: FastMap<DistrictId, imbl::OrdSet<Id>>,
     /// Riders on shift in all.
