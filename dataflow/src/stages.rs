@@ -198,17 +198,15 @@ impl UpsertRule for DeliveryRule {
         fn keep<T: Clone>(new: Option<T>, old: Option<&Option<T>>) -> Option<T> {
             new.or_else(|| old.and_then(Clone::clone))
         }
-        let (pickup, pickup_district) = match (ev.pickup, current) {
-            (Some(at), _) => (Some(at), e.district.unwrap_or(UNASSIGNED)),
-            (None, Some(c)) => (c.pickup, c.pickup_district),
-            (None, None) => (None, UNASSIGNED),
+        // The last known pickup point counts through its district alone.
+        let pickup_district = match (ev.pickup, current) {
+            (Some(_), _) => e.district.unwrap_or(UNASSIGNED),
+            (None, Some(c)) => c.pickup_district,
+            (None, None) => UNASSIGNED,
         };
         Ok(DeliveryState::Live(DeliveryRow {
             status: ev.status,
-            delivery_type: keep(ev.delivery_type, current.map(|c| &c.delivery_type)),
-            pickup,
             pickup_district,
-            dropoff: ev.dropoff.or_else(|| current.and_then(|c| c.dropoff)),
             rider_id: keep(ev.rider_id, current.map(|c| &c.rider_id)),
             vehicle: keep(ev.vehicle, current.map(|c| &c.vehicle)),
             ts: ev.ts,
@@ -256,8 +254,8 @@ pub struct RiderSnapshots<'s> {
 ///     let position = RiderPosition { location: None, ts: 5 };
 ///     let id = Id::from("r-1");
 ///     let riders = scope.new_collection_from(vec![(id.clone(), RiderPart::Core(core)), (id, RiderPart::Position(position))]).1;
-///     let d = |id: &str| (Id::from(id), DeliveryRow { status: DeliveryStatus::PickedUp, delivery_type: None, pickup: None,
-///         pickup_district: 0, dropoff: None, rider_id: Some("r-1".into()), vehicle: None, ts: 9 });
+///     let d = |id: &str| (Id::from(id), DeliveryRow { status: DeliveryStatus::PickedUp,
+///         pickup_district: 0, rider_id: Some("r-1".into()), vehicle: None, ts: 9 });
 ///     let deliveries = scope.new_collection_from(vec![d("d-2"), d("d-1")]).1;
 ///     let out = rider_snapshots(riders, deliveries, Default::default());
 ///     (out.changes.capture(), out.contributions.inner.capture())
@@ -566,8 +564,8 @@ impl Work {
 /// use timely::dataflow::operators::{Capture, capture::Extract};
 ///
 /// let rx = timely::example(|scope| {
-///     let d = |id: &str, status, pickup_district| (id.into(), DeliveryRow { status, delivery_type: None,
-///         pickup: None, pickup_district, dropoff: None, rider_id: None, vehicle: None, ts: 1 });
+///     let d = |id: &str, status, pickup_district| (id.into(), DeliveryRow { status,
+///         pickup_district, rider_id: None, vehicle: None, ts: 1 });
 ///     let deliveries = scope.new_collection_from(vec![
 ///         d("d-1", DeliveryStatus::Waiting, 6),
 ///         d("d-2", DeliveryStatus::Assigned, 9),
@@ -866,10 +864,7 @@ mod snapshot_stage_tests {
     fn assigned() -> DeliveryRow {
         DeliveryRow {
             status: DeliveryStatus::Assigned,
-            delivery_type: None,
-            pickup: None,
             pickup_district: 0,
-            dropoff: None,
             rider_id: Some("r-1".into()),
             vehicle: None,
             ts: 1,

@@ -75,19 +75,17 @@ pub enum RiderPart {
     Position(RiderPosition),
 }
 
-/// A delivery's latest state while it is not terminal.
+/// A delivery's latest state while it is not terminal: what an answer or a count can show of it.
+/// The event's `delivery_type`, `pickup` point and `dropoff` point are not kept: no answer shows
+/// them (CONTRACT section 3), and the pickup counts only through its district, decided when the
+/// point arrives. Left out, they take 56 bytes off every delivery held.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub struct DeliveryRow {
     /// Latest status (never terminal here).
     pub status: DeliveryStatus,
-    /// Last known delivery type.
-    pub delivery_type: Option<Label>,
-    /// Last known pickup point.
-    pub pickup: Option<Coord>,
-    /// The district of `pickup` ([`crate::districts::UNASSIGNED`] without one).
+    /// The district of the last known pickup point ([`crate::districts::UNASSIGNED`] without
+    /// one, or outside every district).
     pub pickup_district: DistrictId,
-    /// Last known drop-off point.
-    pub dropoff: Option<Coord>,
     /// Last assigned rider.
     pub rider_id: Option<Id>,
     /// Last known vehicle.

@@ -744,10 +744,7 @@ mod tests {
     fn bare_row(status: DeliveryStatus, ts: u64) -> DeliveryRow {
         DeliveryRow {
             status,
-            delivery_type: None,
-            pickup: None,
             pickup_district: 0,
-            dropoff: None,
             rider_id: None,
             vehicle: None,
             ts,

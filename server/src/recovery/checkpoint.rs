@@ -25,7 +25,7 @@ use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, Sender};
 use dongflow_dataflow::stages::{DeliveryState, RiderRule};
-use dongflow_dataflow::types::{RiderRow, Time};
+use dongflow_dataflow::types::{DeliveryRow, RiderRow, Time};
 use dongflow_dataflow::upsert::StateSnapshot;
 use dongflow_dataflow::upsert::UpsertRule;
 use serde::{Deserialize, Serialize};
@@ -34,8 +34,8 @@ use thiserror::Error;
 use crate::report::Chain;
 
 /// Version of the files' layout this version writes; it reads this one and the earlier ones
-/// ([`v1`]), and skips a checkpoint of any other.
-const FORMAT: u32 = 2;
+/// ([`v1`], [`v2`]), and skips a checkpoint of any other.
+const FORMAT: u32 = 3;
 /// How many checkpoint directories being written (or other processes' parts) are kept at most.
 const KEEP: usize = 2;
 /// How many of this process's complete parts are kept beside the newest complete checkpoint.
@@ -917,6 +917,7 @@ fn load_part(
     }
     let decoded = match format {
         1 => bincode::deserialize::<v1::WorkerPart>(&bytes).map(WorkerPart::from),
+        2 => bincode::deserialize::<v2::WorkerPart>(&bytes).map(WorkerPart::from),
         _ => bincode::deserialize::<WorkerPart>(&bytes),
     };
     let part = decoded.map_err(|e| CheckpointError::Corrupt {
@@ -969,10 +970,89 @@ pub fn load_latest(state_dir: &Path) -> Option<Restored> {
     None
 }
 
+/// The layout of format 2: every delivery row with its type, pickup and drop-off points, which
+/// no answer shows (format 3 keeps only the pickup's district).
+mod v2 {
+    use dongflow_dataflow::types::{RiderRow, Time};
+    use dongflow_dataflow::upsert::StateSnapshot;
+    use dongflow_records::{Coord, DeliveryStatus, Id, Label, Millis};
+    use serde::{Deserialize, Serialize};
+
+    #[derive(Debug, Serialize, Deserialize)]
+    pub(super) struct DeliveryRow {
+        pub(super) status: DeliveryStatus,
+        pub(super) delivery_type: Option<Label>,
+        pub(super) pickup: Option<Coord>,
+        pub(super) pickup_district: u32,
+        pub(super) dropoff: Option<Coord>,
+        pub(super) rider_id: Option<Id>,
+        pub(super) vehicle: Option<Label>,
+        pub(super) ts: Millis,
+    }
+
+    #[derive(Debug, Serialize, Deserialize)]
+    pub(super) enum DeliveryState {
+        Live(DeliveryRow),
+        Ended { ts: Millis },
+    }
+
+    #[derive(Debug, Serialize, Deserialize)]
+    pub(super) struct WorkerPart {
+        pub(super) time: Time,
+        pub(super) worker: usize,
+        pub(super) riders: StateSnapshot<RiderRow>,
+        pub(super) deliveries: StateSnapshot<DeliveryState>,
+        pub(super) offsets: Vec<(String, i32, i64)>,
+    }
+}
+
+impl From<v2::DeliveryState> for DeliveryState {
+    fn from(state: v2::DeliveryState) -> Self {
+        match state {
+            v2::DeliveryState::Live(row) => DeliveryState::Live(DeliveryRow {
+                status: row.status,
+                pickup_district: row.pickup_district,
+                rider_id: row.rider_id,
+                vehicle: row.vehicle,
+                ts: row.ts,
+            }),
+            v2::DeliveryState::Ended { ts } => DeliveryState::Ended { ts },
+        }
+    }
+}
+
+/// The delivery states of a format 1 or 2 file, in this format's rows.
+fn current_rows(s: StateSnapshot<v2::DeliveryState>) -> StateSnapshot<DeliveryState> {
+    StateSnapshot {
+        time: s.time,
+        entries: s
+            .entries
+            .into_iter()
+            .map(|(id, state)| (id, state.into()))
+            .collect(),
+        expiry: s.expiry,
+        idle: s.idle,
+        forgotten_through: s.forgotten_through,
+    }
+}
+
+impl From<v2::WorkerPart> for WorkerPart {
+    fn from(part: v2::WorkerPart) -> Self {
+        Self {
+            time: part.time,
+            worker: part.worker,
+            riders: part.riders,
+            deliveries: current_rows(part.deliveries),
+            offsets: part.offsets,
+            pause: Duration::ZERO,
+        }
+    }
+}
+
 /// The layout of format 1, as earlier versions wrote it: no idle riders apart and no horizon of
-/// forgotten ones.
+/// forgotten ones, and the delivery rows of format 2.
 mod v1 {
-    use dongflow_dataflow::stages::DeliveryState;
+    use super::v2::DeliveryState;
     use dongflow_dataflow::types::{RiderRow, Time};
     use dongflow_records::Id;
     use serde::{Deserialize, Serialize};
@@ -1012,7 +1092,7 @@ impl From<v1::WorkerPart> for WorkerPart {
                 idle,
                 ..part.riders.into()
             },
-            deliveries: part.deliveries.into(),
+            deliveries: current_rows(part.deliveries.into()),
             offsets: part.offsets,
             pause: Duration::ZERO,
         }
@@ -1309,17 +1389,50 @@ mod tests {
         p
     }
 
-    /// Rewrites the checkpoint of `time` in `dir` in format 1, as earlier versions wrote it.
-    fn as_format_1(dir: &Path, time: Time) {
+    /// A delivery state as formats 1 and 2 held it, with a type and points that the current
+    /// format does not keep.
+    fn as_before(state: DeliveryState) -> v2::DeliveryState {
+        match state {
+            DeliveryState::Live(row) => v2::DeliveryState::Live(v2::DeliveryRow {
+                status: row.status,
+                delivery_type: Some("FOOD".into()),
+                pickup: Some(dongflow_connectors::Coord {
+                    lat: 37.5,
+                    lon: 127.0,
+                }),
+                pickup_district: row.pickup_district,
+                dropoff: Some(dongflow_connectors::Coord {
+                    lat: 37.6,
+                    lon: 127.1,
+                }),
+                rider_id: row.rider_id,
+                vehicle: row.vehicle,
+                ts: row.ts,
+            }),
+            DeliveryState::Ended { ts } => v2::DeliveryState::Ended { ts },
+        }
+    }
+
+    /// Rewrites the checkpoint of `time` in `dir` in format 1 or 2, as earlier versions wrote it.
+    fn as_format(dir: &Path, time: Time, format: u32) {
         let ckpt = dir_of(dir, time);
         let path = ckpt.join("process-0.manifest.json");
         let mut manifest: Manifest =
             serde_json::from_slice(&fs::read(&path).expect("read")).expect("manifest");
-        manifest.format = 1;
+        manifest.format = format;
         for file in &mut manifest.files {
             let at = ckpt.join(&file.name);
             let part: WorkerPart =
                 bincode::deserialize(&fs::read(&at).expect("read")).expect("part");
+            let deliveries = StateSnapshot {
+                time: part.deliveries.time,
+                entries: (part.deliveries.entries.into_iter())
+                    .map(|(id, state)| (id, as_before(state)))
+                    .collect(),
+                expiry: part.deliveries.expiry,
+                idle: part.deliveries.idle,
+                forgotten_through: part.deliveries.forgotten_through,
+            };
             fn earlier<S>(s: StateSnapshot<S>) -> v1::StateSnapshot<S> {
                 v1::StateSnapshot {
                     time: s.time,
@@ -1327,19 +1440,64 @@ mod tests {
                     expiry: s.expiry,
                 }
             }
-            let old = v1::WorkerPart {
-                time: part.time,
-                worker: part.worker,
-                riders: earlier(part.riders),
-                deliveries: earlier(part.deliveries),
-                offsets: part.offsets,
-            };
-            let bytes = bincode::serialize(&old).expect("encoded");
+            let bytes = match format {
+                1 => bincode::serialize(&v1::WorkerPart {
+                    time: part.time,
+                    worker: part.worker,
+                    riders: earlier(part.riders),
+                    deliveries: earlier(deliveries),
+                    offsets: part.offsets,
+                }),
+                _ => bincode::serialize(&v2::WorkerPart {
+                    time: part.time,
+                    worker: part.worker,
+                    riders: part.riders,
+                    deliveries,
+                    offsets: part.offsets,
+                }),
+            }
+            .expect("encoded");
             fs::write(&at, &bytes).expect("write");
             file.bytes = bytes.len() as u64;
             file.fnv64 = checksum(&bytes);
         }
         fs::write(&path, serde_json::to_vec(&manifest).expect("json")).expect("write");
+    }
+
+    /// A live delivery and an ended one, as a worker's part holds them.
+    fn with_deliveries(mut part: WorkerPart) -> WorkerPart {
+        let live = DeliveryRow {
+            status: dongflow_connectors::DeliveryStatus::Assigned,
+            pickup_district: 3,
+            rider_id: Some("r-1".into()),
+            vehicle: Some("BIKE".into()),
+            ts: 9,
+        };
+        part.deliveries.entries = vec![
+            ("d-1".into(), DeliveryState::Live(live)),
+            ("d-2".into(), DeliveryState::Ended { ts: 8 }),
+        ];
+        part.deliveries.expiry = vec![(1_000, "d-2".into())];
+        part
+    }
+
+    /// A checkpoint of format 2 (delivery rows with their type and points) restores the same
+    /// deliveries as the current format, without what no answer shows.
+    #[test]
+    fn a_checkpoint_of_format_2_restores_its_deliveries() {
+        let dir = temp("format-2");
+        let mut parts = [with_deliveries(rider_part(100, 0, "r-1"))];
+        write(&dir, 0, 1, &mut parts.clone()).expect("written");
+        let current = load_latest(&dir).expect("restores");
+        as_format(&dir, 100, 2);
+        let r = load_latest(&dir).expect("format 2 restores");
+        assert_eq!(r.deliveries.entries, current.deliveries.entries);
+        assert_eq!(r.deliveries.expiry, current.deliveries.expiry);
+        assert_eq!(r.riders.entries, current.riders.entries);
+        assert_eq!(
+            r.deliveries.entries,
+            std::mem::take(&mut parts[0].deliveries.entries)
+        );
     }
 
     /// Idle riders and the horizon of forgotten ones are kept; a checkpoint of format 1 (written
@@ -1348,7 +1506,10 @@ mod tests {
     fn idle_riders_are_kept_and_a_checkpoint_of_format_1_still_restores() {
         let dir = temp("format-1");
         let parts = || {
-            let mut parts = [rider_part(100, 0, "r-1"), rider_part(100, 1, "r-2")];
+            let mut parts = [
+                with_deliveries(rider_part(100, 0, "r-1")),
+                rider_part(100, 1, "r-2"),
+            ];
             parts[1].riders.entries[0].1.status = dongflow_connectors::RiderStatus::ShiftEnded;
             parts[1].riders.idle.push((60, "r-2".into()));
             parts[1].riders.forgotten_through = 7;
@@ -1360,9 +1521,11 @@ mod tests {
             (r.riders.idle.clone(), r.riders.forgotten_through),
             (vec![(60, "r-2".into())], 7)
         );
-        as_format_1(&dir, 100);
+        let deliveries = load_latest(&dir).expect("restores").deliveries.entries;
+        as_format(&dir, 100, 1);
         let r = load_latest(&dir).expect("format 1 restores");
         assert_eq!(r.riders.entries.len(), 2);
+        assert_eq!(r.deliveries.entries, deliveries);
         assert_eq!(
             (r.riders.idle.clone(), r.riders.forgotten_through),
             (vec![(100, "r-2".into())], 0)
@@ -1370,12 +1533,12 @@ mod tests {
         // A format this version does not know is skipped, saying why.
         let path = dir_of(&dir, 100).join("process-0.manifest.json");
         let text = String::from_utf8(fs::read(&path).expect("read")).expect("utf-8");
-        fs::write(&path, text.replace("\"format\":1", "\"format\":3")).expect("write");
-        let error = load_dir(&dir_of(&dir, 100)).expect_err("format 3");
+        fs::write(&path, text.replace("\"format\":1", "\"format\":4")).expect("write");
+        let error = load_dir(&dir_of(&dir, 100)).expect_err("format 4");
         assert!(
             error
                 .to_string()
-                .contains("format 3 (this version reads 1 to 2)"),
+                .contains("format 4 (this version reads 1 to 3)"),
             "{error}"
         );
     }

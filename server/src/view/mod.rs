@@ -370,10 +370,7 @@ mod tests {
     fn delivery(status: DeliveryStatus, rider: Option<&str>, pickup: DistrictId) -> DeliveryState {
         DeliveryState::Live(DeliveryRow {
             status,
-            delivery_type: None,
-            pickup: None,
             pickup_district: pickup,
-            dropoff: None,
             rider_id: rider.map(Id::from),
             vehicle: None,
             ts: 5,
