@@ -996,14 +996,17 @@ mod v2 {
         Ended { ts: Millis },
     }
 
+    /// A worker's part in formats 1 and 2, of their layouts of the riders' and deliveries' states.
     #[derive(Debug, Serialize, Deserialize)]
-    pub(super) struct WorkerPart {
+    pub(super) struct Part<R, D> {
         pub(super) time: Time,
         pub(super) worker: usize,
-        pub(super) riders: StateSnapshot<RiderRow>,
-        pub(super) deliveries: StateSnapshot<DeliveryState>,
+        pub(super) riders: R,
+        pub(super) deliveries: D,
         pub(super) offsets: Vec<(String, i32, i64)>,
     }
+
+    pub(super) type WorkerPart = Part<StateSnapshot<RiderRow>, StateSnapshot<DeliveryState>>;
 }
 
 impl From<v2::DeliveryState> for DeliveryState {
@@ -1064,14 +1067,8 @@ mod v1 {
         pub(super) expiry: Vec<(Time, Id)>,
     }
 
-    #[derive(Debug, Serialize, Deserialize)]
-    pub(super) struct WorkerPart {
-        pub(super) time: Time,
-        pub(super) worker: usize,
-        pub(super) riders: StateSnapshot<RiderRow>,
-        pub(super) deliveries: StateSnapshot<DeliveryState>,
-        pub(super) offsets: Vec<(String, i32, i64)>,
-    }
+    pub(super) type WorkerPart =
+        super::v2::Part<StateSnapshot<RiderRow>, StateSnapshot<DeliveryState>>;
 }
 
 impl From<v1::WorkerPart> for WorkerPart {
