@@ -463,7 +463,7 @@ impl Riders {
                 counted_before: Some(s.counted()),
                 core: Some(s.rider.core()),
                 position: Some(s.rider.position()),
-                deliveries: s.deliveries.clone(),
+                deliveries: s.deliveries.to_vec(),
             },
             HeldRider::OffShift(deliveries) => Work::new(id.clone(), std::mem::take(deliveries)),
         };

@@ -145,8 +145,9 @@ pub struct DeliveryBrief {
 pub struct Snapshot {
     /// The rider's state.
     pub rider: RiderRow,
-    /// Its active deliveries, sorted by id.
-    pub deliveries: Vec<DeliveryBrief>,
+    /// Its active deliveries, sorted by id. A boxed slice, not a `Vec`: exactly as long as it
+    /// holds, where a `Vec` that grew by pushes keeps room for four.
+    pub deliveries: Box<[DeliveryBrief]>,
 }
 
 impl Snapshot {
@@ -163,7 +164,10 @@ impl Snapshot {
             district: rider.district,
             ts: position.ts,
         };
-        Self { rider, deliveries }
+        Self {
+            rider,
+            deliveries: deliveries.into_boxed_slice(),
+        }
     }
 
     /// What the rider counts in: its district, and its number of active deliveries.

@@ -329,7 +329,13 @@ pub fn decode_rider(index: &DistrictIndex, value: &[u8]) -> Result<(Snapshot, Ti
         district: district_id(index, &r.district.code)?,
         ts: r.updated_ts,
     };
-    Ok((Snapshot { rider, deliveries }, r.as_of))
+    Ok((
+        Snapshot {
+            rider,
+            deliveries: deliveries.into(),
+        },
+        r.as_of,
+    ))
 }
 
 #[cfg(test)]
@@ -359,7 +365,8 @@ mod tests {
                 status: DeliveryStatus::PickedUp,
                 vehicle: Some("MOTORCYCLE".into()),
                 ts: 2_000,
-            }],
+            }]
+            .into(),
         };
         let written = serde_json::to_vec(&Changelogged {
             value: RiderView::new(&index, "r-17", &snapshot),

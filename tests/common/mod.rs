@@ -153,7 +153,7 @@ impl Model {
                     id.clone(),
                     Snapshot {
                         rider: r.clone(),
-                        deliveries,
+                        deliveries: deliveries.into(),
                     },
                 )
             })

@@ -167,7 +167,7 @@ mod tests {
     fn snapshot(district: DistrictId) -> Arc<Snapshot> {
         Arc::new(Snapshot {
             rider: row(RiderStatus::OnShift, district),
-            deliveries: Vec::new(),
+            deliveries: Box::default(),
         })
     }
 

@@ -116,7 +116,7 @@ impl CheckpointRiders {
         let (id, row) = self.entry(i);
         let snapshot = Snapshot {
             rider: row.clone(),
-            deliveries: self.active.get(id).cloned().unwrap_or_default(),
+            deliveries: self.active.get(id).cloned().unwrap_or_default().into(),
         };
         Arc::new(snapshot)
     }
