@@ -396,7 +396,7 @@ impl Simulator {
                 rng.random_range(MINUTE..HOUR)
             };
             riders.push(Rider {
-                id: compact_str::format_compact!("r-{}", i + 1),
+                id: ecow::eco_format!("r-{}", i + 1),
                 profile: profile as u8,
                 phase: Phase::Off,
                 zone: 0,
@@ -775,7 +775,7 @@ impl Simulator {
         let n = self.next_delivery;
         self.next_delivery += 1;
         let delivery = Delivery {
-            id: compact_str::format_compact!("d-{}", n),
+            id: ecow::eco_format!("d-{}", n),
             pending: Step::Waiting,
             live: true,
             zone: zone as u16,
@@ -1002,7 +1002,7 @@ pub fn fixed_state(riders: usize, deliveries: usize) -> impl Iterator<Item = Sim
     let shifts = (0..riders).map(move |i| {
         let f = i as f64 / n as f64;
         SimEvent::Rider(RiderEvent {
-            rider_id: compact_str::format_compact!("r-{i}"),
+            rider_id: ecow::eco_format!("r-{i}"),
             status: RiderStatus::ShiftStarted,
             rider_type: Some("CONNECT".into()),
             location: Some(Coord {
@@ -1014,11 +1014,11 @@ pub fn fixed_state(riders: usize, deliveries: usize) -> impl Iterator<Item = Sim
     });
     let assigned = (0..deliveries).map(move |i| {
         let mut d = DeliveryEvent::bare(
-            compact_str::format_compact!("d-{i}"),
+            ecow::eco_format!("d-{i}"),
             DeliveryStatus::Assigned,
             START + i as Millis,
         );
-        d.rider_id = Some(compact_str::format_compact!("r-{}", (i * 5) % n));
+        d.rider_id = Some(ecow::eco_format!("r-{}", (i * 5) % n));
         d.vehicle = Some("MOTORCYCLE".into());
         SimEvent::Delivery(d)
     });
@@ -1030,7 +1030,7 @@ pub fn fixed_state(riders: usize, deliveries: usize) -> impl Iterator<Item = Sim
 pub fn ended_deliveries(n: usize) -> impl Iterator<Item = SimEvent> + Send {
     const START: Millis = 1_764_000_000_000;
     (0..n).flat_map(|i| {
-        let id = compact_str::format_compact!("e-{i}");
+        let id = ecow::eco_format!("e-{i}");
         let ts = START + i as Millis;
         [DeliveryStatus::Created, DeliveryStatus::Delivered]
             .into_iter()

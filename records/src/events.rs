@@ -13,8 +13,11 @@ use serde_json::value::RawValue;
 use crate::error::DecodeError;
 use crate::label::Label;
 
-/// A rider or delivery id. Ids of up to 24 bytes are stored inline, without a heap allocation.
-pub type Id = compact_str::CompactString;
+/// A rider or delivery id: 16 bytes, where each of the maps that key a rider by its id (upsert,
+/// snapshot stage, serving view, its district lists) holds one. An id of up to 15 bytes is stored
+/// inline, without a heap allocation; a longer one is one reference-counted allocation, which the
+/// id's copies in those maps share.
+pub type Id = ecow::EcoString;
 
 /// Event time or ingest time, in milliseconds since the Unix epoch.
 pub type Millis = u64;
@@ -444,4 +447,27 @@ pub fn encode_delivery(e: &DeliveryEvent) -> Vec<u8> {
     }
     obj.insert("ts".into(), e.ts.into());
     serde_json::Value::Object(obj).to_string().into_bytes()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An id is 16 bytes; short and long ids decode, compare and
+    /// serialize by their text (bincode, as checkpoints and cluster exchange take them).
+    #[test]
+    fn ids_are_small_and_long_ones_keep_their_text() {
+        assert_eq!(std::mem::size_of::<Id>(), 16);
+        let long = "r-1-6f1c2a9e-3b7d-4c55-9a0e-12ab34cd56ef";
+        for id in ["r-1", "fifteen-bytes-x", long] {
+            let json = format!(r#"{{"rider_id": "{id}", "status": "SHIFT_STARTED", "ts": 1}}"#);
+            let event = decode_rider(json.as_bytes()).expect("decodes");
+            assert_eq!(event.rider_id.as_str(), id);
+            let bytes = bincode::serialize(&event.rider_id).expect("encodes");
+            let back: Id = bincode::deserialize(&bytes).expect("decodes");
+            assert_eq!(back, event.rider_id);
+            assert_eq!(back.cmp(&Id::from(id)), std::cmp::Ordering::Equal);
+        }
+        assert!(Id::from("r-1") < Id::from(long) && Id::from(long) < Id::from("r-2"));
+    }
 }
