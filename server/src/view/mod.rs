@@ -61,9 +61,9 @@ impl ViewChange {
     }
 }
 
-/// A persistent hash map with a fast hash (FxHash, as the dataflow's state uses): SipHash made
-/// seeding a million riders several times slower. Keys are ids the input chose; a flood of
-/// colliding ids slows one HAMT node's lookups, it cannot make an answer wrong.
+/// A persistent hash map with a fast hash (FxHash, as the dataflow's state uses), for the view's
+/// maps keyed by district (a few hundred entries). The riders themselves are in a B-tree
+/// ([`riders::Riders`]), which holds each in a third of a hash trie's bytes.
 type FastMap<K, V> =
     imbl::GenericHashMap<K, V, rustc_hash::FxBuildHasher, imbl::shared_ptr::DefaultSharedPtr>;
 
