@@ -317,6 +317,18 @@ impl<S: Clone> StateSnapshot<S> {
 }
 
 impl<S> StateSnapshot<S> {
+    /// The same snapshot with each live id's state turned by `f` (a checkpoint read in an earlier
+    /// layout of the states).
+    pub fn map_states<T>(self, mut f: impl FnMut(S) -> T) -> StateSnapshot<T> {
+        StateSnapshot {
+            time: self.time,
+            entries: self.entries.into_iter().map(|(id, s)| (id, f(s))).collect(),
+            expiry: self.expiry,
+            idle: self.idle,
+            forgotten_through: self.forgotten_through,
+        }
+    }
+
     /// Takes in another worker's part of the same time.
     pub fn absorb(&mut self, part: StateSnapshot<S>) {
         self.entries.extend(part.entries);

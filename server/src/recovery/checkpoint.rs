@@ -1024,28 +1024,13 @@ impl From<v2::DeliveryState> for DeliveryState {
     }
 }
 
-/// The delivery states of a format 1 or 2 file, in this format's rows.
-fn current_rows(s: StateSnapshot<v2::DeliveryState>) -> StateSnapshot<DeliveryState> {
-    StateSnapshot {
-        time: s.time,
-        entries: s
-            .entries
-            .into_iter()
-            .map(|(id, state)| (id, state.into()))
-            .collect(),
-        expiry: s.expiry,
-        idle: s.idle,
-        forgotten_through: s.forgotten_through,
-    }
-}
-
 impl From<v2::WorkerPart> for WorkerPart {
     fn from(part: v2::WorkerPart) -> Self {
         Self {
             time: part.time,
             worker: part.worker,
             riders: part.riders,
-            deliveries: current_rows(part.deliveries),
+            deliveries: part.deliveries.map_states(DeliveryState::from),
             offsets: part.offsets,
             pause: Duration::ZERO,
         }
@@ -1089,7 +1074,7 @@ impl From<v1::WorkerPart> for WorkerPart {
                 idle,
                 ..part.riders.into()
             },
-            deliveries: current_rows(part.deliveries.into()),
+            deliveries: StateSnapshot::from(part.deliveries).map_states(DeliveryState::from),
             offsets: part.offsets,
             pause: Duration::ZERO,
         }
@@ -1421,15 +1406,7 @@ mod tests {
             let at = ckpt.join(&file.name);
             let part: WorkerPart =
                 bincode::deserialize(&fs::read(&at).expect("read")).expect("part");
-            let deliveries = StateSnapshot {
-                time: part.deliveries.time,
-                entries: (part.deliveries.entries.into_iter())
-                    .map(|(id, state)| (id, as_before(state)))
-                    .collect(),
-                expiry: part.deliveries.expiry,
-                idle: part.deliveries.idle,
-                forgotten_through: part.deliveries.forgotten_through,
-            };
+            let deliveries = part.deliveries.map_states(as_before);
             fn earlier<S>(s: StateSnapshot<S>) -> v1::StateSnapshot<S> {
                 v1::StateSnapshot {
                     time: s.time,
@@ -1483,7 +1460,7 @@ mod tests {
     #[test]
     fn a_checkpoint_of_format_2_restores_its_deliveries() {
         let dir = temp("format-2");
-        let mut parts = [with_deliveries(rider_part(100, 0, "r-1"))];
+        let parts = [with_deliveries(rider_part(100, 0, "r-1"))];
         write(&dir, 0, 1, &mut parts.clone()).expect("written");
         let current = load_latest(&dir).expect("restores");
         as_format(&dir, 100, 2);
@@ -1491,10 +1468,7 @@ mod tests {
         assert_eq!(r.deliveries.entries, current.deliveries.entries);
         assert_eq!(r.deliveries.expiry, current.deliveries.expiry);
         assert_eq!(r.riders.entries, current.riders.entries);
-        assert_eq!(
-            r.deliveries.entries,
-            std::mem::take(&mut parts[0].deliveries.entries)
-        );
+        assert_eq!(r.deliveries.entries, parts[0].deliveries.entries);
     }
 
     /// Idle riders and the horizon of forgotten ones are kept; a checkpoint of format 1 (written

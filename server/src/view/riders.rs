@@ -21,7 +21,7 @@ pub(super) struct Riders {
     base: Arc<CheckpointRiders>,
     /// Riders changed since the base: their snapshot, or `None` for a base rider gone. A B-tree,
     /// not a hash trie: its nodes are full arrays of entries, where the trie's are mostly empty
-    /// slots, so it holds a rider in about a third of the bytes (docs/status.md).
+    /// slots, so it holds a rider in about a third of the bytes (docs/bench/README.md).
     overlay: imbl::OrdMap<Id, Option<Arc<Snapshot>>>,
     /// The overlay's riders on shift by district, sorted by id.
     overlay_by_district: FastMap<DistrictId, imbl::OrdSet<Id>>,
