@@ -11,8 +11,9 @@
 //! and serialized as a string (a checkpoint holds the text, and a label exchanged between the
 //! processes of a cluster is looked up again in the receiving process's table).
 
+use std::borrow::Borrow;
 use std::cell::RefCell;
-use std::collections::HashMap;
+use std::collections::HashSet;
 use std::sync::{Arc, Mutex, OnceLock};
 
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
@@ -24,11 +25,11 @@ pub const TABLE_LIMIT: usize = 4096;
 #[derive(Clone)]
 pub struct Label(Arc<Box<str>>);
 
-/// Values and their one shared copy, up to a limit.
+/// The one shared copy of each value, up to a limit (found by its text: see `Borrow<str>`).
 #[derive(Debug)]
 struct Table {
     limit: usize,
-    values: HashMap<Box<str>, Label>,
+    values: HashSet<Label>,
 }
 
 impl Table {
@@ -41,7 +42,7 @@ impl Table {
         if self.values.len() >= self.limit {
             return (label, false);
         }
-        self.values.insert(text.into(), label.clone());
+        self.values.insert(label.clone());
         (label, true)
     }
 }
@@ -52,14 +53,14 @@ fn table() -> &'static Mutex<Table> {
     TABLE.get_or_init(|| {
         Mutex::new(Table {
             limit: TABLE_LIMIT,
-            values: HashMap::new(),
+            values: HashSet::new(),
         })
     })
 }
 
 thread_local! {
     /// This thread's copies of the table's handles: decoding looks a label up without the lock.
-    static NEAR: RefCell<HashMap<Box<str>, Label>> = RefCell::new(HashMap::new());
+    static NEAR: RefCell<HashSet<Label>> = RefCell::new(HashSet::new());
 }
 
 impl Label {
@@ -73,7 +74,7 @@ impl Label {
             .unwrap_or_else(|e| e.into_inner())
             .label(text);
         if kept {
-            NEAR.with(|near| near.borrow_mut().insert(text.into(), label.clone()));
+            NEAR.with(|near| near.borrow_mut().insert(label.clone()));
         }
         label
     }
@@ -88,6 +89,13 @@ impl std::ops::Deref for Label {
     type Target = str;
 
     fn deref(&self) -> &str {
+        self.as_str()
+    }
+}
+
+/// A label is found by its text in a set of labels: it hashes and compares as its text.
+impl Borrow<str> for Label {
+    fn borrow(&self) -> &str {
         self.as_str()
     }
 }
@@ -187,7 +195,7 @@ mod tests {
     fn a_full_table_still_gives_labels_equal_by_text() {
         let mut table = Table {
             limit: 2,
-            values: HashMap::new(),
+            values: HashSet::new(),
         };
         let (a, kept_a) = table.label("A");
         let (_, kept_b) = table.label("B");
