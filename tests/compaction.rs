@@ -1,6 +1,6 @@
 //! Compaction keeps memory flat: with a steady set of live riders pinging over and over and moving
 //! between districts, the counts arrangement holds about as many updates as there are districts,
-//! and the rider snapshot stage one entry per rider, not one per update.
+//! and the rider stage one entry per rider, not one per update.
 
 mod common;
 
@@ -43,7 +43,7 @@ fn steady_riders_keep_traces_bounded() {
     for (round, s) in sizes.iter().enumerate().skip(10) {
         assert!(
             s.snapshot_riders <= riders,
-            "round {round}: the rider snapshot stage holds {} riders",
+            "round {round}: the rider stage holds {} riders",
             s.snapshot_riders
         );
         assert!(

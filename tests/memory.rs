@@ -21,7 +21,7 @@ const RIDERS: usize = 20_000;
 const DELIVERIES: usize = 4_000;
 const ENDED: usize = 100_000;
 /// Heap bytes the engine may hold for the riders and active deliveries.
-const BOUND: i64 = 20 << 20;
+const BOUND: i64 = 12 << 20;
 /// Heap bytes one remembered ended delivery may add.
 const ENDED_BOUND: i64 = 128;
 

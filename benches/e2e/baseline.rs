@@ -66,7 +66,7 @@ impl Baseline {
         let district = event.location.map(|p| self.index.lookup(p));
         let id = event.rider_id.clone();
         let old = self.riders.get(&id);
-        let new = match RiderRule::apply(old, Enriched { event, district }) {
+        let new = match RiderRule::apply_row(old, Enriched { event, district }) {
             Ok(new) => new,
             Err(_) => {
                 self.ignored += 1;
@@ -91,8 +91,8 @@ impl Baseline {
                 return;
             }
         };
-        let before = old.and_then(DeliveryState::visible);
-        let after = new.visible();
+        let before = old.and_then(DeliveryState::visible).cloned();
+        let after = new.visible().cloned();
         self.deliveries.insert(id.clone(), new);
         if let Some(row) = before {
             self.show(&id, &row, -1);

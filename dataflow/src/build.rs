@@ -1,17 +1,19 @@
 //! The one place where the stages are wired into the dataflow.
 
-use std::cell::{Cell, RefCell};
+use std::cell::RefCell;
 use std::rc::Rc;
 use std::sync::Arc;
 
 use differential_dataflow::operators::arrange::Arranged;
+use differential_dataflow::AsCollection;
 use dongflow_records::{DeliveryEvent, Id, RiderEvent};
+use timely::dataflow::operators::generic::operator::empty;
 use timely::dataflow::Stream;
 
 use crate::districts::DistrictId;
 use crate::districts::DistrictIndex;
 use crate::stages::{
-    changes_per_time, count_by_district, enrich_with_district, rider_snapshots,
+    active_deliveries, changes_per_time, count_by_district, enrich_with_district, rider_snapshots,
     waiting_contributions, CountsTrace, DeliveryRule, DeliveryState, RiderRule,
 };
 use crate::types::{Change, DistrictCounts, RiderRow, Snapshot, Time};
@@ -28,16 +30,14 @@ pub const DEFAULT_RIDER_TTL_MS: Time = 24 * 3600 * 1000;
 /// (for checkpoints and seeding).
 #[derive(Clone, Debug)]
 pub struct WorkerState {
-    /// Latest rider per id.
-    pub riders: Rc<RefCell<UpsertState<RiderRow>>>,
+    /// Latest rider per id, as its snapshot.
+    pub riders: Rc<RefCell<UpsertState<RiderRule>>>,
     /// Latest delivery per id, terminal ones as tombstones.
-    pub deliveries: Rc<RefCell<UpsertState<DeliveryState>>>,
+    pub deliveries: Rc<RefCell<UpsertState<DeliveryRule>>>,
     /// Checkpoint requests to the rider upsert, and its snapshots.
     pub rider_snapshots: Rc<SnapshotSlot<RiderRow>>,
     /// Checkpoint requests to the delivery upsert, and its snapshots.
     pub delivery_snapshots: Rc<SnapshotSlot<DeliveryState>>,
-    /// How many riders the rider snapshot stage holds.
-    pub snapshot_riders: Rc<Cell<usize>>,
 }
 
 impl WorkerState {
@@ -51,7 +51,6 @@ impl WorkerState {
             deliveries: UpsertState::shared(terminal_ttl),
             rider_snapshots: Rc::default(),
             delivery_snapshots: Rc::default(),
-            snapshot_riders: Rc::default(),
         }
     }
 }
@@ -144,23 +143,24 @@ pub fn build<'s>(
 ) -> Outputs<'s> {
     let riders = enrich_with_district(inputs.riders, districts.clone());
     let deliveries = enrich_with_district(inputs.deliveries, districts);
-    let riders = upsert::<RiderRule>(
-        riders,
-        inputs.rider_seeds,
-        "Upsert: Riders",
-        state.riders.clone(),
-        counters.riders.clone(),
-        state.rider_snapshots.clone(),
-    );
     let deliveries = upsert::<DeliveryRule>(
         deliveries,
         inputs.delivery_seeds,
+        empty(riders.scope()),
         "Upsert: Deliveries",
         state.deliveries.clone(),
         counters.deliveries.clone(),
         state.delivery_snapshots.clone(),
+    )
+    .as_collection();
+    let snapshots = rider_snapshots(
+        riders,
+        inputs.rider_seeds,
+        active_deliveries(deliveries.clone()),
+        state.riders.clone(),
+        counters.riders.clone(),
+        state.rider_snapshots.clone(),
     );
-    let snapshots = rider_snapshots(riders, deliveries.clone(), state.snapshot_riders.clone());
     let contributions = snapshots
         .contributions
         .concat(waiting_contributions(deliveries));

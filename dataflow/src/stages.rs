@@ -1,31 +1,31 @@
 //! One small function per dataflow stage. [`crate::build`] is the only place that wires them.
 
-use std::cell::Cell;
-use std::collections::hash_map::Entry;
+use std::cell::RefCell;
 use std::collections::BTreeMap;
 use std::rc::Rc;
 use std::sync::Arc;
 
 use differential_dataflow::operators::arrange::{Arranged, TraceAgent};
 use differential_dataflow::trace::implementations::{ValBuilder, ValSpine};
-use differential_dataflow::{AsCollection, Hashable, VecCollection};
+use differential_dataflow::{AsCollection, VecCollection};
 use dongflow_records::{Coord, DeliveryEvent, Id, Millis, RiderEvent};
 use rustc_hash::FxHashMap;
 use serde::{Deserialize, Serialize};
-use timely::dataflow::channels::pact::{Exchange, Pipeline};
-use timely::dataflow::operators::generic::builder_rc::OperatorBuilder;
+use timely::dataflow::channels::pact::Pipeline;
+use timely::dataflow::operators::core::OkErr;
 use timely::dataflow::operators::generic::operator::Operator;
-use timely::dataflow::operators::generic::OutputBuilder;
 use timely::dataflow::operators::vec::Map;
-use timely::dataflow::operators::{Capability, InputCapability};
+use timely::dataflow::operators::Capability;
 use timely::dataflow::Stream;
 
 use crate::districts::{DistrictId, DistrictIndex, UNASSIGNED};
 use crate::types::{
-    Change, Contribution, DeliveryBrief, DeliveryRow, Diff, DistrictCounts, RiderCore, RiderPart,
-    RiderPosition, RiderRow, Snapshot, Time,
+    Change, Contribution, DeliveryBrief, DeliveryRow, Diff, DistrictCounts, RiderRow, Snapshot,
+    Time,
 };
-use crate::upsert::{give_back_buffer, give_back_map, Ignored, UpsertRule};
+use crate::upsert::{
+    give_back_map, upsert, Ignored, Seed, SnapshotSlot, UpsertCounters, UpsertRule, UpsertState,
+};
 
 /// District counts, arranged by district.
 pub type CountsTrace = TraceAgent<ValSpine<DistrictId, DistrictCounts, Time, Diff>>;
@@ -85,24 +85,55 @@ pub fn enrich_with_district<'s, E: Located + Clone + 'static>(
     })
 }
 
-/// The rider upsert rule: state is the [`RiderRow`]; visible while on shift.
+/// The rider upsert rule, which is also the rider snapshot stage (CONTRACT section 3): the state of
+/// a rider is its snapshot, its [`RiderRow`] with its active deliveries, so that each rider is held
+/// once, in one map entry. Rider events change the row; the delivery upsert's active deliveries,
+/// sent to the worker that owns their rider, change the list. For every time it sends on each
+/// rider whose snapshot changed (the rider changelog, which the serving view also reads), and the
+/// change in what the rider adds to its district's counts. A ping that stays in its district
+/// changes the snapshot and no count.
+///
+/// The active deliveries of a rider with no state (never seen, or forgotten once idle) wait in
+/// [`RiderExtra`] until the rider has one.
 #[derive(Debug)]
 pub struct RiderRule;
 
-impl UpsertRule for RiderRule {
-    type Event = Enriched<RiderEvent>;
-    type State = RiderRow;
-    type Row = RiderPart;
+/// What the rider stage keeps beside the riders: the active deliveries of riders it holds no
+/// state of (sorted by id, never empty). Rare: a delivery assigned to a rider before its first
+/// event, or that outlives its rider's idle time to live.
+#[derive(Debug, Default)]
+pub struct RiderExtra {
+    waiting: FxHashMap<Id, Vec<DeliveryBrief>>,
+}
 
-    fn id(event: &Self::Event) -> &Id {
-        &event.event.rider_id
+impl RiderExtra {
+    /// How many riders' deliveries wait here.
+    pub fn len(&self) -> usize {
+        self.waiting.len()
     }
 
-    fn ts(event: &Self::Event) -> Millis {
-        event.event.ts
+    /// Whether none do.
+    pub fn is_empty(&self) -> bool {
+        self.waiting.is_empty()
     }
+}
 
-    fn apply(current: Option<&RiderRow>, e: Self::Event) -> Result<RiderRow, Ignored> {
+/// What the rider stage sends on: a rider's changed snapshot, or a change in the counts.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub enum RiderOut {
+    /// The rider's snapshot after the time; `None` once it is off shift.
+    Snapshot(Change<Id, Arc<Snapshot>>),
+    /// A change in what the rider adds to its district's counts.
+    Counts(((DistrictId, Contribution), Time, Diff)),
+}
+
+impl RiderRule {
+    /// The row after `e`, by CONTRACT section 3: ordered by `ts`, and a field the event does not
+    /// name keeps its last known value.
+    pub fn apply_row(
+        current: Option<&RiderRow>,
+        e: Enriched<RiderEvent>,
+    ) -> Result<RiderRow, Ignored> {
         if current.is_some_and(|c| e.event.ts < c.ts) {
             return Err(Ignored::Stale);
         }
@@ -123,24 +154,133 @@ impl UpsertRule for RiderRule {
         })
     }
 
-    fn rows(state: &RiderRow) -> impl Iterator<Item = RiderPart> {
-        let parts = state.status.on_shift().then(|| {
-            [
-                RiderPart::Core(state.core()),
-                RiderPart::Position(state.position()),
-            ]
-        });
-        parts.into_iter().flatten()
+    /// Whether a rider in this row may be forgotten once idle, and if so its `ts`: off shift, it
+    /// shows nothing, and a new shift starts it again (without the type and location it last
+    /// had, once forgotten).
+    pub fn idle_row(row: &RiderRow) -> Option<Millis> {
+        (!row.status.on_shift()).then_some(row.ts)
     }
 
-    fn is_tombstone(_: &RiderRow) -> bool {
+    /// The snapshot a rider shows: only while it is on shift.
+    fn shown(state: Option<&Arc<Snapshot>>) -> Option<&Arc<Snapshot>> {
+        state.filter(|s| s.rider.status.on_shift())
+    }
+}
+
+impl UpsertRule for RiderRule {
+    type Event = Enriched<RiderEvent>;
+    type State = Arc<Snapshot>;
+    type Saved = RiderRow;
+    type Side = DeliveryBrief;
+    type Out = RiderOut;
+    type Extra = RiderExtra;
+
+    fn id(event: &Self::Event) -> &Id {
+        &event.event.rider_id
+    }
+
+    fn ts(event: &Self::Event) -> Millis {
+        event.event.ts
+    }
+
+    fn apply(current: Option<&Arc<Snapshot>>, e: Self::Event) -> Result<Arc<Snapshot>, Ignored> {
+        let rider = Self::apply_row(current.map(|s| &s.rider), e)?;
+        let deliveries = current.map(|s| s.deliveries.clone()).unwrap_or_default();
+        Ok(Arc::new(Snapshot { rider, deliveries }))
+    }
+
+    fn is_tombstone(_: &Arc<Snapshot>) -> bool {
         false
     }
 
-    /// A rider off shift may be forgotten once idle: it shows nothing, and a new shift starts it
-    /// again (without the type and location it last had, once forgotten).
-    fn idle(state: &RiderRow) -> Option<Millis> {
-        (!state.status.on_shift()).then_some(state.ts)
+    fn idle(state: &Arc<Snapshot>) -> Option<Millis> {
+        Self::idle_row(&state.rider)
+    }
+
+    fn save(state: &Arc<Snapshot>) -> RiderRow {
+        state.rider.clone()
+    }
+
+    /// A checkpoint keeps riders alone; their active deliveries come back from the delivery
+    /// upsert's own seeds, through the side input.
+    fn load(rider: RiderRow) -> Arc<Snapshot> {
+        Arc::new(Snapshot {
+            rider,
+            deliveries: Box::default(),
+        })
+    }
+
+    fn adopt(state: &mut Arc<Snapshot>, id: &Id, extra: &mut RiderExtra) {
+        if let Some(deliveries) = extra.waiting.remove(id) {
+            Arc::make_mut(state).deliveries = deliveries.into_boxed_slice();
+        }
+    }
+
+    fn forget(id: Id, state: Arc<Snapshot>, extra: &mut RiderExtra) {
+        if !state.deliveries.is_empty() {
+            extra.waiting.insert(id, state.deliveries.to_vec());
+        }
+        give_back_map(&mut extra.waiting);
+    }
+
+    fn apply_side(
+        state: Option<&mut Arc<Snapshot>>,
+        id: &Id,
+        updates: Vec<(DeliveryBrief, Diff)>,
+        extra: &mut RiderExtra,
+    ) {
+        let mut deliveries = match &state {
+            Some(s) => s.deliveries.to_vec(),
+            None => extra.waiting.remove(id).unwrap_or_default(),
+        };
+        // Retractions (of the value held) before insertions, so that a replaced value is not lost.
+        for (brief, _) in updates.iter().filter(|(_, d)| *d < 0) {
+            deliveries.retain(|held| held != brief);
+        }
+        for (brief, _) in updates.into_iter().filter(|(_, d)| *d > 0) {
+            let at = deliveries.partition_point(|held| held.delivery_id < brief.delivery_id);
+            deliveries.insert(at, brief);
+        }
+        match state {
+            Some(s) => {
+                let rider = s.rider.clone();
+                *s = Arc::new(Snapshot {
+                    rider,
+                    deliveries: deliveries.into_boxed_slice(),
+                });
+            }
+            None if deliveries.is_empty() => give_back_map(&mut extra.waiting),
+            None => {
+                extra.waiting.insert(id.clone(), deliveries);
+            }
+        }
+    }
+
+    fn emit(
+        id: &Id,
+        old: Option<&Arc<Snapshot>>,
+        new: Option<&Arc<Snapshot>>,
+        time: Time,
+        out: &mut Vec<RiderOut>,
+    ) {
+        let (was, is) = (Self::shown(old), Self::shown(new));
+        let (before, after) = (was.map(|s| s.counted()), is.map(|s| s.counted()));
+        if before != after {
+            let counts = |counted: Option<(DistrictId, usize)>, sign: Diff| {
+                counted
+                    .into_iter()
+                    .flat_map(|(d, n)| Contribution::of_rider(d, n))
+                    .map(move |(k, n)| RiderOut::Counts((k, time, sign * n as Diff)))
+            };
+            out.extend(counts(before, -1).chain(counts(after, 1)));
+        }
+        if was != is {
+            out.push(RiderOut::Snapshot(Change {
+                key: id.clone(),
+                value: is.cloned(),
+                time,
+            }));
+        }
     }
 }
 
@@ -158,22 +298,26 @@ pub enum DeliveryState {
 
 impl DeliveryState {
     /// The row downstream sees: live deliveries that are active or waiting.
-    pub fn visible(&self) -> Option<DeliveryRow> {
+    pub fn visible(&self) -> Option<&DeliveryRow> {
         match self {
-            DeliveryState::Live(row) if row.is_active() || row.is_waiting() => Some(row.clone()),
+            DeliveryState::Live(row) if row.is_active() || row.is_waiting() => Some(row),
             _ => None,
         }
     }
 }
 
-/// The delivery upsert rule: terminal states absorb every later event; visible while active or waiting.
+/// The delivery upsert rule: terminal states absorb every later event; visible while active or
+/// waiting, as the changes of a collection of rows by delivery id.
 #[derive(Debug)]
 pub struct DeliveryRule;
 
 impl UpsertRule for DeliveryRule {
     type Event = Enriched<DeliveryEvent>;
     type State = DeliveryState;
-    type Row = DeliveryRow;
+    type Saved = DeliveryState;
+    type Side = ();
+    type Out = ((Id, DeliveryRow), Time, Diff);
+    type Extra = ();
 
     fn id(event: &Self::Event) -> &Id {
         &event.event.delivery_id
@@ -213,16 +357,38 @@ impl UpsertRule for DeliveryRule {
         }))
     }
 
-    fn rows(state: &DeliveryState) -> impl Iterator<Item = DeliveryRow> {
-        state.visible().into_iter()
-    }
-
     fn is_tombstone(state: &DeliveryState) -> bool {
         matches!(state, DeliveryState::Ended { .. })
     }
+
+    fn save(state: &DeliveryState) -> DeliveryState {
+        state.clone()
+    }
+
+    fn load(state: DeliveryState) -> DeliveryState {
+        state
+    }
+
+    fn emit(
+        id: &Id,
+        old: Option<&DeliveryState>,
+        new: Option<&DeliveryState>,
+        time: Time,
+        out: &mut Vec<Self::Out>,
+    ) {
+        let (was, is) = (
+            old.and_then(DeliveryState::visible),
+            new.and_then(DeliveryState::visible),
+        );
+        if was != is {
+            out.extend(was.map(|row| ((id.clone(), row.clone()), time, -1)));
+            out.extend(is.map(|row| ((id.clone(), row.clone()), time, 1)));
+        }
+    }
 }
 
-/// The stage's output: the rider changelog, and what riders on shift add to the district counts.
+/// The rider stage's output: the rider changelog, and what riders on shift add to the district
+/// counts.
 pub struct RiderSnapshots<'s> {
     /// For every complete time, each rider whose snapshot changed, with its full snapshot, or
     /// `None` once it is off shift.
@@ -231,326 +397,73 @@ pub struct RiderSnapshots<'s> {
     pub contributions: VecCollection<'s, Time, (DistrictId, Contribution), Diff>,
 }
 
-/// The rider snapshots of CONTRACT section 3, materialized once: each rider's latest core and
-/// position (from the rider upsert) and its active deliveries (from the delivery upsert, sent to the
-/// worker that owns the rider), held in one map entry per rider. For every complete time it emits
-/// each rider whose snapshot changed (the rider changelog, which the serving view also reads) and
-/// the change in what the rider adds to its district's counts.
-///
-/// A ping that stays in its district changes only the position: one map update, one output record,
-/// and no count update. The rider input is already partitioned by rider id (the upsert's exchange
-/// hashes the id as this stage's delivery exchange does), so it needs no exchange of its own.
-/// `held` reports how many riders the stage holds (on shift, or with active deliveries).
+/// The active deliveries by rider: what joins each rider's snapshot ([`RiderRule`]'s side input).
+pub fn active_deliveries<'s>(
+    deliveries: VecCollection<'s, Time, (Id, DeliveryRow), Diff>,
+) -> VecCollection<'s, Time, (Id, DeliveryBrief), Diff> {
+    deliveries.flat_map(|(delivery_id, row)| {
+        let rider = row.active_for()?.clone();
+        Some((rider, row.brief(delivery_id)))
+    })
+}
+
+/// The rider stage (an upsert by [`RiderRule`]) with its output split into the rider changelog and
+/// the riders' contributions to the counts.
 ///
 /// ```
-/// use dongflow_dataflow::stages::rider_snapshots;
-/// use dongflow_dataflow::types::{Contribution, DeliveryRow, RiderCore, RiderPart, RiderPosition};
-/// use dongflow_records::{DeliveryStatus, Id, RiderStatus};
+/// use dongflow_dataflow::stages::{active_deliveries, rider_snapshots, Enriched};
+/// use dongflow_dataflow::types::{Contribution, DeliveryRow};
+/// use dongflow_dataflow::upsert::UpsertState;
+/// use dongflow_records::{DeliveryStatus, Id, RiderEvent, RiderStatus};
 /// use differential_dataflow::input::Input;
-/// use timely::dataflow::operators::{Capture, capture::Extract};
+/// use timely::dataflow::operators::{Capture, ToStream, capture::Extract};
+/// use timely::dataflow::operators::generic::operator::empty;
 ///
 /// let (changes, contributions) = timely::example(|scope| {
-///     let core = RiderCore { status: RiderStatus::OnShift, rider_type: None, district: 3 };
-///     let position = RiderPosition { location: None, ts: 5 };
-///     let id = Id::from("r-1");
-///     let riders = scope.new_collection_from(vec![(id.clone(), RiderPart::Core(core)), (id, RiderPart::Position(position))]).1;
+///     let start = RiderEvent { rider_id: "r-1".into(), status: RiderStatus::ShiftStarted, rider_type: None, location: None, ts: 5 };
+///     let events = vec![Enriched { event: start, district: Some(3) }].to_stream(scope).container::<Vec<_>>();
 ///     let d = |id: &str| (Id::from(id), DeliveryRow { status: DeliveryStatus::PickedUp,
 ///         pickup_district: 0, rider_id: Some("r-1".into()), vehicle: None, ts: 9 });
 ///     let deliveries = scope.new_collection_from(vec![d("d-2"), d("d-1")]).1;
-///     let out = rider_snapshots(riders, deliveries, Default::default());
+///     let state = UpsertState::shared(1000);
+///     let out = rider_snapshots(events, empty(scope), active_deliveries(deliveries), state, Default::default(), Default::default());
 ///     (out.changes.capture(), out.contributions.inner.capture())
 /// });
 /// let changes: Vec<_> = changes.extract().into_iter().flat_map(|(_, v)| v).collect();
 /// let snapshot = changes[0].value.as_ref().expect("on shift");
 /// let ids: Vec<_> = snapshot.deliveries.iter().map(|d| d.delivery_id.as_str()).collect();
-/// assert_eq!((changes.len(), snapshot.rider.district, snapshot.rider.ts, ids), (1, 3, 5, vec!["d-1", "d-2"]));
+/// assert_eq!((changes.len(), snapshot.rider.ts, ids), (1, 5, vec!["d-1", "d-2"]));
 /// let mut contributions: Vec<_> = contributions.extract().into_iter().flat_map(|(_, v)| v).map(|(c, _, n)| (c, n)).collect();
 /// contributions.sort();
-/// assert_eq!(contributions, vec![((3, Contribution::OnShift), 1), ((3, Contribution::Delivering), 1), ((3, Contribution::Active), 2)]);
+/// // The location is unknown: the rider counts in the unassigned district.
+/// let u = dongflow_dataflow::districts::UNASSIGNED;
+/// assert_eq!(contributions, vec![((u, Contribution::OnShift), 1), ((u, Contribution::Delivering), 1), ((u, Contribution::Active), 2)]);
 /// ```
 pub fn rider_snapshots<'s>(
-    riders: VecCollection<'s, Time, (Id, RiderPart), Diff>,
-    deliveries: VecCollection<'s, Time, (Id, DeliveryRow), Diff>,
-    held: Rc<Cell<usize>>,
+    events: Stream<'s, Time, Vec<Enriched<RiderEvent>>>,
+    seeds: Stream<'s, Time, Vec<Seed<RiderRow>>>,
+    active: VecCollection<'s, Time, (Id, DeliveryBrief), Diff>,
+    state: Rc<RefCell<UpsertState<RiderRule>>>,
+    counters: Arc<UpsertCounters>,
+    snapshots: Rc<SnapshotSlot<RiderRow>>,
 ) -> RiderSnapshots<'s> {
-    type Update<D> = (D, Time, Diff);
-    let active = deliveries.flat_map(|(delivery_id, row)| {
-        let rider = row.active_for()?.clone();
-        Some((rider, row.brief(delivery_id)))
-    });
-    let mut builder = OperatorBuilder::new("Snapshots: Riders".to_owned(), riders.inner.scope());
-    let mut riders_in = builder.new_input(riders.inner, Pipeline);
-    // Each active delivery goes to the worker that owns its rider (the same hash as the upsert's).
-    let by_rider = Exchange::new(|((rider, _), _, _): &Update<(Id, DeliveryBrief)>| rider.hashed());
-    let mut briefs_in = builder.new_input(active.inner, by_rider);
-    let (changes_out, changes) = builder.new_output::<Vec<Change<Id, Arc<Snapshot>>>>();
-    let (counts_out, contributions) =
-        builder.new_output::<Vec<Update<(DistrictId, Contribution)>>>();
-    let mut changes_out = OutputBuilder::from(changes_out);
-    let mut counts_out = OutputBuilder::from(counts_out);
-    builder.build(move |initial| {
-        // Output goes only at the times of input: the stage holds no capability of its own.
-        drop(initial);
-        let mut pending: BTreeMap<Time, Pending> = BTreeMap::new();
-        let mut riders = Riders::default();
-        move |frontiers| {
-            let mut changes_out = changes_out.activate();
-            let mut counts_out = counts_out.activate();
-            riders_in.for_each(|cap, data| {
-                for (update, time, diff) in data.drain(..) {
-                    Pending::at(&mut pending, &cap, time)
-                        .riders
-                        .push((update, diff));
-                }
-            });
-            briefs_in.for_each(|cap, data| {
-                for (update, time, diff) in data.drain(..) {
-                    Pending::at(&mut pending, &cap, time)
-                        .briefs
-                        .push((update, diff));
-                }
-            });
-            let mut largest = 0;
-            while let Some(first) = pending.first_entry() {
-                let time = *first.key();
-                if frontiers.iter().any(|f| f.less_equal(&time)) {
-                    break;
-                }
-                let Pending {
-                    changes_cap,
-                    counts_cap,
-                    riders: parts,
-                    briefs,
-                } = first.remove();
-                // Retractions (of the value held) before insertions, so that a replaced value is
-                // not lost.
-                for ((id, part), _) in parts.iter().filter(|(_, d)| *d < 0) {
-                    riders.touch(id).retract(part);
-                }
-                for ((rider, brief), _) in briefs.iter().filter(|(_, d)| *d < 0) {
-                    riders.touch(rider).remove_delivery(brief);
-                }
-                for ((id, part), _) in parts.into_iter().filter(|(_, d)| *d > 0) {
-                    riders.touch(&id).insert(part);
-                }
-                for ((rider, brief), _) in briefs.into_iter().filter(|(_, d)| *d > 0) {
-                    riders.touch(&rider).add_delivery(brief);
-                }
-                largest = largest.max(riders.work.len());
-                let mut changes: Vec<Change<Id, Arc<Snapshot>>> =
-                    Vec::with_capacity(riders.work.len());
-                let mut counts: Vec<Update<(DistrictId, Contribution)>> = Vec::new();
-                riders.settle(|id, value, before, after| {
-                    if before != after {
-                        let was = before
-                            .into_iter()
-                            .flat_map(|(d, n)| Contribution::of_rider(d, n));
-                        let is = after
-                            .into_iter()
-                            .flat_map(|(d, n)| Contribution::of_rider(d, n));
-                        counts.extend(was.map(|(k, n)| (k, time, -(n as Diff))));
-                        counts.extend(is.map(|(k, n)| (k, time, n as Diff)));
-                    }
-                    // A rider off shift before and after (only its deliveries changed) has no
-                    // snapshot to change.
-                    if value.is_some() || before.is_some() {
-                        changes.push(Change {
-                            key: id,
-                            value,
-                            time,
-                        });
-                    }
-                });
-                if !changes.is_empty() {
-                    changes_out
-                        .session(&changes_cap)
-                        .give_container(&mut changes);
-                }
-                if !counts.is_empty() {
-                    counts_out.session(&counts_cap).give_container(&mut counts);
-                }
-            }
-            // A restore or a catch-up applies one large time; the steady state, small ones.
-            give_back_buffer(&mut riders.work, largest);
-            give_back_map(&mut riders.held);
-            held.set(riders.held.len());
-        }
+    let name = "Upsert: Riders";
+    let out = upsert::<RiderRule>(
+        events,
+        seeds,
+        active.inner,
+        name,
+        state,
+        counters,
+        snapshots,
+    );
+    let (changes, contributions) = out.ok_err(|out| match out {
+        RiderOut::Snapshot(change) => Ok(change),
+        RiderOut::Counts(update) => Err(update),
     });
     RiderSnapshots {
         changes,
         contributions: contributions.as_collection(),
-    }
-}
-
-/// A time's input to [`rider_snapshots`], with a capability for each output.
-struct Pending {
-    changes_cap: Capability<Time>,
-    counts_cap: Capability<Time>,
-    riders: Vec<((Id, RiderPart), Diff)>,
-    briefs: Vec<((Id, DeliveryBrief), Diff)>,
-}
-
-impl Pending {
-    /// The pending input of `time`, made on its first update.
-    fn at<'a>(
-        pending: &'a mut BTreeMap<Time, Pending>,
-        cap: &InputCapability<Time>,
-        time: Time,
-    ) -> &'a mut Pending {
-        pending.entry(time).or_insert_with(|| Pending {
-            changes_cap: cap.delayed(&time, 0),
-            counts_cap: cap.delayed(&time, 1),
-            riders: Vec::new(),
-            briefs: Vec::new(),
-        })
-    }
-}
-
-/// What [`rider_snapshots`] holds of one rider between times: its snapshot while it is on shift
-/// (shared with the serving view, which holds the same allocation), and otherwise its active
-/// deliveries (they join it when its shift starts). Sixteen bytes: a rider off shift with active
-/// deliveries is rare, and its list is boxed so that every other entry stays small.
-#[derive(Debug)]
-enum HeldRider {
-    /// On shift and settled: its snapshot.
-    OnShift(Arc<Snapshot>),
-    /// Off shift and settled, with active deliveries (never empty). Boxed on purpose (one more
-    /// allocation for a rare entry): a bare `Vec` would make every entry 32 bytes.
-    #[allow(clippy::box_collection)]
-    OffShift(Box<Vec<DeliveryBrief>>),
-    /// The time being applied changes the rider: its parts are in `Riders::work` at this index.
-    Touched(usize),
-}
-
-/// What a rider counts in: its district and number of active deliveries, while it is on shift.
-type Counted = Option<(DistrictId, usize)>;
-
-/// A rider that the time being applied changes: its parts, and what it counted before.
-#[derive(Debug)]
-struct Work {
-    id: Id,
-    counted_before: Counted,
-    core: Option<RiderCore>,
-    position: Option<RiderPosition>,
-    /// Active deliveries, sorted by id.
-    deliveries: Vec<DeliveryBrief>,
-}
-
-/// The riders of one worker, and the work of the time being applied.
-#[derive(Debug, Default)]
-struct Riders {
-    held: FxHashMap<Id, HeldRider>,
-    work: Vec<Work>,
-}
-
-impl Riders {
-    /// The parts of rider `id`, taken out of its entry the first time the current time changes it.
-    fn touch(&mut self, id: &Id) -> &mut Work {
-        let next = self.work.len();
-        let entry = self.held.entry(id.clone());
-        let held = match entry {
-            Entry::Occupied(held) => held.into_mut(),
-            Entry::Vacant(vacant) => {
-                self.work.push(Work::new(id.clone(), Vec::new()));
-                vacant.insert(HeldRider::Touched(next));
-                return &mut self.work[next];
-            }
-        };
-        let work = match held {
-            HeldRider::Touched(at) => return &mut self.work[*at],
-            HeldRider::OnShift(s) => Work {
-                id: id.clone(),
-                counted_before: Some(s.counted()),
-                core: Some(s.rider.core()),
-                position: Some(s.rider.position()),
-                deliveries: s.deliveries.to_vec(),
-            },
-            HeldRider::OffShift(deliveries) => Work::new(id.clone(), std::mem::take(deliveries)),
-        };
-        *held = HeldRider::Touched(next);
-        self.work.push(work);
-        &mut self.work[next]
-    }
-
-    /// Settles every rider the current time changed: its new snapshot (`None`: off shift) and
-    /// what it counted before and counts now, each in `finish`.
-    fn settle(&mut self, mut finish: impl FnMut(Id, Option<Arc<Snapshot>>, Counted, Counted)) {
-        for work in self.work.drain(..) {
-            let Work {
-                id,
-                counted_before,
-                core,
-                position,
-                deliveries,
-            } = work;
-            let (snapshot, off_shift) = match (core, position) {
-                (Some(core), Some(position)) => {
-                    let s = Snapshot::compose(core, position, deliveries);
-                    (Some(Arc::new(s)), Vec::new())
-                }
-                _ => (None, deliveries),
-            };
-            let counted = snapshot.as_deref().map(Snapshot::counted);
-            let settled = match &snapshot {
-                Some(s) => Some(HeldRider::OnShift(s.clone())),
-                None if off_shift.is_empty() => None,
-                None => Some(HeldRider::OffShift(Box::new(off_shift))),
-            };
-            match settled {
-                None => {
-                    self.held.remove(&id);
-                }
-                Some(settled) => {
-                    if let Some(entry) = self.held.get_mut(&id) {
-                        *entry = settled;
-                    }
-                }
-            }
-            finish(id, snapshot, counted_before, counted);
-        }
-    }
-}
-
-impl Work {
-    /// The work of a rider off shift (no core or position held, counted nowhere) with these
-    /// active deliveries.
-    fn new(id: Id, deliveries: Vec<DeliveryBrief>) -> Work {
-        Work {
-            id,
-            counted_before: None,
-            core: None,
-            position: None,
-            deliveries,
-        }
-    }
-
-    /// Removes `part` if it is the one held.
-    fn retract(&mut self, part: &RiderPart) {
-        match part {
-            RiderPart::Core(core) => self.core = self.core.take().filter(|held| held != core),
-            RiderPart::Position(p) => self.position = self.position.take().filter(|held| held != p),
-        }
-    }
-
-    /// Holds `part`.
-    fn insert(&mut self, part: RiderPart) {
-        match part {
-            RiderPart::Core(core) => self.core = Some(core),
-            RiderPart::Position(position) => self.position = Some(position),
-        }
-    }
-
-    /// Removes an active delivery.
-    fn remove_delivery(&mut self, brief: &DeliveryBrief) {
-        self.deliveries.retain(|held| held != brief);
-    }
-
-    /// Adds an active delivery, keeping them sorted by id.
-    fn add_delivery(&mut self, brief: DeliveryBrief) {
-        let at = self
-            .deliveries
-            .partition_point(|held| held.delivery_id < brief.delivery_id);
-        self.deliveries.insert(at, brief);
     }
 }
 
@@ -703,8 +616,9 @@ mod tests {
     /// memory benchmark and `tests/memory.rs` show what it costs).
     #[test]
     fn held_entries_are_small() {
-        assert_eq!(std::mem::size_of::<HeldRider>(), 16);
+        assert_eq!(std::mem::size_of::<<RiderRule as UpsertRule>::State>(), 8);
         assert_eq!(std::mem::size_of::<Option<Label>>(), 8);
+        assert!(std::mem::size_of::<Snapshot>() <= 64);
         assert!(
             std::mem::size_of::<RiderRow>() <= 56,
             "{}",
@@ -748,7 +662,7 @@ mod tests {
 
     #[test]
     fn rider_rule_orders_by_ts_and_keeps_last_known_fields() {
-        let start = RiderRule::apply(
+        let start = RiderRule::apply_row(
             None,
             rider(
                 10,
@@ -763,7 +677,7 @@ mod tests {
             (3, Some("CONNECT"))
         );
         // A later ping without rider type or location keeps both.
-        let ping = RiderRule::apply(Some(&start), rider(20, RiderStatus::OnShift, None, None))
+        let ping = RiderRule::apply_row(Some(&start), rider(20, RiderStatus::OnShift, None, None))
             .expect("applies");
         assert_eq!(
             (ping.district, ping.rider_type.as_deref(), ping.ts),
@@ -771,19 +685,17 @@ mod tests {
         );
         // Lower ts: stale. Equal ts: applies (the later arrival wins).
         assert_eq!(
-            RiderRule::apply(Some(&ping), rider(19, RiderStatus::ShiftEnded, None, None)),
+            RiderRule::apply_row(Some(&ping), rider(19, RiderStatus::ShiftEnded, None, None)),
             Err(Ignored::Stale)
         );
-        let end = RiderRule::apply(Some(&ping), rider(20, RiderStatus::ShiftEnded, None, None))
+        let end = RiderRule::apply_row(Some(&ping), rider(20, RiderStatus::ShiftEnded, None, None))
             .expect("applies");
-        assert_eq!(
-            RiderRule::rows(&end).next(),
-            None,
-            "a rider off shift is not visible"
-        );
-        assert_eq!(RiderRule::rows(&ping).count(), 2, "core and position");
+        let shown =
+            |row: &RiderRow| RiderRule::shown(Some(&RiderRule::load(row.clone()))).is_some();
+        assert!(!shown(&end), "a rider off shift is not visible");
+        assert!(shown(&ping));
         // A location outside every district moves the rider to unassigned.
-        let away = RiderRule::apply(
+        let away = RiderRule::apply_row(
             Some(&ping),
             rider(30, RiderStatus::OnShift, None, Some((35.0, UNASSIGNED))),
         );
@@ -807,12 +719,15 @@ mod tests {
         .expect("applies");
         let b = DeliveryRule::apply(Some(&a), delivery(4, DeliveryStatus::Assigned, Some("r-2")))
             .expect("applies");
-        assert_eq!(b.visible().and_then(|r| r.rider_id), Some("r-2".into()));
+        assert_eq!(
+            b.visible().and_then(|r| r.rider_id.clone()),
+            Some("r-2".into())
+        );
         // Later events without rider_id keep the last one.
         let picked = DeliveryRule::apply(Some(&b), delivery(5, DeliveryStatus::PickedUp, None))
             .expect("applies");
         assert_eq!(
-            picked.visible().and_then(|r| r.rider_id),
+            picked.visible().and_then(|r| r.rider_id.clone()),
             Some("r-2".into())
         );
         let done = DeliveryRule::apply(Some(&picked), delivery(6, DeliveryStatus::Delivered, None))
@@ -842,6 +757,8 @@ mod snapshot_stage_tests {
     use dongflow_records::{DeliveryStatus, RiderStatus};
     use std::sync::mpsc;
     use timely::dataflow::operators::capture::Extract;
+    use timely::dataflow::operators::generic::operator::empty;
+    use timely::dataflow::operators::vec::Input as _;
     use timely::dataflow::operators::{Capture, Probe};
 
     type Out = (
@@ -849,16 +766,22 @@ mod snapshot_stage_tests {
         Vec<(Time, Vec<((DistrictId, Contribution), Time, Diff)>)>,
     );
 
-    fn core(district: DistrictId) -> RiderPart {
-        RiderPart::Core(RiderCore {
-            status: RiderStatus::OnShift,
+    fn rider(status: RiderStatus, ts: Millis, district: DistrictId) -> Enriched<RiderEvent> {
+        let location = Some(Coord {
+            lat: 37.5,
+            lon: 127.0,
+        });
+        let event = RiderEvent {
+            rider_id: "r-1".into(),
+            status,
             rider_type: None,
-            district,
-        })
-    }
-
-    fn position(ts: Millis) -> RiderPart {
-        RiderPart::Position(RiderPosition { location: None, ts })
+            location,
+            ts,
+        };
+        Enriched {
+            event,
+            district: Some(district),
+        }
     }
 
     fn assigned() -> DeliveryRow {
@@ -871,58 +794,67 @@ mod snapshot_stage_tests {
         }
     }
 
-    /// Runs the stage over five times of input on `workers` workers; returns its outputs and the
-    /// riders it holds at the end.
+    /// Runs the stage over seven times of input on `workers` workers, riders off shift forgotten
+    /// after 5 ms; returns its outputs and the riders it holds at the end (with a state, or with
+    /// deliveries waiting for one).
     fn run(workers: usize) -> (Out, usize) {
         let (changes_tx, changes_rx) = mpsc::channel();
         let (counts_tx, counts_rx) = mpsc::channel();
         let (held_tx, held_rx) = mpsc::channel();
         let config = timely::Config::process(workers);
         timely::execute(config, move |worker| {
-            let held: Rc<Cell<usize>> = Rc::default();
+            let state = UpsertState::<RiderRule>::shared(1_000);
+            state.borrow_mut().forget_idle_after(Some(5));
+            let st = state.clone();
             let (changes_tx, counts_tx) = (changes_tx.clone(), counts_tx.clone());
             let (mut riders, mut deliveries, probe) = worker.dataflow::<Time, _, _>(|scope| {
-                let (riders_in, riders) = scope.new_collection::<(Id, RiderPart), Diff>();
+                let (riders_in, riders) = scope.new_input::<Enriched<RiderEvent>>();
                 let (deliveries_in, deliveries) = scope.new_collection::<(Id, DeliveryRow), Diff>();
-                let out = rider_snapshots(riders, deliveries, held.clone());
+                let active = active_deliveries(deliveries);
+                let counters = Arc::default();
+                let out =
+                    rider_snapshots(riders, empty(scope), active, st, counters, Rc::default());
                 let (probe, changes) = out.changes.probe();
                 changes.capture_into(changes_tx);
                 out.contributions.inner.capture_into(counts_tx);
                 (riders_in, deliveries_in, probe)
             });
-            if worker.index() == 0 {
-                let r: Id = "r-1".into();
-                let d: Id = "d-1".into();
-                // 0: a delivery assigned to a rider who is not on shift yet.
-                deliveries.insert((d.clone(), assigned()));
-                // 1: the rider starts its shift in district 3; the delivery joins it.
-                deliveries.advance_to(1);
-                riders.advance_to(1);
-                riders.insert((r.clone(), core(3)));
-                riders.insert((r.clone(), position(10)));
-                // 2: it moves to district 5.
-                deliveries.advance_to(2);
-                riders.advance_to(2);
-                riders.remove((r.clone(), core(3)));
-                riders.remove((r.clone(), position(10)));
-                riders.insert((r.clone(), core(5)));
-                riders.insert((r.clone(), position(20)));
-                // 3: its shift ends with the delivery still active.
-                deliveries.advance_to(3);
-                riders.advance_to(3);
-                riders.remove((r.clone(), core(5)));
-                riders.remove((r.clone(), position(20)));
-                // 4: the delivery ends: nothing is held any more.
-                deliveries.advance_to(4);
-                riders.advance_to(4);
-                deliveries.remove((d, assigned()));
+            let (d1, d2): (Id, Id) = ("d-1".into(), "d-2".into());
+            let steps = [
+                // A delivery assigned to a rider with no state yet: it waits for the rider.
+                (0, None, Some((d1.clone(), 1))),
+                // The rider starts its shift in district 3; the delivery joins it.
+                (10, Some(rider(RiderStatus::ShiftStarted, 10, 3)), None),
+                // It moves to district 5.
+                (20, Some(rider(RiderStatus::OnShift, 20, 5)), None),
+                // Its shift ends with the delivery still active.
+                (30, Some(rider(RiderStatus::ShiftEnded, 30, 5)), None),
+                // The rider is forgotten (idle for 5 ms); its delivery ends.
+                (40, None, Some((d1, -1))),
+                // A delivery is assigned to the forgotten rider: it waits for it.
+                (50, None, Some((d2, 1))),
+                // A new shift in district 7 takes it up.
+                (60, Some(rider(RiderStatus::ShiftStarted, 60, 7)), None),
+            ];
+            for (time, event, delivery) in steps {
+                riders.advance_to(time);
+                deliveries.advance_to(time);
+                if worker.index() > 0 {
+                    continue;
+                }
+                riders.send_batch(&mut event.into_iter().collect());
+                if let Some((id, diff)) = delivery {
+                    deliveries.update((id, assigned()), diff);
+                }
             }
-            deliveries.advance_to(5);
-            riders.advance_to(5);
+            riders.advance_to(70);
+            deliveries.advance_to(70);
             deliveries.flush();
-            riders.flush();
-            worker.step_while(|| probe.less_than(&5));
-            held_tx.send(held.get()).expect("receiver");
+            worker.step_while(|| probe.less_than(&70));
+            let state = state.borrow();
+            held_tx
+                .send(state.len() + state.extra().len())
+                .expect("receiver");
         })
         .expect("runs");
         let held = held_rx.try_iter().sum();
@@ -930,7 +862,7 @@ mod snapshot_stage_tests {
     }
 
     #[test]
-    fn a_snapshot_follows_its_rider_and_deliveries_and_is_forgotten_when_both_end() {
+    fn a_snapshot_follows_its_rider_and_deliveries_and_deliveries_wait_for_their_rider() {
         for workers in [1, 3] {
             let ((changes, counts), held) = run(workers);
             let changes: Vec<_> = changes.into_iter().flat_map(|(_, v)| v).collect();
@@ -944,37 +876,34 @@ mod snapshot_stage_tests {
                     (c.time, v)
                 })
                 .collect();
-            // Nothing at 0 (not on shift) or at 4 (the delivery of a rider off shift).
-            assert_eq!(
-                shown,
-                vec![(1, Some((3, 1))), (2, Some((5, 1))), (3, None)],
-                "{workers} workers"
-            );
+            // Nothing at 0, 40 or 50: the deliveries of a rider off shift or with no state.
+            let expected = vec![
+                (10, Some((3, 1))),
+                (20, Some((5, 1))),
+                (30, None),
+                (60, Some((7, 1))),
+            ];
+            assert_eq!(shown, expected, "{workers} workers");
             let mut net: BTreeMap<(DistrictId, Contribution), Diff> = BTreeMap::new();
-            let mut at_2: BTreeMap<(DistrictId, Contribution), Diff> = BTreeMap::new();
+            let mut at_20: BTreeMap<(DistrictId, Contribution), Diff> = BTreeMap::new();
             for (k, t, n) in counts.into_iter().flat_map(|(_, v)| v) {
                 *net.entry(k).or_default() += n;
-                if t <= 2 {
-                    *at_2.entry(k).or_default() += n;
+                if t <= 20 {
+                    *at_20.entry(k).or_default() += n;
                 }
             }
-            at_2.retain(|_, n| *n != 0);
+            at_20.retain(|_, n| *n != 0);
             net.retain(|_, n| *n != 0);
-            let in_5 = [
+            let kinds = [
                 Contribution::OnShift,
                 Contribution::Delivering,
                 Contribution::Active,
             ];
-            let expected: BTreeMap<_, _> = in_5.into_iter().map(|k| ((5, k), 1)).collect();
-            assert_eq!(
-                at_2, expected,
-                "{workers} workers: counted in district 5 at 2"
-            );
-            assert!(
-                net.is_empty(),
-                "{workers} workers: nothing counted at the end: {net:?}"
-            );
-            assert_eq!(held, 0, "{workers} workers");
+            let in_district =
+                |d| -> BTreeMap<_, _> { kinds.into_iter().map(|k| ((d, k), 1)).collect() };
+            assert_eq!(at_20, in_district(5), "{workers} workers: at 20");
+            assert_eq!(net, in_district(7), "{workers} workers: at the end");
+            assert_eq!(held, 1, "{workers} workers: the rider alone");
         }
     }
 }

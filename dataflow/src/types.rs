@@ -26,55 +26,6 @@ pub struct RiderRow {
     pub ts: Millis,
 }
 
-impl RiderRow {
-    /// The part of the row that changes rarely: what the snapshot's counts depend on.
-    pub fn core(&self) -> RiderCore {
-        RiderCore {
-            status: self.status,
-            rider_type: self.rider_type.clone(),
-            district: self.district,
-        }
-    }
-
-    /// The part of the row that changes with every ping.
-    pub fn position(&self) -> RiderPosition {
-        RiderPosition {
-            location: self.location,
-            ts: self.ts,
-        }
-    }
-}
-
-/// The slowly changing part of a rider: a ping that stays in its district leaves it as it is.
-#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
-pub struct RiderCore {
-    /// Latest status.
-    pub status: RiderStatus,
-    /// Last known rider type.
-    pub rider_type: Option<Label>,
-    /// The district of the last known location.
-    pub district: DistrictId,
-}
-
-/// The fast-changing part of a rider: where it was last seen, and when.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
-pub struct RiderPosition {
-    /// Last known location.
-    pub location: Option<Coord>,
-    /// `ts` of the latest applied event.
-    pub ts: Millis,
-}
-
-/// What the rider upsert sends on for a rider on shift: its core and its position, each only when
-/// it changes.
-#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
-pub enum RiderPart {
-    /// The slowly changing part.
-    Core(RiderCore),
-    /// The position.
-    Position(RiderPosition),
-}
-
 /// A delivery's latest state while it is not terminal: what an answer or a count can show of it.
 /// The event's `delivery_type`, `pickup` point and `dropoff` point are not kept: no answer shows
 /// them (CONTRACT section 3), and the pickup counts only through its district, decided when the
@@ -151,25 +102,6 @@ pub struct Snapshot {
 }
 
 impl Snapshot {
-    /// The snapshot of a rider's core and position with its active deliveries (sorted by id).
-    pub fn compose(
-        rider: RiderCore,
-        position: RiderPosition,
-        deliveries: Vec<DeliveryBrief>,
-    ) -> Self {
-        let rider = RiderRow {
-            status: rider.status,
-            rider_type: rider.rider_type,
-            location: position.location,
-            district: rider.district,
-            ts: position.ts,
-        };
-        Self {
-            rider,
-            deliveries: deliveries.into_boxed_slice(),
-        }
-    }
-
     /// What the rider counts in: its district, and its number of active deliveries.
     pub fn counted(&self) -> (DistrictId, usize) {
         (self.rider.district, self.deliveries.len())

@@ -1,16 +1,18 @@
-//! The upsert stage: events in, the latest state per id out, as a differential collection.
+//! The upsert stage: events in, the latest state per id kept, and what changed sent on.
 //!
 //! Events are exchanged by id, stashed per dataflow time, and applied in time order once the input
 //! frontier has passed that time; within a time, in arrival order (which, per id, is partition
 //! order). Applying follows CONTRACT section 3: per id, a lower `ts` than the latest applied one is
 //! stale and ignored; an equal `ts` applies (the later arrival wins). For each time the operator
-//! emits only the net change per id: at most one retraction and one insertion.
+//! sends on each changed id once, from its state before the time to its state after.
 //!
-//! A [`UpsertRule`] says how an event changes a state and which states are visible downstream. The
-//! state lives in an [`UpsertState`] shared with the worker loop, so that it can be checkpointed. A
-//! restart brings a checkpoint's state back through a second input ([`Seed`]s, exchanged by id like
-//! the events, so that each id reaches the worker that owns it whatever the worker count); the rows
-//! of a seeded state are emitted at the seeds' time, before any event of a later time is applied.
+//! A [`UpsertRule`] says how an event changes a state and what goes on downstream. The state lives
+//! in an [`UpsertState`] shared with the worker loop, so that it can be checkpointed. A restart
+//! brings a checkpoint's state back through a second input ([`Seed`]s, exchanged by id like the
+//! events, so that each id reaches the worker that owns it whatever the worker count); a seeded
+//! state goes on at the seeds' time, before any event of a later time is applied. A third input
+//! carries updates from elsewhere that change the states of their ids after each time's events (a
+//! rider's active deliveries, which its snapshot holds): one state per id, not a second map.
 //!
 //! Terminal states ("tombstones") are remembered by id and expiry alone ([`Tombstones`]) for `ttl`
 //! of dataflow time, so that late and duplicate events cannot bring an id back, and are then
@@ -26,13 +28,12 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use differential_dataflow::hashable::Hashable;
-use differential_dataflow::{AsCollection, VecCollection};
 use dongflow_records::{Id, Millis};
-use rustc_hash::FxHashMap;
+use rustc_hash::{FxHashMap, FxHashSet};
 use serde::{Deserialize, Serialize};
-use timely::container::CapacityContainerBuilder;
 use timely::dataflow::channels::pact::Exchange;
-use timely::dataflow::operators::generic::operator::Operator;
+use timely::dataflow::operators::generic::builder_rc::OperatorBuilder;
+use timely::dataflow::operators::generic::OutputBuilder;
 use timely::dataflow::operators::Capability;
 use timely::dataflow::Stream;
 
@@ -50,45 +51,74 @@ pub enum Ignored {
     AfterTerminal,
 }
 
-/// How events of one kind change the state of their id.
+/// How events of one kind change the state of their id, and what the operator sends on.
 pub trait UpsertRule: 'static {
     /// The input event.
     type Event: timely::ExchangeData;
-    /// The state kept per id (exchanged when seeded from a checkpoint).
-    type State: timely::ExchangeData + Clone + std::fmt::Debug;
-    /// What downstream sees of a state: a state shows as zero or more rows, and only the rows that
-    /// change are sent on.
-    type Row: timely::ExchangeData + Clone + Ord + std::fmt::Debug;
+    /// The state kept per id.
+    type State: Clone + std::fmt::Debug + 'static;
+    /// What a checkpoint keeps of a state, and a restart seeds it from (exchanged by id).
+    type Saved: timely::ExchangeData + Clone + std::fmt::Debug;
+    /// Updates of a second input, by id, that change the states of their ids after each time's
+    /// events (a rider's active deliveries); `()` for a rule without one.
+    type Side: timely::ExchangeData;
+    /// What the operator sends on for an id that a time changed.
+    type Out: timely::ExchangeData;
+    /// What the rule keeps per worker beside the states (the side updates of ids with no state).
+    type Extra: Default + std::fmt::Debug + 'static;
     /// The id an event belongs to.
     fn id(event: &Self::Event) -> &Id;
     /// The event's `ts`.
     fn ts(event: &Self::Event) -> Millis;
     /// The new state after `event`, or why it is ignored.
     fn apply(current: Option<&Self::State>, event: Self::Event) -> Result<Self::State, Ignored>;
-    /// The rows downstream sees of a state (none while it is not visible).
-    fn rows(state: &Self::State) -> impl Iterator<Item = Self::Row>;
-    /// Whether the state is terminal: it shows no rows, and its id is remembered (without the
+    /// Whether the state is terminal: it shows nothing, and its id is remembered (without the
     /// state) for the ttl only, to absorb every later event.
     fn is_tombstone(state: &Self::State) -> bool;
     /// Whether the state may be forgotten once no event has changed it for the idle ttl, and if
-    /// so its `ts`. An idle state shows no rows. None are, unless a rule says so.
+    /// so its `ts`. An idle state shows nothing. None are, unless a rule says so.
     fn idle(_state: &Self::State) -> Option<Millis> {
         None
     }
+    /// What a checkpoint keeps of `state`.
+    fn save(state: &Self::State) -> Self::Saved;
+    /// The state a checkpoint kept as `saved`.
+    fn load(saved: Self::Saved) -> Self::State;
+    /// A state made for `id`, which had none, takes what `extra` kept of the id.
+    fn adopt(_state: &mut Self::State, _id: &Id, _extra: &mut Self::Extra) {}
+    /// `id`'s idle state is forgotten: `extra` keeps what must outlive it.
+    fn forget(_id: Id, _state: Self::State, _extra: &mut Self::Extra) {}
+    /// Applies one time's side updates of `id` (in arrival order) to its state, or to `extra`
+    /// while it has none.
+    fn apply_side(
+        _state: Option<&mut Self::State>,
+        _id: &Id,
+        _updates: Vec<(Self::Side, Diff)>,
+        _extra: &mut Self::Extra,
+    ) {
+    }
+    /// What goes on for `id`, changed at `time` from `old` to `new` (`None`: no state).
+    fn emit(
+        id: &Id,
+        old: Option<&Self::State>,
+        new: Option<&Self::State>,
+        time: Time,
+        out: &mut Vec<Self::Out>,
+    );
 }
 
 /// One id's state, with the last time it changed (so that a time's first change is noticed
 /// without a second map).
 #[derive(Debug)]
-struct Slot<S> {
-    state: S,
+struct Slot<U: UpsertRule> {
+    state: U::State,
     touched_at: Time,
 }
 
-impl<S: Clone> Copied for Slot<S> {
-    type Copy = S;
-    fn copied(&self) -> S {
-        self.state.clone()
+impl<U: UpsertRule> Copied for Slot<U> {
+    type Copy = U::Saved;
+    fn copied(&self) -> U::Saved {
+        U::save(&self.state)
     }
 }
 
@@ -97,18 +127,20 @@ const UNTOUCHED: Time = Time::MAX;
 
 /// The state of one upsert operator on one worker.
 #[derive(Debug)]
-pub struct UpsertState<S: Clone> {
+pub struct UpsertState<U: UpsertRule> {
     /// Latest state per id, tombstones aside.
-    entries: Table<Slot<S>>,
+    entries: Table<Slot<U>>,
     /// The ids whose state is terminal, until their ttl runs out.
     ended: Tombstones,
     /// How long a tombstone is kept, in dataflow time (ms).
     pub ttl: Time,
     /// The ids whose state is idle, until their own ttl runs out.
     idle: Idle,
+    /// What the rule keeps beside the states.
+    extra: U::Extra,
 }
 
-impl<S: Clone> UpsertState<S> {
+impl<U: UpsertRule> UpsertState<U> {
     /// An empty state whose tombstones live for `ttl` ms.
     pub fn new(ttl: Time) -> Self {
         Self {
@@ -116,7 +148,13 @@ impl<S: Clone> UpsertState<S> {
             ended: Tombstones::default(),
             ttl,
             idle: Idle::default(),
+            extra: U::Extra::default(),
         }
+    }
+
+    /// What the rule keeps beside the states.
+    pub fn extra(&self) -> &U::Extra {
+        &self.extra
     }
 
     /// Idle states are forgotten once unchanged for `ttl` ms (`None`: kept for good).
@@ -162,7 +200,7 @@ impl<S: Clone> UpsertState<S> {
     }
 
     /// The state of one id that is not terminal.
-    pub fn get(&self, id: &Id) -> Option<&S> {
+    pub fn get(&self, id: &Id) -> Option<&U::State> {
         self.entries.get(id).map(|slot| &slot.state)
     }
 
@@ -172,7 +210,7 @@ impl<S: Clone> UpsertState<S> {
     }
 
     /// Every id that is not terminal, with its state.
-    pub fn iter(&self) -> impl Iterator<Item = (&Id, &S)> {
+    pub fn iter(&self) -> impl Iterator<Item = (&Id, &U::State)> {
         self.entries.iter().map(|(id, slot)| (id, &slot.state))
     }
 
@@ -183,7 +221,7 @@ impl<S: Clone> UpsertState<S> {
 
     /// A copy of every live id's state and of the tombstones with their expiry times, for a
     /// checkpoint, taken all at once (the operator takes one in steps instead).
-    pub fn snapshot(&mut self, time: Time) -> StateSnapshot<S> {
+    pub fn snapshot(&mut self, time: Time) -> StateSnapshot<U::Saved> {
         let mut snapshot = self.begin_snapshot(time);
         snapshot.entries = self.snapshot_step(usize::MAX).unwrap_or_default();
         snapshot
@@ -192,7 +230,7 @@ impl<S: Clone> UpsertState<S> {
     /// Begins a snapshot of the state as it is now, the state at `time`: the tombstones and idle
     /// ids are copied now, the live states by [`Self::snapshot_step`], a few shards at a time
     /// (changes made meanwhile do not reach the copy).
-    pub fn begin_snapshot(&mut self, time: Time) -> StateSnapshot<S> {
+    pub fn begin_snapshot(&mut self, time: Time) -> StateSnapshot<U::Saved> {
         self.entries.begin_copy();
         StateSnapshot {
             time,
@@ -214,7 +252,7 @@ impl<S: Clone> UpsertState<S> {
     }
 
     /// Copies about `budget` more live states of the snapshot begun; returns them all once done.
-    pub fn snapshot_step(&mut self, budget: usize) -> Option<Vec<(Id, S)>> {
+    pub fn snapshot_step(&mut self, budget: usize) -> Option<Vec<(Id, U::Saved)>> {
         self.entries.copy_some(budget)
     }
 
@@ -223,12 +261,12 @@ impl<S: Clone> UpsertState<S> {
     ///
     /// Tombstones go in first: an id among them stays one, whether or not a live state of it is
     /// seeded too (as checkpoints written before tombstones were kept apart list them).
-    fn restore(&mut self, seeds: Vec<Vec<Seed<S>>>, touched: &mut Vec<(Id, Option<S>)>) {
+    fn restore(&mut self, seeds: Vec<Vec<Seed<U::Saved>>>, touched: &mut Touched<U>) {
         let (mut ended, mut live, mut idle) = (Vec::new(), Vec::new(), Vec::new());
         for seed in seeds.into_iter().flatten() {
             match seed {
                 Seed::Ended(expires, id) => ended.push((expires, id)),
-                Seed::Live(id, state) => live.push((id, state)),
+                Seed::Live(id, saved) => live.push((id, U::load(saved))),
                 Seed::Idle(since, id) => idle.push((since, id)),
             }
         }
@@ -240,9 +278,12 @@ impl<S: Clone> UpsertState<S> {
             }
             self.ended.insert(expires, id);
         }
-        for (id, state) in live {
+        for (id, mut state) in live {
             if self.ended.contains(&id) {
                 continue;
+            }
+            if self.entries.get(&id).is_none() {
+                U::adopt(&mut state, &id, &mut self.extra);
             }
             let slot = Slot {
                 state,
@@ -376,10 +417,10 @@ impl<S> Default for SnapshotSlot<S> {
 /// worker goes on with its other work.
 const COPY_STEP: usize = 8 * 1024;
 
-impl<S: Clone> SnapshotSlot<S> {
+impl<S> SnapshotSlot<S> {
     /// Begins the requested snapshot if `time` (the next time to apply, or `None` once the input
     /// is complete through the request) has passed it.
-    fn maybe_take(&self, state: &mut UpsertState<S>, next: Option<Time>) {
+    fn maybe_take<U: UpsertRule<Saved = S>>(&self, state: &mut UpsertState<U>, next: Option<Time>) {
         let Some(at) = self.requested.get() else {
             return;
         };
@@ -393,7 +434,7 @@ impl<S: Clone> SnapshotSlot<S> {
 
     /// Copies a step of the snapshot under way, if any; says whether more is left. A snapshot
     /// copied whole goes to `taken`.
-    fn copy_step(&self, state: &mut UpsertState<S>) -> bool {
+    fn copy_step<U: UpsertRule<Saved = S>>(&self, state: &mut UpsertState<U>) -> bool {
         let mut copying = self.copying.borrow_mut();
         let Some((snapshot, longest, begun)) = copying.as_mut() else {
             return false;
@@ -444,132 +485,154 @@ impl UpsertCounters {
     }
 }
 
-type Update<R> = ((Id, R), Time, Diff);
+/// Each id a time changed, with the state it had before (once per id).
+type Touched<U> = Vec<(Id, Option<<U as UpsertRule>::State>)>;
+
+/// One update of the side input: an id's side value, at a time, with a multiplicity.
+pub type SideUpdate<U> = ((Id, <U as UpsertRule>::Side), Time, Diff);
+
+/// The side updates of one time, with a capability for it.
+type SideStash<S> = BTreeMap<Time, (Capability<Time>, Vec<((Id, S), Diff)>)>;
 
 /// Events waiting for their time to complete, as received, with a capability for each time.
 type Stash<E> = BTreeMap<Time, (Capability<Time>, Vec<Vec<E>>)>;
 
-/// Applies `events` to `state` by the rule `U`, and returns the changes of the visible rows.
+/// Applies `events` to `state` by the rule `U`, and then each time's `side` updates; sends on what
+/// [`UpsertRule::emit`] makes of every id a time changed.
 ///
 /// ```
 /// use dongflow_dataflow::upsert::{upsert, UpsertCounters, UpsertState};
-/// use dongflow_dataflow::stages::{Enriched, RiderRule};
-/// use dongflow_dataflow::types::RiderPart;
-/// use dongflow_records::{RiderEvent, RiderStatus};
+/// use dongflow_dataflow::stages::{DeliveryRule, Enriched};
+/// use dongflow_records::{DeliveryEvent, DeliveryStatus};
 /// use timely::dataflow::operators::{ToStream, Capture, capture::Extract};
 /// use timely::dataflow::operators::generic::operator::empty;
 /// use std::sync::Arc;
 ///
 /// let rx = timely::example(|scope| {
-///     let e = |ts, status| Enriched { event: RiderEvent { rider_id: "r-1".into(), status, rider_type: None, location: None, ts }, district: None };
-///     // A stale ping (ts 3 after ts 5) is ignored; the shift end removes the rider.
-///     let events = vec![e(5, RiderStatus::ShiftStarted), e(3, RiderStatus::OnShift)].to_stream(scope);
+///     let e = |ts, status| Enriched { event: DeliveryEvent::bare("d-1".into(), status, ts), district: Some(4) };
+///     // A stale event (ts 3 after ts 5) is ignored.
+///     let events = vec![e(5, DeliveryStatus::Waiting), e(3, DeliveryStatus::Created)].to_stream(scope);
 ///     let counters = Arc::new(UpsertCounters::default());
-///     let no_seeds = empty(scope);
-///     upsert::<RiderRule>(events.container::<Vec<_>>(), no_seeds, "Upsert: Riders", UpsertState::shared(1000), counters, Default::default())
-///         .inner.capture()
+///     let state = UpsertState::shared(1000);
+///     upsert::<DeliveryRule>(events.container::<Vec<_>>(), empty(scope), empty(scope), "Upsert: Deliveries", state, counters, Default::default())
+///         .capture()
 /// });
 /// let out: Vec<_> = rx.extract().into_iter().flat_map(|(_, v)| v).collect();
-/// // A rider on shift shows as its core and its position; the position is that of ts 5.
-/// assert_eq!(out.len(), 2);
-/// assert!(out.iter().any(|((_, part), _, diff)| *diff == 1 && matches!(part, RiderPart::Position(p) if p.ts == 5)));
+/// assert_eq!(out.len(), 1);
+/// let ((_, row), _, diff) = &out[0];
+/// assert_eq!((row.status, row.ts, *diff), (DeliveryStatus::Waiting, 5, 1));
 /// ```
 pub fn upsert<'s, U: UpsertRule>(
     events: Stream<'s, Time, Vec<U::Event>>,
-    seeds: Stream<'s, Time, Vec<Seed<U::State>>>,
+    seeds: Stream<'s, Time, Vec<Seed<U::Saved>>>,
+    side: Stream<'s, Time, Vec<SideUpdate<U>>>,
     name: &str,
-    state: Rc<RefCell<UpsertState<U::State>>>,
+    state: Rc<RefCell<UpsertState<U>>>,
     counters: Arc<UpsertCounters>,
-    snapshots: Rc<SnapshotSlot<U::State>>,
-) -> VecCollection<'s, Time, (Id, U::Row), Diff> {
-    // Route every event and every seed of an id to the one worker that owns the id's state.
-    let exchange = Exchange::new(|e: &U::Event| U::id(e).hashed());
-    let by_id = Exchange::new(|s: &Seed<U::State>| s.id().hashed());
+    snapshots: Rc<SnapshotSlot<U::Saved>>,
+) -> Stream<'s, Time, Vec<U::Out>> {
     let scope = events.scope();
-    events
-        .binary_frontier::<_, CapacityContainerBuilder<Vec<Update<U::Row>>>, _, _, _, _>(
-            seeds,
-            exchange,
-            by_id,
-            name,
-            move |_, info| {
-                // A checkpoint's copy goes on in steps, each at a later activation.
-                let activator = scope.activator_for(info.address);
-                // Received containers are kept as they came, not copied into one.
-                let mut stash: Stash<U::Event> = BTreeMap::new();
-                let mut seeded: Stash<Seed<U::State>> = BTreeMap::new();
-                let mut touched: Vec<(Id, Option<U::State>)> = Vec::new();
-                let (mut old_rows, mut new_rows) = (Vec::new(), Vec::new());
-                move |(input, frontier), (seeds, seeds_frontier), output| {
-                    seeds.for_each(|cap, data| keep(&mut seeded, cap, data));
-                    input.for_each(|cap, data| keep(&mut stash, cap, data));
-                    let complete =
-                        |t: &Time| !frontier.less_equal(t) && !seeds_frontier.less_equal(t);
-                    // Apply complete times in time order: no event or seed of an earlier time can
-                    // still arrive. A time's seeds go in before its events.
-                    let mut largest = 0;
-                    while let Some(time) = seeded.keys().chain(stash.keys()).min().copied() {
-                        if !complete(&time) {
-                            break;
-                        }
-                        // A checkpoint's state holds every time up to its own and nothing after.
-                        let mut state = state.borrow_mut();
-                        snapshots.maybe_take(&mut state, Some(time));
-                        // `time` is a key of one of the two; its events, if any, at the next turn.
-                        let cap = if let Some((cap, seeds)) = seeded.remove(&time) {
-                            state.restore(seeds, &mut touched);
-                            cap
-                        } else if let Some((cap, events)) = stash.remove(&time) {
-                            apply_time::<U>(&mut state, time, events, &mut touched, &counters);
-                            cap
-                        } else {
-                            break;
-                        };
-                        largest = largest.max(touched.len());
-                        let mut session = output.session(&cap);
-                        for (id, old) in touched.drain(..) {
-                            old_rows.clear();
-                            new_rows.clear();
-                            old_rows.extend(old.iter().flat_map(U::rows));
-                            new_rows.extend(state.get(&id).into_iter().flat_map(U::rows));
-                            for row in &old_rows {
-                                if !new_rows.contains(row) {
-                                    session.give(((id.clone(), row.clone()), time, -1));
-                                }
-                            }
-                            for row in new_rows.drain(..) {
-                                if !old_rows.contains(&row) {
-                                    session.give(((id.clone(), row), time, 1));
-                                }
-                            }
-                        }
-                    }
-                    give_back_buffer(&mut touched, largest);
-                    // Time passes without events too: what ran out by the frontier goes (it shows
-                    // no rows, so no output), unless a checkpoint waits for an earlier time.
-                    let (events_at, seeds_at) = (frontier.frontier(), seeds_frontier.frontier());
-                    let passed = events_at.iter().chain(seeds_at.iter()).min().copied();
-                    if let Some(now) = passed.and_then(|t| t.checked_sub(1)) {
-                        if snapshots.requested.get().is_none() {
-                            let mut state = state.borrow_mut();
-                            let (expired, forgotten) = run_out::<U>(&mut state, now);
-                            counters.add(0, 0, 0, expired, forgotten);
-                        }
-                    }
-                    state.borrow_mut().give_back_room();
-                    // Complete through the requested time with nothing later applied yet.
-                    if let Some(at) = snapshots.requested.get() {
-                        if complete(&at) {
-                            snapshots.maybe_take(&mut state.borrow_mut(), None);
-                        }
-                    }
-                    if snapshots.copy_step(&mut state.borrow_mut()) {
-                        activator.activate();
+    let mut builder = OperatorBuilder::new(name.to_owned(), scope);
+    // Route every event, seed and side update of an id to the one worker that owns its state.
+    let mut events_in = builder.new_input(events, Exchange::new(|e: &U::Event| U::id(e).hashed()));
+    let by_id = Exchange::new(|s: &Seed<U::Saved>| s.id().hashed());
+    let mut seeds_in = builder.new_input(seeds, by_id);
+    let side_by_id = Exchange::new(|((id, _), _, _): &SideUpdate<U>| id.hashed());
+    let mut side_in = builder.new_input(side, side_by_id);
+    let (output, stream) = builder.new_output::<Vec<U::Out>>();
+    let mut output = OutputBuilder::from(output);
+    // A checkpoint's copy goes on in steps, each at a later activation.
+    let activator = scope.activator_for(builder.operator_info().address);
+    builder.build(move |initial| {
+        // Output goes only at the times of input: the operator holds no capability of its own.
+        drop(initial);
+        // Received containers are kept as they came, not copied into one.
+        let mut stash: Stash<U::Event> = BTreeMap::new();
+        let mut seeded: Stash<Seed<U::Saved>> = BTreeMap::new();
+        let mut sides: SideStash<U::Side> = BTreeMap::new();
+        let mut touched: Touched<U> = Vec::new();
+        let mut out: Vec<U::Out> = Vec::new();
+        move |frontiers| {
+            let mut output = output.activate();
+            seeds_in.for_each(|cap, data| keep(&mut seeded, cap, data));
+            events_in.for_each(|cap, data| keep(&mut stash, cap, data));
+            side_in.for_each(|cap, data| {
+                for ((id, update), time, diff) in data.drain(..) {
+                    sides
+                        .entry(time)
+                        .or_insert_with(|| (cap.delayed(&time, 0), Vec::new()))
+                        .1
+                        .push(((id, update), diff));
+                }
+            });
+            let complete = |t: &Time| frontiers.iter().all(|f| !f.less_equal(t));
+            // Apply complete times in time order: nothing of an earlier time can still arrive.
+            // A time's seeds go in first, then its events, then its side updates.
+            let mut largest = 0;
+            loop {
+                let next = seeded.keys().chain(stash.keys()).chain(sides.keys()).min();
+                let Some(time) = next.copied().filter(|t| complete(t)) else {
+                    break;
+                };
+                // A checkpoint's state holds every time up to its own and nothing after.
+                let mut state = state.borrow_mut();
+                snapshots.maybe_take(&mut state, Some(time));
+                let mut caps = Vec::with_capacity(1);
+                let reseeded = seeded.remove(&time).map(|(cap, seeds)| {
+                    state.restore(seeds, &mut touched);
+                    caps.push(cap);
+                });
+                if let Some((cap, events)) = stash.remove(&time) {
+                    apply_time::<U>(&mut state, time, events, &mut touched, &counters);
+                    caps.push(cap);
+                }
+                if let Some((cap, updates)) = sides.remove(&time) {
+                    apply_sides::<U>(&mut state, time, updates, &mut touched);
+                    caps.push(cap);
+                }
+                if reseeded.is_some() {
+                    // A seeded id that the same time changes again is listed twice: the first
+                    // entry holds its state before the time.
+                    let mut seen = FxHashSet::default();
+                    touched.retain(|(id, _)| seen.insert(id.clone()));
+                }
+                largest = largest.max(touched.len());
+                for (id, old) in touched.drain(..) {
+                    U::emit(&id, old.as_ref(), state.get(&id), time, &mut out);
+                }
+                if let Some(cap) = caps.first() {
+                    if !out.is_empty() {
+                        output.session(cap).give_container(&mut out);
                     }
                 }
-            },
-        )
-        .as_collection()
+            }
+            give_back_buffer(&mut touched, largest);
+            // Time passes without events too: what ran out by the frontier goes (it shows
+            // nothing, so no output), unless a checkpoint waits for an earlier time.
+            let passed = frontiers
+                .iter()
+                .filter_map(|f| f.frontier().iter().min().copied())
+                .min();
+            if let Some(now) = passed.and_then(|t| t.checked_sub(1)) {
+                if snapshots.requested.get().is_none() {
+                    let mut state = state.borrow_mut();
+                    let (expired, forgotten) = run_out::<U>(&mut state, now);
+                    counters.add(0, 0, 0, expired, forgotten);
+                }
+            }
+            state.borrow_mut().give_back_room();
+            // Complete through the requested time with nothing later applied yet.
+            if let Some(at) = snapshots.requested.get() {
+                if complete(&at) {
+                    snapshots.maybe_take(&mut state.borrow_mut(), None);
+                }
+            }
+            if snapshots.copy_step(&mut state.borrow_mut()) {
+                activator.activate();
+            }
+        }
+    });
+    stream
 }
 
 /// Keeps a received container under its time, with a capability for it.
@@ -615,10 +678,10 @@ where
 /// Applies one time's events to the state, recording in `touched` the state each changed id had
 /// before this time (once per id).
 fn apply_time<U: UpsertRule>(
-    state: &mut UpsertState<U::State>,
+    state: &mut UpsertState<U>,
     time: Time,
     events: Vec<Vec<U::Event>>,
-    touched: &mut Vec<(Id, Option<U::State>)>,
+    touched: &mut Touched<U>,
     counters: &UpsertCounters,
 ) {
     let (mut applied, mut stale, mut after_terminal) = (0, 0, 0);
@@ -668,6 +731,8 @@ fn apply_time<U: UpsertRule>(
             None => {
                 touched.push((id.clone(), None));
                 if !ended {
+                    let mut new = new;
+                    U::adopt(&mut new, &id, &mut state.extra);
                     let slot = Slot {
                         state: new,
                         touched_at: time,
@@ -683,15 +748,46 @@ fn apply_time<U: UpsertRule>(
     counters.add(applied, stale, after_terminal, expired, forgotten);
 }
 
+/// Applies one time's side updates, by id, recording in `touched` the state each changed id had
+/// before this time if the time's events did not already. A side update leaves the slot's last
+/// change as it was: it is not an event, and an idle state stays due to be forgotten.
+fn apply_sides<U: UpsertRule>(
+    state: &mut UpsertState<U>,
+    time: Time,
+    mut updates: Vec<((Id, U::Side), Diff)>,
+    touched: &mut Touched<U>,
+) {
+    // Stable: each id's updates stay in arrival order.
+    updates.sort_by(|((a, _), _), ((b, _), _)| a.cmp(b));
+    let mut updates = updates.into_iter().peekable();
+    let mut of_id = Vec::new();
+    while let Some(((id, first), diff)) = updates.next() {
+        of_id.push((first, diff));
+        while let Some(((_, update), diff)) = updates.next_if(|((next, _), _)| *next == id) {
+            of_id.push((update, diff));
+        }
+        let of_id = std::mem::take(&mut of_id);
+        match state.entries.get_mut(&id) {
+            Some(slot) => {
+                if slot.touched_at != time {
+                    touched.push((id.clone(), Some(slot.state.clone())));
+                }
+                U::apply_side(Some(&mut slot.state), &id, of_id, &mut state.extra);
+            }
+            None => U::apply_side(None, &id, of_id, &mut state.extra),
+        }
+    }
+}
+
 /// Drops the tombstones and forgets the idle states whose ttl has run out by `now`, and says how
 /// many of each.
-fn run_out<U: UpsertRule>(state: &mut UpsertState<U::State>, now: Time) -> (u64, u64) {
+fn run_out<U: UpsertRule>(state: &mut UpsertState<U>, now: Time) -> (u64, u64) {
     (state.ended.expire(now), forget_idle::<U>(state, now))
 }
 
 /// Forgets the idle states unchanged for the idle ttl by `now` whose own `ts` the dataflow's time
 /// has passed, and says how many. An idle state shows no rows, so nothing downstream changes.
-fn forget_idle<U: UpsertRule>(state: &mut UpsertState<U::State>, now: Time) -> u64 {
+fn forget_idle<U: UpsertRule>(state: &mut UpsertState<U>, now: Time) -> u64 {
     let mut forgotten = 0;
     while let Some((since, id)) = state.idle.pop_due(now) {
         let Some(slot) = state.entries.get(&id) else {
@@ -707,11 +803,9 @@ fn forget_idle<U: UpsertRule>(state: &mut UpsertState<U::State>, now: Time) -> u
             state.idle.wait_for_clock(ts, since, id);
             continue;
         }
-        debug_assert!(
-            U::rows(&slot.state).next().is_none(),
-            "an idle state shows no rows"
-        );
-        state.entries.remove(&id);
+        if let Some(slot) = state.entries.remove(&id) {
+            U::forget(id, slot.state, &mut state.extra);
+        }
         state.idle.forgot(ts);
         forgotten += 1;
     }
@@ -750,7 +844,8 @@ mod tests {
         }
     }
 
-    type Output = Vec<((Id, DeliveryRow), Time, Diff)>;
+    type Update = ((Id, DeliveryRow), Time, Diff);
+    type Output = Vec<Update>;
 
     /// A delivery row with a status and nothing else known.
     fn bare_row(status: DeliveryStatus, ts: u64) -> DeliveryRow {
@@ -770,16 +865,21 @@ mod tests {
     /// A delivery upsert over `st`, with its event and seed inputs.
     fn delivery_upsert<'s>(
         scope: timely::dataflow::Scope<'s, Time>,
-        st: Rc<RefCell<UpsertState<DeliveryState>>>,
+        st: Rc<RefCell<UpsertState<DeliveryRule>>>,
         counters: Arc<UpsertCounters>,
-    ) -> (
-        EventInput,
-        SeedInput,
-        VecCollection<'s, Time, (Id, DeliveryRow), Diff>,
-    ) {
+    ) -> (EventInput, SeedInput, Stream<'s, Time, Vec<Update>>) {
         let (input, stream) = scope.new_input::<Enriched<DeliveryEvent>>();
         let (seeds, seeded) = scope.new_input::<Seed<DeliveryState>>();
-        let out = upsert::<DeliveryRule>(stream, seeded, "Upsert", st, counters, Rc::default());
+        let no_side = timely::dataflow::operators::generic::operator::empty(scope);
+        let out = upsert::<DeliveryRule>(
+            stream,
+            seeded,
+            no_side,
+            "Upsert",
+            st,
+            counters,
+            Rc::default(),
+        );
         (input, seeds, out)
     }
 
@@ -796,7 +896,7 @@ mod tests {
             let st = UpsertState::shared(ttl);
             let (mut input, mut seeds, probe, rx) = worker.dataflow::<Time, _, _>(|scope| {
                 let (input, seeds, out) = delivery_upsert(scope, st.clone(), c.clone());
-                let (probe, stream) = out.inner.probe();
+                let (probe, stream) = out.probe();
                 (input, seeds, probe, stream.capture())
             });
             // Seeded at time 0, as a restart seeds a checkpoint before any event.
@@ -888,13 +988,15 @@ mod tests {
     /// A delivery upsert without seeds over `st`, asked for checkpoints through `slot`.
     fn checkpointed_upsert<'s>(
         scope: timely::dataflow::Scope<'s, Time>,
-        st: Rc<RefCell<UpsertState<DeliveryState>>>,
+        st: Rc<RefCell<UpsertState<DeliveryRule>>>,
         slot: Rc<SnapshotSlot<DeliveryState>>,
     ) -> (EventInput, timely::dataflow::ProbeHandle<Time>) {
         let (input, stream) = scope.new_input::<Enriched<DeliveryEvent>>();
         let no_seeds = timely::dataflow::operators::generic::operator::empty(scope);
-        let out = upsert::<DeliveryRule>(stream, no_seeds, "Upsert", st, Arc::default(), slot);
-        let (probe, _) = out.inner.probe();
+        let no_side = timely::dataflow::operators::generic::operator::empty(scope);
+        let counters = Arc::default();
+        let out = upsert::<DeliveryRule>(stream, no_seeds, no_side, "Upsert", st, counters, slot);
+        let (probe, _) = out.probe();
         (input, probe)
     }
 
@@ -1021,10 +1123,10 @@ mod tests {
         let snapshot = Arc::new(snapshot);
         let config = timely::Config::process(3);
         let per_worker = timely::execute(config, move |worker| {
-            let st = UpsertState::<DeliveryState>::shared(1_000);
+            let st = UpsertState::<DeliveryRule>::shared(1_000);
             let (mut input, mut seeds, probe) = worker.dataflow::<Time, _, _>(|scope| {
                 let (input, seeds, out) = delivery_upsert(scope, st.clone(), Arc::default());
-                let (probe, _) = out.inner.probe();
+                let (probe, _) = out.probe();
                 (input, seeds, probe)
             });
             seeds.advance_to(7);
@@ -1068,7 +1170,7 @@ mod tests {
 
     #[test]
     fn tombstones_are_held_apart_and_restore_from_either_layout() {
-        let mut state = UpsertState::<DeliveryState>::new(100);
+        let mut state = UpsertState::<DeliveryRule>::new(100);
         let mut touched = Vec::new();
         let counters = UpsertCounters::default();
         let rounds = [
@@ -1102,7 +1204,7 @@ mod tests {
             .entries
             .push(("d-1".into(), DeliveryState::Ended { ts: 2 }));
         for from in [snapshot, earlier] {
-            let mut restored = UpsertState::<DeliveryState>::new(100);
+            let mut restored = UpsertState::<DeliveryRule>::new(100);
             restored.restore(vec![from.seeds(0, 1).collect()], &mut touched);
             assert_eq!((restored.len(), restored.tombstones()), (3, 2));
             assert!(restored.is_ended(&"d-1".into()) && restored.get(&"d-1".into()).is_none());
@@ -1140,14 +1242,14 @@ mod tests {
             }
         }
 
-        fn riders(ttl: Time) -> UpsertState<RiderRow> {
+        fn riders(ttl: Time) -> UpsertState<RiderRule> {
             let mut state = UpsertState::new(1_000);
             state.forget_idle_after(Some(ttl));
             state
         }
 
         fn apply(
-            state: &mut UpsertState<RiderRow>,
+            state: &mut UpsertState<RiderRule>,
             time: Time,
             events: Vec<Enriched<RiderEvent>>,
         ) -> Arc<UpsertCounters> {
@@ -1158,7 +1260,7 @@ mod tests {
 
         /// Applies one ping at `time`.
         fn apply_one(
-            state: &mut UpsertState<RiderRow>,
+            state: &mut UpsertState<RiderRule>,
             time: Time,
             id: &str,
             status: RiderStatus,
@@ -1175,7 +1277,7 @@ mod tests {
             apply_one(&mut st, 20, "r-1", RiderStatus::ShiftEnded, 2, None);
             // Unchanged for less than the ttl: remembered with its type and location.
             apply(&mut st, 119, vec![]);
-            assert_eq!(st.get(&"r-1".into()).map(|r| r.district), Some(3));
+            assert_eq!(st.get(&"r-1".into()).map(|r| r.rider.district), Some(3));
             let counters = apply(&mut st, 120, vec![]);
             assert!(st.get(&"r-1".into()).is_none(), "forgotten at 20 + 100");
             assert_eq!(counters.forgotten.load(Ordering::Relaxed), 1);
@@ -1193,7 +1295,7 @@ mod tests {
             assert!(st.get(&"r-1".into()).is_none() && st.get(&"r-2".into()).is_none());
             // An equal ts applies, as it would have for the held rider; a next shift starts anew.
             apply_one(&mut st, 140, "r-1", RiderStatus::ShiftStarted, 2, None);
-            let row = st.get(&"r-1".into()).expect("on shift again");
+            let row = &st.get(&"r-1".into()).expect("on shift again").rider;
             assert_eq!(
                 (row.district, row.location, row.rider_type.clone()),
                 (crate::districts::UNASSIGNED, None, None)
@@ -1308,13 +1410,15 @@ mod tests {
                             refused += 1;
                             continue;
                         }
-                        if let Ok(row) = RiderRule::apply(current, e.clone()) {
+                        if let Ok(row) = RiderRule::apply_row(current, e.clone()) {
                             model.insert(id.clone(), Held { row, changed: time });
                         }
                     }
                     apply(&mut st, time, events);
-                    let mut held: Vec<(Id, RiderRow)> =
-                        st.iter().map(|(id, r)| (id.clone(), r.clone())).collect();
+                    let mut held: Vec<(Id, RiderRow)> = st
+                        .iter()
+                        .map(|(id, s)| (id.clone(), s.rider.clone()))
+                        .collect();
                     let mut expected: Vec<(Id, RiderRow)> = model
                         .iter()
                         .map(|(id, h)| (id.clone(), h.row.clone()))

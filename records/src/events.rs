@@ -13,8 +13,8 @@ use serde_json::value::RawValue;
 use crate::error::DecodeError;
 use crate::label::Label;
 
-/// A rider or delivery id: 16 bytes, where each of the maps that key a rider by its id (upsert,
-/// snapshot stage, serving view, its district lists) holds one. An id of up to 15 bytes is stored
+/// A rider or delivery id: 16 bytes, where each of the maps that key a rider by its id (the rider
+/// upsert, the serving view, its district lists) holds one. An id of up to 15 bytes is stored
 /// inline, without a heap allocation; a longer one is one reference-counted allocation, which the
 /// id's copies in those maps share.
 pub type Id = ecow::EcoString;

@@ -70,7 +70,8 @@ pub struct StateSizes {
     pub riders: usize,
     /// Deliveries known to the delivery upsert, tombstones included.
     pub deliveries: usize,
-    /// Riders held by the rider snapshot stage (on shift, or with active deliveries).
+    /// Riders held by the rider stage: with a state (as `riders`), or with active deliveries that
+    /// wait for one.
     pub snapshot_riders: usize,
     /// Updates held in the district counts arrangement.
     pub count_updates: usize,

@@ -464,10 +464,11 @@ impl WorkerLoop {
 
     /// Says how much state this worker holds, for `/metrics` (a few counters: cheap every round).
     fn publish_sizes(&mut self) {
+        let riders = self.state.riders.borrow();
         let sizes = StateSizes {
-            riders: self.state.riders.borrow().len(),
+            riders: riders.len(),
             deliveries: self.state.deliveries.borrow().len(),
-            snapshot_riders: self.state.snapshot_riders.get(),
+            snapshot_riders: riders.len() + riders.extra().len(),
             count_updates: trace_len(&self.counts),
         };
         *self.shared.sizes[self.index]

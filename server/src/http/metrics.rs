@@ -304,7 +304,7 @@ fn engine(scrape: &mut Scrape, app: &App) -> prometheus::Result<()> {
         };
         scrape.gauge(
             "dongflow_state_entries",
-            "Ids held in the upsert state (ended deliveries included until they expire), and riders held by the rider snapshot stage.",
+            "Ids held in the upsert state (ended deliveries included until they expire), and riders held by the rider stage (with a state, or with active deliveries that wait for one).",
             &["state"],
             labelled(&[
                 ("riders", sizes.riders),

@@ -27,7 +27,6 @@ use crossbeam_channel::{Receiver, Sender};
 use dongflow_dataflow::stages::{DeliveryState, RiderRule};
 use dongflow_dataflow::types::{DeliveryRow, RiderRow, Time};
 use dongflow_dataflow::upsert::StateSnapshot;
-use dongflow_dataflow::upsert::UpsertRule;
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
@@ -1064,7 +1063,7 @@ impl From<v1::WorkerPart> for WorkerPart {
             .riders
             .entries
             .iter()
-            .filter(|(_, row)| RiderRule::idle(row).is_some())
+            .filter(|(_, row)| RiderRule::idle_row(row).is_some())
             .map(|(id, _)| (part.time, id.clone()))
             .collect();
         Self {
