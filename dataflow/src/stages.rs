@@ -339,8 +339,8 @@ impl UpsertRule for DeliveryRule {
             return Ok(DeliveryState::Ended { ts: ev.ts });
         }
         /// A field the event does not name keeps its last known value.
-        fn keep<T: Clone>(new: Option<T>, old: Option<&Option<T>>) -> Option<T> {
-            new.or_else(|| old.and_then(Clone::clone))
+        fn keep<T: Clone>(new: Option<T>, old: Option<Option<&T>>) -> Option<T> {
+            new.or_else(|| old.flatten().cloned())
         }
         // The last known pickup point counts through its district alone.
         let pickup_district = match (ev.pickup, current) {
@@ -351,8 +351,8 @@ impl UpsertRule for DeliveryRule {
         Ok(DeliveryState::Live(DeliveryRow {
             status: ev.status,
             pickup_district,
-            rider_id: keep(ev.rider_id, current.map(|c| &c.rider_id)),
-            vehicle: keep(ev.vehicle, current.map(|c| &c.vehicle)),
+            rider_id: keep(ev.rider_id, current.map(|c| c.rider_id.get())).into(),
+            vehicle: keep(ev.vehicle, current.map(|c| c.vehicle.as_ref())),
             ts: ev.ts,
         }))
     }
@@ -423,7 +423,7 @@ pub fn active_deliveries<'s>(
 ///     let start = RiderEvent { rider_id: "r-1".into(), status: RiderStatus::ShiftStarted, rider_type: None, location: None, ts: 5 };
 ///     let events = vec![Enriched { event: start, district: Some(3) }].to_stream(scope).container::<Vec<_>>();
 ///     let d = |id: &str| (Id::from(id), DeliveryRow { status: DeliveryStatus::PickedUp,
-///         pickup_district: 0, rider_id: Some("r-1".into()), vehicle: None, ts: 9 });
+///         pickup_district: 0, rider_id: Some("r-1".into()).into(), vehicle: None, ts: 9 });
 ///     let deliveries = scope.new_collection_from(vec![d("d-2"), d("d-1")]).1;
 ///     let state = UpsertState::shared(1000);
 ///     let out = rider_snapshots(events, empty(scope), active_deliveries(deliveries), state, Default::default(), Default::default());
@@ -478,7 +478,7 @@ pub fn rider_snapshots<'s>(
 ///
 /// let rx = timely::example(|scope| {
 ///     let d = |id: &str, status, pickup_district| (id.into(), DeliveryRow { status,
-///         pickup_district, rider_id: None, vehicle: None, ts: 1 });
+///         pickup_district, rider_id: None.into(), vehicle: None, ts: 1 });
 ///     let deliveries = scope.new_collection_from(vec![
 ///         d("d-1", DeliveryStatus::Waiting, 6),
 ///         d("d-2", DeliveryStatus::Assigned, 9),
@@ -619,6 +619,7 @@ mod tests {
         assert_eq!(std::mem::size_of::<<RiderRule as UpsertRule>::State>(), 8);
         assert_eq!(std::mem::size_of::<Option<Label>>(), 8);
         assert!(std::mem::size_of::<Snapshot>() <= 64);
+        assert_eq!(std::mem::size_of::<DeliveryState>(), 40);
         assert!(
             std::mem::size_of::<RiderRow>() <= 56,
             "{}",
@@ -720,14 +721,14 @@ mod tests {
         let b = DeliveryRule::apply(Some(&a), delivery(4, DeliveryStatus::Assigned, Some("r-2")))
             .expect("applies");
         assert_eq!(
-            b.visible().and_then(|r| r.rider_id.clone()),
+            b.visible().and_then(|r| r.rider_id.get().cloned()),
             Some("r-2".into())
         );
         // Later events without rider_id keep the last one.
         let picked = DeliveryRule::apply(Some(&b), delivery(5, DeliveryStatus::PickedUp, None))
             .expect("applies");
         assert_eq!(
-            picked.visible().and_then(|r| r.rider_id.clone()),
+            picked.visible().and_then(|r| r.rider_id.get().cloned()),
             Some("r-2".into())
         );
         let done = DeliveryRule::apply(Some(&picked), delivery(6, DeliveryStatus::Delivered, None))
@@ -788,7 +789,7 @@ mod snapshot_stage_tests {
         DeliveryRow {
             status: DeliveryStatus::Assigned,
             pickup_district: 0,
-            rider_id: Some("r-1".into()),
+            rider_id: Some("r-1".into()).into(),
             vehicle: None,
             ts: 1,
         }

@@ -26,6 +26,44 @@ pub struct RiderRow {
     pub ts: Millis,
 }
 
+/// An id that may be absent, in the 16 bytes of an id, where an `Option<Id>` takes 24 (an id has no
+/// spare value for `None`): the empty id, which no event can carry (decoding refuses it), stands
+/// for none. It is an `Option<Id>` everywhere outside the process: serialized as one, and ordered
+/// as one (none first).
+#[derive(Clone, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct OptionalId(Id);
+
+impl OptionalId {
+    /// The id, if there is one.
+    pub fn get(&self) -> Option<&Id> {
+        Some(&self.0).filter(|id| !id.is_empty())
+    }
+}
+
+impl From<Option<Id>> for OptionalId {
+    fn from(id: Option<Id>) -> Self {
+        Self(id.unwrap_or_default())
+    }
+}
+
+impl From<OptionalId> for Option<Id> {
+    fn from(id: OptionalId) -> Self {
+        Some(id.0).filter(|id| !id.is_empty())
+    }
+}
+
+impl Serialize for OptionalId {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        self.get().serialize(s)
+    }
+}
+
+impl<'de> Deserialize<'de> for OptionalId {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        Option::<Id>::deserialize(d).map(Self::from)
+    }
+}
+
 /// A delivery's latest state while it is not terminal: what an answer or a count can show of it.
 /// The event's `delivery_type`, `pickup` point and `dropoff` point are not kept: no answer shows
 /// them (CONTRACT section 3), and the pickup counts only through its district, decided when the
@@ -38,7 +76,7 @@ pub struct DeliveryRow {
     /// one, or outside every district).
     pub pickup_district: DistrictId,
     /// Last assigned rider.
-    pub rider_id: Option<Id>,
+    pub rider_id: OptionalId,
     /// Last known vehicle.
     pub vehicle: Option<Label>,
     /// `ts` of the latest applied event.
@@ -48,7 +86,7 @@ pub struct DeliveryRow {
 impl DeliveryRow {
     /// Active: `ASSIGNED`, `DISPATCHED` or `PICKED_UP`, with a rider.
     pub fn is_active(&self) -> bool {
-        self.status.is_active() && self.rider_id.is_some()
+        self.status.is_active() && self.rider_id.get().is_some()
     }
 
     /// Waiting: `CREATED` or `WAITING`.
@@ -58,7 +96,7 @@ impl DeliveryRow {
 
     /// The rider this delivery is active for (CONTRACT section 3): it joins that rider's snapshot.
     pub fn active_for(&self) -> Option<&Id> {
-        self.rider_id.as_ref().filter(|_| self.status.is_active())
+        self.rider_id.get().filter(|_| self.status.is_active())
     }
 
     /// The district whose waiting deliveries this one counts in, if waiting.
@@ -200,4 +238,24 @@ pub struct Change<K, V> {
     pub value: Option<V>,
     /// The dataflow time of the change (`as_of` of the record).
     pub time: Time,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An optional id is an `Option<Id>` to everything outside the process, in 16 bytes.
+    #[test]
+    fn an_optional_id_is_an_option_in_16_bytes() {
+        assert_eq!(std::mem::size_of::<OptionalId>(), 16);
+        for id in [None, Some(Id::from("r-1"))] {
+            let optional = OptionalId::from(id.clone());
+            assert_eq!(optional.get(), id.as_ref());
+            let json = serde_json::to_string(&optional).expect("serializes");
+            assert_eq!(json, serde_json::to_string(&id).expect("serializes"));
+            let back: OptionalId = serde_json::from_str(&json).expect("deserializes");
+            assert_eq!((Option::<Id>::from(back.clone()), back), (id, optional));
+        }
+        assert!(OptionalId::from(None) < OptionalId::from(Some("a".into())));
+    }
 }

@@ -852,7 +852,7 @@ mod tests {
         DeliveryRow {
             status,
             pickup_district: 0,
-            rider_id: None,
+            rider_id: None.into(),
             vehicle: None,
             ts,
         }

@@ -1014,7 +1014,7 @@ impl From<v2::DeliveryState> for DeliveryState {
             v2::DeliveryState::Live(row) => DeliveryState::Live(DeliveryRow {
                 status: row.status,
                 pickup_district: row.pickup_district,
-                rider_id: row.rider_id,
+                rider_id: row.rider_id.into(),
                 vehicle: row.vehicle,
                 ts: row.ts,
             }),
@@ -1386,7 +1386,7 @@ mod tests {
                     lat: 37.6,
                     lon: 127.1,
                 }),
-                rider_id: row.rider_id,
+                rider_id: row.rider_id.into(),
                 vehicle: row.vehicle,
                 ts: row.ts,
             }),
@@ -1442,7 +1442,7 @@ mod tests {
         let live = DeliveryRow {
             status: dongflow_connectors::DeliveryStatus::Assigned,
             pickup_district: 3,
-            rider_id: Some("r-1".into()),
+            rider_id: Some("r-1".into()).into(),
             vehicle: Some("BIKE".into()),
             ts: 9,
         };

@@ -371,7 +371,7 @@ mod tests {
         DeliveryState::Live(DeliveryRow {
             status,
             pickup_district: pickup,
-            rider_id: rider.map(Id::from),
+            rider_id: rider.map(Id::from).into(),
             vehicle: None,
             ts: 5,
         })
