@@ -28,7 +28,7 @@ fn rider_json(index: &DistrictIndex, id: &Id, s: &Snapshot) -> Value {
         "rider_id": id.as_str(),
         "status": s.rider.status.as_str(),
         "rider_type": s.rider.rider_type.as_deref(),
-        "location": s.rider.location.map(|l| json!({"lat": l.lat, "lon": l.lon})),
+        "location": s.rider.location.get().map(|l| json!({"lat": l.lat, "lon": l.lon})),
         "district": {"code": index.code(s.rider.district), "name": index.name(s.rider.district)},
         "deliveries": s.deliveries.iter().map(|d| json!({
             "delivery_id": d.delivery_id.as_str(), "status": d.status.as_str(), "vehicle": d.vehicle.as_deref(),

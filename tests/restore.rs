@@ -53,7 +53,7 @@ fn ready_once_in(published: bool) {
                 let row = RiderRow {
                     status: RiderStatus::OnShift,
                     rider_type: r.rider_type,
-                    location: r.location,
+                    location: r.location.into(),
                     district,
                     ts: r.ts,
                 };

@@ -20,8 +20,8 @@ use timely::dataflow::Stream;
 
 use crate::districts::{DistrictId, DistrictIndex, UNASSIGNED};
 use crate::types::{
-    Change, Contribution, DeliveryBrief, DeliveryRow, Diff, DistrictCounts, RiderRow, Snapshot,
-    Time,
+    Change, Contribution, DeliveryBrief, DeliveryRow, Diff, DistrictCounts, OptionalPoint,
+    RiderRow, Snapshot, Time,
 };
 use crate::upsert::{
     give_back_map, upsert, Ignored, Seed, SnapshotSlot, UpsertCounters, UpsertRule, UpsertState,
@@ -138,9 +138,9 @@ impl RiderRule {
             return Err(Ignored::Stale);
         }
         let (location, district) = match (e.event.location, current) {
-            (Some(at), _) => (Some(at), e.district.unwrap_or(UNASSIGNED)),
+            (Some(at), _) => (Some(at).into(), e.district.unwrap_or(UNASSIGNED)),
             (None, Some(c)) => (c.location, c.district),
-            (None, None) => (None, UNASSIGNED),
+            (None, None) => (OptionalPoint::NONE, UNASSIGNED),
         };
         Ok(RiderRow {
             status: e.event.status,
@@ -795,6 +795,28 @@ mod snapshot_stage_tests {
         }
     }
 
+    type RiderInput = timely::dataflow::operators::vec::input::Handle<Time, Enriched<RiderEvent>>;
+    type DeliveryInput = differential_dataflow::input::InputSession<Time, (Id, DeliveryRow), Diff>;
+
+    /// The rider stage over `state`, with its rider event and delivery row inputs.
+    fn stage<'s>(
+        scope: timely::dataflow::Scope<'s, Time>,
+        state: Rc<RefCell<UpsertState<RiderRule>>>,
+    ) -> (RiderInput, DeliveryInput, RiderSnapshots<'s>) {
+        let (riders_in, riders) = scope.new_input::<Enriched<RiderEvent>>();
+        let (deliveries_in, deliveries) = scope.new_collection::<(Id, DeliveryRow), Diff>();
+        let active = active_deliveries(deliveries);
+        let out = rider_snapshots(
+            riders,
+            empty(scope),
+            active,
+            state,
+            Arc::default(),
+            Rc::default(),
+        );
+        (riders_in, deliveries_in, out)
+    }
+
     /// Runs the stage over seven times of input on `workers` workers, riders off shift forgotten
     /// after 5 ms; returns its outputs and the riders it holds at the end (with a state, or with
     /// deliveries waiting for one).
@@ -809,16 +831,11 @@ mod snapshot_stage_tests {
             let st = state.clone();
             let (changes_tx, counts_tx) = (changes_tx.clone(), counts_tx.clone());
             let (mut riders, mut deliveries, probe) = worker.dataflow::<Time, _, _>(|scope| {
-                let (riders_in, riders) = scope.new_input::<Enriched<RiderEvent>>();
-                let (deliveries_in, deliveries) = scope.new_collection::<(Id, DeliveryRow), Diff>();
-                let active = active_deliveries(deliveries);
-                let counters = Arc::default();
-                let out =
-                    rider_snapshots(riders, empty(scope), active, st, counters, Rc::default());
+                let (riders, deliveries, out) = stage(scope, st);
                 let (probe, changes) = out.changes.probe();
                 changes.capture_into(changes_tx);
                 out.contributions.inner.capture_into(counts_tx);
-                (riders_in, deliveries_in, probe)
+                (riders, deliveries, probe)
             });
             let (d1, d2): (Id, Id) = ("d-1".into(), "d-2".into());
             let steps = [
@@ -860,6 +877,57 @@ mod snapshot_stage_tests {
         .expect("runs");
         let held = held_rx.try_iter().sum();
         ((changes_rx.extract(), counts_rx.extract()), held)
+    }
+
+    /// The rider events of later times are in before a time's side updates are: each update joins
+    /// the snapshot of its own time, not a later one.
+    #[test]
+    fn side_updates_that_come_late_join_their_own_time() {
+        let (tx, rx) = mpsc::channel();
+        timely::execute_directly(move |worker| {
+            let state = UpsertState::<RiderRule>::shared(1_000);
+            let (mut riders, mut deliveries, probe) = worker.dataflow::<Time, _, _>(|scope| {
+                let (riders, deliveries, out) = stage(scope, state);
+                let (probe, changes) = out.changes.probe();
+                changes.capture_into(tx);
+                (riders, deliveries, probe)
+            });
+            riders.advance_to(10);
+            riders.send(rider(RiderStatus::ShiftStarted, 10, 3));
+            riders.advance_to(20);
+            riders.send(rider(RiderStatus::OnShift, 20, 5));
+            riders.advance_to(30);
+            riders.flush();
+            deliveries.advance_to(15);
+            deliveries.flush();
+            // The rider events of 10 and 20 are complete, and so is 10; the deliveries of 15 are
+            // not yet, so 20 must wait for them.
+            for _ in 0..20 {
+                worker.step();
+            }
+            assert!(
+                probe.less_equal(&15),
+                "time 20 waits for the deliveries of 15"
+            );
+            deliveries.insert(("d-1".into(), assigned()));
+            deliveries.advance_to(30);
+            deliveries.flush();
+            worker.step_while(|| probe.less_than(&30));
+        });
+        let changes: Vec<_> = rx.extract().into_iter().flat_map(|(_, v)| v).collect();
+        let shown: Vec<_> = changes
+            .iter()
+            .map(|c| {
+                (
+                    c.time,
+                    c.value
+                        .as_ref()
+                        .map(|s| (s.rider.district, s.deliveries.len())),
+                )
+            })
+            .collect();
+        let expected = vec![(10, Some((3, 0))), (15, Some((3, 1))), (20, Some((5, 1)))];
+        assert_eq!(shown, expected);
     }
 
     #[test]

@@ -19,11 +19,81 @@ pub struct RiderRow {
     /// Last known rider type.
     pub rider_type: Option<Label>,
     /// Last known location.
-    pub location: Option<Coord>,
+    pub location: OptionalPoint,
     /// The district of `location` ([`crate::districts::UNASSIGNED`] without one).
     pub district: DistrictId,
     /// `ts` of the latest applied event.
     pub ts: Millis,
+}
+
+/// A point that may be absent, in the 16 bytes of a point, where an `Option<Coord>` takes 24: a
+/// latitude that is not a number, which no event can carry (JSON has none, and decoding checks
+/// the range), stands for none. It is an `Option<Coord>` everywhere outside the process:
+/// serialized as one, and compared, ordered and hashed as one (none first).
+#[derive(Clone, Copy, Debug)]
+pub struct OptionalPoint(Coord);
+
+impl OptionalPoint {
+    /// No point.
+    pub const NONE: OptionalPoint = OptionalPoint(Coord {
+        lat: f64::NAN,
+        lon: f64::NAN,
+    });
+
+    /// The point, if there is one.
+    pub fn get(&self) -> Option<Coord> {
+        Some(self.0).filter(|p| !p.lat.is_nan())
+    }
+}
+
+impl Default for OptionalPoint {
+    fn default() -> Self {
+        Self::NONE
+    }
+}
+
+impl From<Option<Coord>> for OptionalPoint {
+    fn from(point: Option<Coord>) -> Self {
+        point.map_or(Self::NONE, Self)
+    }
+}
+
+impl PartialEq for OptionalPoint {
+    fn eq(&self, other: &Self) -> bool {
+        self.get() == other.get()
+    }
+}
+
+impl Eq for OptionalPoint {}
+
+impl PartialOrd for OptionalPoint {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl Ord for OptionalPoint {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        self.get().cmp(&other.get())
+    }
+}
+
+impl std::hash::Hash for OptionalPoint {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        self.get().hash(state);
+    }
+}
+
+impl Serialize for OptionalPoint {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        self.get().serialize(s)
+    }
+}
+
+impl<'de> Deserialize<'de> for OptionalPoint {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        Option::<Coord>::deserialize(d).map(Self::from)
+    }
 }
 
 /// An id that may be absent, in the 16 bytes of an id, where an `Option<Id>` takes 24 (an id has no
@@ -257,5 +327,26 @@ mod tests {
             assert_eq!((Option::<Id>::from(back.clone()), back), (id, optional));
         }
         assert!(OptionalId::from(None) < OptionalId::from(Some("a".into())));
+    }
+
+    /// An optional point is an `Option<Coord>` to everything outside the process, in 16 bytes.
+    #[test]
+    fn an_optional_point_is_an_option_in_16_bytes() {
+        assert_eq!(std::mem::size_of::<OptionalPoint>(), 16);
+        assert_eq!(std::mem::size_of::<RiderRow>(), 40);
+        let seoul = Coord {
+            lat: 37.5,
+            lon: 127.0,
+        };
+        for point in [None, Some(seoul)] {
+            let optional = OptionalPoint::from(point);
+            assert_eq!(optional.get(), point);
+            let json = serde_json::to_string(&optional).expect("serializes");
+            assert_eq!(json, serde_json::to_string(&point).expect("serializes"));
+            let back: OptionalPoint = serde_json::from_str(&json).expect("deserializes");
+            assert_eq!(back, optional);
+        }
+        assert_eq!(OptionalPoint::NONE, OptionalPoint::from(None));
+        assert!(OptionalPoint::NONE < OptionalPoint::from(Some(seoul)));
     }
 }

@@ -108,7 +108,7 @@ impl<'a> RiderView<'a> {
             rider_id: id,
             status: s.rider.status.as_str(),
             rider_type: s.rider.rider_type.as_deref(),
-            location: s.rider.location.map(PointView::from),
+            location: s.rider.location.get().map(PointView::from),
             district: DistrictRef {
                 code: index.code(s.rider.district),
                 name: index.name(s.rider.district),
@@ -158,6 +158,7 @@ impl Fingerprint for Snapshot {
             let r = &self.rider;
             (r.status, &r.rider_type, r.district, self.updated_ts()).hash(h);
             r.location
+                .get()
                 .map(|c| (c.lat.to_bits(), c.lon.to_bits()))
                 .hash(h);
             for d in &self.deliveries {
@@ -322,10 +323,13 @@ pub fn decode_rider(index: &DistrictIndex, value: &[u8]) -> Result<(Snapshot, Ti
     let rider = RiderRow {
         status,
         rider_type: r.rider_type.as_deref().map(Label::new),
-        location: r.location.map(|p| Coord {
-            lat: p.lat,
-            lon: p.lon,
-        }),
+        location: r
+            .location
+            .map(|p| Coord {
+                lat: p.lat,
+                lon: p.lon,
+            })
+            .into(),
         district: district_id(index, &r.district.code)?,
         ts: r.updated_ts,
     };
@@ -356,7 +360,8 @@ mod tests {
                 location: Some(Coord {
                     lat: 37.4979,
                     lon: 127.0276,
-                }),
+                })
+                .into(),
                 district: 3,
                 ts: 1_000,
             },
@@ -384,7 +389,8 @@ mod tests {
         moved.rider.location = Some(Coord {
             lat: 37.5,
             lon: 127.0276,
-        });
+        })
+        .into();
         assert_ne!(
             moved.fingerprint(),
             snapshot.fingerprint(),

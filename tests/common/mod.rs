@@ -55,14 +55,14 @@ impl Model {
                 return;
             }
         }
-        let location = e.location.or(old.and_then(|o| o.location));
+        let location = e.location.or(old.and_then(|o| o.location.get()));
         let row = RiderRow {
             status: e.status,
             rider_type: e
                 .rider_type
                 .clone()
                 .or(old.and_then(|o| o.rider_type.clone())),
-            location,
+            location: location.into(),
             district: location.map_or(UNASSIGNED, |l| index.lookup(l)),
             ts: e.ts,
         };

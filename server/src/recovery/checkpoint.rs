@@ -1193,7 +1193,7 @@ mod tests {
         let row = |ts| RiderRow {
             status: dongflow_connectors::RiderStatus::OnShift,
             rider_type: None,
-            location: None,
+            location: None.into(),
             district: 0,
             ts,
         };
@@ -1362,7 +1362,7 @@ mod tests {
         let row = RiderRow {
             status: dongflow_connectors::RiderStatus::OnShift,
             rider_type: None,
-            location: None,
+            location: None.into(),
             district: 0,
             ts: 1,
         };

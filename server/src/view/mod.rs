@@ -361,7 +361,8 @@ mod tests {
             location: Some(Coord {
                 lat: 37.5,
                 lon: 127.0,
-            }),
+            })
+            .into(),
             district,
             ts,
         }

@@ -158,7 +158,7 @@ mod tests {
         RiderRow {
             status,
             rider_type: None,
-            location: None,
+            location: None.into(),
             district,
             ts: 1,
         }
