@@ -89,8 +89,7 @@ pub trait UpsertRule: 'static {
     /// `id`'s idle state is forgotten: `extra` keeps what must outlive it.
     fn forget(_id: Id, _state: Self::State, _extra: &mut Self::Extra) {}
     /// Applies one time's side updates of `id` (in arrival order) to its state, or to `extra`
-    /// while it has none. They must leave what [`UpsertRule::save`] keeps as it was: a checkpoint
-    /// may be taken before a time's side updates are in.
+    /// while it has none.
     fn apply_side(
         _state: Option<&mut Self::State>,
         _id: &Id,
@@ -489,15 +488,6 @@ impl UpsertCounters {
 /// Each id a time changed, with the state it had before (once per id).
 type Touched<U> = Vec<(Id, Option<<U as UpsertRule>::State>)>;
 
-/// The time whose seeds and events are applied while its side updates may still arrive: a
-/// capability to send its changes at (from its seeds or events; from its side updates if it had
-/// none), and whether seeds came at it.
-struct Open {
-    time: Time,
-    cap: Option<Capability<Time>>,
-    reseeded: bool,
-}
-
 /// One update of the side input: an id's side value, at a time, with a multiplicity.
 pub type SideUpdate<U> = ((Id, <U as UpsertRule>::Side), Time, Diff);
 
@@ -562,7 +552,6 @@ pub fn upsert<'s, U: UpsertRule>(
         let mut sides: SideStash<U::Side> = BTreeMap::new();
         let mut touched: Touched<U> = Vec::new();
         let mut out: Vec<U::Out> = Vec::new();
-        let mut open: Option<Open> = None;
         move |frontiers| {
             let mut output = output.activate();
             seeds_in.for_each(|cap, data| keep(&mut seeded, cap, data));
@@ -576,68 +565,46 @@ pub fn upsert<'s, U: UpsertRule>(
                         .push(((id, update), diff));
                 }
             });
-            // A time's seeds and events are applied once both inputs are complete through it,
-            // and every earlier time is closed; its side updates once that input is too. Then
-            // what changed goes on, and the next time opens. So a time's events are applied
-            // while its side updates are still on their way (they come from another operator).
-            let applied = |t: &Time| frontiers[..2].iter().all(|f| !f.less_equal(t));
-            let complete = |t: &Time| applied(t) && !frontiers[2].less_equal(t);
+            let complete = |t: &Time| frontiers.iter().all(|f| !f.less_equal(t));
+            // Apply complete times in time order: nothing of an earlier time can still arrive.
+            // A time's seeds go in first, then its events, then its side updates.
             let mut largest = 0;
             loop {
-                if let Some(Open { time, .. }) = open {
-                    if !complete(&time) {
-                        break;
-                    }
-                    let Some(Open { cap, reseeded, .. }) = open.take() else {
-                        break;
-                    };
-                    let mut state = state.borrow_mut();
-                    let cap = match sides.remove(&time) {
-                        Some((side_cap, updates)) => {
-                            apply_sides::<U>(&mut state, time, updates, &mut touched);
-                            cap.or(Some(side_cap))
-                        }
-                        None => cap,
-                    };
-                    if reseeded {
-                        // A seeded id that the same time changes again is listed twice: the
-                        // first entry holds its state before the time.
-                        let mut seen = FxHashSet::default();
-                        touched.retain(|(id, _)| seen.insert(id.clone()));
-                    }
-                    largest = largest.max(touched.len());
-                    for (id, old) in touched.drain(..) {
-                        U::emit(&id, old.as_ref(), state.get(&id), time, &mut out);
-                    }
-                    if let Some(cap) = cap.filter(|_| !out.is_empty()) {
-                        output.session(&cap).give_container(&mut out);
-                    }
-                    continue;
-                }
-                // No side update of an earlier time can still arrive.
                 let next = seeded.keys().chain(stash.keys()).chain(sides.keys()).min();
-                let opens = |t: &Time| applied(t) && !frontiers[2].less_than(t);
-                let Some(time) = next.copied().filter(opens) else {
+                let Some(time) = next.copied().filter(|t| complete(t)) else {
                     break;
                 };
                 // A checkpoint's state holds every time up to its own and nothing after.
                 let mut state = state.borrow_mut();
                 snapshots.maybe_take(&mut state, Some(time));
-                let mut opened = Open {
-                    time,
-                    cap: None,
-                    reseeded: false,
-                };
-                if let Some((cap, seeds)) = seeded.remove(&time) {
+                let mut caps = Vec::with_capacity(1);
+                let reseeded = seeded.remove(&time).map(|(cap, seeds)| {
                     state.restore(seeds, &mut touched);
-                    opened.cap = Some(cap);
-                    opened.reseeded = true;
-                }
+                    caps.push(cap);
+                });
                 if let Some((cap, events)) = stash.remove(&time) {
                     apply_time::<U>(&mut state, time, events, &mut touched, &counters);
-                    opened.cap = opened.cap.or(Some(cap));
+                    caps.push(cap);
                 }
-                open = Some(opened);
+                if let Some((cap, updates)) = sides.remove(&time) {
+                    apply_sides::<U>(&mut state, time, updates, &mut touched);
+                    caps.push(cap);
+                }
+                if reseeded.is_some() {
+                    // A seeded id that the same time changes again is listed twice: the first
+                    // entry holds its state before the time.
+                    let mut seen = FxHashSet::default();
+                    touched.retain(|(id, _)| seen.insert(id.clone()));
+                }
+                largest = largest.max(touched.len());
+                for (id, old) in touched.drain(..) {
+                    U::emit(&id, old.as_ref(), state.get(&id), time, &mut out);
+                }
+                if let Some(cap) = caps.first() {
+                    if !out.is_empty() {
+                        output.session(cap).give_container(&mut out);
+                    }
+                }
             }
             give_back_buffer(&mut touched, largest);
             // Time passes without events too: what ran out by the frontier goes (it shows
@@ -654,10 +621,9 @@ pub fn upsert<'s, U: UpsertRule>(
                 }
             }
             state.borrow_mut().give_back_room();
-            // Applied through the requested time with nothing later applied yet.
+            // Complete through the requested time with nothing later applied yet.
             if let Some(at) = snapshots.requested.get() {
-                let waiting = seeded.keys().chain(stash.keys()).min();
-                if applied(&at) && waiting.is_none_or(|t| *t > at) {
+                if complete(&at) {
                     snapshots.maybe_take(&mut state.borrow_mut(), None);
                 }
             }
