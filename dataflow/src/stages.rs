@@ -216,7 +216,7 @@ impl UpsertRule for RiderRule {
         }
     }
 
-    fn forget(id: Id, state: Arc<Snapshot>, extra: &mut RiderExtra) {
+    fn release(id: Id, state: Arc<Snapshot>, extra: &mut RiderExtra) {
         if !state.deliveries.is_empty() {
             extra.waiting.insert(id, state.deliveries.to_vec());
         }

@@ -86,8 +86,9 @@ pub trait UpsertRule: 'static {
     fn load(saved: Self::Saved) -> Self::State;
     /// A state made for `id`, which had none, takes what `extra` kept of the id.
     fn adopt(_state: &mut Self::State, _id: &Id, _extra: &mut Self::Extra) {}
-    /// `id`'s idle state is forgotten: `extra` keeps what must outlive it.
-    fn forget(_id: Id, _state: Self::State, _extra: &mut Self::Extra) {}
+    /// `id`'s state leaves the map (forgotten once idle, or replaced by a seeded one): `extra`
+    /// keeps what must outlive it.
+    fn release(_id: Id, _state: Self::State, _extra: &mut Self::Extra) {}
     /// Applies one time's side updates of `id` (in arrival order) to its state, or to `extra`
     /// while it has none.
     fn apply_side(
@@ -282,15 +283,18 @@ impl<U: UpsertRule> UpsertState<U> {
             if self.ended.contains(&id) {
                 continue;
             }
-            if self.entries.get(&id).is_none() {
-                U::adopt(&mut state, &id, &mut self.extra);
+            // What the side input gave a state this one replaces goes over to it.
+            let old = self.entries.remove(&id).map(|slot| slot.state);
+            if let Some(old) = &old {
+                U::release(id.clone(), old.clone(), &mut self.extra);
             }
+            U::adopt(&mut state, &id, &mut self.extra);
             let slot = Slot {
                 state,
                 touched_at: UNTOUCHED,
             };
-            let old = self.entries.insert(id.clone(), slot);
-            touched.push((id, old.map(|slot| slot.state)));
+            self.entries.insert(id.clone(), slot);
+            touched.push((id, old));
         }
         // In the order they became idle, so that the queue's front comes due first.
         idle.sort();
@@ -804,7 +808,7 @@ fn forget_idle<U: UpsertRule>(state: &mut UpsertState<U>, now: Time) -> u64 {
             continue;
         }
         if let Some(slot) = state.entries.remove(&id) {
-            U::forget(id, slot.state, &mut state.extra);
+            U::release(id, slot.state, &mut state.extra);
         }
         state.idle.forgot(ts);
         forgotten += 1;
@@ -1318,6 +1322,28 @@ mod tests {
             apply(&mut st, 600, vec![]);
             assert!(st.get(&"r-9".into()).is_none());
             assert_eq!(st.idle().forgotten_through, 500);
+        }
+
+        /// A seed of a rider the upsert already holds (never at a start, where seeds come first)
+        /// replaces its row and keeps the deliveries the side input gave it.
+        #[test]
+        fn a_seeded_rider_keeps_the_deliveries_the_side_input_gave_it() {
+            let mut st = riders(100);
+            apply_one(&mut st, 10, "r-1", RiderStatus::ShiftStarted, 1, Some(3));
+            let brief = crate::types::DeliveryBrief {
+                delivery_id: "d-1".into(),
+                status: DeliveryStatus::Assigned,
+                vehicle: None,
+                ts: 1,
+            };
+            let side = vec![(("r-1".into(), brief.clone()), 1)];
+            apply_sides::<RiderRule>(&mut st, 10, side, &mut Vec::new());
+            let row = st.get(&"r-1".into()).expect("held").rider.clone();
+            let seeds = vec![vec![Seed::Live("r-1".into(), RiderRow { ts: 5, ..row })]];
+            st.restore(seeds, &mut Vec::new());
+            let held = st.get(&"r-1".into()).expect("held");
+            assert_eq!((held.rider.ts, held.deliveries.to_vec()), (5, vec![brief]));
+            assert!(st.extra().is_empty());
         }
 
         #[test]
