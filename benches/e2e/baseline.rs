@@ -108,7 +108,7 @@ impl Baseline {
             let c = self.counts.entry(row.pickup_district).or_default();
             c.waiting_deliveries = c.waiting_deliveries.wrapping_add_signed(sign);
         }
-        let Some(rider) = row.active_for().filter(|_| row.is_active()) else {
+        let Some(rider) = row.active_for() else {
             return;
         };
         // The rider's counts move from "with n active" to "with n ± 1 active".

@@ -30,7 +30,8 @@ pub struct RiderRow {
 /// latitude that is not a number, which no event can carry (JSON has none, and decoding checks
 /// the range), stands for none. It is an `Option<Coord>` everywhere outside the process:
 /// serialized as one, and compared, ordered and hashed as one (none first).
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Copy, Debug, Serialize, Deserialize)]
+#[serde(from = "Option<Coord>", into = "Option<Coord>")]
 pub struct OptionalPoint(Coord);
 
 impl OptionalPoint {
@@ -43,6 +44,12 @@ impl OptionalPoint {
     /// The point, if there is one.
     pub fn get(&self) -> Option<Coord> {
         Some(self.0).filter(|p| !p.lat.is_nan())
+    }
+}
+
+impl From<OptionalPoint> for Option<Coord> {
+    fn from(point: OptionalPoint) -> Self {
+        point.get()
     }
 }
 
@@ -84,23 +91,12 @@ impl std::hash::Hash for OptionalPoint {
     }
 }
 
-impl Serialize for OptionalPoint {
-    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        self.get().serialize(s)
-    }
-}
-
-impl<'de> Deserialize<'de> for OptionalPoint {
-    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        Option::<Coord>::deserialize(d).map(Self::from)
-    }
-}
-
 /// An id that may be absent, in the 16 bytes of an id, where an `Option<Id>` takes 24 (an id has no
 /// spare value for `None`): the empty id, which no event can carry (decoding refuses it), stands
 /// for none. It is an `Option<Id>` everywhere outside the process: serialized as one, and ordered
 /// as one (none first).
-#[derive(Clone, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(from = "Option<Id>", into = "Option<Id>")]
 pub struct OptionalId(Id);
 
 impl OptionalId {
@@ -118,19 +114,7 @@ impl From<Option<Id>> for OptionalId {
 
 impl From<OptionalId> for Option<Id> {
     fn from(id: OptionalId) -> Self {
-        Some(id.0).filter(|id| !id.is_empty())
-    }
-}
-
-impl Serialize for OptionalId {
-    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        self.get().serialize(s)
-    }
-}
-
-impl<'de> Deserialize<'de> for OptionalId {
-    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        Option::<Id>::deserialize(d).map(Self::from)
+        id.get().is_some().then_some(id.0)
     }
 }
 
@@ -156,7 +140,7 @@ pub struct DeliveryRow {
 impl DeliveryRow {
     /// Active: `ASSIGNED`, `DISPATCHED` or `PICKED_UP`, with a rider.
     pub fn is_active(&self) -> bool {
-        self.status.is_active() && self.rider_id.get().is_some()
+        self.active_for().is_some()
     }
 
     /// Waiting: `CREATED` or `WAITING`.
