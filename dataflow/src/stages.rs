@@ -15,7 +15,6 @@ use timely::dataflow::channels::pact::Pipeline;
 use timely::dataflow::operators::core::OkErr;
 use timely::dataflow::operators::generic::operator::Operator;
 use timely::dataflow::operators::vec::Map;
-use timely::dataflow::operators::Capability;
 use timely::dataflow::Stream;
 
 use crate::districts::{DistrictId, DistrictIndex, UNASSIGNED};
@@ -24,7 +23,8 @@ use crate::types::{
     RiderRow, Snapshot, Time,
 };
 use crate::upsert::{
-    give_back_map, upsert, Ignored, Seed, SnapshotSlot, UpsertCounters, UpsertRule, UpsertState,
+    give_back_map, keep_updates, upsert, Ignored, Seed, SnapshotSlot, UpdateStash, UpsertCounters,
+    UpsertRule, UpsertState,
 };
 
 /// District counts, arranged by district.
@@ -566,19 +566,10 @@ where
     K: timely::ExchangeData + Ord,
     V: timely::ExchangeData + Ord,
 {
-    type Stash<K, V> = BTreeMap<Time, (Capability<Time>, Vec<((K, V), Diff)>)>;
     updates.inner.unary_frontier(Pipeline, name, |_, _| {
-        let mut stash: Stash<K, V> = BTreeMap::new();
+        let mut stash: UpdateStash<(K, V)> = BTreeMap::new();
         move |(input, frontier), output| {
-            input.for_each(|cap, data| {
-                for (kv, time, diff) in data.drain(..) {
-                    stash
-                        .entry(time)
-                        .or_insert_with(|| (cap.delayed(&time, 0), Vec::new()))
-                        .1
-                        .push((kv, diff));
-                }
-            });
+            input.for_each(|cap, data| keep_updates(&mut stash, &cap, data));
             while let Some(entry) = stash.first_entry() {
                 let time = *entry.key();
                 if frontier.less_equal(&time) {

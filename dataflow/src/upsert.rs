@@ -34,7 +34,7 @@ use serde::{Deserialize, Serialize};
 use timely::dataflow::channels::pact::Exchange;
 use timely::dataflow::operators::generic::builder_rc::OperatorBuilder;
 use timely::dataflow::operators::generic::OutputBuilder;
-use timely::dataflow::operators::Capability;
+use timely::dataflow::operators::{Capability, InputCapability};
 use timely::dataflow::Stream;
 
 use crate::idle::Idle;
@@ -495,8 +495,8 @@ type Touched<U> = Vec<(Id, Option<<U as UpsertRule>::State>)>;
 /// One update of the side input: an id's side value, at a time, with a multiplicity.
 pub type SideUpdate<U> = ((Id, <U as UpsertRule>::Side), Time, Diff);
 
-/// The side updates of one time, with a capability for it.
-type SideStash<S> = BTreeMap<Time, (Capability<Time>, Vec<((Id, S), Diff)>)>;
+/// Differential updates waiting for their time to complete, by time, with a capability for each.
+pub(crate) type UpdateStash<D> = BTreeMap<Time, (Capability<Time>, Vec<(D, Diff)>)>;
 
 /// Events waiting for their time to complete, as received, with a capability for each time.
 type Stash<E> = BTreeMap<Time, (Capability<Time>, Vec<Vec<E>>)>;
@@ -553,22 +553,14 @@ pub fn upsert<'s, U: UpsertRule>(
         // Received containers are kept as they came, not copied into one.
         let mut stash: Stash<U::Event> = BTreeMap::new();
         let mut seeded: Stash<Seed<U::Saved>> = BTreeMap::new();
-        let mut sides: SideStash<U::Side> = BTreeMap::new();
+        let mut sides: UpdateStash<(Id, U::Side)> = BTreeMap::new();
         let mut touched: Touched<U> = Vec::new();
         let mut out: Vec<U::Out> = Vec::new();
         move |frontiers| {
             let mut output = output.activate();
             seeds_in.for_each(|cap, data| keep(&mut seeded, cap, data));
             events_in.for_each(|cap, data| keep(&mut stash, cap, data));
-            side_in.for_each(|cap, data| {
-                for ((id, update), time, diff) in data.drain(..) {
-                    sides
-                        .entry(time)
-                        .or_insert_with(|| (cap.delayed(&time, 0), Vec::new()))
-                        .1
-                        .push(((id, update), diff));
-                }
-            });
+            side_in.for_each(|cap, data| keep_updates(&mut sides, &cap, data));
             let complete = |t: &Time| frontiers.iter().all(|f| !f.less_equal(t));
             // Apply complete times in time order: nothing of an earlier time can still arrive.
             // A time's seeds go in first, then its events, then its side updates.
@@ -581,18 +573,19 @@ pub fn upsert<'s, U: UpsertRule>(
                 // A checkpoint's state holds every time up to its own and nothing after.
                 let mut state = state.borrow_mut();
                 snapshots.maybe_take(&mut state, Some(time));
-                let mut caps = Vec::with_capacity(1);
-                let reseeded = seeded.remove(&time).map(|(cap, seeds)| {
+                // `time` is a key of at least one of the three: its capability is kept.
+                let mut cap = None;
+                let reseeded = seeded.remove(&time).map(|(c, seeds)| {
                     state.restore(seeds, &mut touched);
-                    caps.push(cap);
+                    cap = Some(c);
                 });
-                if let Some((cap, events)) = stash.remove(&time) {
+                if let Some((c, events)) = stash.remove(&time) {
                     apply_time::<U>(&mut state, time, events, &mut touched, &counters);
-                    caps.push(cap);
+                    cap = cap.or(Some(c));
                 }
-                if let Some((cap, updates)) = sides.remove(&time) {
+                if let Some((c, updates)) = sides.remove(&time) {
                     apply_sides::<U>(&mut state, time, updates, &mut touched);
-                    caps.push(cap);
+                    cap = cap.or(Some(c));
                 }
                 if reseeded.is_some() {
                     // A seeded id that the same time changes again is listed twice: the first
@@ -604,10 +597,8 @@ pub fn upsert<'s, U: UpsertRule>(
                 for (id, old) in touched.drain(..) {
                     U::emit(&id, old.as_ref(), state.get(&id), time, &mut out);
                 }
-                if let Some(cap) = caps.first() {
-                    if !out.is_empty() {
-                        output.session(cap).give_container(&mut out);
-                    }
+                if let Some(cap) = cap.filter(|_| !out.is_empty()) {
+                    output.session(&cap).give_container(&mut out);
                 }
             }
             give_back_buffer(&mut touched, largest);
@@ -640,11 +631,7 @@ pub fn upsert<'s, U: UpsertRule>(
 }
 
 /// Keeps a received container under its time, with a capability for it.
-fn keep<D>(
-    stash: &mut Stash<D>,
-    cap: timely::dataflow::operators::InputCapability<Time>,
-    data: &mut Vec<D>,
-) {
+fn keep<D>(stash: &mut Stash<D>, cap: InputCapability<Time>, data: &mut Vec<D>) {
     let (Some(&time), Some(retained)) = (cap.least(), cap.retain_least(0)) else {
         return;
     };
@@ -653,6 +640,22 @@ fn keep<D>(
         .or_insert_with(|| (retained, Vec::new()))
         .1
         .push(std::mem::take(data));
+}
+
+/// Keeps each received update under its own time (which may be later than its container's), with
+/// a capability for that time.
+pub(crate) fn keep_updates<D>(
+    stash: &mut UpdateStash<D>,
+    cap: &InputCapability<Time>,
+    data: &mut Vec<(D, Time, Diff)>,
+) {
+    for (update, time, diff) in data.drain(..) {
+        stash
+            .entry(time)
+            .or_insert_with(|| (cap.delayed(&time, 0), Vec::new()))
+            .1
+            .push((update, diff));
+    }
 }
 
 /// Room for this many changed ids, or map entries, is always kept.
