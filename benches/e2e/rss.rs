@@ -1,8 +1,8 @@
 //! Resident memory from outside, per rider and per delivery: a `dongflow run -w 2` process started
 //! on a backlog (one `SHIFT_STARTED` per rider, then one `ASSIGNED` per delivery to a random rider)
-//! and caught up with it; its RSS read from `/proc` once it is ready and has settled. The slope
-//! between fleet sizes is what one more rider (or delivery) costs as a container's memory limit
-//! sees it: heap, allocator retention, buffers and all.
+//! and caught up with it; its RSS read from `/proc` once it is ready and has settled (the free
+//! memory given back). The slope between fleet sizes is what one more rider (or delivery) costs
+//! as a container's memory limit sees it: heap, allocator retention, buffers and all.
 
 use std::time::{Duration, Instant};
 
@@ -89,17 +89,24 @@ fn caught_up(
     eventually(Duration::from_secs(600), "the backlog applied", || {
         (live.metric("dongflow_events_applied_total{") == Some(applied)).then_some(())
     });
-    // Settled: the changelog written and acknowledged, the batches of the catch-up freed. A
-    // benchmark's pacing: RSS is read once it has stopped moving for a second.
+    // Settled: the changelog written and acknowledged, the batches of the catch-up freed and the
+    // free memory given back (every `memory::EVERY`). A benchmark's pacing: RSS is read once it
+    // has not moved for longer than that period.
     let pid = live.pid().to_string();
     let mut last = crate::inmem::status_bytes(&pid, "VmRSS:");
-    let settle = Instant::now() + o.probe_time;
+    let (settle, still) = (
+        Instant::now() + o.probe_time + dongflow::memory::EVERY,
+        dongflow::memory::EVERY + Duration::from_secs(1),
+    );
+    let mut since = Instant::now();
     loop {
         std::thread::sleep(Duration::from_secs(1));
         let now = crate::inmem::status_bytes(&pid, "VmRSS:");
-        let moved = now.abs_diff(last) as f64 / last.max(1) as f64;
+        if now.abs_diff(last) as f64 / last.max(1) as f64 >= 0.005 {
+            since = Instant::now();
+        }
         last = now;
-        if moved < 0.005 || Instant::now() > settle {
+        if since.elapsed() > still || Instant::now() > settle {
             break;
         }
     }

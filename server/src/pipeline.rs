@@ -1,7 +1,7 @@
 //! The composition root: the engine wired to Kafka (a [`KafkaSource`] per worker, the topic watch,
 //! the producer for dead letters and changelogs), the changelog outputs and their reconciling, the
-//! stale view, the checkpoint writer and the marks of a clean stop. `dongflow run` and `dongflow
-//! demo` both start one.
+//! stale view, the checkpoint writer, the marks of a clean stop, and the thread that gives free
+//! memory back. `dongflow run` and `dongflow demo` both start one.
 
 use std::path::PathBuf;
 use std::sync::atomic::Ordering;
@@ -18,6 +18,7 @@ use crate::changelog::{
     ChangelogOutputs, ClearingProgress, Handed, HeldKeysSource, KafkaChangelog,
 };
 use crate::engine::{CheckpointSettings, Engine, EngineConfig, EngineError, Hook};
+use crate::memory::GiveBack;
 use crate::recovery::{
     mark_published, retract_published, wait_until, CheckpointError, CutSource, Published, Restored,
     WriteReport, WriteStatus, Writer,
@@ -77,6 +78,8 @@ pub struct Pipeline {
     /// Where a clean stop records that its changelog is complete: the state dir and process, and
     /// the brokers and topics it was published to.
     mark: Option<(PathBuf, usize, Published)>,
+    /// Gives the memory the allocator holds free back to the system, while the engine runs.
+    _give_back: GiveBack,
 }
 
 impl Pipeline {
@@ -214,6 +217,7 @@ impl Pipeline {
             stale,
             reconciled,
             mark,
+            _give_back: GiveBack::start(),
         })
     }
 
