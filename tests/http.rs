@@ -8,11 +8,11 @@ use std::collections::BTreeMap;
 use common::{builtin, serve, Client, Harness, Model, Scenario};
 use dongflow::EngineConfig;
 use dongflow_connectors::Id;
-use dongflow_dataflow::districts::DistrictIndex;
+use dongflow_dataflow::districts::{DistrictId, DistrictIndex};
 use dongflow_dataflow::types::{DistrictCounts, Snapshot};
 use serde_json::{json, Value};
 
-fn district_json(index: &DistrictIndex, id: u32, c: &DistrictCounts) -> Value {
+fn district_json(index: &DistrictIndex, id: DistrictId, c: &DistrictCounts) -> Value {
     let idle = c.riders_on_shift - c.riders_delivering;
     json!({
         "code": index.code(id), "name": index.name(id),
@@ -27,11 +27,11 @@ fn rider_json(index: &DistrictIndex, id: &Id, s: &Snapshot) -> Value {
     json!({
         "rider_id": id.as_str(),
         "status": s.rider.status.as_str(),
-        "rider_type": s.rider.rider_type.as_deref(),
+        "rider_type": s.rider.rider_type.as_ref().map(|t| t.to_string()),
         "location": s.rider.location.get().map(|l| json!({"lat": l.lat, "lon": l.lon})),
         "district": {"code": index.code(s.rider.district), "name": index.name(s.rider.district)},
         "deliveries": s.deliveries.iter().map(|d| json!({
-            "delivery_id": d.delivery_id.as_str(), "status": d.status.as_str(), "vehicle": d.vehicle.as_deref(),
+            "delivery_id": d.delivery_id.as_str(), "status": d.status.as_str(), "vehicle": d.vehicle.as_ref().map(|v| v.to_string()),
         })).collect::<Vec<_>>(),
         "updated_ts": updated,
     })
@@ -78,7 +78,7 @@ fn answers_equal_the_model() {
             json!({ "districts": expected })
         );
 
-        for id in 0..index.len() as u32 {
+        for id in 0..index.len() as DistrictId {
             let code = index.code(id);
             let (status, body) = client.json(&format!("/v1/districts/{code}"));
             assert_eq!(status, 200);

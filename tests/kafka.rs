@@ -888,7 +888,7 @@ fn a_run_publishing_from_scratch_clears_what_earlier_runs_left_in_the_changelog(
         state,
     } = Fixture::embedded("leftover", 43, 2_000);
     let index = builtin();
-    let quiet_district = (0..index.len() as u32)
+    let quiet_district = (0..index.len() as u16)
         .map(|id| index.code(id).to_owned())
         .find(|code| !input.expected_districts.contains_key(code))
         .expect("a district the scenario leaves empty");

@@ -160,7 +160,7 @@ fn a_checkpoint_seeds_a_stale_view_that_answers_as_the_live_one() {
         let mut queries = vec![Query::Districts];
         queries.extend((0..40).map(|r| Query::Rider(Id::from(format!("r-{r}")))));
         queries
-            .extend((0..index.len() as u32).flat_map(|d| [Query::District(d), Query::RidersOf(d)]));
+            .extend((0..index.len() as u16).flat_map(|d| [Query::District(d), Query::RidersOf(d)]));
         let live: Vec<AnswerBody> = queries
             .iter()
             .map(|q| harness.engine.handle().query(q).expect("live answer").body)

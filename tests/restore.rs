@@ -11,7 +11,7 @@ use dongflow::{AnswerBody, Engine, EngineConfig, Query};
 use dongflow_connectors::simulator::fixed_state;
 use dongflow_connectors::source::{EventSource, VecSource};
 use dongflow_connectors::{Id, RiderStatus};
-use dongflow_dataflow::districts::DistrictIndex;
+use dongflow_dataflow::districts::{DistrictIndex, UNASSIGNED};
 use dongflow_dataflow::types::RiderRow;
 use dongflow_dataflow::upsert::StateSnapshot;
 
@@ -49,7 +49,7 @@ fn ready_once_in(published: bool) {
     let entries: Vec<(Id, RiderRow)> = fixed_state(riders, 0)
         .map(|e| match e {
             dongflow_connectors::simulator::SimEvent::Rider(r) => {
-                let district = r.location.map_or(u32::MAX, |p| index.lookup(p));
+                let district = r.location.map_or(UNASSIGNED, |p| index.lookup(p));
                 let row = RiderRow {
                     status: RiderStatus::OnShift,
                     rider_type: r.rider_type,

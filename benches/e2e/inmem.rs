@@ -11,7 +11,7 @@ use dongflow::{AnswerBody, Engine, EngineConfig, Query};
 use dongflow_connectors::simulator::{SimConfig, SimEvent, Simulator};
 use dongflow_connectors::source::{EventSource, VecSource};
 use dongflow_connectors::Id;
-use dongflow_dataflow::districts::DistrictIndex;
+use dongflow_dataflow::districts::{DistrictId, DistrictIndex};
 use dongflow_dataflow::types::{DistrictCounts, Snapshot};
 use stats_alloc::{StatsAlloc, INSTRUMENTED_SYSTEM};
 
@@ -32,7 +32,7 @@ pub fn simulator_events(riders: usize, n: usize) -> Vec<SimEvent> {
     .collect()
 }
 
-fn districts_of(engine: &Engine) -> Vec<(u32, DistrictCounts)> {
+fn districts_of(engine: &Engine) -> Vec<(DistrictId, DistrictCounts)> {
     match engine.handle().query(&Query::Districts).map(|a| a.body) {
         Ok(AnswerBody::Districts(d)) => d,
         other => panic!("no districts answer: {other:?}"),
@@ -45,7 +45,7 @@ const SAMPLE: usize = 2_000;
 /// What a run ends with: every district's counts, and the snapshots of the sampled riders.
 #[derive(Debug, PartialEq)]
 pub struct Outcome {
-    pub districts: Vec<(u32, DistrictCounts)>,
+    pub districts: Vec<(DistrictId, DistrictCounts)>,
     pub snapshots: Vec<Option<Snapshot>>,
 }
 

@@ -23,11 +23,53 @@ use serde_json::Value;
 
 use crate::error::DistrictError;
 
-/// A district's number in a [`DistrictIndex`]: its position in code order.
-pub type DistrictId = u32;
+/// A district's number in a [`DistrictIndex`]: its position in code order. Two bytes: Korea has
+/// about 3,500 districts, and every rider and delivery row holds one.
+pub type DistrictId = u16;
 
 /// The district of points outside every polygon (and of riders with no known location).
-pub const UNASSIGNED: DistrictId = u32::MAX;
+pub const UNASSIGNED: DistrictId = u16::MAX;
+
+/// The most districts a map may have: every number below [`MIXED`].
+pub const MAX_DISTRICTS: usize = MIXED as usize;
+
+/// A district id as checkpoints hold it, in 4 bytes ([`UNASSIGNED`] as `u32::MAX`): the layout
+/// the rows had before ids took 2 bytes, so that those checkpoints still restore and the format
+/// did not change.
+pub mod wire {
+    use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+    use super::{DistrictId, UNASSIGNED};
+
+    /// The 4-byte form of `id`.
+    pub fn widen(id: DistrictId) -> u32 {
+        match id {
+            UNASSIGNED => u32::MAX,
+            id => u32::from(id),
+        }
+    }
+
+    /// The id of a 4-byte form, if it is one.
+    pub fn narrow(wide: u32) -> Option<DistrictId> {
+        match wide {
+            u32::MAX => Some(UNASSIGNED),
+            wide => DistrictId::try_from(wide)
+                .ok()
+                .filter(|&id| id != UNASSIGNED),
+        }
+    }
+
+    pub fn serialize<S: Serializer>(id: &DistrictId, serializer: S) -> Result<S::Ok, S::Error> {
+        widen(*id).serialize(serializer)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(deserializer: D) -> Result<DistrictId, D::Error> {
+        let wide = u32::deserialize(deserializer)?;
+        narrow(wide).ok_or_else(|| {
+            serde::de::Error::custom(format!("district number {wide} is out of range"))
+        })
+    }
+}
 
 /// The code and name reported for [`UNASSIGNED`].
 pub const UNASSIGNED_CODE: &str = "unassigned";
@@ -54,9 +96,9 @@ pub struct DistrictIndex {
 }
 
 /// A cell an edge touches: its points need the exact test.
-const MIXED: DistrictId = u32::MAX - 1;
+const MIXED: DistrictId = u16::MAX - 1;
 
-/// The most cells the grid may have (4 bytes each).
+/// The most cells the grid may have (2 bytes each).
 const MAX_CELLS: f64 = 4_000_000.0;
 
 /// Margin, in degrees, by which edges are widened when marking the cells they touch, so that
@@ -97,6 +139,9 @@ impl DistrictIndex {
     pub fn new(mut districts: Vec<District>) -> Result<Self, DistrictError> {
         if districts.is_empty() {
             return Err(DistrictError::Empty);
+        }
+        if districts.len() > MAX_DISTRICTS {
+            return Err(DistrictError::TooMany(districts.len()));
         }
         districts.sort_by(|a, b| a.code.cmp(&b.code));
         let mut by_code = HashMap::with_capacity(districts.len());

@@ -49,4 +49,7 @@ pub enum DistrictError {
     /// The collection has no features.
     #[error("district file has no features")]
     Empty,
+    /// More districts than a district number can tell apart.
+    #[error("{0} districts, more than the {max} a map may have", max = crate::districts::MAX_DISTRICTS)]
+    TooMany(usize),
 }

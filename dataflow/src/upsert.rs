@@ -1233,7 +1233,7 @@ mod tests {
         use rand::{Rng, SeedableRng};
         use std::collections::HashMap;
 
-        fn ping(id: &str, status: RiderStatus, ts: u64, at: Option<u32>) -> Enriched<RiderEvent> {
+        fn ping(id: &str, status: RiderStatus, ts: u64, at: Option<u16>) -> Enriched<RiderEvent> {
             Enriched {
                 event: RiderEvent {
                     rider_id: id.into(),
@@ -1272,7 +1272,7 @@ mod tests {
             id: &str,
             status: RiderStatus,
             ts: u64,
-            at: Option<u32>,
+            at: Option<u16>,
         ) -> Arc<UpsertCounters> {
             apply(state, time, vec![ping(id, status, ts, at)])
         }

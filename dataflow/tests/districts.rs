@@ -8,7 +8,9 @@
 use std::collections::HashMap;
 use std::path::PathBuf;
 
-use dongflow_dataflow::districts::{DistrictIndex, UNASSIGNED, UNASSIGNED_CODE};
+use dongflow_dataflow::districts::{
+    District, DistrictId, DistrictIndex, MAX_DISTRICTS, UNASSIGNED, UNASSIGNED_CODE,
+};
 use dongflow_dataflow::DistrictError;
 use dongflow_records::Coord;
 use geo::Intersects;
@@ -102,7 +104,7 @@ fn points_outside_seoul_are_unassigned() {
 #[test]
 fn every_seoul_interior_point_maps_to_its_own_dong() {
     let Some(index) = seoul() else { return };
-    for id in 0..index.len() as u32 {
+    for id in 0..index.len() as DistrictId {
         let p = index.interior_point(id).expect("interior point");
         assert_eq!(index.code(index.lookup(p)), index.code(id));
     }
@@ -113,13 +115,13 @@ fn every_seoul_interior_point_maps_to_its_own_dong() {
 #[test]
 fn shared_edges_go_to_the_lowest_code_always() {
     let Some(index) = seoul() else { return };
-    let mut owners: HashMap<(u64, u64), Vec<u32>> = HashMap::new();
+    let mut owners: HashMap<(u64, u64), Vec<DistrictId>> = HashMap::new();
     for (id, d) in index.districts().iter().enumerate() {
         for polygon in &d.shape.0 {
             for c in &polygon.exterior().0 {
                 let v = owners.entry((c.x.to_bits(), c.y.to_bits())).or_default();
-                if !v.contains(&(id as u32)) {
-                    v.push(id as u32);
+                if !v.contains(&(id as DistrictId)) {
+                    v.push(id as DistrictId);
                 }
             }
         }
@@ -133,7 +135,7 @@ fn shared_edges_go_to_the_lowest_code_always() {
     for ((x, y), ids) in shared {
         let point = at(f64::from_bits(*y), f64::from_bits(*x));
         let got = index.lookup(point);
-        let holders: Vec<u32> = (0..index.len() as u32)
+        let holders: Vec<DistrictId> = (0..index.len() as DistrictId)
             .filter(|&d| {
                 index.districts()[d as usize].shape.intersects(&geo::Coord {
                     x: point.lon,
@@ -159,7 +161,7 @@ fn national_map_loads_and_places_interior_points() {
         DistrictIndex::from_geojson_file(&path, "code", "name").expect("national map loads");
     assert_eq!(index.len(), 3504);
     let mut elsewhere = 0;
-    for id in (0..index.len() as u32).step_by(7) {
+    for id in (0..index.len() as DistrictId).step_by(7) {
         let p = index.interior_point(id).expect("interior point");
         let got = index.lookup(p);
         if got != id {
@@ -290,7 +292,7 @@ fn builtin_map_agrees_with_real_gu_mostly() {
     let Some(real) = seoul() else { return };
     let builtin = DistrictIndex::builtin_seoul();
     let mut agree = 0;
-    for id in 0..real.len() as u32 {
+    for id in 0..real.len() as DistrictId {
         let p = real.interior_point(id).expect("interior point");
         let gu = builtin.code(builtin.lookup(p));
         agree += usize::from(gu[..5] == real.code(id)[..5]);
@@ -339,4 +341,52 @@ fn grid_answers_equal_exact_answers() {
             assert_eq!(index.lookup(p), index.lookup_exact(p), "{p:?}");
         }
     }
+}
+
+#[test]
+fn a_map_with_more_districts_than_numbers_is_refused_clearly() {
+    let tiny = |i: usize| {
+        let (x, y) = ((i % 1000) as f64 * 0.001, (i / 1000) as f64 * 0.001);
+        District {
+            code: format!("{i:08}"),
+            name: format!("d{i}"),
+            shape: geo::MultiPolygon(vec![geo::Polygon::new(
+                geo::LineString::from(vec![
+                    (x, y),
+                    (x + 0.0005, y),
+                    (x + 0.0005, y + 0.0005),
+                    (x, y),
+                ]),
+                vec![],
+            )]),
+        }
+    };
+    let err =
+        DistrictIndex::new((0..MAX_DISTRICTS + 1).map(tiny).collect()).expect_err("one too many");
+    assert_eq!(err, DistrictError::TooMany(MAX_DISTRICTS + 1));
+    assert_eq!(
+        err.to_string(),
+        format!(
+            "{} districts, more than the {MAX_DISTRICTS} a map may have",
+            MAX_DISTRICTS + 1
+        )
+    );
+}
+
+#[test]
+fn district_numbers_keep_their_four_byte_form_in_checkpoints() {
+    use dongflow_dataflow::districts::wire::{narrow, widen};
+    assert_eq!(widen(UNASSIGNED), u32::MAX);
+    assert_eq!(narrow(u32::MAX), Some(UNASSIGNED));
+    assert_eq!(narrow(widen(424)), Some(424));
+    assert_eq!(
+        narrow(70_000),
+        None,
+        "past every number: refused, not wrapped"
+    );
+    assert_eq!(
+        narrow(u32::from(UNASSIGNED)),
+        None,
+        "not a district's number"
+    );
 }

@@ -413,7 +413,7 @@ pub fn encode_rider(e: &RiderEvent) -> Vec<u8> {
     obj.insert("rider_id".into(), e.rider_id.as_str().into());
     obj.insert("status".into(), e.status.as_str().into());
     if let Some(t) = &e.rider_type {
-        obj.insert("rider_type".into(), t.as_str().into());
+        obj.insert("rider_type".into(), (*t.text()).into());
     }
     if let Some(c) = e.location {
         obj.insert(
@@ -430,10 +430,14 @@ pub fn encode_delivery(e: &DeliveryEvent) -> Vec<u8> {
     let mut obj = serde_json::Map::new();
     obj.insert("delivery_id".into(), e.delivery_id.as_str().into());
     obj.insert("status".into(), e.status.as_str().into());
+    let (delivery_type, vehicle) = (
+        e.delivery_type.as_ref().map(Label::text),
+        e.vehicle.as_ref().map(Label::text),
+    );
     let labels = [
-        ("delivery_type", e.delivery_type.as_deref()),
+        ("delivery_type", delivery_type.as_deref()),
         ("rider_id", e.rider_id.as_deref()),
-        ("vehicle", e.vehicle.as_deref()),
+        ("vehicle", vehicle.as_deref()),
     ];
     for (name, value) in labels {
         if let Some(v) = value {

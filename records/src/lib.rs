@@ -5,8 +5,8 @@
 //!
 //! - [`events`]: the rider and delivery events of CONTRACT section 2, their JSON decoding (pure,
 //!   with a typed error for each bad input of section 4) and encoding; the wall clock in ms.
-//! - [`label`]: [`Label`], the short free-form labels (rider type, delivery type, vehicle), one
-//!   shared copy per distinct value.
+//! - [`label`]: [`Label`], the short free-form labels (rider type, delivery type, vehicle): a
+//!   4-byte number on one shared copy per distinct value.
 //! - [`error`]: [`DecodeError`], one variant per kind of bad input.
 
 pub mod error;

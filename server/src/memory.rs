@@ -18,8 +18,8 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 /// How often free memory is given back: often enough that a catch-up's or a checkpoint's transient
-/// memory does not stay for long, seldom enough that the walk (a few milliseconds per gigabyte held)
-/// and the page faults of memory used again cost nothing one can measure.
+/// memory does not stay for long, seldom enough that the walk and the page faults of memory used
+/// again are a small share of the time (measured in docs/bench/README.md).
 pub const EVERY: Duration = Duration::from_secs(5);
 
 /// Asks the allocator to return the free pages it holds to the system; says whether any went.

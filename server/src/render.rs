@@ -79,7 +79,7 @@ pub struct DeliveryView<'a> {
     /// Its status.
     pub status: &'static str,
     /// Its vehicle, `null` when unknown.
-    pub vehicle: Option<&'a str>,
+    pub vehicle: Option<&'a Label>,
 }
 
 /// A rider snapshot.
@@ -90,7 +90,7 @@ pub struct RiderView<'a> {
     /// Its latest status.
     pub status: &'static str,
     /// Its rider type, `null` when never given.
-    pub rider_type: Option<&'a str>,
+    pub rider_type: Option<&'a Label>,
     /// Its location, `null` when never given.
     pub location: Option<PointView>,
     /// The district of its location.
@@ -107,7 +107,7 @@ impl<'a> RiderView<'a> {
         Self {
             rider_id: id,
             status: s.rider.status.as_str(),
-            rider_type: s.rider.rider_type.as_deref(),
+            rider_type: s.rider.rider_type.as_ref(),
             location: s.rider.location.get().map(PointView::from),
             district: DistrictRef {
                 code: index.code(s.rider.district),
@@ -119,7 +119,7 @@ impl<'a> RiderView<'a> {
                 .map(|d| DeliveryView {
                     delivery_id: d.delivery_id.as_str(),
                     status: d.status.as_str(),
-                    vehicle: d.vehicle.as_deref(),
+                    vehicle: d.vehicle.as_ref(),
                 })
                 .collect(),
             updated_ts: s.updated_ts(),

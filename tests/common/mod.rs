@@ -199,7 +199,7 @@ pub struct Scenario {
 
 impl Scenario {
     pub fn new(seed: u64, index: &DistrictIndex, riders: usize, deliveries: usize) -> Self {
-        let mut points: Vec<Option<Coord>> = (0..index.len().min(8) as u32)
+        let mut points: Vec<Option<Coord>> = (0..index.len().min(8) as u16)
             .filter_map(|d| index.interior_point(d))
             .map(Some)
             .collect();

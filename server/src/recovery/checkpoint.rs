@@ -982,7 +982,8 @@ mod v2 {
         pub(super) status: DeliveryStatus,
         pub(super) delivery_type: Option<Label>,
         pub(super) pickup: Option<Coord>,
-        pub(super) pickup_district: u32,
+        #[serde(with = "dongflow_dataflow::districts::wire")]
+        pub(super) pickup_district: dongflow_dataflow::districts::DistrictId,
         pub(super) dropoff: Option<Coord>,
         pub(super) rider_id: Option<Id>,
         pub(super) vehicle: Option<Label>,
