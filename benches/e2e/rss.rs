@@ -90,13 +90,13 @@ fn caught_up(
         (live.metric("dongflow_events_applied_total{") == Some(applied)).then_some(())
     });
     // Settled: the changelog written and acknowledged, the batches of the catch-up freed and the
-    // free memory given back (every `memory::EVERY`). A benchmark's pacing: RSS is read once it
-    // has not moved for longer than that period.
+    // free memory given back (the engine looks every `memory::EVERY` and gives it back once caught
+    // up). A benchmark's pacing: RSS is read once it has not moved for three such periods.
     let pid = live.pid().to_string();
     let mut last = crate::inmem::status_bytes(&pid, "VmRSS:");
     let (settle, still) = (
         Instant::now() + o.probe_time + dongflow::memory::EVERY,
-        dongflow::memory::EVERY + Duration::from_secs(1),
+        3 * dongflow::memory::EVERY,
     );
     let mut since = Instant::now();
     loop {

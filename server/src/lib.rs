@@ -23,8 +23,8 @@
 //!   with a short retry, rather than timely's one a second).
 //! - [`failstop`]: a cluster process that loses a peer says so and stops (timely has no fault
 //!   tolerance: recovery is a restart of every process from its checkpoint).
-//! - [`memory`]: the memory the allocator holds free, given back to the system every few seconds
-//!   (the only `unsafe` of the workspace: one call of glibc's `malloc_trim`).
+//! - [`memory`]: the memory the allocator holds free, given back to the system once the engine has
+//!   caught up (the only `unsafe` of the workspace: one call of glibc's `malloc_trim`).
 //! - [`report`]: an error and its causes on one line, for logs.
 //! - [`demo`]: simulator settings, the stop signal, and the by-id partitioning rule of in-process feeds.
 //! - `priority`: the workers' lower thread priority.
