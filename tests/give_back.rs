@@ -7,17 +7,8 @@
 #[test]
 fn freed_memory_under_live_memory_is_given_back() {
     fn rss() -> u64 {
-        let status = std::fs::read_to_string("/proc/self/status").expect("status");
-        let line = status
-            .lines()
-            .find(|l| l.starts_with("VmRSS:"))
-            .expect("VmRSS");
-        let kb: u64 = line
-            .split_whitespace()
-            .nth(1)
-            .and_then(|n| n.parse().ok())
-            .expect("a number of kB");
-        kb * 1024
+        let me = procfs::process::Process::myself().expect("/proc/self");
+        me.stat().expect("/proc/self/stat").rss * procfs::page_size()
     }
     // 200 MB in small blocks (below the mmap threshold: in the heap), written, then a live block
     // above them, then the small blocks freed: the allocator keeps their pages.

@@ -90,12 +90,13 @@ fn caught_up(
         (live.metric("dongflow_events_applied_total{") == Some(applied)).then_some(())
     });
     // Settled: the changelog written and acknowledged, the batches of the catch-up freed and the
-    // free memory given back (the engine looks every `memory::EVERY` and gives it back once caught
-    // up). A benchmark's pacing: RSS is read once it has not moved for three such periods.
+    // free memory given back (the engine looks every `memory::EVERY`, and gives it back once caught
+    // up and its changelog acknowledged, or `memory::SETTLE_LIMIT` after catching up). A
+    // benchmark's pacing: RSS is read once it has not moved for three such periods.
     let pid = live.pid().to_string();
     let mut last = crate::inmem::status_bytes(&pid, "VmRSS:");
     let (settle, still) = (
-        Instant::now() + o.probe_time + dongflow::memory::EVERY,
+        Instant::now() + o.probe_time + dongflow::memory::SETTLE_LIMIT,
         3 * dongflow::memory::EVERY,
     );
     let mut since = Instant::now();

@@ -29,14 +29,14 @@ pub const EVERY: Duration = Duration::from_secs(1);
 /// steady input some is always in flight.
 pub const SETTLE_LIMIT: Duration = Duration::from_secs(10);
 
-/// The process's resident memory, in bytes (0 if it cannot be read).
+/// The process's resident memory, in bytes, as the process metrics read it (0 if `/proc` cannot
+/// tell it).
 fn resident() -> u64 {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
-    let kb: Option<u64> = status
-        .lines()
-        .find_map(|line| line.strip_prefix("VmRSS:"))
-        .and_then(|rest| rest.split_whitespace().next()?.parse().ok());
-    kb.unwrap_or(0) * 1024
+    #[cfg(target_os = "linux")]
+    if let Ok(stat) = procfs::process::Process::myself().and_then(|me| me.stat()) {
+        return stat.rss * procfs::page_size();
+    }
+    0
 }
 
 /// Asks the allocator to return the free pages it holds to the system; says whether any went.

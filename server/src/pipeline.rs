@@ -208,7 +208,7 @@ impl Pipeline {
             .map(|dir| (dir, process, published_to));
         let engine = Engine::start(engine_config, sources)?;
         let _ = engine_handle.set(engine.handle());
-        let (handle, idle) = (engine.handle(), producer.clone());
+        let (handle, outputs) = (engine.handle(), producer.clone());
         Ok(Pipeline {
             engine: Some(engine),
             watch,
@@ -218,7 +218,10 @@ impl Pipeline {
             stale,
             reconciled,
             mark,
-            _give_back: GiveBack::start(move || handle.caught_up(), move || idle.in_flight() == 0),
+            _give_back: GiveBack::start(
+                move || handle.caught_up(),
+                move || outputs.in_flight() == 0,
+            ),
         })
     }
 
