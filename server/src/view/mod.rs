@@ -7,10 +7,12 @@
 //!   every process, which hands each complete time to the process's [`ViewApplier`] thread. Every
 //!   process thus holds all keys, and answers any key without asking another process.
 //! - **Consistent.** Changes are buffered until the feed's frontier passes their time; each
-//!   frontier step makes one new version of the maps (persistent maps: O(changes), the old version
-//!   untouched) and publishes it with one atomic store. Changes at the frontier's own time are
-//!   applied ahead to the next version, unpublished until that time completes. A read loads one
-//!   version: exactly the input up to one `as_of`, which never goes back, and it never waits.
+//!   frontier step makes one new version in O(changes), the old version untouched (the counts and
+//!   the riders by district in persistent maps; the riders' snapshots in one map that every version
+//!   shares, each value marked with the version that wrote it: [`versions`]) and publishes it with one
+//!   atomic store. Changes at the frontier's own time are applied ahead to the next version,
+//!   unpublished until that time completes. A read loads one version: exactly the input up to one
+//!   `as_of`, which never goes back.
 //! - **One view type, two sources.** The live view is fed by the dataflow ([`feed`]). Until it is
 //!   ready, a stale view of the same type answers ([`StaleView`]): filled from the restored
 //!   checkpoint ([`ServingView::seed`], the dataflow's own rules applied to its state) plus the
@@ -35,6 +37,7 @@ pub mod history;
 mod riders;
 mod seed;
 mod stale;
+mod versions;
 
 pub use feed::{attach_view, ViewApplier, ViewFeed};
 use history::{History, Recorded, Version};
@@ -62,8 +65,8 @@ impl ViewChange {
 }
 
 /// A persistent hash map with a fast hash (FxHash, as the dataflow's state uses), for the view's
-/// maps keyed by district (a few hundred entries). The riders themselves are in a B-tree
-/// ([`riders::Riders`]), which holds each in a third of a hash trie's bytes.
+/// maps keyed by district (a few hundred entries). The riders themselves are in
+/// [`riders::Riders`].
 type FastMap<K, V> =
     imbl::GenericHashMap<K, V, rustc_hash::FxBuildHasher, imbl::shared_ptr::DefaultSharedPtr>;
 
@@ -82,6 +85,14 @@ struct Maps {
 }
 
 impl Maps {
+    /// The next version, for the writer to change.
+    fn next_version(&self) -> Maps {
+        Maps {
+            riders: self.riders.next_version(),
+            ..self.clone()
+        }
+    }
+
     /// Applies one change; with `record`, says what it recorded, for feeds (a copy of the counts,
     /// or another reference to the snapshot).
     fn apply(&mut self, change: ViewChange, record: bool) -> Option<Recorded> {
@@ -135,9 +146,10 @@ impl Writing {
 
 /// The latest complete state, shared by the worker that applies it and the threads that read it.
 ///
-/// Readers load the current version with one atomic operation and never wait: not for the writer,
-/// and not for another reader that the scheduler has paused (which, with a reader-writer lock,
-/// would hold up the writer and so every reader queued behind it).
+/// Readers load the current version with one atomic operation, never waiting for the writer to
+/// finish a version. Reading a rider's snapshot locks one of 64 shards of the riders for that one
+/// lookup, as the writer does for one write, so a reader waits at most for one key's write (or for
+/// another reader paused inside its lookup).
 #[derive(Debug)]
 pub struct ServingView {
     maps: ArcSwap<Maps>,
@@ -227,7 +239,7 @@ impl ServingView {
             .iter()
             .map(|(d, c)| district(*d, c))
             .collect();
-        let riders = maps.riders.iter().map(|(r, s)| rider(r, &s)).collect();
+        let riders = maps.riders.iter().map(|(r, s)| rider(&r, &s)).collect();
         (districts, riders)
     }
 
@@ -254,7 +266,10 @@ impl ServingView {
         if as_of < current.as_of {
             return;
         }
-        let mut next = writing.next.take().unwrap_or_else(|| Maps::clone(&current));
+        let mut next = writing
+            .next
+            .take()
+            .unwrap_or_else(|| current.next_version());
         let record = self.history().recording();
         writing.apply(&mut next, changes, record);
         let recorded = std::mem::take(&mut writing.recorded);
@@ -291,7 +306,7 @@ impl ServingView {
         let mut next = writing
             .next
             .take()
-            .unwrap_or_else(|| Maps::clone(&self.maps.load_full()));
+            .unwrap_or_else(|| self.maps.load().next_version());
         let record = self.history().recording();
         f(&mut writing, &mut next, record);
         writing.next = Some(next);

@@ -1,10 +1,11 @@
-//! The riders of one view version: a restored checkpoint's (see [`CheckpointRiders`]) under a
-//! persistent overlay of what changed since.
+//! The riders of one view version: a restored checkpoint's (see [`CheckpointRiders`]) under what
+//! changed since ([`Versions`], shared by every version, each value marked with the version that
+//! wrote it).
 //!
 //! A restarting process's stale view takes a whole checkpoint at once (a million riders), then a
-//! trickle of changelog records: the checkpoint stays as it was loaded, and the changes go to the
-//! overlay, which every version shares structurally. A view that never takes a checkpoint (the
-//! live one) has an empty base and works on the overlay alone.
+//! trickle of changelog records: the checkpoint stays as it was loaded, and the changes go over it.
+//! A view that never takes a checkpoint (the live one) has an empty base and works on the changes
+//! alone.
 
 use std::sync::Arc;
 
@@ -13,26 +14,46 @@ use dongflow_dataflow::districts::DistrictId;
 use dongflow_dataflow::types::Snapshot;
 
 use super::seed::CheckpointRiders;
+use super::versions::{Pin, Versions};
 use super::FastMap;
 
-/// The riders on shift of one view version. Cloning is O(1).
-#[derive(Clone, Debug, Default)]
+/// The riders on shift of one view version. Cloning is O(1) and gives the same version; the writer
+/// makes the next one with [`Riders::next_version`].
+#[derive(Clone, Debug)]
 pub(super) struct Riders {
     base: Arc<CheckpointRiders>,
-    /// Riders changed since the base: their snapshot, or `None` for a base rider gone. A B-tree,
-    /// not a hash trie: its nodes are full arrays of entries, where the trie's are mostly empty
-    /// slots, so it holds a rider in about a third of the bytes (docs/bench/README.md).
-    overlay: imbl::OrdMap<Id, Option<Arc<Snapshot>>>,
-    /// The overlay's riders on shift by district, sorted by id.
+    /// Riders changed since the base, in every version: their snapshot, or `None` for a rider
+    /// gone (a base rider hidden, or one that was changed since). Shared by all versions.
+    changed: Arc<Versions>,
+    /// The version this is, held while it is.
+    pin: Arc<Pin>,
+    /// The oldest version held when this one was made: what no version from it on reads may go.
+    floor: u64,
+    /// The changed riders on shift, by district, sorted by id.
     overlay_by_district: FastMap<DistrictId, imbl::OrdSet<Id>>,
     /// Riders on shift in all.
     len: usize,
 }
 
+impl Default for Riders {
+    fn default() -> Self {
+        let changed = Arc::new(Versions::default());
+        let pin = changed.pin(0);
+        Self {
+            base: Arc::default(),
+            changed,
+            pin,
+            floor: 0,
+            overlay_by_district: FastMap::default(),
+            len: 0,
+        }
+    }
+}
+
 impl Riders {
-    /// Whether there is no rider at all, in the base or the overlay.
+    /// Whether there is no rider at all, in the base or changed.
     pub(super) fn is_blank(&self) -> bool {
-        self.base.len() == 0 && self.overlay.is_empty()
+        self.base.len() == 0 && self.changed.is_empty()
     }
 
     /// Takes a checkpoint's riders as the base; only into blank riders.
@@ -42,6 +63,26 @@ impl Riders {
         self.base = Arc::new(riders);
     }
 
+    /// The next version, to write to: what this one reads, until changed. It also drops, a shard
+    /// at a time, the values that no version held any more reads.
+    pub(super) fn next_version(&self) -> Riders {
+        let version = self.pin.version() + 1;
+        let pin = self.changed.pin(version);
+        let floor = self.changed.floor().unwrap_or(version);
+        let base = &self.base;
+        self.changed.sweep(floor, |id| {
+            base.len() == 0 || base.district_of(id).is_none()
+        });
+        Riders {
+            base: self.base.clone(),
+            changed: self.changed.clone(),
+            pin,
+            floor,
+            overlay_by_district: self.overlay_by_district.clone(),
+            len: self.len,
+        }
+    }
+
     /// Riders on shift.
     pub(super) fn len(&self) -> usize {
         self.len
@@ -49,15 +90,15 @@ impl Riders {
 
     /// A rider's snapshot, if on shift.
     pub(super) fn get(&self, id: &Id) -> Option<Arc<Snapshot>> {
-        match self.overlay.get(id) {
-            Some(changed) => changed.clone(),
+        match self.changed.get(id, self.pin.version()) {
+            Some(changed) => changed,
             None => self.base.get(id),
         }
     }
 
     /// Sets a rider's snapshot (`None`: off shift); returns the district it was on shift in. One
-    /// overlay operation (and one for its district's list when the district changes): this is the
-    /// live view's path for every change.
+    /// write of one entry (and one change of its district's list when the district changes): this
+    /// is the live view's path for every change.
     pub(super) fn set(&mut self, id: Id, value: Option<Arc<Snapshot>>) -> Option<DistrictId> {
         let new_district = value.as_ref().map(|s| s.rider.district);
         let in_base = match self.base.len() {
@@ -65,11 +106,17 @@ impl Riders {
             _ => self.base.district_of(&id),
         };
         self.len += usize::from(value.is_some());
-        let previous = match (value, in_base) {
-            // Gone, and not in the base: nothing to hide.
-            (None, None) => self.overlay.remove(&id),
-            (value, _) => self.overlay.insert(id.clone(), value),
-        };
+        // The value changed before, if any: a rider gone that hides no base rider is as if never
+        // changed.
+        let previous = self
+            .changed
+            .latest(&id)
+            .filter(|p| p.is_some() || in_base.is_some());
+        // Gone, never changed and not in the base: nothing to write.
+        if value.is_some() || in_base.is_some() || self.changed.latest(&id).is_some() {
+            self.changed
+                .write(&id, value, self.pin.version(), self.floor);
+        }
         let old_overlay_district = previous
             .as_ref()
             .and_then(|p| Some(p.as_ref()?.rider.district));
@@ -98,17 +145,14 @@ impl Riders {
     }
 
     /// Every rider on shift, in no particular order.
-    pub(super) fn iter(&self) -> impl Iterator<Item = (&Id, Arc<Snapshot>)> {
+    pub(super) fn iter(&self) -> impl Iterator<Item = (Id, Arc<Snapshot>)> + '_ {
+        let at = self.pin.version();
         let base = self
             .base
             .iter()
-            .filter(|(id, _)| !self.overlay.contains_key(*id))
-            .map(|(id, i)| (id, self.base.snapshot(i)));
-        let overlay = self
-            .overlay
-            .iter()
-            .filter_map(|(id, s)| Some((id, s.clone()?)));
-        base.chain(overlay)
+            .filter(move |(id, _)| !self.changed.has(id, at))
+            .map(|(id, i)| (id.clone(), self.base.snapshot(i)));
+        base.chain(self.changed.all_at(at))
     }
 
     /// The riders on shift in `district`, sorted by id.
@@ -116,10 +160,11 @@ impl Riders {
         &self,
         district: DistrictId,
     ) -> impl Iterator<Item = (&Id, Arc<Snapshot>)> {
+        let at = self.pin.version();
         let mut base = self
             .base
             .of_district(district)
-            .filter(|(id, _)| !self.overlay.contains_key(*id))
+            .filter(move |(id, _)| !self.changed.has(id, at))
             .map(|(id, i)| (id, self.base.snapshot(i)))
             .peekable();
         let mut overlay = self
@@ -127,10 +172,7 @@ impl Riders {
             .get(&district)
             .into_iter()
             .flatten()
-            .filter_map(|id| {
-                let (id, s) = self.overlay.get_key_value(id)?;
-                Some((id, s.clone()?))
-            })
+            .filter_map(move |id| Some((id, self.changed.get(id, at)??)))
             .peekable();
         // Both sorted by id, and no id in both: merged.
         std::iter::from_fn(move || match (base.peek(), overlay.peek()) {
@@ -209,7 +251,8 @@ mod tests {
 
     /// A checkpoint's riders (ids given out of order, twice, and off shift) and later changes (moves, ends,
     /// new riders, ends of riders not there) answer as a plain map would, and an older version
-    /// keeps its answers: 500 random cases.
+    /// keeps its answers while it is held, whatever later versions change and whichever
+    /// versions are let go: 500 random cases.
     #[test]
     fn a_base_under_an_overlay_answers_as_a_plain_map() {
         let mut rng = SmallRng::seed_from_u64(14);
@@ -233,15 +276,26 @@ mod tests {
             }
             riders.fill(CheckpointRiders::of(&Arc::new(restored)).0);
             agrees(&riders, &model);
-            let before = (riders.clone(), model.clone());
+            // Versions held by readers, some dropped along the way (so values are swept and pruned).
+            let mut held = vec![(riders.clone(), model.clone())];
+            let mut riders = riders.next_version();
             for _ in 0..n_changes {
                 let (id, d) = change(&mut rng);
                 let old = riders.set(Id::from(id.as_str()), d.map(snapshot));
                 let expected_old = set(&mut model, id, d);
                 assert_eq!(old, expected_old);
+                if rng.random_bool(0.2) {
+                    held.push((riders.clone(), model.clone()));
+                    riders = riders.next_version();
+                }
+                if rng.random_bool(0.1) && !held.is_empty() {
+                    held.remove(rng.random_range(0..held.len()));
+                }
             }
             agrees(&riders, &model);
-            agrees(&before.0, &before.1);
+            for (version, model) in &held {
+                agrees(version, model);
+            }
         }
     }
 }
