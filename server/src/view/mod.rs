@@ -270,6 +270,8 @@ impl ServingView {
             .next
             .take()
             .unwrap_or_else(|| current.next_version());
+        // Held no longer than needed: once shown, the next version lets go of what this one hid.
+        drop(current);
         let record = self.history().recording();
         writing.apply(&mut next, changes, record);
         let recorded = std::mem::take(&mut writing.recorded);
@@ -288,6 +290,8 @@ impl ServingView {
         }
         self.maps.store(Arc::new(next));
         drop(history);
+        // What the version before hid is let go as soon as no reader holds that version.
+        self.maps.load().riders.let_go();
         self.notify.send_replace(as_of);
     }
 

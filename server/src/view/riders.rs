@@ -63,8 +63,8 @@ impl Riders {
         self.base = Arc::new(riders);
     }
 
-    /// The next version, to write to: what this one reads, until changed. It also drops, a shard
-    /// at a time, the values that no version held any more reads.
+    /// The next version, to write to: what this one reads, until changed. Making it also drops the
+    /// values that no version still held reads (see [`Versions::sweep`]).
     pub(super) fn next_version(&self) -> Riders {
         let version = self.pin.version() + 1;
         let pin = self.changed.pin(version);
@@ -81,6 +81,13 @@ impl Riders {
             overlay_by_district: self.overlay_by_district.clone(),
             len: self.len,
         }
+    }
+
+    /// Drops the values that no version still held reads, once this version is the one shown (the
+    /// one before may have been let go with it).
+    pub(super) fn let_go(&self) {
+        let floor = self.changed.floor().unwrap_or(self.pin.version());
+        self.changed.sweep(floor, |_| false);
     }
 
     /// Riders on shift.
@@ -106,17 +113,15 @@ impl Riders {
             _ => self.base.district_of(&id),
         };
         self.len += usize::from(value.is_some());
-        // The value changed before, if any: a rider gone that hides no base rider is as if never
-        // changed.
-        let previous = self
-            .changed
-            .latest(&id)
-            .filter(|p| p.is_some() || in_base.is_some());
+        let latest = self.changed.latest(&id);
         // Gone, never changed and not in the base: nothing to write.
-        if value.is_some() || in_base.is_some() || self.changed.latest(&id).is_some() {
+        if value.is_some() || in_base.is_some() || latest.is_some() {
             self.changed
                 .write(&id, value, self.pin.version(), self.floor);
         }
+        // The value changed before, if any: a rider gone that hides no base rider is as if never
+        // changed.
+        let previous = latest.filter(|p| p.is_some() || in_base.is_some());
         let old_overlay_district = previous
             .as_ref()
             .and_then(|p| Some(p.as_ref()?.rider.district));

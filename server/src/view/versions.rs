@@ -19,6 +19,7 @@ use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard, Weak};
 use dongflow_connectors::Id;
 use dongflow_dataflow::types::Snapshot;
 use rustc_hash::FxBuildHasher;
+use smallvec::SmallVec;
 
 /// Shards of the map, each behind its own lock.
 const SHARDS: usize = 64;
@@ -36,9 +37,13 @@ struct Entry {
     value: Value,
 }
 
+/// The values before a key's latest one, newest first: one without an allocation of its own (a key
+/// written once since the oldest version held, the usual case).
+type Older = SmallVec<[Entry; 1]>;
+
 /// The value that version `at` reads among a key's latest value and the ones before it (newest
 /// first), if it was written by then.
-fn read_at<'a>(latest: &'a Entry, older: Option<&'a Vec<Entry>>, at: u64) -> Option<&'a Value> {
+fn read_at<'a>(latest: &'a Entry, older: Option<&'a Older>, at: u64) -> Option<&'a Value> {
     if latest.version <= at {
         return Some(&latest.value);
     }
@@ -48,7 +53,7 @@ fn read_at<'a>(latest: &'a Entry, older: Option<&'a Vec<Entry>>, at: u64) -> Opt
 
 /// Drops from the values before a key's latest one (newest first) what no version from `floor` on
 /// reads: everything under the newest value at or below `floor`. Says whether any is left.
-fn prune(latest: &Entry, older: &mut Vec<Entry>, floor: u64) -> bool {
+fn prune(latest: &Entry, older: &mut Older, floor: u64) -> bool {
     if latest.version <= floor {
         older.clear();
     } else if let Some(first) = older.iter().position(|e| e.version <= floor) {
@@ -66,7 +71,7 @@ pub(super) struct Pin(u64);
 #[derive(Debug, Default)]
 struct Shard {
     latest: HashMap<Id, Entry, FxBuildHasher>,
-    older: HashMap<Id, Vec<Entry>, FxBuildHasher>,
+    older: HashMap<Id, Older, FxBuildHasher>,
 }
 
 impl Shard {
@@ -262,7 +267,7 @@ mod tests {
     fn depth(versions: &Versions, id: &Id) -> usize {
         let shard = versions.read(id);
         let latest = usize::from(shard.latest.contains_key(id));
-        latest + shard.older.get(id).map_or(0, Vec::len)
+        latest + shard.older.get(id).map_or(0, |o| o.len())
     }
 
     impl Versions {
