@@ -63,14 +63,14 @@ impl Riders {
         self.base = Arc::new(riders);
     }
 
-    /// The next version, to write to: what this one reads, until changed. Making it also drops the
-    /// values that no version still held reads (see [`Versions::sweep`]).
+    /// The next version, to write to: what this one reads, until changed. Making it also forgets,
+    /// a shard at a time, the riders gone that hide nothing (see [`Versions::forget_gone`]).
     pub(super) fn next_version(&self) -> Riders {
         let version = self.pin.version() + 1;
         let pin = self.changed.pin(version);
         let floor = self.changed.floor().unwrap_or(version);
         let base = &self.base;
-        self.changed.sweep(floor, |id| {
+        self.changed.forget_gone(floor, |id| {
             base.len() == 0 || base.district_of(id).is_none()
         });
         Riders {
@@ -87,7 +87,7 @@ impl Riders {
     /// one before may have been let go with it).
     pub(super) fn let_go(&self) {
         let floor = self.changed.floor().unwrap_or(self.pin.version());
-        self.changed.sweep(floor, |_| false);
+        self.changed.prune(floor);
     }
 
     /// Riders on shift.

@@ -7,8 +7,8 @@
 //! change writes one entry: the value with the number of the version that wrote it. A version reads
 //! the newest value of a number no greater than its own. Each version holds a [`Pin`]; once no
 //! version below some number is held, the values hidden under a newer one at or below it are
-//! dropped, when their key is written again or when the next version is made
-//! ([`Versions::sweep`]).
+//! dropped when their key is written again, when a new version is shown
+//! ([`Versions::prune`]), or when a version is made ([`Versions::forget_gone`], a shard at a time).
 //!
 //! Readers lock one shard for reading while they look up one key; the one writer locks one shard
 //! for writing while it writes one key (or sweeps the shard), so neither waits for long.
@@ -78,6 +78,16 @@ impl Shard {
     fn at(&self, id: &Id, at: u64) -> Option<&Value> {
         read_at(self.latest.get(id)?, self.older.get(id), at)
     }
+
+    /// Drops the older values that no version from `floor` on reads.
+    fn prune(&mut self, floor: u64) {
+        let Shard { latest, older } = self;
+        older.retain(|id, kept| latest.get(id).is_some_and(|e| prune(e, kept, floor)));
+        // A large version (a catch-up's) leaves room for all it changed: it goes once unused.
+        if older.capacity() > 4 * older.len().max(KEEP_ROOM) {
+            older.shrink_to(2 * older.len());
+        }
+    }
 }
 
 /// The map shared by every version of one view.
@@ -86,7 +96,7 @@ pub(super) struct Versions {
     shards: Box<[RwLock<Shard>]>,
     /// Every version made, while it may be held.
     pins: Mutex<Vec<Weak<Pin>>>,
-    /// The shard [`Versions::sweep`] looks at next.
+    /// The shard [`Versions::forget_gone`] looks at next.
     next_sweep: Mutex<usize>,
 }
 
@@ -173,39 +183,40 @@ impl Versions {
     }
 
     /// Drops, in every shard, the values that no version from `floor` on reads (only the keys
-    /// written lately have any); and in the next shard the keys that every such version reads as
-    /// gone where `gone_for_good` says so (not hiding anything under them).
-    pub(super) fn sweep(&self, floor: u64, gone_for_good: impl Fn(&Id) -> bool) {
+    /// written lately have any).
+    pub(super) fn prune(&self, floor: u64) {
+        for shard in self.shards.iter() {
+            let held = !shard
+                .read()
+                .unwrap_or_else(|e| e.into_inner())
+                .older
+                .is_empty();
+            if held {
+                shard
+                    .write()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .prune(floor);
+            }
+        }
+    }
+
+    /// Looks at the next shard: drops what no version from `floor` on reads there, and the keys
+    /// that every such version reads as gone where `gone_for_good` says so (not hiding anything
+    /// under them).
+    pub(super) fn forget_gone(&self, floor: u64, gone_for_good: impl Fn(&Id) -> bool) {
         let next = {
             let mut next = self.next_sweep.lock().unwrap_or_else(|e| e.into_inner());
             let shard = *next;
             *next = (shard + 1) % SHARDS;
             shard
         };
-        for (i, shard) in self.shards.iter().enumerate() {
-            let held = !shard
-                .read()
-                .unwrap_or_else(|e| e.into_inner())
-                .older
-                .is_empty();
-            if !held && i != next {
-                continue;
-            }
-            let mut shard = shard.write().unwrap_or_else(|e| e.into_inner());
-            let Shard { latest, older } = &mut *shard;
-            older.retain(|id, kept| latest.get(id).is_some_and(|e| prune(e, kept, floor)));
-            // A large version (a catch-up's) leaves room for all it changed: it goes once unused.
-            if older.capacity() > 4 * older.len().max(KEEP_ROOM) {
-                older.shrink_to(2 * older.len());
-            }
-            if i == next {
-                latest.retain(|id, entry| {
-                    let gone =
-                        entry.version <= floor && entry.value.is_none() && !older.contains_key(id);
-                    !(gone && gone_for_good(id))
-                });
-            }
-        }
+        let mut shard = self.write_shard(next);
+        shard.prune(floor);
+        let Shard { latest, older } = &mut *shard;
+        latest.retain(|id, entry| {
+            let gone = entry.version <= floor && entry.value.is_none() && !older.contains_key(id);
+            !(gone && gone_for_good(id))
+        });
     }
 
     /// Whether no key has a value.
@@ -324,8 +335,9 @@ mod tests {
                     _ => {
                         let floor = versions.floor().unwrap_or(version);
                         let before = versions.all_keys();
+                        versions.prune(floor);
                         for _ in 0..SHARDS {
-                            versions.sweep(floor, |id| {
+                            versions.forget_gone(floor, |id| {
                                 id.trim_start_matches("r-").parse::<u32>().expect("a key") >= 10
                             });
                         }
